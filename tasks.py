@@ -1,0 +1,99 @@
+"""Development tasks (``invoke --list``). ``make test`` runs ``invoke check`` in the venv."""
+
+from __future__ import annotations
+
+import sys
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+PY = sys.executable
+
+
+@task
+def lint(c: Context) -> None:
+    """ruff over the package, tests and tools."""
+    c.run(
+        f"{PY} -m ruff check trio_eventstore tests property_tests bench examples tasks.py",
+        echo=True,
+        pty=False,
+    )
+
+
+@task
+def typecheck(c: Context) -> None:
+    """mypy --strict."""
+    c.run(f"{PY} -m mypy", echo=True, pty=False)
+
+
+@task
+def layers(c: Context) -> None:
+    """import-linter: the module layers and the single asyncio boundary."""
+    c.run("lint-imports", echo=True, pty=False)
+
+
+@task(help={"k": "only tests matching this expression", "args": "more pytest arguments"})
+def test(c: Context, k: str = "", args: str = "") -> None:
+    """pytest against a real PostgreSQL (throwaway cluster unless TRIO_EVENTSTORE_TEST_URL)."""
+    select = f"-k {k!r}" if k else ""
+    c.run(f"{PY} -m pytest {select} {args}", echo=True, pty=False)
+
+
+@task
+def proptest(c: Context, profile: str = "ci") -> None:
+    """Property tests with a longer Hypothesis profile (default: ci)."""
+    c.run(f"{PY} -m pytest property_tests --hypothesis-profile={profile}", echo=True, pty=False)
+
+
+@task
+def bench(c: Context) -> None:
+    """Benchmarks: ratios against baselines measured in the same run."""
+    c.run(f"{PY} -m bench", echo=True, pty=False)
+
+
+@task(pre=[lint, typecheck, layers, test])
+def check(c: Context) -> None:
+    """Everything CI runs."""
+
+
+def _admin(c: Context, command: str, url: str, schema: str) -> None:
+    options = (f"--url {url!r} " if url else "") + (f"--schema {schema!r}" if schema else "")
+    c.run(f"{PY} -m trio_eventstore {command} {options}", echo=True, pty=False)
+
+
+_DB_HELP = {"url": "database URL (default: EVENTSTORE_URL)", "schema": "schema (default: public)"}
+
+
+@task(help=_DB_HELP)
+def create(c: Context, url: str = "", schema: str = "") -> None:
+    """Create the database and schema."""
+    _admin(c, "create", url, schema)
+
+
+@task(help=_DB_HELP)
+def init(c: Context, url: str = "", schema: str = "") -> None:
+    """Create the event store tables."""
+    _admin(c, "init", url, schema)
+
+
+@task(help=_DB_HELP)
+def migrate(c: Context, url: str = "", schema: str = "") -> None:
+    """Apply pending migrations."""
+    _admin(c, "migrate", url, schema)
+
+
+@task(help=_DB_HELP)
+def drop(c: Context, url: str = "", schema: str = "") -> None:
+    """Drop the database (public) or the schema."""
+    _admin(c, "drop", url, schema)
+
+
+@task(help=_DB_HELP)
+def reset(c: Context, url: str = "", schema: str = "") -> None:
+    """Empty the store."""
+    _admin(c, "reset", url, schema)
+
+
+db = Collection("db", create, init, migrate, drop, reset)
+ns = Collection(lint, typecheck, layers, test, proptest, bench, check, db)

@@ -1,0 +1,78 @@
+"""trio-eventstore: a PostgreSQL event store for Trio, layout-compatible with the
+Elixir EventStore."""
+
+from ._config import EventStoreConfig
+from ._errors import (
+    AuthenticationError,
+    DatabaseError,
+    DuplicateEventError,
+    EventStoreError,
+    InvalidStartFromError,
+    NotSupportedError,
+    SchemaMismatchError,
+    SchemaNotInitializedError,
+    SerializationError,
+    SnapshotNotFoundError,
+    StorageUnavailableError,
+    StreamDeletedError,
+    StreamExistsError,
+    StreamNotFoundError,
+    SubscriptionAlreadyExistsError,
+    SubscriptionFailedError,
+    TooManySubscribersError,
+    UnexpectedAckError,
+    UnknownEventTypeError,
+    WrongExpectedVersionError,
+)
+from ._store import EventStore, EventStoreStatistics, open_event_store
+from ._types import (
+    ALL_STREAMS,
+    ANY_VERSION,
+    CURRENT,
+    NO_STREAM,
+    ORIGIN,
+    STREAM_EXISTS,
+    ExpectedVersion,
+    StartFrom,
+    StreamInfo,
+    StreamStatus,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_STREAMS",
+    "ANY_VERSION",
+    "CURRENT",
+    "NO_STREAM",
+    "ORIGIN",
+    "STREAM_EXISTS",
+    "AuthenticationError",
+    "DatabaseError",
+    "DuplicateEventError",
+    "EventStore",
+    "EventStoreConfig",
+    "EventStoreError",
+    "EventStoreStatistics",
+    "ExpectedVersion",
+    "InvalidStartFromError",
+    "NotSupportedError",
+    "SchemaMismatchError",
+    "SchemaNotInitializedError",
+    "SerializationError",
+    "SnapshotNotFoundError",
+    "StartFrom",
+    "StorageUnavailableError",
+    "StreamDeletedError",
+    "StreamExistsError",
+    "StreamInfo",
+    "StreamNotFoundError",
+    "StreamStatus",
+    "SubscriptionAlreadyExistsError",
+    "SubscriptionFailedError",
+    "TooManySubscribersError",
+    "UnexpectedAckError",
+    "UnknownEventTypeError",
+    "WrongExpectedVersionError",
+    "open_event_store",
+]

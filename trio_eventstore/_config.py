@@ -1,0 +1,288 @@
+"""`EventStoreConfig`: connection and behaviour settings, validated at construction."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+__all__ = ["EventStoreConfig", "MAX_SCHEMA_BYTES"]
+
+#: Postgres truncates identifiers at 63 bytes, and the NOTIFY channel is
+#: "<schema>.events", which must fit too.
+MAX_SCHEMA_BYTES = 63 - len(".events")
+
+ColumnDataType = Literal["bytea", "jsonb"]
+
+
+def _redact_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+
+
+def _url_repr(url: str | None) -> str:
+    return repr(_redact_url(url))
+
+
+def _positive_duration(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if (
+        math.isnan(seconds)
+        or math.isinf(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+    ):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
+    return seconds
+
+
+def _check_url(name: str, url: str | None) -> None:
+    if url is None:
+        return
+    if not isinstance(url, str):
+        raise TypeError(f"{name}: expected a str, got {type(url).__name__}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"{name}: expected a postgresql:// or postgres:// URL, got scheme {parts.scheme!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"{name}: the port is not a number between 0 and 65535") from None
+
+
+_DURATIONS = (
+    "queue_target",
+    "queue_interval",
+    "timeout",
+    "subscription_retry_interval",
+)
+
+
+@attrs.frozen(kw_only=True)
+class EventStoreConfig:
+    """Where the store lives and how it behaves. Durations are in seconds.
+
+    Ports the Elixir EventStore configuration (`config :my_app, MyApp.EventStore, ...`).
+
+    Args:
+        url: ``postgresql://user:password@host:port/database``; explicit ``host``,
+            ``port``, ``username``, ``password`` and ``database`` override its parts.
+        schema: the Postgres schema holding the store's tables (default ``public``).
+        column_data_type: ``"bytea"`` or ``"jsonb"`` for event data and metadata;
+            fixed when the schema is initialised.
+        serializer: how event data is encoded (None: the default JSON serializer).
+        pool_size: connections in the pool.
+        queue_target, queue_interval: admission control when the pool is busy, as in
+            DBConnection: a caller waits for a connection; if during a whole
+            ``queue_interval`` no caller got one within ``queue_target``, the pool is
+            overloaded and callers then wait at most ``2 * queue_target`` before
+            `StorageUnavailableError`, until a caller is served within ``queue_target``
+            again. Otherwise a caller waits up to ``timeout`` for a connection.
+        timeout: the default timeout of each query (and of connecting).
+        shared_connection_pool: stores opened with the same name share one pool.
+        subscription_retry_interval: how long a subscription waits before retrying
+            its lock or a lost database connection.
+        subscription_hibernate_after: idle time after which a subscription drops its
+            buffers (0 disables hibernation).
+        session_mode_url: a URL for connections that need session semantics (LISTEN,
+            advisory locks), when ``url`` points at PgBouncer in transaction mode.
+        enable_hard_deletes: allow ``delete_stream(..., hard=True)``.
+        init: called with this config when the store opens; returns the config to use
+            (the Elixir ``init/1`` callback).
+    """
+
+    url: str | None = attrs.field(default=None, repr=_url_repr)
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    database: str | None = None
+    schema: str = "public"
+    column_data_type: ColumnDataType = "bytea"
+    serializer: object | None = None
+    pool_size: int = 10
+    queue_target: float = 0.05
+    queue_interval: float = 1.0
+    timeout: float = 15.0
+    shared_connection_pool: str | None = None
+    subscription_retry_interval: float = 60.0
+    subscription_hibernate_after: float = 15.0
+    session_mode_url: str | None = attrs.field(default=None, repr=_url_repr)
+    enable_hard_deletes: bool = False
+    init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
+        default=None, repr=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        _check_url("url", self.url)
+        _check_url("session_mode_url", self.session_mode_url)
+        for name in ("host", "username", "password", "database", "shared_connection_pool"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+        if self.port is not None:
+            if isinstance(self.port, bool) or not isinstance(self.port, int):
+                raise TypeError(f"port: expected an int, got {type(self.port).__name__}")
+            if not 0 < self.port < 65536:
+                raise ValueError(f"port: must be between 1 and 65535, got {self.port}")
+        if self.url is None and not self.database:
+            raise ValueError("database: required when no url is given")
+        if self.url is not None and not (
+            self.database or urllib.parse.urlsplit(self.url).path.strip("/")
+        ):
+            raise ValueError("url: names no database (expected postgresql://host/DATABASE)")
+        if not isinstance(self.schema, str):
+            raise TypeError(f"schema: expected a str, got {type(self.schema).__name__}")
+        if not self.schema or "\x00" in self.schema:
+            raise ValueError("schema: must be a non-empty name without NUL characters")
+        if len(self.schema.encode()) > MAX_SCHEMA_BYTES:
+            raise ValueError(
+                f"schema: at most {MAX_SCHEMA_BYTES} bytes, so that the notification channel "
+                f"'<schema>.events' fits Postgres's 63-byte limit; got {len(self.schema.encode())}"
+            )
+        if self.column_data_type not in ("bytea", "jsonb"):
+            raise ValueError(
+                f"column_data_type: must be 'bytea' or 'jsonb', got {self.column_data_type!r}"
+            )
+        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int):
+            raise TypeError(f"pool_size: expected an int, got {type(self.pool_size).__name__}")
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size: must be >= 1, got {self.pool_size}")
+        for name in _DURATIONS:
+            object.__setattr__(self, name, _positive_duration(name, getattr(self, name)))
+        object.__setattr__(
+            self,
+            "subscription_hibernate_after",
+            _positive_duration(
+                "subscription_hibernate_after", self.subscription_hibernate_after, allow_zero=True
+            ),
+        )
+        if not isinstance(self.enable_hard_deletes, bool):
+            raise TypeError("enable_hard_deletes: expected a bool")
+        if self.init is not None and not callable(self.init):
+            raise TypeError("init: expected a callable taking and returning an EventStoreConfig")
+
+    # -- derived values --------------------------------------------------------------
+
+    @property
+    def database_name(self) -> str:
+        """The database the store lives in."""
+        if self.database:
+            return self.database
+        assert self.url is not None  # checked in __attrs_post_init__
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).path.strip("/"))
+
+    def connect_params(
+        self, *, database: str | None = None, session_mode: bool = False
+    ) -> dict[str, Any]:
+        """Keyword arguments for the driver's connect (internal; holds the password)."""
+        url = self.session_mode_url if session_mode and self.session_mode_url else self.url
+        params: dict[str, Any] = {}
+        if url is not None:
+            params["dsn"] = url
+        for ours, theirs in (
+            ("host", "host"),
+            ("port", "port"),
+            ("username", "user"),
+            ("password", "password"),
+        ):
+            value = getattr(self, ours)
+            if value is not None:
+                params[theirs] = value
+        if url is None:
+            params.setdefault("host", "localhost")
+            params.setdefault("port", 5432)
+        params["database"] = database if database is not None else self.database_name
+        return params
+
+    def redact(self, text: str) -> str:
+        """`text` with every password this config knows replaced by ``***``."""
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    def _secrets(self) -> list[str]:
+        found = [self.password] if self.password else []
+        for url in (self.url, self.session_mode_url):
+            if url:
+                pw = urllib.parse.urlsplit(url).password
+                if pw:
+                    found += [pw, urllib.parse.quote(pw, safe="")]
+        return sorted(set(found), key=len, reverse=True)
+
+    def with_changes(self, **changes: Any) -> EventStoreConfig:
+        """A copy with some fields changed (validated again)."""
+        return attrs.evolve(self, **changes)
+
+    # -- environment -----------------------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls,
+        prefix: str = "EVENTSTORE_",
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> EventStoreConfig:
+        """Build a config from environment variables named ``<prefix><FIELD>``.
+
+        ``EVENTSTORE_URL``, ``EVENTSTORE_SCHEMA``, ``EVENTSTORE_POOL_SIZE``,
+        ``EVENTSTORE_ENABLE_HARD_DELETES`` (true/false), ... ; keyword ``overrides`` win.
+        Raises ValueError naming the variable when a value cannot be parsed.
+        """
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            if field.name in ("serializer", "init"):
+                continue
+            var = prefix + field.name.upper()
+            if var not in env:
+                continue
+            raw = env[var]
+            try:
+                kwargs[field.name] = _parse_env_value(field.name, raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}: {exc}") from None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+_INT_FIELDS = {"port", "pool_size"}
+_FLOAT_FIELDS = set(_DURATIONS) | {"subscription_hibernate_after"}
+_BOOL_FIELDS = {"enable_hard_deletes"}
+
+
+def _parse_env_value(name: str, raw: str) -> object:
+    if name in _INT_FIELDS:
+        if not re.fullmatch(r"\s*\d+\s*", raw):
+            raise ValueError(f"expected a whole number, got {raw!r}")
+        return int(raw)
+    if name in _FLOAT_FIELDS:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+    if name in _BOOL_FIELDS:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw

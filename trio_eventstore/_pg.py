@@ -1,0 +1,560 @@
+"""The one asyncio boundary: asyncpg on a trio-asyncio loop, seen from Trio.
+
+Nothing else in the package imports asyncpg or trio_asyncio. The rest of the package
+talks to Postgres through three things defined here:
+
+* `Conn`: an asyncio-flavoured view of one connection, used *inside* a unit of work;
+* `Database`: the pool, seen from Trio; `Database.transaction(fn)` runs a whole unit
+  of work ``fn(conn)`` in one crossing of the Trio/asyncio bridge (a crossing costs
+  ~170 µs, so never one per statement or per row);
+* `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks).
+
+Every asyncpg / OS error is translated here, once, into the `EventStoreError`
+hierarchy (`translate_error`), with passwords scrubbed from messages.
+
+Cancellation: cancelling the Trio caller cancels the asyncio task once; the task then
+rolls back and releases its connection with a bounded deadline (the cleanup cannot
+be cancelled again, and a connection whose cleanup fails or times out is terminated,
+never returned to the pool in an unknown transaction state). The Trio caller waits
+for that cleanup before `trio.Cancelled` propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from ._config import EventStoreConfig
+from ._errors import (
+    AuthenticationError,
+    DatabaseError,
+    EventStoreError,
+    StorageUnavailableError,
+)
+
+__all__ = [
+    "CLEANUP_TIMEOUT",
+    "Conn",
+    "Connection",
+    "Database",
+    "Row",
+    "open_connection",
+    "open_database",
+    "translate_error",
+]
+
+T = TypeVar("T")
+
+#: Upper bound for rollback / release / close after an error or cancellation.
+CLEANUP_TIMEOUT = 5.0
+
+
+class Row(Protocol):
+    """A result row: index by position or column name."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def items(self) -> Iterable[tuple[str, Any]]: ...
+
+
+# --------------------------------------------------------------------------------------
+# error translation
+
+
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, resources, operator intervention
+
+
+def translate_error(exc: BaseException, config: EventStoreConfig | None = None) -> EventStoreError:
+    """The `EventStoreError` for a driver or OS error (passwords scrubbed)."""
+    if isinstance(exc, EventStoreError):
+        return exc
+    message = str(exc) or type(exc).__name__
+    if config is not None:
+        message = config.redact(message)
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return AuthenticationError(f"authentication failed: {message}")
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate is not None and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+            return StorageUnavailableError(f"database unavailable ({sqlstate}): {message}")
+        return DatabaseError(
+            message,
+            sqlstate=sqlstate,
+            constraint_name=getattr(exc, "constraint_name", None),
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return StorageUnavailableError("the database did not answer in time")
+    if isinstance(
+        exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError | ConnectionError
+    ):
+        return StorageUnavailableError(f"database connection failed: {message}")
+    return DatabaseError(f"{type(exc).__name__}: {message}")
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | OSError
+        | TimeoutError
+        | asyncio.TimeoutError,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# asyncio side
+
+
+class Conn:
+    """One connection inside a unit of work. Asyncio-flavoured: use only in `fn` passed
+    to `Database.transaction` / `Connection.run`. Errors come out translated."""
+
+    __slots__ = ("_config", "_conn")
+
+    def __init__(self, conn: Any, config: EventStoreConfig | None) -> None:
+        self._conn = conn
+        self._config = config
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        try:
+            rows: list[Row] = await self._conn.fetch(sql, *args)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        try:
+            row: Row | None = await self._conn.fetchrow(sql, *args)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+        return row
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        try:
+            return await self._conn.fetchval(sql, *args)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+
+    async def execute(self, sql: str, *args: object) -> str:
+        try:
+            status: str = await self._conn.execute(sql, *args)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+        return status
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[object]]) -> None:
+        try:
+            await self._conn.executemany(sql, args)
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+
+    async def copy_records(
+        self,
+        table: str,
+        *,
+        schema: str,
+        columns: Sequence[str],
+        records: Sequence[Sequence[object]],
+    ) -> None:
+        try:
+            await self._conn.copy_records_to_table(
+                table, schema_name=schema, columns=list(columns), records=records
+            )
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise translate_error(exc, self._config) from exc
+            raise
+
+    @property
+    def backend_pid(self) -> int:
+        pid: int = self._conn.get_server_pid()
+        return pid
+
+
+async def _bounded_cleanup(aw: Awaitable[object], conn: Any) -> None:
+    """Run a cleanup step with a deadline; terminate the connection if it fails."""
+    try:
+        await asyncio.wait_for(aw, CLEANUP_TIMEOUT)
+    except BaseException:
+        conn.terminate()
+
+
+async def _in_transaction(
+    conn: Any,
+    fn: Callable[[Conn], Awaitable[T]],
+    config: EventStoreConfig | None,
+    settings: Mapping[str, str],
+) -> T:
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        for name, value in settings.items():
+            await conn.execute("SELECT pg_catalog.set_config($1, $2, true)", name, value)
+        result = await fn(Conn(conn, config))
+    except BaseException:
+        if not conn.is_closed():
+            await _bounded_cleanup(tr.rollback(), conn)
+        raise
+    try:
+        await tr.commit()
+    except BaseException:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await _bounded_cleanup(tr.rollback(), conn)
+        raise
+    return result
+
+
+class _Admission:
+    """DBConnection's queue_target / queue_interval, on top of asyncpg's pool.
+
+    A caller normally waits up to ``timeout`` for a connection. When during a whole
+    ``queue_interval`` no caller got a connection within ``queue_target``, the pool is
+    overloaded, and callers wait at most ``2 * queue_target`` until one is served
+    within ``queue_target`` again.
+    """
+
+    def __init__(self, config: EventStoreConfig) -> None:
+        self.target = config.queue_target
+        self.interval = config.queue_interval
+        self.default_wait = config.timeout
+        self._slow_since: float | None = None
+
+    def max_wait(self) -> float:
+        if self._slow_since is not None and time.monotonic() - self._slow_since >= self.interval:
+            return 2 * self.target
+        return self.default_wait
+
+    def observe(self, waited: float) -> None:
+        if waited <= self.target:
+            self._slow_since = None
+        elif self._slow_since is None:
+            self._slow_since = time.monotonic() - waited
+
+    @property
+    def overloaded(self) -> bool:
+        return self._slow_since is not None and time.monotonic() - self._slow_since >= self.interval
+
+
+async def _unit_of_work(
+    pool: Any,
+    admission: _Admission,
+    fn: Callable[[Conn], Awaitable[T]],
+    config: EventStoreConfig,
+    transactional: bool,
+    settings: Mapping[str, str],
+) -> T:
+    max_wait = admission.max_wait()
+    started = time.monotonic()
+    try:
+        conn = await pool.acquire(timeout=max_wait)
+    except TimeoutError:
+        admission.observe(time.monotonic() - started)
+        state = "overloaded " if max_wait < admission.default_wait else ""
+        raise StorageUnavailableError(
+            f"no database connection free within {max_wait:g} s ({state}pool of {config.pool_size})"
+        ) from None
+    admission.observe(time.monotonic() - started)
+    try:
+        if transactional:
+            return await _in_transaction(conn, fn, config, settings)
+        return await fn(Conn(conn, config))
+    finally:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(pool.release(conn, timeout=CLEANUP_TIMEOUT), CLEANUP_TIMEOUT * 2)
+
+
+# --------------------------------------------------------------------------------------
+# Trio side
+
+
+async def _cross(loop: Any, coro: Awaitable[T], config: EventStoreConfig | None) -> T:
+    """Run an asyncio coroutine on `loop` from Trio, translating driver errors."""
+    try:
+        result: T = await loop.run_aio_coroutine(coro)
+    except EventStoreError:
+        raise
+    except Exception as exc:
+        if _is_driver_error(exc):
+            raise translate_error(exc, config) from exc
+        raise
+    return result
+
+
+class Database:
+    """The store's connection pool, seen from Trio.
+
+    Every method is one crossing of the bridge: a whole unit of work runs on one
+    pooled connection on the asyncio side.
+    """
+
+    def __init__(self, loop: Any, pool: Any, config: EventStoreConfig) -> None:
+        self._loop = loop
+        self._pool = pool
+        self._config = config
+        self._admission = _Admission(config)
+
+    @property
+    def config(self) -> EventStoreConfig:
+        return self._config
+
+    async def transaction(
+        self, fn: Callable[[Conn], Awaitable[T]], *, settings: Mapping[str, str] | None = None
+    ) -> T:
+        """Run ``await fn(conn)`` in one transaction (asyncio-flavoured `fn`).
+
+        ``settings`` are set with ``set_config(name, value, true)``: they last for this
+        transaction only and never stay on a pooled connection.
+        """
+        return await _cross(
+            self._loop,
+            _unit_of_work(self._pool, self._admission, fn, self._config, True, settings or {}),
+            self._config,
+        )
+
+    async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``await fn(conn)`` on one pooled connection, outside a transaction."""
+        return await _cross(
+            self._loop,
+            _unit_of_work(self._pool, self._admission, fn, self._config, False, {}),
+            self._config,
+        )
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        async def unit(conn: Conn) -> list[Row]:
+            return await conn.fetch(sql, *args)
+
+        return await self.run(unit)
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        async def unit(conn: Conn) -> Any:
+            return await conn.fetchval(sql, *args)
+
+        return await self.run(unit)
+
+    async def execute(self, sql: str, *args: object) -> str:
+        async def unit(conn: Conn) -> str:
+            return await conn.execute(sql, *args)
+
+        return await self.run(unit)
+
+    def pool_statistics(self) -> dict[str, int | bool]:
+        return {
+            "size": self._pool.get_size(),
+            "idle": self._pool.get_idle_size(),
+            "max_size": self._pool.get_max_size(),
+            "overloaded": self._admission.overloaded,
+        }
+
+
+@contextlib.asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[Any]:
+    """The trio-asyncio loop of the calling context, or a new one for this block."""
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None and not loop.is_closed():
+        yield loop
+        return
+    async with trio_asyncio.open_loop() as new_loop:
+        yield new_loop
+
+
+async def _create_pool(config: EventStoreConfig) -> Any:
+    return await asyncpg.create_pool(
+        **config.connect_params(),
+        min_size=1,
+        max_size=config.pool_size,
+        command_timeout=config.timeout,
+        timeout=config.timeout,
+        max_inactive_connection_lifetime=300.0,
+    )
+
+
+async def _close_pool(pool: Any) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), CLEANUP_TIMEOUT)
+    except BaseException:
+        pool.terminate()
+        raise
+
+
+class _SharedPool:
+    def __init__(self, database: Database, key: tuple[object, ...]) -> None:
+        self.database = database
+        self.key = key
+        self.users = 0
+        self.idle = trio.Event()
+
+
+_SHARED: dict[tuple[object, str], _SharedPool] = {}
+
+
+def _shared_key(config: EventStoreConfig) -> tuple[object, ...]:
+    params = config.connect_params()
+    return (
+        tuple(sorted((k, repr(v)) for k, v in params.items())),
+        config.pool_size,
+        config.timeout,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
+    """Open the pool (or join the shared pool named by ``shared_connection_pool``).
+
+    Raises:
+        StorageUnavailableError: the server cannot be reached in ``config.timeout``.
+        AuthenticationError: the server rejected the credentials.
+    """
+    name = config.shared_connection_pool
+    if name is not None:
+        registry_key = (trio.lowlevel.current_root_task(), name)
+        shared = _SHARED.get(registry_key)
+        if shared is not None:
+            if shared.key != _shared_key(config):
+                raise ValueError(
+                    f"shared_connection_pool: pool {name!r} is already open with other "
+                    "connection settings"
+                )
+            shared.users += 1
+            try:
+                yield Database(shared.database._loop, shared.database._pool, config)
+            finally:
+                shared.users -= 1
+                if shared.users == 0:
+                    shared.idle.set()
+            return
+
+    async with _asyncio_loop() as loop:
+        try:
+            pool = await _cross(loop, _create_pool(config), config)
+        except StorageUnavailableError:
+            raise
+        except EventStoreError as exc:
+            raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc
+        try:
+            database = Database(loop, pool, config)
+            if name is None:
+                yield database
+                return
+            shared = _SharedPool(database, _shared_key(config))
+            shared.users = 1
+            _SHARED[registry_key] = shared
+            try:
+                yield database
+            finally:
+                shared.users -= 1
+                if shared.users == 0:
+                    shared.idle.set()
+                # The pool lives on the loop this block owns: it stays open until
+                # every store sharing it has closed.
+                with trio.CancelScope(shield=True):
+                    await shared.idle.wait()
+                del _SHARED[registry_key]
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await loop.run_aio_coroutine(_close_pool(pool))
+
+
+class Connection:
+    """One dedicated connection, seen from Trio (admin tasks, LISTEN, advisory locks)."""
+
+    def __init__(self, loop: Any, conn: Any, config: EventStoreConfig) -> None:
+        self._loop = loop
+        self._conn = conn
+        self._config = config
+
+    async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``await fn(conn)`` in one crossing (asyncio-flavoured `fn`)."""
+
+        async def unit() -> T:
+            return await fn(Conn(self._conn, self._config))
+
+        return await _cross(self._loop, unit(), self._config)
+
+    async def transaction(
+        self, fn: Callable[[Conn], Awaitable[T]], *, settings: Mapping[str, str] | None = None
+    ) -> T:
+        return await _cross(
+            self._loop, _in_transaction(self._conn, fn, self._config, settings or {}), self._config
+        )
+
+    async def execute(self, sql: str, *args: object) -> str:
+        async def unit(conn: Conn) -> str:
+            return await conn.execute(sql, *args)
+
+        return await self.run(unit)
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        async def unit(conn: Conn) -> list[Row]:
+            return await conn.fetch(sql, *args)
+
+        return await self.run(unit)
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        async def unit(conn: Conn) -> Any:
+            return await conn.fetchval(sql, *args)
+
+        return await self.run(unit)
+
+    @property
+    def backend_pid(self) -> int:
+        pid: int = self._conn.get_server_pid()
+        return pid
+
+    def is_closed(self) -> bool:
+        closed: bool = self._conn.is_closed()
+        return closed
+
+
+async def _connect(config: EventStoreConfig, database: str | None, session_mode: bool) -> Any:
+    return await asyncpg.connect(
+        **config.connect_params(database=database, session_mode=session_mode),
+        timeout=config.timeout,
+        command_timeout=config.timeout,
+    )
+
+
+async def _close(conn: Any) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), CLEANUP_TIMEOUT)
+    except BaseException:
+        conn.terminate()
+
+
+@contextlib.asynccontextmanager
+async def open_connection(
+    config: EventStoreConfig, *, database: str | None = None, session_mode: bool = False
+) -> AsyncIterator[Connection]:
+    """One dedicated connection to ``database`` (default: the store's database).
+
+    ``session_mode`` uses ``config.session_mode_url`` when it is set.
+    """
+    async with _asyncio_loop() as loop:
+        conn = await _cross(loop, _connect(config, database, session_mode), config)
+        try:
+            yield Connection(loop, conn, config)
+        finally:
+            with trio.CancelScope(shield=True):
+                await loop.run_aio_coroutine(_close(conn))
