@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.tasks import task
 
 PY = sys.executable
+BIN = Path(sys.executable).parent
 
 
 @task
@@ -30,7 +32,7 @@ def typecheck(c: Context) -> None:
 @task
 def layers(c: Context) -> None:
     """import-linter: the module layers and the single asyncio boundary."""
-    c.run("lint-imports", echo=True, pty=False)
+    c.run(f"{BIN / 'lint-imports'}", echo=True, pty=False)
 
 
 @task(help={"k": "only tests matching this expression", "args": "more pytest arguments"})

@@ -223,7 +223,7 @@ class EventStoreConfig:
             if url:
                 pw = urllib.parse.urlsplit(url).password
                 if pw:
-                    found += [pw, urllib.parse.quote(pw, safe="")]
+                    found += [pw, urllib.parse.unquote(pw)]
         return sorted(set(found), key=len, reverse=True)
 
     def with_changes(self, **changes: Any) -> EventStoreConfig:

@@ -6,6 +6,9 @@ Leaves also subclass what callers already catch (`LookupError`, `ValueError`,
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import trio
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "DatabaseError",
     "SchemaMismatchError",
     "AuthenticationError",
+    "single_errors",
 ]
 
 
@@ -123,3 +127,18 @@ class DatabaseError(EventStoreError):
         super().__init__(message)
         self.sqlstate = sqlstate
         self.constraint_name = constraint_name
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Never hand the caller an ExceptionGroup that holds a single error: re-raise the
+    error itself (trio nurseries wrap even one error in a group)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is group:
+            raise
+        raise inner from inner.__cause__

@@ -37,6 +37,7 @@ from ._errors import (
     DatabaseError,
     EventStoreError,
     StorageUnavailableError,
+    single_errors,
 )
 
 __all__ = [
@@ -268,14 +269,23 @@ async def _unit_of_work(
 ) -> T:
     max_wait = admission.max_wait()
     started = time.monotonic()
-    try:
-        conn = await pool.acquire(timeout=max_wait)
-    except TimeoutError:
-        admission.observe(time.monotonic() - started)
-        state = "overloaded " if max_wait < admission.default_wait else ""
-        raise StorageUnavailableError(
-            f"no database connection free within {max_wait:g} s ({state}pool of {config.pool_size})"
-        ) from None
+    deadline = started + max_wait
+    while True:
+        # Wait in slices of queue_interval, so that a caller already waiting is refused
+        # as soon as the pool counts as overloaded (as DBConnection drops queued ones).
+        slice_ = max(0.0, min(deadline - time.monotonic(), admission.interval))
+        try:
+            conn = await pool.acquire(timeout=slice_)
+            break
+        except TimeoutError:
+            now = time.monotonic()
+            admission.observe(now - started)
+            if now >= deadline or admission.overloaded:
+                state = "overloaded " if admission.overloaded else ""
+                raise StorageUnavailableError(
+                    f"no database connection free within {now - started:.3g} s "
+                    f"({state}pool of {config.pool_size})"
+                ) from None
     admission.observe(time.monotonic() - started)
     try:
         if transactional:
@@ -376,8 +386,9 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
     if loop is not None and not loop.is_closed():
         yield loop
         return
-    async with trio_asyncio.open_loop() as new_loop:
-        yield new_loop
+    with single_errors():
+        async with trio_asyncio.open_loop() as new_loop:
+            yield new_loop
 
 
 async def _create_pool(config: EventStoreConfig) -> Any:

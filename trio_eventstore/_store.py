@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
 
 from . import _storage
 from ._config import EventStoreConfig
+from ._errors import single_errors
 from ._pg import Database, open_database
 from ._types import StreamInfo
 
@@ -70,20 +71,6 @@ class EventStore:
         )
 
 
-@contextlib.contextmanager
-def _single_errors() -> Iterator[None]:
-    """Never hand the user an ExceptionGroup that holds a single error."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        inner: BaseException = group
-        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-            inner = inner.exceptions[0]
-        if inner is group:
-            raise
-        raise inner from inner.__cause__
-
-
 @contextlib.asynccontextmanager
 async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore]:
     """Open the store: its connection pool and, inside its nursery, its background tasks.
@@ -107,7 +94,7 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 f"config.init: must return an EventStoreConfig, got {type(configured).__name__}"
             )
         config = configured
-    with _single_errors():
+    with single_errors():
         async with open_database(config) as database:
             state = await database.run(lambda conn: _storage.read_schema_state(conn, config.schema))
             _storage.check_schema(state, config)

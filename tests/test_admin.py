@@ -1,0 +1,248 @@
+"""Admin tasks: create, init, migrate, reset, drop (library functions and the command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import EventStoreConfig, admin, open_event_store
+from trio_eventstore._pg import Conn, open_connection
+from trio_eventstore._sql import quote_ident
+
+from .conftest import url_for
+
+
+async def scalar(config: EventStoreConfig, sql: str, *args: object) -> object:
+    async with open_connection(config) as conn:
+        return await conn.fetchval(sql, *args)
+
+
+@pytest.fixture
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A database name nothing has created yet (dropped afterwards)."""
+    url = url_for(server_url, f"adm_{uuid.uuid4().hex[:10]}")
+    yield url
+    with trio.CancelScope(shield=True):
+        await admin.drop(EventStoreConfig(url=url))
+
+
+async def test_create_init_migrate_reset_drop_cycle(database_url: str) -> None:
+    config = EventStoreConfig(url=database_url)
+    created = await admin.create(config)
+    assert created.changed
+    assert "has been created" in created.message
+    assert not (await admin.create(config)).changed
+    assert (await admin.init(config)).changed
+    assert not (await admin.init(config)).changed
+    assert not (await admin.migrate(config)).changed
+    async with open_event_store(config) as store:
+        assert (await store.stream_info("$all")).stream_version == 0
+    assert (await admin.reset(config)).changed
+    dropped = await admin.drop(config)
+    assert dropped.changed
+    assert "dropped" in dropped.message
+    assert not (await admin.drop(config)).changed
+    assert not await scalar(
+        EventStoreConfig(url=url_for(database_url, "postgres")),
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+        config.database_name,
+    )
+
+
+async def test_named_schema_drop_keeps_database(database_url: str) -> None:
+    config = EventStoreConfig(url=database_url, schema="example")
+    await admin.create(config)
+    await admin.init(config)
+    await admin.drop(config)
+    public = EventStoreConfig(url=database_url)
+    assert await scalar(public, "SELECT to_regnamespace('example') IS NULL")
+    assert await scalar(public, "SELECT 1") == 1  # the database is still there
+
+
+async def test_drop_database_in_use_fails_and_keeps_it(database_url: str) -> None:
+    config = EventStoreConfig(url=database_url)
+    await admin.create(config)
+    await admin.init(config)
+    async with open_event_store(config):
+        with pytest.raises(es.StorageUnavailableError, match="other sessions"):
+            await admin.drop(config)
+    assert (await admin.init(config)).changed is False
+
+
+async def test_hostile_schema_name_executes_nothing(initialized: EventStoreConfig) -> None:
+    # A table named y in public that the hostile name would drop if it were spliced in.
+    probe = f"y_{uuid.uuid4().hex[:8]}"
+    public = initialized.with_changes(schema="public")
+    async with open_connection(public) as conn:
+        await conn.execute(f"CREATE TABLE {probe} (id int)")
+    try:
+        hostile = initialized.with_changes(schema=f'x"; drop table {probe}; --')
+        for task in (admin.create, admin.init, admin.migrate, admin.reset, admin.drop):
+            await task(hostile)
+        assert await scalar(public, "SELECT to_regclass($1) IS NOT NULL", probe)
+    finally:
+        async with open_connection(public) as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {probe}")
+
+
+async def test_init_refuses_partial_schema(config: EventStoreConfig) -> None:
+    await admin.create(config)
+    try:
+        async with open_connection(config) as conn:
+            await conn.execute(f"CREATE TABLE {quote_ident(config.schema)}.streams (x int)")
+        with pytest.raises(es.SchemaMismatchError, match="schema_migrations"):
+            await admin.init(config)
+    finally:
+        await admin.drop(config)
+
+
+async def test_init_other_column_type_refused(initialized: EventStoreConfig) -> None:
+    with pytest.raises(es.SchemaMismatchError, match="bytea"):
+        await admin.init(initialized.with_changes(column_data_type="jsonb"))
+
+
+async def test_concurrent_inits_create_one_store(config: EventStoreConfig) -> None:
+    await admin.create(config)
+    try:
+        results: list[admin.AdminResult] = []
+
+        async def run() -> None:
+            results.append(await admin.init(config))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(run)
+        assert sorted(r.changed for r in results) == [False, False, False, True]
+    finally:
+        await admin.drop(config)
+
+
+async def test_migrate_and_reset_need_a_store(config: EventStoreConfig) -> None:
+    await admin.create(config)
+    try:
+        with pytest.raises(es.SchemaNotInitializedError):
+            await admin.migrate(config)
+        with pytest.raises(es.SchemaNotInitializedError):
+            await admin.reset(config)
+    finally:
+        await admin.drop(config)
+
+
+async def test_reset_empties_the_store(initialized: EventStoreConfig) -> None:
+    s = quote_ident(initialized.schema)
+
+    async def write(conn: Conn) -> None:
+        await conn.execute(f"INSERT INTO {s}.streams (stream_uuid, stream_version) VALUES ('a', 1)")
+        await conn.execute(
+            f"INSERT INTO {s}.subscriptions (stream_uuid, subscription_name) VALUES ('$all', 'x')"
+        )
+        await conn.execute(
+            f"INSERT INTO {s}.snapshots (source_uuid, source_version, source_type, data) "
+            "VALUES ('a', 1, 't', '\\x7b7d')"
+        )
+
+    async with open_connection(initialized) as conn:
+        await conn.transaction(write)
+    await admin.reset(initialized)
+    async with open_connection(initialized) as conn:
+        rows = await conn.fetch(f"SELECT stream_id, stream_uuid, stream_version FROM {s}.streams")
+        assert [tuple(r.items()) for r in rows] == [
+            (("stream_id", 0), ("stream_uuid", "$all"), ("stream_version", 0))
+        ]
+        for table in ("subscriptions", "snapshots", "events", "stream_events"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {s}.{table}") == 0
+        # Identities restart: the next stream gets id 1 again.
+        assert (
+            await conn.fetchval(
+                f"INSERT INTO {s}.streams (stream_uuid) VALUES ('b') RETURNING stream_id"
+            )
+            == 1
+        )
+
+
+async def test_guard_triggers(initialized: EventStoreConfig) -> None:
+    s = quote_ident(initialized.schema)
+    async with open_connection(initialized) as conn:
+        for table, message in (
+            ("streams", "Cannot delete streams"),
+            ("events", "Cannot delete events"),
+            ("stream_events", "Cannot delete stream events"),
+        ):
+            with pytest.raises(es.DatabaseError, match=f"EventStore: {message}") as info:
+                await conn.execute(f"DELETE FROM {s}.{table}")
+            assert info.value.sqlstate == "0A000"
+        for table, message in (
+            ("events", "Cannot update events"),
+            ("stream_events", "Cannot update stream events"),
+        ):
+            with pytest.raises(es.DatabaseError, match=f"EventStore: {message}") as info:
+                await conn.execute(f"UPDATE {s}.{table} SET event_id = event_id")
+            assert info.value.sqlstate == "P0001"
+
+        async def hard_delete(c: Conn) -> str:
+            return await c.execute(f"DELETE FROM {s}.events")
+
+        # Allowed with the setting on for the transaction only.
+        assert (
+            await conn.transaction(hard_delete, settings={"eventstore.enable_hard_deletes": "on"})
+            == "DELETE 0"
+        )
+        with pytest.raises(es.DatabaseError):
+            await conn.execute(f"DELETE FROM {s}.events")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "trio_eventstore", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_command_line_cycle(server_url: str) -> None:
+    url = url_for(server_url, f"cli_{uuid.uuid4().hex[:10]}")
+    try:
+        for command, expected in (
+            ("create", "has been created"),
+            ("init", "has been initialized"),
+            ("migrate", "up to date"),
+            ("reset", "has been reset"),
+        ):
+            result = run_cli(command, "--url", url)
+            assert result.returncode == 0, result.stderr
+            assert expected in result.stdout
+        info = run_cli("info", "--json", env={"EVENTSTORE_URL": url})
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["stream_uuid"] == "$all"
+        again = run_cli("init", "--json", env={"EVENTSTORE_URL": url})
+        payload = json.loads(again.stdout)
+        assert (payload["ok"], payload["task"], payload["changed"]) == (True, "init", False)
+        dropped = run_cli("drop", "--url", url)
+        assert dropped.returncode == 0, dropped.stderr
+        assert "has been dropped" in dropped.stdout
+    finally:
+        run_cli("drop", "--url", url)
+
+
+def test_command_line_errors_hide_password(server_url: str) -> None:
+    bad = run_cli("create", "--url", "mysql://x/y")
+    assert bad.returncode == 2
+    assert "url" in bad.stderr
+    secret = "hunter2-secret"
+    refused = run_cli("init", "--url", f"postgresql://postgres:{secret}@127.0.0.1:1/x")
+    assert refused.returncode == 1
+    assert "StorageUnavailableError" in refused.stderr
+    assert secret not in refused.stderr + refused.stdout

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import pytest
+
+from trio_eventstore import EventStoreConfig
+
+URL = "postgresql://alice:s3cr%40t@db.example:6543/bank"
+
+
+def test_url_parts() -> None:
+    config = EventStoreConfig(url=URL)
+    assert config.database_name == "bank"
+    params = config.connect_params()
+    assert params["dsn"] == URL
+    assert params["database"] == "bank"
+
+
+def test_postgres_scheme_accepted() -> None:
+    assert EventStoreConfig(url="postgres://localhost/x").database_name == "x"
+
+
+def test_explicit_fields_override_url() -> None:
+    config = EventStoreConfig(url=URL, database="other", password="pw", port=5433)
+    params = config.connect_params()
+    assert (params["database"], params["password"], params["port"]) == ("other", "pw", 5433)
+
+
+def test_fields_without_url() -> None:
+    config = EventStoreConfig(host="h", username="u", password="p", database="d")
+    assert config.connect_params() == {
+        "host": "h",
+        "port": 5432,
+        "user": "u",
+        "password": "p",
+        "database": "d",
+    }
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EventStoreConfig(url=URL),
+        EventStoreConfig(
+            url="postgresql://u:plainpw@h/d", session_mode_url="postgres://u:sesspw@h/d"
+        ),
+        EventStoreConfig(database="d", password="fieldpw"),
+    ],
+)
+def test_passwords_never_in_repr(config: EventStoreConfig) -> None:
+    text = repr(config) + str(config)
+    for secret in ("s3cr", "plainpw", "sesspw", "fieldpw"):
+        assert secret not in text
+    assert "***" in text or "password" not in text
+
+
+def test_redact_scrubs_raw_and_quoted_password() -> None:
+    config = EventStoreConfig(url=URL)
+    assert config.redact("x s3cr@t y s3cr%40t") == "x *** y ***"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"url": "mysql://h/d"}, "url"),
+        ({"url": "postgresql://h:99999/d"}, "url"),
+        ({"url": "postgresql://h/"}, "url"),
+        ({}, "database"),
+        ({"database": "d", "port": 0}, "port"),
+        ({"database": "d", "schema": ""}, "schema"),
+        ({"database": "d", "schema": "x" * 57}, "schema"),
+        ({"database": "d", "column_data_type": "json"}, "column_data_type"),
+        ({"database": "d", "pool_size": 0}, "pool_size"),
+        ({"database": "d", "timeout": 0}, "timeout"),
+        ({"database": "d", "timeout": float("nan")}, "timeout"),
+        ({"database": "d", "queue_target": -1}, "queue_target"),
+        ({"database": "d", "queue_interval": float("inf")}, "queue_interval"),
+        ({"database": "d", "subscription_retry_interval": 0}, "subscription_retry_interval"),
+        ({"database": "d", "subscription_hibernate_after": -0.1}, "subscription_hibernate_after"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EventStoreConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"database": "d", "pool_size": "10"}, "pool_size"),
+        ({"database": "d", "pool_size": True}, "pool_size"),
+        ({"database": "d", "timeout": "15"}, "timeout"),
+        ({"database": "d", "schema": 1}, "schema"),
+        ({"database": "d", "enable_hard_deletes": "yes"}, "enable_hard_deletes"),
+        ({"database": "d", "init": 3}, "init"),
+    ],
+)
+def test_wrong_types_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(TypeError, match=field):
+        EventStoreConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_hibernate_zero_allowed_and_ints_become_floats() -> None:
+    config = EventStoreConfig(database="d", subscription_hibernate_after=0, timeout=3)
+    assert config.subscription_hibernate_after == 0.0
+    assert isinstance(config.timeout, float)
+
+
+def test_frozen() -> None:
+    config = EventStoreConfig(database="d")
+    with pytest.raises(AttributeError):
+        config.schema = "x"  # type: ignore[misc]
+
+
+def test_from_env() -> None:
+    env = {
+        "EVENTSTORE_URL": URL,
+        "EVENTSTORE_SCHEMA": "example",
+        "EVENTSTORE_POOL_SIZE": "3",
+        "EVENTSTORE_TIMEOUT": "2.5",
+        "EVENTSTORE_ENABLE_HARD_DELETES": "true",
+        "EVENTSTORE_COLUMN_DATA_TYPE": "jsonb",
+        "OTHER": "ignored",
+    }
+    config = EventStoreConfig.from_env(environ=env, pool_size=4)
+    assert (config.schema, config.pool_size, config.timeout) == ("example", 4, 2.5)
+    assert config.enable_hard_deletes is True
+    assert config.column_data_type == "jsonb"
+
+
+def test_from_env_prefix_and_bad_value_names_variable() -> None:
+    with pytest.raises(ValueError, match="APP_POOL_SIZE"):
+        EventStoreConfig.from_env("APP_", environ={"APP_DATABASE": "d", "APP_POOL_SIZE": "ten"})
+    with pytest.raises(ValueError, match="APP_ENABLE_HARD_DELETES"):
+        EventStoreConfig.from_env(
+            "APP_", environ={"APP_DATABASE": "d", "APP_ENABLE_HARD_DELETES": "maybe"}
+        )

@@ -1,0 +1,147 @@
+"""The asyncio boundary: units of work, cancellation, error translation, pool limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import EventStoreConfig
+from trio_eventstore._pg import Conn, Database, open_database
+from trio_eventstore._sql import quote_ident
+
+
+@pytest.fixture
+async def db(initialized: EventStoreConfig) -> AsyncIterator[Database]:
+    async with open_database(initialized.with_changes(pool_size=2)) as database:
+        yield database
+
+
+def table(db: Database) -> str:
+    return f"{quote_ident(db.config.schema)}.snapshots"
+
+
+async def count(db: Database) -> int:
+    value: int = await db.fetchval(f"SELECT count(*) FROM {table(db)}")
+    return value
+
+
+def insert_sql(db: Database) -> str:
+    return (
+        f"INSERT INTO {table(db)} (source_uuid, source_version, source_type, data) "
+        "VALUES ($1, 1, 't', '\\x7b7d')"
+    )
+
+
+async def test_transaction_commits_and_returns(db: Database) -> None:
+    async def unit(conn: Conn) -> int:
+        await conn.execute(insert_sql(db), "a")
+        await conn.execute(insert_sql(db), "b")
+        value: int = await conn.fetchval(f"SELECT count(*) FROM {table(db)}")
+        return value
+
+    assert await db.transaction(unit) == 2
+    assert await count(db) == 2
+
+
+async def test_error_rolls_back_whole_unit_and_is_translated(db: Database) -> None:
+    async def unit(conn: Conn) -> None:
+        await conn.execute(insert_sql(db), "a")
+        await conn.execute(insert_sql(db), "a")
+
+    with pytest.raises(es.DatabaseError) as info:
+        await db.transaction(unit)
+    assert info.value.sqlstate == "23505"
+    assert info.value.constraint_name == "snapshots_pkey"
+    assert isinstance(info.value.__cause__, Exception)
+    assert await count(db) == 0
+
+
+async def test_python_error_in_unit_rolls_back(db: Database) -> None:
+    async def unit(conn: Conn) -> None:
+        await conn.execute(insert_sql(db), "a")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await db.transaction(unit)
+    assert await count(db) == 0
+
+
+async def test_cancellation_rolls_back_and_pool_stays_usable(db: Database) -> None:
+    for _ in range(3):  # more rounds than the pool has connections
+        inserted = trio.Event()
+
+        async def unit(conn: Conn, inserted: trio.Event = inserted) -> None:
+            await conn.execute(insert_sql(db), "a")
+            inserted.set()
+            await conn.execute("SELECT pg_sleep(30)")
+
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(db.transaction, unit)
+                await inserted.wait()
+                await trio.sleep(0.2)
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert await count(db) == 0
+
+    # Every connection came back clean: none idle in a transaction, none still sleeping.
+    async def others(conn: Conn) -> list[str]:
+        rows = await conn.fetch(
+            "SELECT state, query FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [f"{r['state']}: {r['query']}" for r in rows]
+
+    for state in await db.run(others):
+        assert not state.startswith("idle in transaction"), state
+        assert "pg_sleep" not in state or state.startswith("idle"), state
+    assert db.pool_statistics()["size"] <= 2
+
+
+async def test_transaction_settings_do_not_leak_to_pool(db: Database) -> None:
+    async def unit(conn: Conn) -> str:
+        value: str = await conn.fetchval("SELECT current_setting('eventstore.reset', true)")
+        return value
+
+    assert await db.transaction(unit, settings={"eventstore.reset": "on"}) == "on"
+    for _ in range(4):
+        assert await db.transaction(unit) in (None, "")
+
+
+async def test_query_timeout_is_storage_unavailable(initialized: EventStoreConfig) -> None:
+    async with open_database(initialized.with_changes(timeout=0.3)) as database:
+        with pytest.raises(es.StorageUnavailableError, match="in time"):
+            await database.execute("SELECT pg_sleep(5)")
+        assert await database.fetchval("SELECT 1") == 1
+
+
+async def test_overloaded_pool_fails_fast(initialized: EventStoreConfig) -> None:
+    """With every connection busy for longer than queue_interval, waiting callers are
+    refused with StorageUnavailableError instead of queueing for `timeout`."""
+    config = initialized.with_changes(pool_size=1, queue_target=0.01, queue_interval=0.05)
+    async with open_database(config) as database:
+        release = trio.Event()
+
+        async def hog(conn: Conn) -> None:
+            while not release.is_set():
+                await conn.execute("SELECT pg_sleep(0.05)")
+
+        async def hold() -> None:
+            await database.run(hog)
+
+        outcomes: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            await trio.sleep(0.1)
+            for _ in range(3):
+                try:
+                    await database.fetchval("SELECT 1")
+                    outcomes.append("served")
+                except es.StorageUnavailableError:
+                    outcomes.append("refused")
+            release.set()
+        assert "refused" in outcomes
+        assert await database.fetchval("SELECT 1") == 1
