@@ -1,6 +1,7 @@
 # Bootstrap: a virtualenv with everything the project needs, then the invoke tasks.
-PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' && echo $$p && break; done)
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' >/dev/null 2>&1 \
+	&& echo $$p && break; done)
 VENV := .venv
 STAMP := $(VENV)/.installed
 

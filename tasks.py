@@ -11,6 +11,7 @@ from invoke.tasks import task
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
+LINTED = ("trio_eventstore", "tests", "property_tests", "bench", "examples", "tasks.py")
 
 
 @task
