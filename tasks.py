@@ -17,11 +17,8 @@ LINTED = ("trio_eventstore", "tests", "property_tests", "bench", "examples", "ta
 @task
 def lint(c: Context) -> None:
     """ruff over the package, tests and tools."""
-    c.run(
-        f"{PY} -m ruff check trio_eventstore tests property_tests bench examples tasks.py",
-        echo=True,
-        pty=False,
-    )
+    paths = [p for p in LINTED if Path(p).exists()]
+    c.run(f"{PY} -m ruff check {' '.join(paths)}", echo=True, pty=False)
 
 
 @task
