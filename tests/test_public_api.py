@@ -45,6 +45,13 @@ EXPECTED = {
     "SchemaNotInitializedError",
     "SchemaMismatchError",
     "DatabaseError",
+    "EventNotFoundError",
+    "EventData",
+    "Page",
+    "RecordedEvent",
+    "SnapshotData",
+    "JsonSerializer",
+    "Serializer",
 }
 
 

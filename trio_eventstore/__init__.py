@@ -6,6 +6,7 @@ from ._errors import (
     AuthenticationError,
     DatabaseError,
     DuplicateEventError,
+    EventNotFoundError,
     EventStoreError,
     InvalidStartFromError,
     NotSupportedError,
@@ -24,6 +25,7 @@ from ._errors import (
     UnknownEventTypeError,
     WrongExpectedVersionError,
 )
+from ._serialization import JsonSerializer, Serializer
 from ._store import EventStore, EventStoreStatistics, open_event_store
 from ._types import (
     ALL_STREAMS,
@@ -32,7 +34,11 @@ from ._types import (
     NO_STREAM,
     ORIGIN,
     STREAM_EXISTS,
+    EventData,
     ExpectedVersion,
+    Page,
+    RecordedEvent,
+    SnapshotData,
     StartFrom,
     StreamInfo,
     StreamStatus,
@@ -41,6 +47,13 @@ from ._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Serializer",
+    "JsonSerializer",
+    "SnapshotData",
+    "RecordedEvent",
+    "Page",
+    "EventData",
+    "EventNotFoundError",
     "ALL_STREAMS",
     "ANY_VERSION",
     "CURRENT",

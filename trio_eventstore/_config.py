@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import attrs
 
+from ._serialization import JsonSerializer, Serializer
+
 __all__ = ["EventStoreConfig", "MAX_SCHEMA_BYTES"]
 
 #: Postgres truncates identifiers at 63 bytes, and the NOTIFY channel is
@@ -86,7 +88,7 @@ class EventStoreConfig:
         schema: the Postgres schema holding the store's tables (default ``public``).
         column_data_type: ``"bytea"`` or ``"jsonb"`` for event data and metadata;
             fixed when the schema is initialised.
-        serializer: how event data is encoded (None: the default JSON serializer).
+        serializer: how event data is encoded (default: a new `JsonSerializer`).
         pool_size: connections in the pool.
         queue_target, queue_interval: admission control when the pool is busy, as in
             DBConnection: a caller waits for a connection; if during a whole
@@ -115,7 +117,7 @@ class EventStoreConfig:
     database: str | None = None
     schema: str = "public"
     column_data_type: ColumnDataType = "bytea"
-    serializer: object | None = None
+    serializer: Serializer = attrs.field(factory=JsonSerializer)
     pool_size: int = 10
     queue_target: float = 0.05
     queue_interval: float = 1.0
@@ -173,6 +175,11 @@ class EventStoreConfig:
                 "subscription_hibernate_after", self.subscription_hibernate_after, allow_zero=True
             ),
         )
+        if not isinstance(self.serializer, Serializer):
+            raise TypeError(
+                "serializer: expected a Serializer (event_type_of, serialize, deserialize, "
+                f"serialize_metadata, deserialize_metadata), got {type(self.serializer).__name__}"
+            )
         if not isinstance(self.enable_hard_deletes, bool):
             raise TypeError("enable_hard_deletes: expected a bool")
         if self.init is not None and not callable(self.init):

@@ -13,6 +13,7 @@ import trio
 
 __all__ = [
     "DuplicateEventError",
+    "EventNotFoundError",
     "EventStoreError",
     "InvalidStartFromError",
     "NotSupportedError",
@@ -54,6 +55,10 @@ class StreamNotFoundError(EventStoreError, LookupError):
 
 class StreamDeletedError(EventStoreError):
     """The stream has been (soft) deleted."""
+
+
+class EventNotFoundError(EventStoreError, LookupError):
+    """An event to link does not exist."""
 
 
 class DuplicateEventError(EventStoreError):

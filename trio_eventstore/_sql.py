@@ -270,3 +270,164 @@ def stream_info(schema: str) -> str:
         "SELECT stream_id, stream_uuid, stream_version, created_at, deleted_at "
         f"FROM {quote_ident(schema)}.streams WHERE stream_uuid = $1"
     )
+
+
+#: Parameter: stream_uuid. Locks the stream's row for the rest of the transaction.
+def lock_stream(schema: str) -> str:
+    return (
+        "SELECT stream_id, stream_version, deleted_at "
+        f"FROM {quote_ident(schema)}.streams WHERE stream_uuid = $1 FOR UPDATE"
+    )
+
+
+def create_stream(schema: str) -> str:
+    """Parameters: stream_uuid, stream_version. Returns stream_id, or no row when a
+    concurrent transaction created the stream first (it then waits for that one)."""
+    return (
+        f"INSERT INTO {quote_ident(schema)}.streams (stream_uuid, stream_version) "
+        "VALUES ($1, $2) ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id"
+    )
+
+
+def set_stream_version(schema: str) -> str:
+    """Parameters: stream_id, new stream_version."""
+    return f"UPDATE {quote_ident(schema)}.streams SET stream_version = $2 WHERE stream_id = $1"
+
+
+def advance_all_stream(schema: str) -> str:
+    """Parameter: count. Takes the `$all` row lock (held until commit: `$all` numbers
+    are handed out in commit order) and returns the last number given."""
+    return (
+        f"UPDATE {quote_ident(schema)}.streams SET stream_version = stream_version + $1 "
+        "WHERE stream_id = 0 RETURNING stream_version"
+    )
+
+
+def insert_events(schema: str, column_data_type: str) -> str:
+    """Parameters: arrays of event_id, event_type, causation_id, correlation_id, data,
+    metadata; created_at."""
+    t = column_data_type
+    data = "d" if t == "bytea" else "convert_from(d, 'UTF8')::jsonb"
+    meta = "m" if t == "bytea" else "convert_from(m, 'UTF8')::jsonb"
+    return (
+        f"INSERT INTO {quote_ident(schema)}.events "
+        "(event_id, event_type, causation_id, correlation_id, data, metadata, created_at) "
+        f"SELECT i, t, c, r, {data}, {meta}, $7 "
+        "FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::bytea[], $6::bytea[]) "
+        "AS u(i, t, c, r, d, m)"
+    )
+
+
+def insert_stream_events(schema: str) -> str:
+    """Parameters: arrays of event_id, stream_id, stream_version, original_stream_id,
+    original_stream_version."""
+    return (
+        f"INSERT INTO {quote_ident(schema)}.stream_events "
+        "(event_id, stream_id, stream_version, original_stream_id, original_stream_version) "
+        "SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])"
+    )
+
+
+def find_originals(schema: str) -> str:
+    """Parameter: array of event ids. Where each event was first appended."""
+    return (
+        "SELECT event_id, original_stream_id, original_stream_version "
+        f"FROM {quote_ident(schema)}.stream_events WHERE event_id = ANY($1::uuid[]) "
+        "AND stream_id = original_stream_id"
+    )
+
+
+def _data_columns(column_data_type: str) -> str:
+    if column_data_type == "bytea":
+        return "e.data, e.metadata"
+    return (
+        "convert_to(e.data::text, 'UTF8') AS data, convert_to(e.metadata::text, 'UTF8') AS metadata"
+    )
+
+
+def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
+    """Parameters: stream_id, start version (inclusive), count."""
+    s = quote_ident(schema)
+    op, order = (">=", "ASC") if forward else ("<=", "DESC")
+    return (
+        "SELECT se.stream_version AS event_number, e.event_id, s.stream_uuid, "
+        "se.original_stream_version AS stream_version, e.event_type, e.causation_id, "
+        f"e.correlation_id, {_data_columns(column_data_type)}, e.created_at "
+        f"FROM {s}.stream_events se "
+        f"JOIN {s}.streams s ON s.stream_id = se.original_stream_id "
+        f"JOIN {s}.events e ON e.event_id = se.event_id "
+        f"WHERE se.stream_id = $1 AND se.stream_version {op} $2 "
+        f"ORDER BY se.stream_version {order} LIMIT $3"
+    )
+
+
+def soft_delete_stream(schema: str) -> str:
+    """Parameter: stream_id."""
+    return f"UPDATE {quote_ident(schema)}.streams SET deleted_at = now() WHERE stream_id = $1"
+
+
+def hard_delete_stream(schema: str) -> str:
+    """Parameter: stream_id. Removes the stream's own events with every link to them,
+    the links in the stream, and the stream row; events only linked into the stream stay.
+    (Foreign keys are checked at the end of the statement, when all of it is gone.)"""
+    s = quote_ident(schema)
+    return (
+        "WITH doomed AS ("
+        f"  SELECT event_id FROM {s}.stream_events WHERE stream_id = $1 AND original_stream_id = $1"
+        "), gone_links AS ("
+        f"  DELETE FROM {s}.stream_events WHERE stream_id = $1"
+        "   OR event_id IN (SELECT event_id FROM doomed) RETURNING 1"
+        "), gone_events AS ("
+        f"  DELETE FROM {s}.events WHERE event_id IN (SELECT event_id FROM doomed) RETURNING 1"
+        f") DELETE FROM {s}.streams WHERE stream_id = $1"
+    )
+
+
+def paginate_streams(schema: str, sort_by: str, sort_dir: str) -> str:
+    """Parameters: search pattern (or NULL), limit, offset. `sort_by`/`sort_dir` must be
+    validated by the caller (they are column names)."""
+    assert sort_by in ("stream_id", "stream_uuid", "created_at")
+    assert sort_dir in ("ASC", "DESC")
+    return (
+        "SELECT stream_id, stream_uuid, stream_version, created_at, deleted_at, "
+        "count(*) OVER () AS total "
+        f"FROM {quote_ident(schema)}.streams "
+        "WHERE stream_id <> 0 AND ($1::text IS NULL OR stream_uuid ILIKE $1) "
+        f"ORDER BY {sort_by} {sort_dir}, stream_id {sort_dir} LIMIT $2 OFFSET $3"
+    )
+
+
+def count_streams(schema: str) -> str:
+    """Parameter: search pattern (or NULL)."""
+    return (
+        f"SELECT count(*) FROM {quote_ident(schema)}.streams "
+        "WHERE stream_id <> 0 AND ($1::text IS NULL OR stream_uuid ILIKE $1)"
+    )
+
+
+def upsert_snapshot(schema: str, column_data_type: str) -> str:
+    """Parameters: source_uuid, source_version, source_type, data, metadata, created_at."""
+    data = "$4" if column_data_type == "bytea" else "convert_from($4, 'UTF8')::jsonb"
+    meta = "$5" if column_data_type == "bytea" else "convert_from($5, 'UTF8')::jsonb"
+    return (
+        f"INSERT INTO {quote_ident(schema)}.snapshots "
+        "(source_uuid, source_version, source_type, data, metadata, created_at) "
+        f"VALUES ($1, $2, $3, {data}, {meta}, $6) "
+        "ON CONFLICT (source_uuid) DO UPDATE SET source_version = EXCLUDED.source_version, "
+        "source_type = EXCLUDED.source_type, data = EXCLUDED.data, "
+        "metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at"
+    )
+
+
+def read_snapshot(schema: str, column_data_type: str) -> str:
+    """Parameter: source_uuid."""
+    cols = _data_columns(column_data_type)
+    return (
+        f"SELECT e.source_uuid, e.source_version, e.source_type, {cols}, e.created_at "
+        f"FROM {quote_ident(schema)}.snapshots e WHERE e.source_uuid = $1"
+    )
+
+
+def delete_snapshot(schema: str) -> str:
+    """Parameter: source_uuid."""
+    return f"DELETE FROM {quote_ident(schema)}.snapshots WHERE source_uuid = $1"

@@ -5,14 +5,37 @@ Trio-flavoured."""
 from __future__ import annotations
 
 import datetime
+import uuid
+from collections.abc import Iterator, Sequence
 
 import attrs
 
 from . import _sql
 from ._config import EventStoreConfig
-from ._errors import SchemaMismatchError, SchemaNotInitializedError, StreamNotFoundError
-from ._pg import Conn, Database
-from ._types import StreamInfo
+from ._errors import (
+    DatabaseError,
+    DuplicateEventError,
+    EventNotFoundError,
+    EventStoreError,
+    SchemaMismatchError,
+    SchemaNotInitializedError,
+    SerializationError,
+    SnapshotNotFoundError,
+    StreamDeletedError,
+    StreamExistsError,
+    StreamNotFoundError,
+    WrongExpectedVersionError,
+)
+from ._pg import Conn, Database, Row
+from ._serialization import Serializer
+from ._types import (
+    EventData,
+    ExpectedVersion,
+    Page,
+    RecordedEvent,
+    SnapshotData,
+    StreamInfo,
+)
 
 __all__ = ["SchemaState", "check_schema", "read_schema_state", "stream_info"]
 
@@ -103,21 +126,331 @@ async def stream_info(db: Database, stream_uuid: str) -> StreamInfo:
     """The stream's row. Raises StreamNotFoundError."""
     sql = _sql.stream_info(db.config.schema)
 
-    async def unit(conn: Conn) -> StreamInfo | None:
-        row = await conn.fetchrow(sql, stream_uuid)
-        if row is None:
-            return None
-        created_at = _utc(row["created_at"])
-        assert created_at is not None
-        return StreamInfo(
-            stream_uuid=row["stream_uuid"],
-            stream_id=row["stream_id"],
-            stream_version=row["stream_version"],
-            created_at=created_at,
-            deleted_at=_utc(row["deleted_at"]),
+    async def unit(conn: Conn) -> Row | None:
+        return await conn.fetchrow(sql, stream_uuid)
+
+    row = await db.run(unit)
+    if row is None:
+        raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+    return _stream_info(row)
+
+
+def _stream_info(row: Row) -> StreamInfo:
+    created_at = _utc(row["created_at"])
+    assert created_at is not None
+    return StreamInfo(
+        stream_uuid=row["stream_uuid"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        created_at=created_at,
+        deleted_at=_utc(row["deleted_at"]),
+    )
+
+
+# -- events ----------------------------------------------------------------------------------
+
+#: Appends and links larger than this are written in chunks, in one transaction.
+CHUNK = 1000
+
+
+@attrs.frozen
+class EncodedEvent:
+    """An event ready for the events table (serialized before any I/O)."""
+
+    event_id: uuid.UUID
+    event_type: str
+    causation_id: uuid.UUID | None
+    correlation_id: uuid.UUID | None
+    data: bytes
+    metadata: bytes
+
+
+def encode_events(serializer: Serializer, events: Sequence[EventData]) -> list[EncodedEvent]:
+    """Serialize ``events``. Raises SerializationError; does no I/O."""
+    encoded = []
+    for event in events:
+        event_type = event.event_type or serializer.event_type_of(event.data)
+        encoded.append(
+            EncodedEvent(
+                event_id=event.event_id,
+                event_type=event_type,
+                causation_id=event.causation_id,
+                correlation_id=event.correlation_id,
+                data=serializer.serialize(event.data),
+                metadata=serializer.serialize_metadata(event.metadata),
+            )
+        )
+    return encoded
+
+
+def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int | None) -> None:
+    """Raise unless ``expected`` admits a stream at ``current`` (None: no stream)."""
+    if expected is ExpectedVersion.ANY_VERSION:
+        return
+    if expected is ExpectedVersion.NO_STREAM:
+        if current:
+            raise StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+        return
+    if expected is ExpectedVersion.STREAM_EXISTS:
+        if current is None:
+            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        return
+    if (current or 0) != expected:
+        raise WrongExpectedVersionError(
+            f"stream {stream_uuid!r} is at version {current or 0}, expected {expected}"
         )
 
-    info = await db.run(unit)
-    if info is None:
-        raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
-    return info
+
+async def _lock_or_create(
+    conn: Conn, schema: str, stream_uuid: str, expected: ExpectedVersion | int, initial: int
+) -> tuple[int, int, bool]:
+    """(asyncio) Lock the stream row, creating it with version ``initial`` when missing
+    and ``expected`` allows. Returns (stream_id, version before, created)."""
+    row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
+    if row is None:
+        _check_expected(stream_uuid, expected, None)
+        stream_id = await conn.fetchval(_sql.create_stream(schema), stream_uuid, initial)
+        if stream_id is not None:
+            return int(stream_id), 0, True
+        # Created by a concurrent transaction that has committed by now.
+        row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
+        assert row is not None
+    if row["deleted_at"] is not None:
+        raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+    _check_expected(stream_uuid, expected, int(row["stream_version"]))
+    return int(row["stream_id"]), int(row["stream_version"]), False
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
+    if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
+        return DuplicateEventError(f"an event id is already in stream {stream_uuid!r}: {exc}")
+    if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
+        return SerializationError(f"the database rejected the event data: {exc}")
+    return exc
+
+
+async def append(
+    db: Database, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
+) -> int:
+    """Append in one transaction; returns the stream's new version."""
+    schema, n = db.config.schema, len(events)
+    insert_events = _sql.insert_events(schema, db.config.column_data_type)
+    insert_links = _sql.insert_stream_events(schema)
+    created_at = datetime.datetime.now(datetime.UTC)
+
+    async def unit(conn: Conn) -> int:
+        stream_id, version, created = await _lock_or_create(conn, schema, stream_uuid, expected, n)
+        for part in _chunks(n):
+            chunk = events[part]
+            await conn.execute(
+                insert_events,
+                [e.event_id for e in chunk],
+                [e.event_type for e in chunk],
+                [e.causation_id for e in chunk],
+                [e.correlation_id for e in chunk],
+                [e.data for e in chunk],
+                [e.metadata for e in chunk],
+                created_at,
+            )
+        if not created:
+            await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
+        # Last: the $all row lock, held only from here to commit.
+        last = int(await conn.fetchval(_sql.advance_all_stream(schema), n))
+        first = last - n + 1
+        for part in _chunks(n):
+            ids = [e.event_id for e in events[part]]
+            versions = list(range(version + 1 + part.start, version + 1 + part.stop))
+            numbers = list(range(first + part.start, first + part.stop))
+            k = len(ids)
+            await conn.execute(
+                insert_links,
+                ids + ids,
+                [stream_id] * k + [0] * k,
+                versions + numbers,
+                [stream_id] * (2 * k),
+                versions + versions,
+            )
+        return version + n
+
+    try:
+        return await db.transaction(unit)
+    except DatabaseError as exc:
+        raise _translate_write_error(exc, stream_uuid) from exc
+
+
+async def link(
+    db: Database, stream_uuid: str, expected: ExpectedVersion | int, event_ids: list[uuid.UUID]
+) -> int:
+    """Link existing events into a stream; returns its new version."""
+    schema, n = db.config.schema, len(event_ids)
+    insert_links = _sql.insert_stream_events(schema)
+
+    async def unit(conn: Conn) -> int:
+        stream_id, version, _ = await _lock_or_create(conn, schema, stream_uuid, expected, 0)
+        originals: dict[uuid.UUID, tuple[int, int]] = {}
+        for part in _chunks(n):
+            for row in await conn.fetch(_sql.find_originals(schema), event_ids[part]):
+                originals[row["event_id"]] = (
+                    int(row["original_stream_id"]),
+                    int(row["original_stream_version"]),
+                )
+        missing = [str(i) for i in event_ids if i not in originals]
+        if missing:
+            raise EventNotFoundError(f"no such event(s): {', '.join(missing[:5])}")
+        for part in _chunks(n):
+            ids = event_ids[part]
+            await conn.execute(
+                insert_links,
+                ids,
+                [stream_id] * len(ids),
+                list(range(version + 1 + part.start, version + 1 + part.stop)),
+                [originals[i][0] for i in ids],
+                [originals[i][1] for i in ids],
+            )
+        await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
+        return version + n
+
+    try:
+        return await db.transaction(unit)
+    except DatabaseError as exc:
+        raise _translate_write_error(exc, stream_uuid) from exc
+
+
+async def read(
+    db: Database, stream_uuid: str, start_version: int, count: int, *, forward: bool
+) -> list[RecordedEvent]:
+    """Read a page of a stream (``$all`` included)."""
+    config = db.config
+    schema = config.schema
+    query = _sql.read_stream(schema, config.column_data_type, forward=forward)
+    if not forward and start_version < 0:
+        start_version = 2**63 - 1
+
+    async def unit(conn: Conn) -> list[Row]:
+        row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
+        if row is None:
+            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        if row["deleted_at"] is not None:
+            raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+        return await conn.fetch(query, row["stream_id"], start_version, count)
+
+    rows = await db.run(unit)
+    serializer = config.serializer
+    return [
+        RecordedEvent(
+            event_number=r["event_number"],
+            event_id=r["event_id"],
+            stream_uuid=r["stream_uuid"],
+            stream_version=r["stream_version"],
+            event_type=r["event_type"],
+            data=serializer.deserialize(r["data"], r["event_type"]),
+            metadata=serializer.deserialize_metadata(r["metadata"]),
+            causation_id=r["causation_id"],
+            correlation_id=r["correlation_id"],
+            created_at=r["created_at"].astimezone(datetime.UTC),
+        )
+        for r in rows
+    ]
+
+
+async def delete_stream(
+    db: Database, stream_uuid: str, expected: ExpectedVersion | int, *, hard: bool
+) -> None:
+    schema = db.config.schema
+
+    async def unit(conn: Conn) -> None:
+        row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
+        if row is None:
+            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        if row["deleted_at"] is not None and not hard:
+            raise StreamDeletedError(f"stream {stream_uuid!r} has already been deleted")
+        _check_expected(stream_uuid, expected, int(row["stream_version"]))
+        if hard:
+            await conn.execute(_sql.hard_delete_stream(schema), row["stream_id"])
+        else:
+            await conn.execute(_sql.soft_delete_stream(schema), row["stream_id"])
+
+    settings = {"eventstore.enable_hard_deletes": "on"} if hard else None
+    await db.transaction(unit, settings=settings)
+
+
+async def paginate_streams(
+    db: Database,
+    *,
+    page_size: int,
+    page_number: int,
+    search: str | None,
+    sort_by: str,
+    sort_dir: str,
+) -> Page:
+    schema = db.config.schema
+    pattern = None
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+    query = _sql.paginate_streams(schema, sort_by, sort_dir.upper())
+
+    async def unit(conn: Conn) -> tuple[list[Row], int]:
+        rows = await conn.fetch(query, pattern, page_size, (page_number - 1) * page_size)
+        if rows:
+            return rows, int(rows[0]["total"])
+        return rows, int(await conn.fetchval(_sql.count_streams(schema), pattern))
+
+    rows, total = await db.run(unit)
+    return Page(
+        entries=[_stream_info(r) for r in rows],
+        page_number=page_number,
+        page_size=page_size,
+        total_entries=total,
+    )
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+
+async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
+    serializer = db.config.serializer
+    source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
+    data = serializer.serialize(snapshot.data)
+    metadata = serializer.serialize_metadata(snapshot.metadata)
+    created_at = snapshot.created_at or datetime.datetime.now(datetime.UTC)
+    sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type)
+
+    async def unit(conn: Conn) -> None:
+        await conn.execute(
+            sql,
+            snapshot.source_uuid,
+            snapshot.source_version,
+            source_type,
+            data,
+            metadata,
+            created_at,
+        )
+
+    await db.transaction(unit)
+
+
+async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
+    sql = _sql.read_snapshot(db.config.schema, db.config.column_data_type)
+    rows = await db.fetch(sql, source_uuid)
+    if not rows:
+        raise SnapshotNotFoundError(f"no snapshot of {source_uuid!r}")
+    r = rows[0]
+    serializer = db.config.serializer
+    return SnapshotData(
+        source_uuid=r["source_uuid"],
+        source_version=r["source_version"],
+        source_type=r["source_type"],
+        data=serializer.deserialize(r["data"], r["source_type"]),
+        metadata=serializer.deserialize_metadata(r["metadata"]),
+        created_at=r["created_at"].astimezone(datetime.UTC),
+    )
+
+
+async def delete_snapshot(db: Database, source_uuid: str) -> None:
+    await db.execute(_sql.delete_snapshot(db.config.schema), source_uuid)

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import attrs
 import trio
 
 from . import _storage
 from ._config import EventStoreConfig
-from ._errors import single_errors
+from ._errors import NotSupportedError, single_errors
 from ._pg import Database, open_database
-from ._types import StreamInfo
+from ._types import (
+    ALL_STREAMS,
+    EventData,
+    ExpectedVersion,
+    Page,
+    RecordedEvent,
+    SnapshotData,
+    StreamInfo,
+)
 
 __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
 
@@ -49,11 +59,214 @@ class EventStore:
         Raises:
             StreamNotFoundError: no such stream.
         """
-        if not isinstance(stream_uuid, str):
-            raise TypeError(f"stream_uuid: expected a str, got {type(stream_uuid).__name__}")
-        if not stream_uuid:
-            raise ValueError("stream_uuid: must not be empty")
+        _check_stream(stream_uuid)
         return await _storage.stream_info(self._db, stream_uuid)
+
+    async def append_to_stream(
+        self,
+        stream_uuid: str,
+        expected_version: ExpectedVersion | int,
+        events: Sequence[EventData],
+    ) -> int:
+        """Append events to a stream, all or nothing; returns the stream's new version.
+
+        Ports ``EventStore.append_to_stream/4``. Batches over 1,000 events are written in
+        chunks inside one transaction.
+
+        Raises:
+            WrongExpectedVersionError: the stream is not at ``expected_version``.
+            StreamExistsError: ``NO_STREAM`` was expected but the stream has events.
+            StreamNotFoundError: ``STREAM_EXISTS`` was expected but there is no stream.
+            StreamDeletedError: the stream was soft-deleted.
+            DuplicateEventError: an event id is already stored.
+            SerializationError: event data cannot be serialized (nothing is written).
+        """
+        _check_target(stream_uuid)
+        _check_expected_version(expected_version)
+        event_list = _check_events(events, EventData, "events")
+        encoded = _storage.encode_events(self._config.serializer, event_list)
+        return await _storage.append(self._db, stream_uuid, expected_version, encoded)
+
+    async def link_to_stream(
+        self,
+        stream_uuid: str,
+        expected_version: ExpectedVersion | int,
+        events_or_event_ids: Sequence[RecordedEvent | uuid.UUID | str],
+    ) -> int:
+        """Link existing events into a stream (they keep their original stream and
+        version); returns the stream's new version. Ports ``link_to_stream/4``; the
+        expected version is checked under the stream's row lock (race-free).
+
+        Raises:
+            WrongExpectedVersionError, StreamExistsError, StreamNotFoundError,
+            StreamDeletedError: as for `append_to_stream`.
+            EventNotFoundError: an event does not exist.
+            DuplicateEventError: an event is already in the stream.
+        """
+        _check_target(stream_uuid)
+        _check_expected_version(expected_version)
+        items = _check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
+        ids: list[uuid.UUID] = []
+        for item in items:
+            if isinstance(item, RecordedEvent):
+                ids.append(item.event_id)
+            elif isinstance(item, uuid.UUID):
+                ids.append(item)
+            else:
+                try:
+                    ids.append(uuid.UUID(item))
+                except ValueError:
+                    raise ValueError(f"events: not an event id: {item!r}") from None
+        if len(set(ids)) != len(ids):
+            raise ValueError("events: the same event is given twice")
+        return await _storage.link(self._db, stream_uuid, expected_version, ids)
+
+    async def read_stream_forward(
+        self, stream_uuid: str, start_version: int = 0, count: int = 1000
+    ) -> list[RecordedEvent]:
+        """Events of a stream from ``start_version`` (inclusive; 0 = the first), oldest
+        first. ``"$all"`` reads every event by event number.
+
+        Raises:
+            StreamNotFoundError, StreamDeletedError.
+        """
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=0)
+        _check_int("count", count, minimum=1)
+        return await _storage.read(self._db, stream_uuid, start_version, count, forward=True)
+
+    async def read_stream_backward(
+        self, stream_uuid: str, start_version: int = -1, count: int = 1000
+    ) -> list[RecordedEvent]:
+        """Events of a stream from ``start_version`` (inclusive; -1 = the last), newest first.
+
+        Raises:
+            StreamNotFoundError, StreamDeletedError.
+        """
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=-1)
+        _check_int("count", count, minimum=1)
+        return await _storage.read(self._db, stream_uuid, start_version, count, forward=False)
+
+    async def read_all_streams_forward(
+        self, start_version: int = 0, count: int = 1000
+    ) -> list[RecordedEvent]:
+        """Every event in commit order, from event number ``start_version``."""
+        return await self.read_stream_forward(ALL_STREAMS, start_version, count)
+
+    async def read_all_streams_backward(
+        self, start_version: int = -1, count: int = 1000
+    ) -> list[RecordedEvent]:
+        """Every event, newest first, from event number ``start_version`` (-1: the last)."""
+        return await self.read_stream_backward(ALL_STREAMS, start_version, count)
+
+    async def stream_forward(
+        self, stream_uuid: str, *, start_version: int = 0, read_batch_size: int = 1000
+    ) -> AsyncIterator[RecordedEvent]:
+        """Iterate a stream oldest first, reading pages of ``read_batch_size``; no
+        connection is held between pages."""
+        _check_int("read_batch_size", read_batch_size, minimum=1)
+        position = start_version
+        while True:
+            page = await self.read_stream_forward(stream_uuid, position, read_batch_size)
+            for event in page:
+                yield event
+            if len(page) < read_batch_size:
+                return
+            position = page[-1].event_number + 1
+
+    async def stream_backward(
+        self, stream_uuid: str, *, start_version: int = -1, read_batch_size: int = 1000
+    ) -> AsyncIterator[RecordedEvent]:
+        """Iterate a stream newest first, in pages of ``read_batch_size``."""
+        _check_int("read_batch_size", read_batch_size, minimum=1)
+        position = start_version
+        while True:
+            page = await self.read_stream_backward(stream_uuid, position, read_batch_size)
+            for event in page:
+                yield event
+            if len(page) < read_batch_size or page[-1].event_number <= 1:
+                return
+            position = page[-1].event_number - 1
+
+    def stream_all_forward(
+        self, *, start_version: int = 0, read_batch_size: int = 1000
+    ) -> AsyncIterator[RecordedEvent]:
+        """Iterate ``$all`` in commit order."""
+        return self.stream_forward(
+            ALL_STREAMS, start_version=start_version, read_batch_size=read_batch_size
+        )
+
+    def stream_all_backward(
+        self, *, start_version: int = -1, read_batch_size: int = 1000
+    ) -> AsyncIterator[RecordedEvent]:
+        """Iterate ``$all`` newest first."""
+        return self.stream_backward(
+            ALL_STREAMS, start_version=start_version, read_batch_size=read_batch_size
+        )
+
+    async def paginate_streams(
+        self,
+        *,
+        page_size: int = 50,
+        page_number: int = 1,
+        search: str | None = None,
+        sort_by: str = "stream_id",
+        sort_dir: str = "asc",
+    ) -> Page:
+        """A page of streams (``$all`` excluded), optionally those whose id contains
+        ``search``; sorted by ``stream_id``, ``stream_uuid`` or ``created_at``."""
+        _check_int("page_size", page_size, minimum=1)
+        _check_int("page_number", page_number, minimum=1)
+        if search is not None and not isinstance(search, str):
+            raise TypeError("search: expected a str or None")
+        if sort_by not in ("stream_id", "stream_uuid", "created_at"):
+            raise ValueError(
+                f"sort_by: expected stream_id, stream_uuid or created_at, got {sort_by!r}"
+            )
+        if not isinstance(sort_dir, str) or sort_dir.lower() not in ("asc", "desc"):
+            raise ValueError(f"sort_dir: expected 'asc' or 'desc', got {sort_dir!r}")
+        return await _storage.paginate_streams(
+            self._db,
+            page_size=page_size,
+            page_number=page_number,
+            search=search,
+            sort_by=sort_by,
+            sort_dir=sort_dir,
+        )
+
+    async def delete_stream(
+        self, stream_uuid: str, expected_version: ExpectedVersion | int, *, hard: bool = False
+    ) -> None:
+        """Delete a stream: soft (reads and appends then raise `StreamDeletedError`) or
+        hard (its own events and every link to them are removed; events only linked
+        into it stay; needs ``enable_hard_deletes``).
+
+        Raises:
+            NotSupportedError: ``hard=True`` without ``enable_hard_deletes``.
+            StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
+        """
+        _check_target(stream_uuid)
+        _check_expected_version(expected_version)
+        if hard and not self._config.enable_hard_deletes:
+            raise NotSupportedError("hard deletes are disabled (config enable_hard_deletes)")
+        await _storage.delete_stream(self._db, stream_uuid, expected_version, hard=hard)
+
+    async def record_snapshot(self, snapshot: SnapshotData) -> None:
+        """Record (or replace) the snapshot of ``snapshot.source_uuid``."""
+        if not isinstance(snapshot, SnapshotData):
+            raise TypeError(f"snapshot: expected SnapshotData, got {type(snapshot).__name__}")
+        await _storage.record_snapshot(self._db, snapshot)
+
+    async def read_snapshot(self, source_uuid: str) -> SnapshotData:
+        """The snapshot of ``source_uuid``. Raises SnapshotNotFoundError."""
+        _check_stream(source_uuid, "source_uuid")
+        return await _storage.read_snapshot(self._db, source_uuid)
+
+    async def delete_snapshot(self, source_uuid: str) -> None:
+        """Delete the snapshot of ``source_uuid`` (nothing happens if there is none)."""
+        _check_stream(source_uuid, "source_uuid")
+        await _storage.delete_snapshot(self._db, source_uuid)
 
     def statistics(self) -> EventStoreStatistics:
         pool = self._db.pool_statistics()
@@ -69,6 +282,59 @@ class EventStore:
         return (
             f"<EventStore schema={self._config.schema!r} database={self._config.database_name!r}>"
         )
+
+
+#: NOTIFY payloads hold "<stream_uuid>,<id>,<first>,<last>" and must stay under 8000 bytes.
+MAX_STREAM_UUID_BYTES = 7900
+
+
+def _check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
+    if not isinstance(stream_uuid, str):
+        raise TypeError(f"{name}: expected a str, got {type(stream_uuid).__name__}")
+    if not stream_uuid:
+        raise ValueError(f"{name}: must not be empty")
+    if "\x00" in stream_uuid:
+        raise ValueError(f"{name}: must not contain NUL characters")
+    if len(stream_uuid.encode()) > MAX_STREAM_UUID_BYTES:
+        raise ValueError(
+            f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
+        )
+
+
+def _check_target(stream_uuid: object) -> None:
+    _check_stream(stream_uuid)
+    if stream_uuid == ALL_STREAMS:
+        raise ValueError(f"stream_uuid: {ALL_STREAMS!r} cannot be written to or deleted")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _check_expected_version(expected: object) -> None:
+    if isinstance(expected, ExpectedVersion):
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int):
+        raise TypeError(
+            "expected_version: expected ANY_VERSION, NO_STREAM, STREAM_EXISTS or an int, "
+            f"got {expected!r}"
+        )
+    if expected < 0:
+        raise ValueError(f"expected_version: must be >= 0, got {expected}")
+
+
+def _check_events(items: object, kinds: type | tuple[type, ...], name: str) -> list[Any]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name}: expected a list, got {type(items).__name__}")
+    if not items:
+        raise ValueError(f"{name}: must not be empty")
+    for item in items:
+        if not isinstance(item, kinds):
+            raise TypeError(f"{name}: unexpected {type(item).__name__} {item!r}")
+    return list(items)
 
 
 @contextlib.asynccontextmanager

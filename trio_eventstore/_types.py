@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import enum
+import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -14,7 +17,11 @@ __all__ = [
     "NO_STREAM",
     "ORIGIN",
     "STREAM_EXISTS",
+    "EventData",
     "ExpectedVersion",
+    "Page",
+    "RecordedEvent",
+    "SnapshotData",
     "StartFrom",
     "StreamInfo",
     "StreamStatus",
@@ -72,3 +79,123 @@ class StreamInfo:
     @property
     def status(self) -> StreamStatus:
         return StreamStatus.CREATED if self.deleted_at is None else StreamStatus.DELETED
+
+
+def _to_uuid(value: object) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise ValueError(f"not a UUID: {value!r}") from None
+    raise TypeError(f"expected a uuid.UUID or str, got {type(value).__name__}")
+
+
+def _optional_uuid(value: object) -> uuid.UUID | None:
+    return None if value is None else _to_uuid(value)
+
+
+def _new_event_id(value: object) -> uuid.UUID:
+    return uuid.uuid4() if value is None else _to_uuid(value)
+
+
+def _check_event_type(_instance: object, _attribute: object, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError("event_type: expected a non-empty str or None")
+
+
+def _check_metadata(_instance: object, _attribute: object, value: Mapping[str, Any] | None) -> None:
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"metadata: expected a mapping or None, got {type(value).__name__}")
+
+
+@attrs.frozen(init=False)
+class EventData:
+    """An event to append: ``data`` is a registered attrs/dataclass instance, or plain JSON
+    values together with an explicit ``event_type``.
+
+    Ids may be given as `uuid.UUID` or str; ``event_id`` defaults to a new random UUID.
+    """
+
+    data: object
+    event_type: str | None = attrs.field(validator=_check_event_type)
+    metadata: Mapping[str, Any] | None = attrs.field(validator=_check_metadata)
+    event_id: uuid.UUID
+    causation_id: uuid.UUID | None
+    correlation_id: uuid.UUID | None
+
+    def __init__(
+        self,
+        data: object,
+        *,
+        event_type: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: uuid.UUID | str | None = None,
+        causation_id: uuid.UUID | str | None = None,
+        correlation_id: uuid.UUID | str | None = None,
+    ) -> None:
+        try:
+            ids = (
+                _new_event_id(event_id),
+                _optional_uuid(causation_id),
+                _optional_uuid(correlation_id),
+            )
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"EventData ids: {exc}") from None
+        self.__attrs_init__(data, event_type, metadata, *ids)
+
+
+@attrs.frozen
+class RecordedEvent:
+    """An event read from the store.
+
+    ``event_number`` is the position in the stream that was read (the global number
+    when reading ``$all``); ``stream_uuid``/``stream_version`` name where the event was
+    first appended (for a linked event, its original stream), as in Elixir.
+    """
+
+    event_number: int
+    event_id: uuid.UUID
+    stream_uuid: str
+    stream_version: int
+    event_type: str
+    data: object
+    metadata: Mapping[str, Any] | None
+    causation_id: uuid.UUID | None
+    correlation_id: uuid.UUID | None
+    created_at: datetime.datetime
+
+
+@attrs.frozen(kw_only=True)
+class SnapshotData:
+    """A snapshot of an aggregate's state (`EventStore.record_snapshot`)."""
+
+    source_uuid: str
+    source_version: int
+    source_type: str | None = None
+    data: object
+    metadata: Mapping[str, Any] | None = None
+    created_at: datetime.datetime | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.source_uuid, str) or not self.source_uuid:
+            raise ValueError("source_uuid: expected a non-empty str")
+        if isinstance(self.source_version, bool) or not isinstance(self.source_version, int):
+            raise TypeError("source_version: expected an int")
+        if self.source_version < 0:
+            raise ValueError("source_version: must be >= 0")
+
+
+@attrs.frozen
+class Page:
+    """One page of `EventStore.paginate_streams`."""
+
+    entries: list[StreamInfo]
+    page_number: int
+    page_size: int
+    total_entries: int
+
+    @property
+    def total_pages(self) -> int:
+        return max(1, -(-self.total_entries // self.page_size))

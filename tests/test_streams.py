@@ -1,0 +1,389 @@
+"""Append, link, read, iterate, delete and snapshots, with the Elixir library's outcomes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import uuid
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import (
+    ANY_VERSION,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    JsonSerializer,
+    admin,
+    open_event_store,
+)
+from trio_eventstore._pg import open_connection
+from trio_eventstore._sql import quote_ident
+
+serializer = JsonSerializer()
+
+
+class Kind(enum.Enum):
+    CASH = "cash"
+    CARD = "card"
+
+
+@serializer.register(event_type="Elixir.Bank.Events.Deposited")
+@attrs.frozen
+class Deposited:
+    account_id: str
+    amount: decimal.Decimal
+    at: datetime.datetime
+    kind: Kind = Kind.CASH
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    sku: str
+    qty: int
+
+
+@serializer.register
+@dataclasses.dataclass(frozen=True)
+class Ordered:
+    order_id: uuid.UUID
+    lines: list[Line]
+
+
+def deposit(amount: int | str = 1, **kwargs: object) -> EventData:
+    data = Deposited(
+        "a-1", decimal.Decimal(amount), datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    )
+    return EventData(data, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["bytea", "jsonb"])
+async def store(
+    request: pytest.FixtureRequest, config: EventStoreConfig
+) -> AsyncIterator[EventStore]:
+    cfg = config.with_changes(
+        serializer=serializer, column_data_type=request.param, enable_hard_deletes=True
+    )
+    await admin.create(cfg)
+    await admin.init(cfg)
+    try:
+        async with open_event_store(cfg) as opened:
+            yield opened
+    finally:
+        with trio.CancelScope(shield=True):
+            await admin.drop(cfg)
+
+
+async def test_round_trip_of_typed_events(store: EventStore) -> None:
+    order = Ordered(uuid.uuid4(), [Line("A-1", 2), Line("B-2", 1)])
+    cause, corr = uuid.uuid4(), str(uuid.uuid4())
+    version = await store.append_to_stream(
+        "acct",
+        NO_STREAM,
+        [
+            deposit("10.50", metadata={"user": "zoë"}, causation_id=cause, correlation_id=corr),
+            EventData(order),
+        ],
+    )
+    assert version == 2
+    events = await store.read_stream_forward("acct")
+    assert [e.stream_version for e in events] == [1, 2]
+    assert [e.event_number for e in events] == [1, 2]
+    first, second = events
+    assert first.data == Deposited(
+        "a-1", decimal.Decimal("10.50"), datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    )
+    assert first.event_type == "Elixir.Bank.Events.Deposited"
+    assert first.metadata == {"user": "zoë"}
+    assert (first.causation_id, first.correlation_id) == (cause, uuid.UUID(corr))
+    assert first.created_at.tzinfo is not None
+    assert second.data == order
+    assert second.event_type.endswith("Ordered")
+    assert second.metadata is None
+
+
+async def test_plain_json_needs_event_type_and_unknown_types_read_as_dicts(
+    store: EventStore,
+) -> None:
+    with pytest.raises(es.SerializationError):
+        await store.append_to_stream("s", ANY_VERSION, [EventData({"x": 1})])
+    await store.append_to_stream(
+        "s", ANY_VERSION, [EventData({"x": [1, None]}, event_type="Thing")]
+    )
+    [event] = await store.read_stream_forward("s")
+    assert event.data == {"x": [1, None]}
+    strict = store.config.with_changes(serializer=JsonSerializer(strict=True))
+    async with open_event_store(strict) as strict_store:
+        with pytest.raises(es.UnknownEventTypeError):
+            await strict_store.read_stream_forward("s")
+
+
+async def test_bytea_metadata_is_json_null_not_sql_null(store: EventStore) -> None:
+    await store.append_to_stream("s", NO_STREAM, [deposit()])
+    s = quote_ident(store.config.schema)
+    async with open_connection(store.config) as conn:
+        raw = await conn.fetchval(f"SELECT metadata::text FROM {s}.events")
+    assert raw in ("\\x6e756c6c", "null")  # bytea 'null' or jsonb null
+
+
+async def test_expected_version_outcomes(store: EventStore) -> None:
+    with pytest.raises(es.StreamNotFoundError):
+        await store.append_to_stream("s", STREAM_EXISTS, [deposit()])
+    with pytest.raises(es.WrongExpectedVersionError):
+        await store.append_to_stream("s", 1, [deposit()])
+    assert await store.append_to_stream("s", 0, [deposit()]) == 1
+    with pytest.raises(es.StreamExistsError):
+        await store.append_to_stream("s", NO_STREAM, [deposit()])
+    with pytest.raises(es.WrongExpectedVersionError):
+        await store.append_to_stream("s", 0, [deposit()])
+    assert await store.append_to_stream("s", 1, [deposit()]) == 2
+    assert await store.append_to_stream("s", STREAM_EXISTS, [deposit()]) == 3
+    assert await store.append_to_stream("s", ANY_VERSION, [deposit(), deposit()]) == 5
+    assert (await store.stream_info("s")).stream_version == 5
+    assert (await store.stream_info("$all")).stream_version == 5
+
+
+async def test_duplicate_event_id_writes_nothing(store: EventStore) -> None:
+    event = deposit()
+    await store.append_to_stream("a", NO_STREAM, [event])
+    with pytest.raises(es.DuplicateEventError):
+        await store.append_to_stream("b", NO_STREAM, [deposit(), event])
+    with pytest.raises(es.StreamNotFoundError):
+        await store.stream_info("b")
+    assert len(await store.read_all_streams_forward()) == 1
+
+
+async def test_concurrent_appends_one_winner(store: EventStore) -> None:
+    await store.append_to_stream("s", NO_STREAM, [deposit()])
+    outcomes: list[str] = []
+
+    async def attempt() -> None:
+        try:
+            await store.append_to_stream("s", 1, [deposit()])
+            outcomes.append("won")
+        except es.WrongExpectedVersionError:
+            outcomes.append("lost")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(attempt)
+    assert sorted(outcomes) == ["lost"] * 7 + ["won"]
+
+
+async def test_large_batch_is_chunked_and_atomic(store: EventStore) -> None:
+    events = [deposit(i) for i in range(2500)]
+    assert await store.append_to_stream("big", NO_STREAM, events) == 2500
+    numbers = [e.event_number async for e in store.stream_all_forward(read_batch_size=700)]
+    assert numbers == list(range(1, 2501))
+    # A duplicate in the last chunk rolls back the whole batch.
+    again = [deposit() for _ in range(2100)] + [events[0]]
+    with pytest.raises(es.DuplicateEventError):
+        await store.append_to_stream("big2", ANY_VERSION, again)
+    assert (await store.stream_info("$all")).stream_version == 2500
+
+
+async def test_links_keep_original_stream_and_version(store: EventStore) -> None:
+    await store.append_to_stream("a", NO_STREAM, [deposit(1), deposit(2)])
+    await store.append_to_stream("b", NO_STREAM, [deposit(3)])
+    a = await store.read_stream_forward("a")
+    b = await store.read_stream_forward("b")
+    assert (
+        await store.link_to_stream("l", NO_STREAM, [a[0], b[0].event_id, str(a[1].event_id)]) == 3
+    )
+    linked = await store.read_stream_forward("l")
+    assert [(e.event_number, e.stream_uuid, e.stream_version) for e in linked] == [
+        (1, "a", 1),
+        (2, "b", 1),
+        (3, "a", 2),
+    ]
+    with pytest.raises(es.DuplicateEventError):
+        await store.link_to_stream("l", 3, [a[0]])
+    with pytest.raises(es.EventNotFoundError):
+        await store.link_to_stream("l", 3, [uuid.uuid4()])
+    with pytest.raises(es.WrongExpectedVersionError):
+        await store.link_to_stream("l", 2, [b[0]])
+    # Links are not in $all.
+    assert (await store.stream_info("$all")).stream_version == 3
+
+
+async def test_concurrent_links_one_winner(store: EventStore) -> None:
+    await store.append_to_stream("a", NO_STREAM, [deposit(i) for i in range(8)])
+    events = await store.read_stream_forward("a")
+    await store.link_to_stream("l", NO_STREAM, [events[0]])
+    outcomes: list[str] = []
+
+    async def attempt(i: int) -> None:
+        try:
+            await store.link_to_stream("l", 1, [events[i]])
+            outcomes.append("won")
+        except es.WrongExpectedVersionError:
+            outcomes.append("lost")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(1, 8):
+            nursery.start_soon(attempt, i)
+    assert sorted(outcomes) == ["lost"] * 6 + ["won"]
+    assert (await store.stream_info("l")).stream_version == 2
+
+
+async def test_read_backward_and_iterators(store: EventStore) -> None:
+    await store.append_to_stream("s", NO_STREAM, [deposit(i) for i in range(1, 8)])
+    back = await store.read_stream_backward("s", count=3)
+    assert [e.stream_version for e in back] == [7, 6, 5]
+    assert [e.stream_version for e in await store.read_stream_backward("s", 2)] == [2, 1]
+    assert [e.stream_version for e in await store.read_stream_forward("s", 6)] == [6, 7]
+    forward = [e.stream_version async for e in store.stream_forward("s", read_batch_size=2)]
+    assert forward == list(range(1, 8))
+    backward = [e.event_number async for e in store.stream_all_backward(read_batch_size=3)]
+    assert backward == list(range(7, 0, -1))
+    tail = [e.stream_version async for e in store.stream_forward("s", start_version=5)]
+    assert tail == [5, 6, 7]
+    assert [e.event_number for e in await store.read_all_streams_backward(-1, 2)] == [7, 6]
+
+
+async def test_missing_stream_reads(store: EventStore) -> None:
+    with pytest.raises(es.StreamNotFoundError):
+        await store.read_stream_forward("nope")
+    with pytest.raises(es.StreamNotFoundError):
+        await store.stream_info("nope")
+    assert await store.read_all_streams_forward() == []
+
+
+async def test_soft_delete(store: EventStore) -> None:
+    await store.append_to_stream("t", NO_STREAM, [deposit(), deposit()])
+    with pytest.raises(es.WrongExpectedVersionError):
+        await store.delete_stream("t", 1)
+    await store.delete_stream("t", 2)
+    info = await store.stream_info("t")
+    assert info.status is es.StreamStatus.DELETED
+    assert info.deleted_at is not None
+    with pytest.raises(es.StreamDeletedError):
+        await store.read_stream_forward("t")
+    with pytest.raises(es.StreamDeletedError):
+        await store.append_to_stream("t", ANY_VERSION, [deposit()])
+    with pytest.raises(es.StreamDeletedError):
+        await store.delete_stream("t", ANY_VERSION)
+    # Its events stay in $all.
+    assert len(await store.read_all_streams_forward()) == 2
+
+
+async def test_hard_delete_removes_own_events_and_their_links_only(store: EventStore) -> None:
+    await store.append_to_stream("doomed", NO_STREAM, [deposit(1), deposit(2)])
+    await store.append_to_stream("other", NO_STREAM, [deposit(3)])
+    doomed = await store.read_stream_forward("doomed")
+    other = await store.read_stream_forward("other")
+    await store.link_to_stream("links", NO_STREAM, [doomed[0], other[0]])
+    await store.link_to_stream("doomed", 2, [other[0]])  # only linked into doomed
+    await store.delete_stream("doomed", 3, hard=True)
+    with pytest.raises(es.StreamNotFoundError):
+        await store.stream_info("doomed")
+    assert [e.event_id for e in await store.read_all_streams_forward()] == [other[0].event_id]
+    assert [e.event_id for e in await store.read_stream_forward("links")] == [other[0].event_id]
+    assert (await store.stream_info("$all")).stream_version == 3  # never lowered
+    # The deleted stream's name can be used again.
+    assert await store.append_to_stream("doomed", NO_STREAM, [deposit()]) == 1
+
+
+async def test_hard_delete_needs_config(store: EventStore) -> None:
+    await store.append_to_stream("s", NO_STREAM, [deposit()])
+    async with open_event_store(store.config.with_changes(enable_hard_deletes=False)) as plain:
+        with pytest.raises(es.NotSupportedError):
+            await plain.delete_stream("s", ANY_VERSION, hard=True)
+    assert (await store.stream_info("s")).stream_version == 1
+
+
+async def test_snapshots(store: EventStore) -> None:
+    with pytest.raises(es.SnapshotNotFoundError):
+        await store.read_snapshot("agg")
+    data = deposit(5).data
+    await store.record_snapshot(es.SnapshotData(source_uuid="agg", source_version=3, data=data))
+    snap = await store.read_snapshot("agg")
+    assert (snap.source_version, snap.source_type, snap.data) == (
+        3,
+        "Elixir.Bank.Events.Deposited",
+        data,
+    )
+    await store.record_snapshot(
+        es.SnapshotData(
+            source_uuid="agg",
+            source_version=4,
+            data={"v": 4},
+            source_type="Plain",
+            metadata={"m": 1},
+        )
+    )
+    snap = await store.read_snapshot("agg")
+    assert (snap.source_version, snap.data, snap.metadata) == (4, {"v": 4}, {"m": 1})
+    await store.delete_snapshot("agg")
+    with pytest.raises(es.SnapshotNotFoundError):
+        await store.read_snapshot("agg")
+
+
+async def test_paginate_streams(store: EventStore) -> None:
+    for name in ("b-1", "a-2", "c_3", "a%4"):
+        await store.append_to_stream(name, NO_STREAM, [deposit()])
+    page = await store.paginate_streams(page_size=3)
+    assert [s.stream_uuid for s in page.entries] == ["b-1", "a-2", "c_3"]
+    assert (page.total_entries, page.total_pages) == (4, 2)
+    page2 = await store.paginate_streams(page_size=3, page_number=2)
+    assert [s.stream_uuid for s in page2.entries] == ["a%4"]
+    by_name = await store.paginate_streams(sort_by="stream_uuid", sort_dir="desc")
+    assert [s.stream_uuid for s in by_name.entries] == ["c_3", "b-1", "a-2", "a%4"]
+    assert [s.stream_uuid for s in (await store.paginate_streams(search="_")).entries] == ["c_3"]
+    assert [s.stream_uuid for s in (await store.paginate_streams(search="%")).entries] == ["a%4"]
+    empty = await store.paginate_streams(page_number=9)
+    assert (empty.entries, empty.total_entries) == ([], 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda s: s.append_to_stream("s", ANY_VERSION, []), ValueError),
+        (lambda s: s.append_to_stream("$all", ANY_VERSION, [deposit()]), ValueError),
+        (lambda s: s.append_to_stream("", ANY_VERSION, [deposit()]), ValueError),
+        (lambda s: s.append_to_stream("x" * 8000, ANY_VERSION, [deposit()]), ValueError),
+        (lambda s: s.append_to_stream("s", -1, [deposit()]), ValueError),
+        (lambda s: s.append_to_stream("s", "1", [deposit()]), TypeError),
+        (lambda s: s.append_to_stream("s", ANY_VERSION, [{"x": 1}]), TypeError),
+        (lambda s: s.append_to_stream(1, ANY_VERSION, [deposit()]), TypeError),
+        (lambda s: s.append_to_stream("s", ANY_VERSION, deposit()), TypeError),
+        (
+            lambda s: s.append_to_stream(
+                "s", ANY_VERSION, [EventData({"x": float("nan")}, event_type="T")]
+            ),
+            es.SerializationError,
+        ),
+        (
+            lambda s: s.append_to_stream("s", ANY_VERSION, [EventData(object(), event_type="T")]),
+            es.SerializationError,
+        ),
+        (lambda s: s.link_to_stream("$all", ANY_VERSION, [uuid.uuid4()]), ValueError),
+        (lambda s: s.link_to_stream("l", ANY_VERSION, ["not-a-uuid"]), ValueError),
+        (lambda s: s.delete_stream("$all", ANY_VERSION), ValueError),
+        (lambda s: s.read_stream_forward("s", -1), ValueError),
+        (lambda s: s.read_stream_forward("s", 0, 0), ValueError),
+        (lambda s: s.paginate_streams(sort_by="stream_id; drop"), ValueError),
+    ],
+)
+async def test_bad_input_raises_before_io(store: EventStore, call: object, error: type) -> None:
+    with pytest.raises(error):
+        await call(store)  # type: ignore[operator]
+    assert (await store.stream_info("$all")).stream_version == 0
+    assert (await store.paginate_streams()).total_entries == 0
+
+
+def test_event_data_validation() -> None:
+    with pytest.raises(ValueError, match="UUID"):
+        EventData({}, event_type="T", event_id="nope")
+    with pytest.raises(TypeError, match="metadata"):
+        EventData({}, event_type="T", metadata=[1])  # type: ignore[arg-type]
+    assert isinstance(EventData({}, event_type="T").event_id, uuid.UUID)

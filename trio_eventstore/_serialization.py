@@ -1,0 +1,207 @@
+"""Serialization: the `Serializer` protocol and the cattrs-based `JsonSerializer`.
+
+A serializer turns event data into bytes and back, given the stored ``event_type``.
+The default writes UTF-8 JSON (what the Elixir ``JsonSerializer`` writes into bytea,
+and what a jsonb column holds), through its own cattrs converter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar, overload, runtime_checkable
+
+import attrs
+import cattrs
+from cattrs.preconf.json import make_converter
+
+from ._errors import SerializationError, UnknownEventTypeError
+
+__all__ = ["JsonSerializer", "Serializer"]
+
+C = TypeVar("C", bound=type)
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """How event data and metadata become bytes, and back."""
+
+    def event_type_of(self, data: object) -> str:
+        """The event type stored for ``data`` (raise `SerializationError` if none)."""
+        ...
+
+    def serialize(self, data: object) -> bytes:
+        """Encode event data (raise `SerializationError` if it cannot be)."""
+        ...
+
+    def deserialize(self, payload: bytes, event_type: str) -> object:
+        """Decode event data stored under ``event_type``."""
+        ...
+
+    def serialize_metadata(self, metadata: Mapping[str, Any] | None) -> bytes:
+        """Encode metadata (None becomes JSON ``null``)."""
+        ...
+
+    def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
+        """Decode metadata."""
+        ...
+
+
+def _is_record_class(cls: type) -> bool:
+    return attrs.has(cls) or dataclasses.is_dataclass(cls)
+
+
+def _structure_decimal(value: object, _: type) -> decimal.Decimal:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"expected a decimal string or number, got {type(value).__name__}")
+    return decimal.Decimal(str(value))
+
+
+def _structure_uuid(value: object, _: type) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a UUID string, got {type(value).__name__}")
+    return uuid.UUID(value)
+
+
+def _structure_datetime(value: object, _: type) -> datetime.datetime:
+    if not isinstance(value, str):
+        raise TypeError(f"expected an ISO 8601 string, got {type(value).__name__}")
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _new_converter() -> cattrs.Converter:
+    converter = make_converter()
+    converter.register_unstructure_hook(decimal.Decimal, str)
+    converter.register_structure_hook(decimal.Decimal, _structure_decimal)
+    converter.register_unstructure_hook(uuid.UUID, str)
+    converter.register_structure_hook(uuid.UUID, _structure_uuid)
+    converter.register_structure_hook(datetime.datetime, _structure_datetime)
+    return converter
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class JsonSerializer:
+    """JSON through a private cattrs converter, with an event-type registry.
+
+    Register event classes (attrs classes or dataclasses), optionally with the stored
+    type name (e.g. ``"Elixir.MyApp.Events.Deposited"``, so an Elixir reader decodes
+    them)::
+
+        serializer = JsonSerializer()
+
+        @serializer.register
+        @attrs.frozen
+        class Deposited: ...
+
+        @serializer.register(event_type="Elixir.MyApp.Events.Withdrawn")
+        @attrs.frozen
+        class Withdrawn: ...
+
+    Without a given name the type is ``"<module>.<qualname>"``. On read, a type with no
+    registered class comes back as plain JSON values, or raises `UnknownEventTypeError`
+    when ``strict=True``.
+    """
+
+    def __init__(self, *, strict: bool = False, converter: cattrs.Converter | None = None) -> None:
+        self.strict = strict
+        self.converter = converter if converter is not None else _new_converter()
+        self._by_type: dict[str, type] = {}
+        self._by_class: dict[type, str] = {}
+
+    @overload
+    def register(self, cls: C, /, *, event_type: str | None = None) -> C: ...
+
+    @overload
+    def register(
+        self, cls: None = None, /, *, event_type: str | None = None
+    ) -> Callable[[C], C]: ...
+
+    def register(
+        self, cls: C | None = None, /, *, event_type: str | None = None
+    ) -> C | Callable[[C], C]:
+        """Register an event class (as a call or a decorator, with or without arguments).
+
+        Raises:
+            TypeError: ``cls`` is not an attrs class or dataclass.
+            ValueError: the name is already taken by another class.
+        """
+
+        def decorate(klass: C) -> C:
+            if not isinstance(klass, type) or not _is_record_class(klass):
+                raise TypeError(f"register: {klass!r} is not an attrs class or a dataclass")
+            name = event_type or f"{klass.__module__}.{klass.__qualname__}"
+            if not isinstance(name, str) or not name:
+                raise TypeError("event_type: expected a non-empty str")
+            taken = self._by_type.get(name)
+            if taken is not None and taken is not klass:
+                raise ValueError(f"event_type {name!r} is already registered for {taken!r}")
+            self._by_type[name] = klass
+            self._by_class[klass] = name
+            return klass
+
+        return decorate if cls is None else decorate(cls)
+
+    def event_class(self, event_type: str) -> type | None:
+        return self._by_type.get(event_type)
+
+    def event_type_of(self, data: object) -> str:
+        cls = type(data)
+        name = self._by_class.get(cls)
+        if name is not None:
+            return name
+        if _is_record_class(cls):
+            return f"{cls.__module__}.{cls.__qualname__}"
+        raise SerializationError(
+            f"cannot name the event type of a {cls.__name__}: register its class, or give "
+            "EventData(event_type=...) for plain JSON values"
+        )
+
+    def serialize(self, data: object) -> bytes:
+        try:
+            return _dumps(self.converter.unstructure(data))
+        except (TypeError, ValueError, cattrs.BaseValidationError) as exc:
+            raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
+
+    def deserialize(self, payload: bytes, event_type: str) -> object:
+        try:
+            value = json.loads(payload)
+        except ValueError as exc:
+            raise SerializationError(f"stored {event_type!r} data is not JSON: {exc}") from exc
+        cls = self._by_type.get(event_type)
+        if cls is None:
+            if self.strict:
+                raise UnknownEventTypeError(f"no class registered for event type {event_type!r}")
+            return value
+        try:
+            return self.converter.structure(value, cls)
+        except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
+            raise SerializationError(
+                f"stored {event_type!r} data does not fit {cls.__qualname__}: {exc}"
+            ) from exc
+
+    def serialize_metadata(self, metadata: Mapping[str, Any] | None) -> bytes:
+        try:
+            return _dumps(None if metadata is None else self.converter.unstructure(dict(metadata)))
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"cannot serialize metadata: {exc}") from exc
+
+    def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
+        if payload is None:
+            return None
+        try:
+            value = json.loads(payload)
+        except ValueError as exc:
+            raise SerializationError(f"stored metadata is not JSON: {exc}") from exc
+        if value is not None and not isinstance(value, dict):
+            return {"value": value}
+        return value
+
+    def __repr__(self) -> str:
+        return f"JsonSerializer(strict={self.strict}, registered={sorted(self._by_type)})"
