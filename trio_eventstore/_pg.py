@@ -529,6 +529,15 @@ class Connection:
 
         return await self.run(unit)
 
+    async def listen(self, channel: str, callback: Callable[[str, str], None]) -> None:
+        """LISTEN on ``channel``; ``callback(channel, payload)`` runs for each
+        notification, in the Trio thread (it must not block)."""
+
+        def on_notify(_conn: Any, _pid: int, chan: str, payload: str) -> None:
+            callback(chan, payload)
+
+        await _cross(self._loop, self._conn.add_listener(channel, on_notify), self._config)
+
     @property
     def backend_pid(self) -> int:
         pid: int = self._conn.get_server_pid()

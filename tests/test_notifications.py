@@ -1,0 +1,76 @@
+"""NOTIFY traffic equals the Elixir library's (shared/reference/elixir-notifications.txt)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import trio
+
+from trio_eventstore import (
+    ANY_VERSION,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventData,
+    EventStoreConfig,
+    StreamNotFoundError,
+    WrongExpectedVersionError,
+    admin,
+    open_event_store,
+)
+from trio_eventstore._pg import open_connection
+
+from .test_catalog import REFERENCE
+
+TRAFFIC = (REFERENCE / "elixir-notifications.txt").read_text()
+
+
+def elixir_payloads(schema: str, until: str) -> list[str]:
+    """Payloads on '<schema>.events' in the scenario part of the recorded traffic."""
+    section = TRAFFIC.split(until)[0]
+    return re.findall(rf'channel="{schema}\.events" payload="([^"]*)"', section)
+
+
+def event(n: int) -> EventData:
+    return EventData({"n": n}, event_type="Elixir.ExOracle.Events.MoneyDeposited")
+
+
+@pytest.mark.parametrize(
+    ("reference", "column_data_type"), [("public", "bytea"), ("jsonbstore", "jsonb")]
+)
+async def test_scenario_notifications_match_elixir(
+    config: EventStoreConfig, reference: str, column_data_type: str
+) -> None:
+    cfg = config.with_changes(column_data_type=column_data_type)
+    await admin.create(cfg)
+    await admin.init(cfg)
+    received: list[tuple[str, str]] = []
+    try:
+        async with open_connection(cfg) as listener, open_event_store(cfg) as store:
+            await listener.listen(f"{cfg.schema}.events", lambda c, p: received.append((c, p)))
+            await store.append_to_stream("account-1", NO_STREAM, [event(1), event(2)])
+            await store.append_to_stream("account-1", 2, [event(3)])
+            await store.append_to_stream("account-2", ANY_VERSION, [event(4)])
+            await store.append_to_stream("account-2", ANY_VERSION, [event(5), event(6)])
+            with pytest.raises(StreamNotFoundError):
+                await store.append_to_stream("order-1", STREAM_EXISTS, [event(7)])
+            await store.append_to_stream("order-1", NO_STREAM, [event(7)])
+            a1 = await store.read_stream_forward("account-1")
+            a2 = await store.read_stream_forward("account-2")
+            await store.link_to_stream("linked-accounts", NO_STREAM, [a1[0], a1[1], a2[0]])
+            await store.link_to_stream("linked-accounts", 3, [a1[2]])
+            await store.append_to_stream("temp-1", NO_STREAM, [event(8), event(9)])
+            await store.delete_stream("temp-1", 2)
+            with pytest.raises(WrongExpectedVersionError):
+                await store.append_to_stream("account-1", 1, [event(10)])
+            # Notifications arrive asynchronously after each commit.
+            expected = elixir_payloads(reference, "== scenario done")
+            with trio.fail_after(30):
+                while len(received) < len(expected):
+                    await listener.execute("SELECT 1")
+                    await trio.sleep(0.01)
+    finally:
+        await admin.drop(cfg)
+    channels = {c for c, _ in received}
+    assert channels == {f"{cfg.schema}.events"}
+    assert [p for _, p in received] == expected
