@@ -1,7 +1,8 @@
 """A reader for the Elixir `inspect` output in elixir-sample-readback.txt.
 
 Structs and maps become dicts with str keys; lists, strings, numbers, true/false/nil
-become their Python values; ISO timestamps stay text. Enough for the terms the reference holds, no more.
+become their Python values; ISO timestamps stay text. Enough for the terms the
+reference holds, no more.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -31,7 +31,7 @@ from .test_catalog import REFERENCE
 
 SAMPLE_SQL = (REFERENCE / "elixir-sample-db.sql").read_text()
 READBACK = (REFERENCE / "elixir-sample-readback.txt").read_text()
-SCHEMAS = {"public": "bytea", "jsonbstore": "jsonb"}
+SCHEMAS: dict[str, Literal["bytea", "jsonb"]] = {"public": "bytea", "jsonbstore": "jsonb"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ async def sample_database(server_url: str) -> AsyncIterator[str]:
     loaded with the Elixir-written sample."""
     url = url_for(server_url, f"elixir_{uuid.uuid4().hex[:8]}")
     for schema, data_type in SCHEMAS.items():
-        config = EventStoreConfig(url=url, schema=schema, column_data_type=data_type)  # type: ignore[arg-type]
+        config = EventStoreConfig(url=url, schema=schema, column_data_type=data_type)
         await admin.create(config)
         await admin.init(config)
     async with open_connection(EventStoreConfig(url=url)) as conn:
@@ -146,7 +146,7 @@ def expected_readback(schema: str) -> list[str | tuple[Any, ...]]:
 
 @pytest.mark.parametrize("schema", list(SCHEMAS))
 async def test_elixir_data_reads_back_identically(sample_database: str, schema: str) -> None:
-    config = EventStoreConfig(url=sample_database, schema=schema, column_data_type=SCHEMAS[schema])  # type: ignore[arg-type]
+    config = EventStoreConfig(url=sample_database, schema=schema, column_data_type=SCHEMAS[schema])
     async with open_event_store(config) as store:
         ours = await readback(store)
     assert ours == expected_readback(schema)
@@ -167,7 +167,7 @@ async def test_elixir_events_decode_into_registered_classes(
     serializer.register(AccountOpened, event_type="Elixir.ExOracle.Events.AccountOpened")
     config = EventStoreConfig(
         url=sample_database, schema=schema, serializer=serializer, column_data_type=SCHEMAS[schema]
-    )  # type: ignore[arg-type]
+    )
     async with open_event_store(config) as store:
         [opened, *_] = await store.read_stream_forward("account-1")
     assert opened.data == AccountOpened("account-1", "Zoë Ünïcødé ✓", 0)
@@ -177,7 +177,7 @@ async def test_elixir_events_decode_into_registered_classes(
 async def test_appending_continues_elixir_streams_densely(
     sample_database: str, schema: str
 ) -> None:
-    config = EventStoreConfig(url=sample_database, schema=schema, column_data_type=SCHEMAS[schema])  # type: ignore[arg-type]
+    config = EventStoreConfig(url=sample_database, schema=schema, column_data_type=SCHEMAS[schema])
     deposited = EventData(
         {"account_id": "account-1", "amount": 5, "note": None},
         event_type="Elixir.ExOracle.Events.MoneyDeposited",
