@@ -43,7 +43,9 @@ def test(c: Context, k: str = "", args: str = "") -> None:
 @task
 def proptest(c: Context, profile: str = "ci") -> None:
     """Property tests with a longer Hypothesis profile (default: ci)."""
-    c.run(f"{PY} -m pytest property_tests --hypothesis-profile={profile}", echo=True, pty=False)
+    c.run(
+        f"{PY} -m pytest property_tests", env={"HYPOTHESIS_PROFILE": profile}, echo=True, pty=False
+    )
 
 
 @task

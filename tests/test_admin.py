@@ -17,7 +17,7 @@ from trio_eventstore import EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import Conn, open_connection
 from trio_eventstore._sql import quote_ident
 
-from .conftest import url_for
+from .helpers import url_for
 
 
 async def scalar(config: EventStoreConfig, sql: str, *args: object) -> object:

@@ -7,11 +7,9 @@ a database the real Elixir library initialised) against schemas made by our `ini
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,12 +19,8 @@ from trio_eventstore import EventStoreConfig, admin
 from trio_eventstore._pg import Conn, open_connection
 from trio_eventstore._sql import quote_ident, quote_literal
 
-from .conftest import url_for
+from .helpers import REFERENCE, url_for
 
-REFERENCE = Path(
-    os.environ.get("TRIO_EVENTSTORE_REFERENCE")
-    or Path(__file__).resolve().parents[2] / "shared" / "reference"
-)
 CATALOG = json.loads((REFERENCE / "elixir-schema-catalog.json").read_text())
 #: Keys of a catalog entry that the query does not produce (notes about the Elixir run).
 NOT_FROM_QUERY = {

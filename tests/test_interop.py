@@ -25,9 +25,8 @@ from trio_eventstore import (
 )
 from trio_eventstore._pg import open_connection
 
-from .conftest import url_for
 from .elixir_terms import parse_terms
-from .test_catalog import REFERENCE
+from .helpers import REFERENCE, url_for
 
 SAMPLE_SQL = (REFERENCE / "elixir-sample-db.sql").read_text()
 READBACK = (REFERENCE / "elixir-sample-readback.txt").read_text()

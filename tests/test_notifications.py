@@ -20,7 +20,7 @@ from trio_eventstore import (
 )
 from trio_eventstore._pg import open_connection
 
-from .test_catalog import REFERENCE
+from .helpers import REFERENCE
 
 TRAFFIC = (REFERENCE / "elixir-notifications.txt").read_text()
 

@@ -11,7 +11,7 @@ import trio
 import trio_eventstore as es
 from trio_eventstore import EventStoreConfig, admin, open_event_store
 
-from .conftest import url_for
+from .helpers import url_for
 
 # A guard against hangs, far above any configured timeout; never a speed assertion.
 HANG_GUARD = 60

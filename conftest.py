@@ -7,13 +7,13 @@ otherwise a throwaway cluster is started for the session.
 from __future__ import annotations
 
 import os
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
 
+from tests.helpers import url_for
 from trio_eventstore import EventStore, EventStoreConfig, admin, open_event_store
 from trio_eventstore._tempcluster import TempCluster, temp_cluster
 
@@ -36,11 +36,6 @@ def server_url(cluster: TempCluster | None) -> str:
     if cluster is None:
         return os.environ["TRIO_EVENTSTORE_TEST_URL"]
     return cluster.url("postgres")
-
-
-def url_for(server_url: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(server_url)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
 @pytest.fixture(scope="session")
