@@ -195,13 +195,14 @@ def test_sequential_programs_match_the_model(
         model = Model()
         for op in program:
             outcome, ids = await run_op(store, op, model.all)
+            expected: object
             if isinstance(op, Append):
                 expected = model.append(op.stream, op.expected, ids)
             elif isinstance(op, Link):
                 expected = model.link(op.stream, op.expected, ids) if ids else None
             else:
-                expected = model.delete(op.stream, op.expected)
-                expected = "deleted" if isinstance(expected, int) else expected
+                deleted = model.delete(op.stream, op.expected)
+                expected = "deleted" if isinstance(deleted, int) else deleted
             assert outcome == expected, (op, outcome, expected)
         reads = await read_streams(store)
         for stream in [*STREAMS, "links"]:

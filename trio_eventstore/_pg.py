@@ -275,7 +275,15 @@ async def _unit_of_work(
         # as soon as the pool counts as overloaded (as DBConnection drops queued ones).
         slice_ = max(0.0, min(deadline - time.monotonic(), admission.interval))
         try:
-            conn = await pool.acquire(timeout=slice_)
+            if pool.get_idle_size():
+                # A free connection: acquire cannot wait (no timer needed; every
+                # asyncio callback is costly on the trio-asyncio loop).
+                conn = await pool.acquire()
+            else:
+                # asyncio.timeout, not acquire(timeout=): wait_for would start one
+                # more asyncio task.
+                async with asyncio.timeout(slice_):
+                    conn = await pool.acquire()
             break
         except TimeoutError:
             now = time.monotonic()
@@ -292,8 +300,10 @@ async def _unit_of_work(
             return await _in_transaction(conn, fn, config, settings)
         return await fn(Conn(conn, config))
     finally:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(pool.release(conn, timeout=CLEANUP_TIMEOUT), CLEANUP_TIMEOUT * 2)
+        # Release runs no query unless a transaction is still open, and every path
+        # above has rolled back (bounded) or terminated the connection by then.
+        with contextlib.suppress(BaseException):  # a failed release terminates the conn
+            await pool.release(conn)
 
 
 # --------------------------------------------------------------------------------------
@@ -391,8 +401,17 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
             yield new_loop
 
 
+async def keep_session(_conn: Any) -> None:
+    """The pool's reset on release: nothing beyond asyncpg's own rollback of an open
+    transaction. Units of work never change session state (settings are
+    transaction-local, LISTEN and advisory locks live on dedicated connections), so the
+    default RESET ALL / UNLISTEN / advisory-unlock round trip on every release would
+    only cost time."""
+
+
 async def _create_pool(config: EventStoreConfig) -> Any:
     return await asyncpg.create_pool(
+        reset=keep_session,
         **config.connect_params(),
         min_size=1,
         max_size=config.pool_size,

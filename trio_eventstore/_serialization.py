@@ -83,6 +83,14 @@ def _new_converter() -> cattrs.Converter:
     return converter
 
 
+#: Decoding str skips json.loads's per-call encoding sniffing of bytes.
+_json_decode = json.JSONDecoder().decode
+
+
+def _loads(payload: bytes) -> Any:
+    return _json_decode(payload.decode("utf-8"))
+
+
 def _dumps(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
@@ -171,7 +179,7 @@ class JsonSerializer:
 
     def deserialize(self, payload: bytes, event_type: str) -> object:
         try:
-            value = json.loads(payload)
+            value = _loads(payload)
         except ValueError as exc:
             raise SerializationError(f"stored {event_type!r} data is not JSON: {exc}") from exc
         cls = self._by_type.get(event_type)
@@ -196,7 +204,7 @@ class JsonSerializer:
         if payload is None:
             return None
         try:
-            value = json.loads(payload)
+            value = _loads(payload)
         except ValueError as exc:
             raise SerializationError(f"stored metadata is not JSON: {exc}") from exc
         if value is not None and not isinstance(value, dict):

@@ -318,6 +318,73 @@ def insert_events(schema: str, column_data_type: str) -> str:
     )
 
 
+def append_to_existing_stream(schema: str, column_data_type: str) -> str:
+    """An append to an existing stream in ONE statement (atomic on its own, so it needs
+    no BEGIN/COMMIT round trips): if the stream exists, is not deleted and is at the
+    expected version (NULL: any), bump its version, insert the events, take the next
+    `$all` numbers and write both stream_events rows of each event.
+
+    Parameters: stream_uuid, count, expected version or NULL, then the arrays of event
+    id, type, causation id, correlation id, data, metadata ($4..$9) and created_at ($10).
+    Returns (stream_id, new version), or no row when the stream is missing, deleted or
+    at another version; then nothing was written.
+
+    Locks are taken stream row first, then the `$all` row (as in the multi-statement
+    path), and held until the statement commits, so `$all` numbers are handed out in
+    commit order. Under READ COMMITTED, waiting for a concurrent writer makes Postgres
+    re-check the WHERE clause on the row it committed: the expected-version check is
+    race-free. The `$all` update reads `st`, so the stream's notification is queued
+    before `$all`'s, as the Elixir library sends them.
+    """
+    s = quote_ident(schema)
+    data = "d" if column_data_type == "bytea" else "convert_from(d, 'UTF8')::jsonb"
+    meta = "m" if column_data_type == "bytea" else "convert_from(m, 'UTF8')::jsonb"
+    return (
+        "WITH st AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + $2"
+        " WHERE stream_uuid = $1 AND deleted_at IS NULL"
+        " AND ($3::bigint IS NULL OR stream_version = $3)"
+        " RETURNING stream_id, stream_version - $2 AS before"
+        "), ev AS ("
+        f" INSERT INTO {s}.events"
+        " (event_id, event_type, causation_id, correlation_id, data, metadata, created_at)"
+        f" SELECT i, t, c, r, {data}, {meta}, $10"
+        " FROM unnest($4::uuid[], $5::text[], $6::uuid[], $7::uuid[], $8::bytea[], $9::bytea[])"
+        " AS u(i, t, c, r, d, m) WHERE EXISTS (SELECT 1 FROM st)"
+        "), a AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + $2"
+        " WHERE stream_id = 0 AND EXISTS (SELECT 1 FROM st)"
+        " RETURNING stream_version - $2 AS base"
+        "), se AS ("
+        f" INSERT INTO {s}.stream_events"
+        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+        " SELECT u.id, x.sid, CASE WHEN x.sid = 0 THEN a.base + u.k ELSE st.before + u.k END,"
+        " st.stream_id, st.before + u.k"
+        " FROM st, a, unnest($4::uuid[]) WITH ORDINALITY AS u(id, k),"
+        " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
+        ") SELECT stream_id, before + $2 AS stream_version FROM st"
+    )
+
+
+def add_to_all_stream(schema: str) -> str:
+    """Give a chunk of appended events their `$all` numbers and write both of their
+    stream_events rows. Takes the `$all` row lock, held until commit, so numbers are
+    handed out in commit order and stay dense. Parameters: stream_id, the stream version
+    before the chunk, array of event ids (in order)."""
+    s = quote_ident(schema)
+    return (
+        "WITH a AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + cardinality($3::uuid[])"
+        " WHERE stream_id = 0 RETURNING stream_version - cardinality($3::uuid[]) AS base"
+        f") INSERT INTO {s}.stream_events"
+        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+        " SELECT u.id, x.sid, CASE WHEN x.sid = 0 THEN a.base + u.k ELSE $2 + u.k END,"
+        " $1, $2 + u.k"
+        " FROM a, unnest($3::uuid[]) WITH ORDINALITY AS u(id, k),"
+        " (VALUES ($1::bigint), (0::bigint)) AS x(sid)"
+    )
+
+
 def insert_stream_events(schema: str) -> str:
     """Parameters: arrays of event_id, stream_id, stream_version, original_stream_id,
     original_stream_version."""
@@ -346,7 +413,8 @@ def _data_columns(column_data_type: str) -> str:
 
 
 def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
-    """Parameters: stream_id, start version (inclusive), count."""
+    """Parameters: stream_id, start version (inclusive), count. `_storage.read` reads
+    the columns by position: keep their order."""
     s = quote_ident(schema)
     op, order = (">=", "ASC") if forward else ("<=", "DESC")
     return (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import attrs
 
@@ -234,51 +234,76 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
     return exc
 
 
-async def append(
-    db: Database, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
-) -> int:
-    """Append in one transaction; returns the stream's new version."""
-    schema, n = db.config.schema, len(events)
-    insert_events = _sql.insert_events(schema, db.config.column_data_type)
-    insert_links = _sql.insert_stream_events(schema)
-    created_at = datetime.datetime.now(datetime.UTC)
+@attrs.frozen
+class AppendPlan:
+    """An append as units of work: `fast` (one statement, no transaction needed; None
+    when the stream is not an existing, live stream at the expected version) and `slow`
+    (run in a transaction; creates the stream, chunks big batches, says what is wrong)."""
 
-    async def unit(conn: Conn) -> int:
+    fast: Callable[[Conn], Awaitable[int | None]] | None
+    slow: Callable[[Conn], Awaitable[int]]
+
+
+def append_plan(
+    config: EventStoreConfig,
+    stream_uuid: str,
+    expected: ExpectedVersion | int,
+    events: list[EncodedEvent],
+) -> AppendPlan:
+    schema, n = config.schema, len(events)
+    created_at = datetime.datetime.now(datetime.UTC)
+    expected_param = expected if isinstance(expected, int) else None
+    if expected is ExpectedVersion.NO_STREAM:
+        expected_param = 0
+
+    def columns(chunk: list[EncodedEvent]) -> tuple[object, ...]:
+        return (
+            [e.event_id for e in chunk],
+            [e.event_type for e in chunk],
+            [e.causation_id for e in chunk],
+            [e.correlation_id for e in chunk],
+            [e.data for e in chunk],
+            [e.metadata for e in chunk],
+            created_at,
+        )
+
+    fast_sql = _sql.append_to_existing_stream(schema, config.column_data_type)
+
+    async def fast(conn: Conn) -> int | None:
+        row = await conn.fetchrow(fast_sql, stream_uuid, n, expected_param, *columns(events))
+        return None if row is None else int(row["stream_version"])
+
+    insert_events = _sql.insert_events(schema, config.column_data_type)
+    add_to_all = _sql.add_to_all_stream(schema)
+
+    async def slow(conn: Conn) -> int:
         stream_id, version, created = await _lock_or_create(conn, schema, stream_uuid, expected, n)
-        for part in _chunks(n):
-            chunk = events[part]
-            await conn.execute(
-                insert_events,
-                [e.event_id for e in chunk],
-                [e.event_type for e in chunk],
-                [e.causation_id for e in chunk],
-                [e.correlation_id for e in chunk],
-                [e.data for e in chunk],
-                [e.metadata for e in chunk],
-                created_at,
-            )
         if not created:
             await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
-        # Last: the $all row lock, held only from here to commit.
-        last = int(await conn.fetchval(_sql.advance_all_stream(schema), n))
-        first = last - n + 1
         for part in _chunks(n):
-            ids = [e.event_id for e in events[part]]
-            versions = list(range(version + 1 + part.start, version + 1 + part.stop))
-            numbers = list(range(first + part.start, first + part.stop))
-            k = len(ids)
+            await conn.execute(insert_events, *columns(events[part]))
+        # Last: the $all row lock, held only from here to commit.
+        for part in _chunks(n):
             await conn.execute(
-                insert_links,
-                ids + ids,
-                [stream_id] * k + [0] * k,
-                versions + numbers,
-                [stream_id] * (2 * k),
-                versions + versions,
+                add_to_all, stream_id, version + part.start, [e.event_id for e in events[part]]
             )
         return version + n
 
+    return AppendPlan(fast=fast if n <= CHUNK else None, slow=slow)
+
+
+async def append(
+    db: Database, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
+) -> int:
+    """Append atomically; returns the stream's new version. One statement (one round
+    trip) for an existing stream at the expected version; otherwise a transaction."""
+    plan = append_plan(db.config, stream_uuid, expected, events)
     try:
-        return await db.transaction(unit)
+        if plan.fast is not None:
+            version = await db.run(plan.fast)
+            if version is not None:
+                return version
+        return await db.transaction(plan.slow)
     except DatabaseError as exc:
         raise _translate_write_error(exc, stream_uuid) from exc
 
@@ -340,19 +365,21 @@ async def read(
         return await conn.fetch(query, row["stream_id"], start_version, count)
 
     rows = await db.run(unit)
-    serializer = config.serializer
+    deserialize = config.serializer.deserialize
+    deserialize_metadata = config.serializer.deserialize_metadata
+    utc = datetime.UTC
     return [
         RecordedEvent(
-            event_number=r["event_number"],
-            event_id=r["event_id"],
-            stream_uuid=r["stream_uuid"],
-            stream_version=r["stream_version"],
-            event_type=r["event_type"],
-            data=serializer.deserialize(r["data"], r["event_type"]),
-            metadata=serializer.deserialize_metadata(r["metadata"]),
-            causation_id=r["causation_id"],
-            correlation_id=r["correlation_id"],
-            created_at=r["created_at"].astimezone(datetime.UTC),
+            r[0],  # event_number
+            r[1],  # event_id
+            r[2],  # stream_uuid
+            r[3],  # stream_version
+            r[4],  # event_type
+            deserialize(r[7], r[4]),
+            deserialize_metadata(r[8]),
+            r[5],  # causation_id
+            r[6],  # correlation_id
+            r[9] if r[9].tzinfo is utc else r[9].astimezone(utc),
         )
         for r in rows
     ]
