@@ -1,4 +1,5 @@
-"""The demo: create and initialise a store, then show what it holds.
+"""The demo: create and initialise a store, append with optimistic concurrency, link,
+and read everything back.
 
 With ``EVENTSTORE_URL`` set it uses that database; otherwise it starts a throwaway
 PostgreSQL for the run and removes it afterwards.
@@ -7,13 +8,24 @@ PostgreSQL for the run and removes it afterwards.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 
+import attrs
 import trio
 
-from trio_eventstore import EventStoreConfig, admin, open_event_store
+from trio_eventstore import (
+    NO_STREAM,
+    EventData,
+    EventStoreConfig,
+    JsonSerializer,
+    WrongExpectedVersionError,
+    admin,
+    open_event_store,
+)
 from trio_eventstore._tempcluster import temp_cluster
 
 
@@ -27,22 +39,49 @@ def database_url() -> Iterator[str]:
         yield cluster.url("trio_eventstore_demo")
 
 
+serializer = JsonSerializer()
+
+
+@serializer.register(event_type="Elixir.Bank.Events.Deposited")
+@attrs.frozen
+class Deposited:
+    account_id: str
+    amount: decimal.Decimal
+
+
 async def demo(config: EventStoreConfig) -> None:
     print(await admin.create(config))
     print(await admin.init(config))
     print(await admin.migrate(config))
+    account = f"account-{uuid.uuid4().hex[:6]}"  # new streams on every run
     async with open_event_store(config) as store:
-        info = await store.stream_info("$all")
-        print(
-            f"stream {info.stream_uuid!r}: id {info.stream_id}, version "
-            f"{info.stream_version}, {info.status.value} at {info.created_at:%Y-%m-%d %H:%M:%S}Z"
+        version = await store.append_to_stream(
+            account, NO_STREAM, [EventData(Deposited(account, decimal.Decimal("10.00")))]
         )
+        print(f"appended to {account}: version {version}")
+        try:  # a second writer that read version 0 loses
+            await store.append_to_stream(
+                account, 0, [EventData(Deposited(account, decimal.Decimal("5")))]
+            )
+        except WrongExpectedVersionError as exc:
+            print(f"optimistic concurrency: {exc}")
+        await store.append_to_stream(
+            account, 1, [EventData(Deposited(account, decimal.Decimal("2.50")))]
+        )
+        events = await store.read_stream_forward(account)
+        await store.link_to_stream(f"big-deposits-{account}", NO_STREAM, [events[0]])
+        for event in await store.read_stream_forward(f"big-deposits-{account}"):
+            print(f"  linked: {event.stream_uuid}/{event.stream_version} {event.data}")
+        async for event in store.stream_forward(account):
+            print(f"  {account} #{event.event_number}: {event.event_type} {event.data}")
+        info = await store.stream_info("$all")
+        print(f"stream {info.stream_uuid!r}: version {info.stream_version}, {info.status.value}")
         print(store.statistics())
 
 
 def main() -> int:
     with database_url() as url:
-        config = EventStoreConfig.from_env(url=url)
+        config = EventStoreConfig.from_env(url=url, serializer=serializer)
         trio.run(demo, config)
     return 0
 

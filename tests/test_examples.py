@@ -1,0 +1,31 @@
+"""Every example runs (against the test server, as EVENTSTORE_URL)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import url_for
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(example: Path, server_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env["EVENTSTORE_URL"] = url_for(server_url, "examples")
+    for _ in range(2):  # and runs again on the same database
+        result = subprocess.run(
+            [sys.executable, str(example)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    assert "optimistic concurrency" in result.stdout

@@ -1,0 +1,161 @@
+"""The JSON serializer, its registry, and plugging in another serializer."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import pytest
+
+import trio_eventstore as es
+from trio_eventstore import EventData, EventStoreConfig, JsonSerializer, admin, open_event_store
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@attrs.frozen
+class Inner:
+    at: datetime.datetime
+    amount: decimal.Decimal
+
+
+@attrs.frozen
+class Outer:
+    id: uuid.UUID
+    color: Color
+    inner: Inner
+    items: list[Inner]
+    maybe: int | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Plain:
+    x: int
+    y: str | None = None
+
+
+def test_round_trip_of_rich_types() -> None:
+    serializer = JsonSerializer()
+    serializer.register(Outer)
+    value = Outer(
+        uuid.uuid4(),
+        Color.BLUE,
+        Inner(
+            datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.UTC),
+            decimal.Decimal("0.1000"),
+        ),
+        [Inner(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC), decimal.Decimal("-3"))],
+        tags=("a", "ü"),
+    )
+    payload = serializer.serialize(value)
+    assert b'"blue"' in payload
+    assert "ü".encode() in payload
+    assert serializer.deserialize(payload, serializer.event_type_of(value)) == value
+
+
+def test_event_type_names_and_registry_rules() -> None:
+    serializer = JsonSerializer()
+    assert serializer.register(Plain) is Plain
+    assert serializer.event_type_of(Plain(1)) == f"{__name__}.Plain"
+
+    @serializer.register(event_type="Elixir.App.Thing")
+    @attrs.frozen
+    class Thing:
+        a: int
+
+    assert serializer.event_type_of(Thing(1)) == "Elixir.App.Thing"
+    assert serializer.event_class("Elixir.App.Thing") is Thing
+    with pytest.raises(ValueError, match="already registered"):
+        serializer.register(Plain, event_type="Elixir.App.Thing")
+    with pytest.raises(TypeError, match="attrs class or a dataclass"):
+        serializer.register(dict)
+    with pytest.raises(es.SerializationError, match="event_type"):
+        serializer.event_type_of({"plain": "json"})
+
+
+def test_unknown_types_and_bad_data() -> None:
+    lenient, strict = JsonSerializer(), JsonSerializer(strict=True)
+    assert lenient.deserialize(b'{"a": [1, 2.5, null]}', "Nope") == {"a": [1, 2.5, None]}
+    with pytest.raises(es.UnknownEventTypeError):
+        strict.deserialize(b"{}", "Nope")
+    lenient.register(Plain)
+    with pytest.raises(es.SerializationError, match="does not fit"):
+        lenient.deserialize(b'{"y": "no x"}', lenient.event_type_of(Plain(1)))
+    with pytest.raises(es.SerializationError, match="not JSON"):
+        lenient.deserialize(b"{", "Nope")
+    with pytest.raises(es.SerializationError):
+        lenient.serialize({"nan": float("nan")})
+    assert lenient.serialize_metadata(None) == b"null"
+    assert lenient.deserialize_metadata(b"null") is None
+    assert lenient.deserialize_metadata(None) is None
+
+
+class ReprSerializer:
+    """A user's own format: not JSON at all (fine for a bytea store)."""
+
+    def event_type_of(self, data: object) -> str:
+        return type(data).__name__
+
+    def serialize(self, data: object) -> bytes:
+        return b"REPR:" + repr(data).encode()
+
+    def deserialize(self, payload: bytes, event_type: str) -> object:
+        return ("decoded", event_type, payload.decode())
+
+    def serialize_metadata(self, metadata: Mapping[str, Any] | None) -> bytes:
+        return b"null"
+
+    def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
+        return None
+
+
+async def test_custom_serializer_plugs_in(config: EventStoreConfig) -> None:
+    custom = config.with_changes(serializer=ReprSerializer())
+    await admin.create(custom)
+    await admin.init(custom)
+    try:
+        async with open_event_store(custom) as store:
+            await store.append_to_stream("s", es.NO_STREAM, [EventData(42)])
+            [event] = await store.read_stream_forward("s")
+        assert event.data == ("decoded", "int", "REPR:42")
+    finally:
+        await admin.drop(custom)
+
+
+def test_config_rejects_non_serializers() -> None:
+    with pytest.raises(TypeError, match="serializer"):
+        EventStoreConfig(database="d", serializer=object())  # type: ignore[arg-type]
+
+
+async def test_jsonb_store_holds_queryable_json(config: EventStoreConfig) -> None:
+    from trio_eventstore._pg import open_connection
+    from trio_eventstore._sql import quote_ident
+
+    jsonb = config.with_changes(column_data_type="jsonb")
+    await admin.create(jsonb)
+    await admin.init(jsonb)
+    try:
+        async with open_event_store(jsonb) as store:
+            await store.append_to_stream(
+                "s",
+                es.NO_STREAM,
+                [EventData({"amount": 7, "who": "zoë"}, event_type="T", metadata={"k": 1})],
+            )
+        async with open_connection(jsonb) as conn:
+            row = await conn.fetch(
+                f"SELECT data->>'who' AS who, (data->>'amount')::int AS amount, "
+                f"metadata->'k' AS k FROM {quote_ident(jsonb.schema)}.events"
+            )
+        assert (row[0]["who"], row[0]["amount"], row[0]["k"]) == ("zoë", 7, "1")
+    finally:
+        await admin.drop(jsonb)
