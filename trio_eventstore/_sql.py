@@ -18,8 +18,6 @@ __all__ = [
 #: The Elixir EventStore schema version this layout is.
 SCHEMA_VERSION = (1, 3, 2)
 
-ALL_STREAM_UUID = "$all"
-
 
 def quote_ident(name: str) -> str:
     """``name`` as a double-quoted SQL identifier (embedded quotes doubled)."""
@@ -294,21 +292,17 @@ def set_stream_version(schema: str) -> str:
     return f"UPDATE {quote_ident(schema)}.streams SET stream_version = $2 WHERE stream_id = $1"
 
 
-def advance_all_stream(schema: str) -> str:
-    """Parameter: count. Takes the `$all` row lock (held until commit: `$all` numbers
-    are handed out in commit order) and returns the last number given."""
-    return (
-        f"UPDATE {quote_ident(schema)}.streams SET stream_version = stream_version + $1 "
-        "WHERE stream_id = 0 RETURNING stream_version"
-    )
+def _stored(expression: str, column_data_type: str) -> str:
+    """A bytea value (UTF-8 JSON from the serializer) as the data column stores it."""
+    if column_data_type == "bytea":
+        return expression
+    return f"convert_from({expression}, 'UTF8')::jsonb"
 
 
 def insert_events(schema: str, column_data_type: str) -> str:
     """Parameters: arrays of event_id, event_type, causation_id, correlation_id, data,
     metadata; created_at."""
-    t = column_data_type
-    data = "d" if t == "bytea" else "convert_from(d, 'UTF8')::jsonb"
-    meta = "m" if t == "bytea" else "convert_from(m, 'UTF8')::jsonb"
+    data, meta = _stored("d", column_data_type), _stored("m", column_data_type)
     return (
         f"INSERT INTO {quote_ident(schema)}.events "
         "(event_id, event_type, causation_id, correlation_id, data, metadata, created_at) "
@@ -337,8 +331,7 @@ def append_to_existing_stream(schema: str, column_data_type: str) -> str:
     before `$all`'s, as the Elixir library sends them.
     """
     s = quote_ident(schema)
-    data = "d" if column_data_type == "bytea" else "convert_from(d, 'UTF8')::jsonb"
-    meta = "m" if column_data_type == "bytea" else "convert_from(m, 'UTF8')::jsonb"
+    data, meta = _stored("d", column_data_type), _stored("m", column_data_type)
     return (
         "WITH st AS ("
         f" UPDATE {s}.streams SET stream_version = stream_version + $2"
@@ -475,8 +468,7 @@ def count_streams(schema: str) -> str:
 
 def upsert_snapshot(schema: str, column_data_type: str) -> str:
     """Parameters: source_uuid, source_version, source_type, data, metadata, created_at."""
-    data = "$4" if column_data_type == "bytea" else "convert_from($4, 'UTF8')::jsonb"
-    meta = "$5" if column_data_type == "bytea" else "convert_from($5, 'UTF8')::jsonb"
+    data, meta = _stored("$4", column_data_type), _stored("$5", column_data_type)
     return (
         f"INSERT INTO {quote_ident(schema)}.snapshots "
         "(source_uuid, source_version, source_type, data, metadata, created_at) "
