@@ -1,0 +1,251 @@
+"""The subscription state machine, driven by Hypothesis without a database."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import attrs
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from trio_eventstore import UnexpectedAckError
+from trio_eventstore._fsm import SubscriptionFSM
+
+
+@attrs.frozen
+class Ev:
+    number: int
+    key: str
+    wanted: bool = True
+
+
+def number_of(event: Ev) -> int:
+    return event.number
+
+
+class FSMMachine(RuleBasedStateMachine):
+    """Random consumers joining, leaving and crashing, reads, acks and checkpoints."""
+
+    @initialize(
+        start=st.integers(0, 5),
+        max_size=st.integers(1, 12),
+        threshold=st.integers(1, 4),
+        partitioned=st.booleans(),
+        filtering=st.booleans(),
+    )
+    def setup(
+        self, start: int, max_size: int, threshold: int, partitioned: bool, filtering: bool
+    ) -> None:
+        self.partitioned = partitioned
+        self.fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
+            last_seen=start,
+            number_of=number_of,
+            max_size=max_size,
+            checkpoint_threshold=threshold,
+            partition_by=(lambda e: e.key) if partitioned else None,
+            selector=(lambda e: e.wanted) if filtering else None,
+        )
+        self.start = start
+        self.head = start  # events 1..head exist in the "store" (numbers with gaps)
+        self.store: list[Ev] = []
+        self.next_id = 0
+        self.delivered: dict[int, list[Ev]] = {}  # consumer -> events received, in order
+        self.acked: set[int] = set()
+        self.persisted = start
+        self.now = 0.0
+        self.last_delivered_by_key: dict[Hashable, int] = {}
+
+    # -- the store --------------------------------------------------------------------
+
+    @rule(
+        count=st.integers(1, 4),
+        gap=st.integers(0, 2),
+        keys=st.lists(st.sampled_from("abc"), min_size=4, max_size=4),
+        wanted=st.booleans(),
+    )
+    def append(self, count: int, gap: int, keys: list[str], wanted: bool) -> None:
+        for i in range(count):
+            self.head += 1 + (gap if i == 0 else 0)  # $all may have gaps (hard deletes)
+            self.store.append(Ev(self.head, keys[i], wanted or i % 2 == 0))
+        self.fsm.on_new_events()
+
+    @rule()
+    def read(self) -> None:
+        after = self.fsm.wants_read()
+        if after is None:
+            return
+        limit = self.fsm.read_limit()
+        page = [e for e in self.store if e.number > after][:limit]
+        self.fsm.on_events(page, at_head=len(page) < limit)
+        self.collect()
+
+    # -- consumers ----------------------------------------------------------------------
+
+    @rule(buffer=st.integers(1, 3))
+    def join(self, buffer: int) -> None:
+        cid = self.next_id
+        self.next_id += 1
+        self.delivered[cid] = []
+        self.fsm.add_consumer(cid, buffer)
+        self.collect()
+
+    @precondition(lambda self: self.fsm.consumers)
+    @rule(data=st.data())
+    def leave_or_crash(self, data: st.DataObject) -> None:
+        cid = data.draw(st.sampled_from(sorted(self.fsm.consumers)))
+        self.fsm.remove_consumer(cid)
+        self.collect()
+
+    @precondition(lambda self: any(c.in_flight for c in self.fsm.consumers.values()))
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        cid = data.draw(
+            st.sampled_from(sorted(c for c, v in self.fsm.consumers.items() if v.in_flight))
+        )
+        numbers = self.fsm.in_flight_of(cid)
+        upto = data.draw(st.sampled_from(numbers))
+        self.fsm.ack(cid, upto)
+        self.acked.update(n for n in numbers if n <= upto)
+        self.collect()
+
+    @precondition(lambda self: self.fsm.consumers)
+    @rule(data=st.data(), number=st.integers(0, 60))
+    def bad_ack(self, data: st.DataObject, number: int) -> None:
+        cid = data.draw(st.sampled_from(sorted(self.fsm.consumers)))
+        if number in self.fsm.in_flight_of(cid):
+            return
+        with pytest.raises(UnexpectedAckError):
+            self.fsm.ack(cid, number)
+
+    @rule(elapsed=st.floats(0, 2))
+    def checkpoint(self, elapsed: float) -> None:
+        self.now += elapsed
+        due = self.fsm.checkpoint_due(self.now)
+        if due is not None:
+            assert due > self.persisted
+            self.persisted = due
+            self.fsm.on_checkpoint_persisted(due, self.now)
+
+    def collect(self) -> None:
+        for cid, events in self.fsm.take_deliveries().items():
+            assert cid in self.fsm.consumers
+            self.delivered[cid].extend(events)
+            if self.partitioned:
+                for event in events:
+                    # Order within a partition: never below what was delivered before,
+                    # except redelivery of events nobody acknowledged.
+                    last = self.last_delivered_by_key.get(event.key, -1)
+                    assert event.number > last or event.number not in self.acked
+                    self.last_delivered_by_key[event.key] = max(last, event.number)
+
+    # -- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def buffers_respected(self) -> None:
+        for consumer in self.fsm.consumers.values():
+            assert len(consumer.in_flight) <= consumer.buffer_size
+
+    @invariant()
+    def one_owner_per_partition(self) -> None:
+        if not self.partitioned:
+            return
+        owners: dict[Hashable, int] = {}
+        for consumer in self.fsm.consumers.values():
+            for _, key, _ in consumer.in_flight:
+                assert owners.setdefault(key, consumer.consumer_id) == consumer.consumer_id
+
+    @invariant()
+    def partition_order(self) -> None:
+        if not self.partitioned:
+            return
+        # Everything in flight of a key comes before everything pending of that key.
+        for consumer in self.fsm.consumers.values():
+            for number, key, _ in consumer.in_flight:
+                assert all(n > number for n, k, _ in self.fsm.pending if k == key)
+
+    @invariant()
+    def checkpoint_is_an_acknowledged_prefix(self) -> None:
+        fsm = self.fsm
+        assert fsm.last_persisted <= fsm.last_ack <= fsm.last_read
+        assert self.persisted == fsm.last_persisted
+        # Every event read at or below last_ack was acknowledged or filtered out.
+        for event in self.store:
+            if self.start < event.number <= fsm.last_ack and event.wanted:
+                # a wanted event at or below the checkpoint was acknowledged
+                assert event.number in self.acked or not self.fsm.selector, event
+        in_flight = {n for c in fsm.consumers.values() for n, _, _ in c.in_flight}
+        assert all(n > fsm.last_ack for n in in_flight)
+        assert all(n > fsm.last_ack for n, _, _ in fsm.pending)
+
+    @invariant()
+    def nothing_lost(self) -> None:
+        fsm = self.fsm
+        # Every event read and not in the acknowledged prefix is pending, in flight, or
+        # filtered/acked and waiting for the prefix to reach it.
+        in_flight = {n for c in fsm.consumers.values() for n, _, _ in c.in_flight}
+        pending = {n for n, _, _ in fsm.pending}
+        assert not in_flight & pending
+        for event in self.store:
+            if fsm.last_ack < event.number <= fsm.last_read:
+                assert (
+                    event.number in in_flight
+                    or event.number in pending
+                    or event.number in self.acked
+                    or not event.wanted
+                ), event
+
+
+TestFSM = FSMMachine.TestCase
+TestFSM.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_final_checkpoint_and_threshold() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
+        last_seen=0, number_of=number_of, checkpoint_threshold=3
+    )
+    fsm.add_consumer(1, 10)
+    fsm.on_events([Ev(1, "a"), Ev(2, "a")], at_head=True)
+    assert [e.number for e in fsm.take_deliveries()[1]] == [1, 2]
+    fsm.ack(1, 2)
+    assert fsm.checkpoint_due(0.0) is None  # 2 < threshold
+    assert fsm.checkpoint_due(0.0, final=True) == 2
+
+
+def test_checkpoint_after_never_stops_reading() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
+        last_seen=0, number_of=number_of, checkpoint_threshold=100, checkpoint_after=1.0, max_size=2
+    )
+    fsm.add_consumer(1, 2)
+    fsm.on_events([Ev(1, "a"), Ev(2, "a")], at_head=False)
+    fsm.take_deliveries()
+    fsm.ack(1, 1)
+    assert fsm.checkpoint_due(0.0) is None
+    assert fsm.checkpoint_due(1.5) == 1  # the timer fires mid catch-up ...
+    fsm.on_checkpoint_persisted(1, 1.5)
+    fsm.ack(1, 2)
+    assert fsm.wants_read() == 2  # ... and reading simply goes on after event 2
+
+
+def test_crashed_consumer_events_go_to_the_next_in_order() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
+        last_seen=0, number_of=number_of, partition_by=lambda e: e.key
+    )
+    fsm.add_consumer(1, 3)
+    fsm.add_consumer(2, 3)
+    fsm.on_events([Ev(1, "a"), Ev(2, "a"), Ev(3, "b"), Ev(4, "a")], at_head=True)
+    first = fsm.take_deliveries()
+    a_owner = 1 if any(e.key == "a" for e in first.get(1, [])) else 2
+    assert [e.number for e in first[a_owner] if e.key == "a"] == [1, 2, 4]
+    fsm.ack(a_owner, 1)
+    fsm.remove_consumer(a_owner)  # crashes with 2 and 4 in flight
+    other = 3 - a_owner
+    redelivered = fsm.take_deliveries()[other]
+    assert [e.number for e in redelivered if e.key == "a"] == [2, 4]

@@ -1,0 +1,291 @@
+"""The persistent-subscription state machine, sans I/O.
+
+It decides what to read, which consumer gets which event, what is acknowledged and
+what checkpoint to persist; the driver task in `_subscriptions` only carries out its
+decisions (reads, deliveries, checkpoint writes) and feeds results back. A Hypothesis
+stateful test drives it without a database.
+
+Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
+
+* a checkpoint is only ever the end of the contiguous acknowledged prefix of the
+  events read (in ``$all`` event numbers may have gaps after hard deletes);
+* ``checkpoint_after`` only schedules checkpoint writes, it never ends a catch-up
+  (Elixir #325);
+* events a consumer had in flight when it left or crashed go back to the front of
+  their partition, so the next consumer of that partition gets them first, in order
+  (Elixir #321).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from ._errors import UnexpectedAckError
+
+__all__ = ["Consumer", "SubscriptionFSM"]
+
+E = TypeVar("E")
+
+#: Marker key for "no partitioning": such events may go to any consumer.
+_UNPARTITIONED = object()
+
+
+@attrs.define(eq=False)
+class Consumer(Generic[E]):
+    """One competing consumer of a subscription."""
+
+    consumer_id: int
+    buffer_size: int
+    # (event_number, partition key, event), in delivery order
+    in_flight: list[tuple[int, Hashable, E]] = attrs.Factory(list)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer_size - len(self.in_flight)
+
+    def owns(self, key: Hashable) -> bool:
+        return any(k == key for _, k, _ in self.in_flight)
+
+
+class SubscriptionFSM(Generic[E]):
+    """Decides delivery and checkpoints for one persistent subscription.
+
+    Args:
+        last_seen: the persisted checkpoint (deliver events numbered above it).
+        max_size: events held (pending + in flight) at most before reading pauses.
+        checkpoint_threshold: persist once this many events are acknowledged.
+        checkpoint_after: also persist acknowledged events at least this often (seconds;
+            0: only by threshold and on exit).
+        number_of: the event number of an event.
+        partition_by: key of an event; events of one key go to one consumer at a time,
+            in order. None: any consumer.
+        selector: events it rejects are not delivered and count as acknowledged.
+    """
+
+    def __init__(
+        self,
+        *,
+        last_seen: int,
+        number_of: Callable[[E], int],
+        max_size: int = 1000,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        partition_by: Callable[[E], Hashable] | None = None,
+        selector: Callable[[E], bool] | None = None,
+    ) -> None:
+        self.number_of = number_of
+        self.max_size = max_size
+        self.checkpoint_threshold = checkpoint_threshold
+        self.checkpoint_after = checkpoint_after
+        self.partition_by = partition_by
+        self.selector = selector
+        #: highest event number read from the store
+        self.last_read = last_seen
+        #: end of the contiguous acknowledged prefix
+        self.last_ack = last_seen
+        #: what the store holds
+        self.last_persisted = last_seen
+        #: a write of this checkpoint is under way
+        self.persisting: int | None = None
+        self.consumers: dict[int, Consumer[E]] = {}
+        #: read, not yet delivered: (event_number, key, event), sorted by number
+        self.pending: list[tuple[int, Hashable, E]] = []
+        #: read and not yet in the acknowledged prefix: event_number -> acknowledged?
+        self._unacked: dict[int, bool] = {}
+        self._order: list[int] = []  # the keys of _unacked, ascending
+        #: deliveries decided but not yet handed over by the driver
+        self._outbox: dict[int, list[E]] = {}
+        #: reading reached the head of the stream and nothing newer is known
+        self.at_head = False
+        self._last_checkpoint_time: float | None = None
+        self._round_robin = 0
+        #: events that have entered the acknowledged prefix, ever; and that count when
+        #: the last checkpoint write was decided
+        self._acked_total = 0
+        self._acked_at_checkpoint = 0
+        self._acked_at_write = 0
+
+    # -- questions the driver asks ------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Events read and not yet acknowledged."""
+        return len(self._order)
+
+    def wants_read(self) -> int | None:
+        """The number to read from (exclusive: events above it), or None: not now."""
+        if self.at_head or not self.consumers or self.held >= self.max_size:
+            return None
+        return self.last_read
+
+    def read_limit(self) -> int:
+        return max(1, self.max_size - self.held)
+
+    def take_deliveries(self) -> dict[int, list[E]]:
+        """Deliveries decided since the last call: consumer id -> events, in order."""
+        out, self._outbox = self._outbox, {}
+        return out
+
+    def checkpoint_due(self, now: float, *, final: bool = False) -> int | None:
+        """The checkpoint to persist now, or None."""
+        if self.persisting is not None or self.last_ack <= self.last_persisted:
+            return None
+        if self._last_checkpoint_time is None:
+            self._last_checkpoint_time = now
+        pending = self._acked_total - self._acked_at_checkpoint
+        if (
+            final
+            or pending >= self.checkpoint_threshold
+            or (
+                self.checkpoint_after > 0
+                and now - self._last_checkpoint_time >= self.checkpoint_after
+            )
+        ):
+            self.persisting = self.last_ack
+            self._acked_at_write = self._acked_total
+            return self.last_ack
+        return None
+
+    def next_checkpoint_deadline(self) -> float | None:
+        """When `checkpoint_due` may next say yes because of ``checkpoint_after``."""
+        if self.checkpoint_after <= 0 or self.last_ack <= self.last_persisted:
+            return None
+        if self._last_checkpoint_time is None:
+            return None
+        return self._last_checkpoint_time + self.checkpoint_after
+
+    def in_flight_of(self, consumer_id: int) -> list[int]:
+        return [n for n, _, _ in self.consumers[consumer_id].in_flight]
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def add_consumer(self, consumer_id: int, buffer_size: int) -> None:
+        if consumer_id in self.consumers:
+            raise ValueError(f"consumer {consumer_id} is already subscribed")
+        if buffer_size < 1:
+            raise ValueError("buffer_size: must be >= 1")
+        self.consumers[consumer_id] = Consumer(consumer_id, buffer_size)
+        self._dispatch()
+
+    def remove_consumer(self, consumer_id: int) -> None:
+        """A consumer left or crashed: its unacknowledged events go back to the front."""
+        consumer = self.consumers.pop(consumer_id, None)
+        self._outbox.pop(consumer_id, None)
+        if consumer is None:
+            return
+        for item in consumer.in_flight:
+            bisect.insort(self.pending, item, key=lambda it: it[0])
+        self._dispatch()
+
+    def on_events(self, events: Iterable[E], *, at_head: bool) -> None:
+        """Events read from the store, in order, all above `last_read`. ``at_head``: the
+        read returned fewer than asked (nothing newer is known)."""
+        for event in events:
+            number = self.number_of(event)
+            if number <= self.last_read:
+                continue  # already read (a late or repeated read)
+            self.last_read = number
+            self._unacked[number] = False
+            self._order.append(number)
+            if self.selector is not None and not self.selector(event):
+                self._unacked[number] = True  # filtered: counts as acknowledged
+                continue
+            key = _UNPARTITIONED if self.partition_by is None else self.partition_by(event)
+            self.pending.append((number, key, event))
+        self.at_head = at_head
+        self._advance_ack()
+        self._dispatch()
+
+    def on_new_events(self) -> None:
+        """The store has events beyond what was read (a notification or a poll)."""
+        self.at_head = False
+
+    def ack(self, consumer_id: int, event_number: int) -> None:
+        """The consumer acknowledges its in-flight events up to ``event_number``.
+
+        Raises:
+            UnexpectedAckError: ``event_number`` is not in flight for this consumer.
+        """
+        consumer = self.consumers.get(consumer_id)
+        if consumer is None or not any(n == event_number for n, _, _ in consumer.in_flight):
+            raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
+        remaining = []
+        for item in consumer.in_flight:
+            if item[0] <= event_number:
+                self._unacked[item[0]] = True
+            else:
+                remaining.append(item)
+        consumer.in_flight = remaining
+        self._advance_ack()
+        self._dispatch()
+
+    def on_checkpoint_persisted(self, checkpoint: int, now: float) -> None:
+        self.last_persisted = max(self.last_persisted, checkpoint)
+        self.persisting = None
+        self._acked_at_checkpoint = self._acked_at_write
+        self._last_checkpoint_time = now
+
+    def on_checkpoint_failed(self) -> None:
+        self.persisting = None
+
+    def hibernate(self) -> bool:
+        """Drop read-ahead that no consumer holds (it is read again later). Returns
+        False (and does nothing) while events are in flight or pending acks."""
+        if any(c.in_flight for c in self.consumers.values()) or self._order:
+            return False
+        self.pending.clear()
+        self._unacked.clear()
+        self._order.clear()
+        return True
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _advance_ack(self) -> None:
+        order, unacked = self._order, self._unacked
+        i = 0
+        while i < len(order) and unacked[order[i]]:
+            i += 1
+        if i:
+            self.last_ack = order[i - 1]
+            for number in order[:i]:
+                del unacked[number]
+            del order[:i]
+            self._acked_total += i
+
+    def _dispatch(self) -> None:
+        if not self.pending or not self.consumers:
+            return
+        consumers = list(self.consumers.values())
+        blocked: set[Any] = set()
+        remaining: list[tuple[int, Hashable, E]] = []
+        for item in self.pending:
+            _, key, event = item
+            if key is not _UNPARTITIONED and key in blocked:
+                remaining.append(item)
+                continue
+            target = self._choose(consumers, key)
+            if target is None:
+                if key is not _UNPARTITIONED:
+                    blocked.add(key)
+                remaining.append(item)
+                continue
+            target.in_flight.append(item)
+            self._outbox.setdefault(target.consumer_id, []).append(event)
+        self.pending = remaining
+
+    def _choose(self, consumers: list[Consumer[E]], key: Hashable) -> Consumer[E] | None:
+        if key is not _UNPARTITIONED:
+            for consumer in consumers:
+                if consumer.owns(key):
+                    return consumer if consumer.capacity > 0 else None
+        count = len(consumers)
+        for offset in range(count):
+            consumer = consumers[(self._round_robin + offset) % count]
+            if consumer.capacity > 0:
+                self._round_robin = (self._round_robin + offset + 1) % count
+                return consumer
+        return None
