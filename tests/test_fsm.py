@@ -110,10 +110,10 @@ class FSMMachine(RuleBasedStateMachine):
         cid = data.draw(
             st.sampled_from(sorted(c for c, v in self.fsm.consumers.items() if v.in_flight))
         )
-        numbers = self.fsm.in_flight_of(cid)
+        numbers = self.fsm.in_flight_of(cid)  # in delivery order
         upto = data.draw(st.sampled_from(numbers))
         self.fsm.ack(cid, upto)
-        self.acked.update(n for n in numbers if n <= upto)
+        self.acked.update(numbers[: numbers.index(upto) + 1])
         self.collect()
 
     @precondition(lambda self: self.fsm.consumers)

@@ -51,6 +51,11 @@ EXPECTED = {
     "RecordedEvent",
     "SnapshotData",
     "JsonSerializer",
+    "SubscriptionNotFoundError",
+    "EventBatch",
+    "Subscription",
+    "SubscriptionStatistics",
+    "TransientSubscription",
     "Serializer",
 }
 

@@ -20,6 +20,7 @@ from ._errors import (
     StreamNotFoundError,
     SubscriptionAlreadyExistsError,
     SubscriptionFailedError,
+    SubscriptionNotFoundError,
     TooManySubscribersError,
     UnexpectedAckError,
     UnknownEventTypeError,
@@ -27,6 +28,12 @@ from ._errors import (
 )
 from ._serialization import JsonSerializer, Serializer
 from ._store import EventStore, EventStoreStatistics, open_event_store
+from ._subscriptions import (
+    EventBatch,
+    Subscription,
+    SubscriptionStatistics,
+    TransientSubscription,
+)
 from ._types import (
     ALL_STREAMS,
     ANY_VERSION,
@@ -47,6 +54,11 @@ from ._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TransientSubscription",
+    "SubscriptionStatistics",
+    "Subscription",
+    "EventBatch",
+    "SubscriptionNotFoundError",
     "Serializer",
     "JsonSerializer",
     "SnapshotData",

@@ -69,6 +69,7 @@ def _check_url(name: str, url: str | None) -> None:
 
 
 _DURATIONS = (
+    "notification_poll_interval",
     "queue_target",
     "queue_interval",
     "timeout",
@@ -105,6 +106,9 @@ class EventStoreConfig:
         session_mode_url: a URL for connections that need session semantics (LISTEN,
             advisory locks), when ``url`` points at PgBouncer in transaction mode.
         enable_hard_deletes: allow ``delete_stream(..., hard=True)``.
+        notification_poll_interval: how often subscriptions re-read stream positions
+            even without a notification (a safety net; set it low where LISTEN cannot
+            work, e.g. PgBouncer in transaction mode without ``session_mode_url``).
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
     """
@@ -127,6 +131,7 @@ class EventStoreConfig:
     subscription_hibernate_after: float = 15.0
     session_mode_url: str | None = attrs.field(default=None, repr=_url_repr)
     enable_hard_deletes: bool = False
+    notification_poll_interval: float = 5.0
     init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
         default=None, repr=False
     )

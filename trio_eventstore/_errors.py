@@ -26,6 +26,7 @@ __all__ = [
     "StreamNotFoundError",
     "SubscriptionAlreadyExistsError",
     "SubscriptionFailedError",
+    "SubscriptionNotFoundError",
     "TooManySubscribersError",
     "UnexpectedAckError",
     "UnknownEventTypeError",
@@ -79,6 +80,10 @@ class UnknownEventTypeError(SerializationError):
 
 class SubscriptionAlreadyExistsError(EventStoreError):
     """A subscription of that name is already active in this store."""
+
+
+class SubscriptionNotFoundError(EventStoreError, LookupError):
+    """No subscription of that name exists."""
 
 
 class TooManySubscribersError(EventStoreError):

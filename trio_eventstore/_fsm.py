@@ -205,21 +205,24 @@ class SubscriptionFSM(Generic[E]):
         self.at_head = False
 
     def ack(self, consumer_id: int, event_number: int) -> None:
-        """The consumer acknowledges its in-flight events up to ``event_number``.
+        """The consumer acknowledges ``event_number`` and every event it was given
+        before it (in delivery order: after a redelivery, numbers need not ascend).
 
         Raises:
             UnexpectedAckError: ``event_number`` is not in flight for this consumer.
         """
         consumer = self.consumers.get(consumer_id)
-        if consumer is None or not any(n == event_number for n, _, _ in consumer.in_flight):
+        position = None
+        if consumer is not None:
+            for index, (number, _, _) in enumerate(consumer.in_flight):
+                if number == event_number:
+                    position = index
+                    break
+        if consumer is None or position is None:
             raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
-        remaining = []
-        for item in consumer.in_flight:
-            if item[0] <= event_number:
-                self._unacked[item[0]] = True
-            else:
-                remaining.append(item)
-        consumer.in_flight = remaining
+        for number, _, _ in consumer.in_flight[: position + 1]:
+            self._unacked[number] = True
+        del consumer.in_flight[: position + 1]
         self._advance_ack()
         self._dispatch()
 

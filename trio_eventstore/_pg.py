@@ -557,6 +557,15 @@ class Connection:
 
         await _cross(self._loop, self._conn.add_listener(channel, on_notify), self._config)
 
+    def on_termination(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (in the Trio thread, must not block) once the connection
+        is lost or closed."""
+
+        def on_close(_conn: Any) -> None:
+            callback()
+
+        self._conn.add_termination_listener(on_close)
+
     @property
     def backend_pid(self) -> int:
         pid: int = self._conn.get_server_pid()

@@ -491,3 +491,65 @@ def read_snapshot(schema: str, column_data_type: str) -> str:
 def delete_snapshot(schema: str) -> str:
     """Parameter: source_uuid."""
     return f"DELETE FROM {quote_ident(schema)}.snapshots WHERE source_uuid = $1"
+
+
+# -- notifications, locks, subscriptions ------------------------------------------------------
+
+
+def stream_versions(schema: str) -> str:
+    """Parameter: array of stream_uuid. Current version of each existing stream."""
+    return (
+        f"SELECT stream_uuid, stream_version FROM {quote_ident(schema)}.streams "
+        "WHERE stream_uuid = ANY($1::text[])"
+    )
+
+
+def notification_channel(schema: str) -> str:
+    """The channel `notify_events()` uses: the schema name + '.events', as an identifier."""
+    return f"{schema}.events"
+
+
+TRY_LOCK = "SELECT pg_catalog.pg_try_advisory_lock($1::int, $2::int)"
+UNLOCK = "SELECT pg_catalog.pg_advisory_unlock($1::int, $2::int)"
+
+
+def create_subscription(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_name, last_seen (NULL: from the origin)."""
+    return (
+        f"INSERT INTO {quote_ident(schema)}.subscriptions "
+        "(stream_uuid, subscription_name, last_seen) VALUES ($1, $2, $3) "
+        "ON CONFLICT (stream_uuid, subscription_name) DO NOTHING"
+    )
+
+
+def get_subscription(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_name."""
+    return (
+        "SELECT subscription_id, last_seen "
+        f"FROM {quote_ident(schema)}.subscriptions "
+        "WHERE stream_uuid = $1 AND subscription_name = $2"
+    )
+
+
+def checkpoint_subscription(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards."""
+    return (
+        f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $3 "
+        "WHERE stream_uuid = $1 AND subscription_name = $2 "
+        "AND (last_seen IS NULL OR last_seen < $3)"
+    )
+
+
+def delete_subscription(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_name."""
+    return (
+        f"DELETE FROM {quote_ident(schema)}.subscriptions "
+        "WHERE stream_uuid = $1 AND subscription_name = $2"
+    )
+
+
+def list_subscriptions(schema: str) -> str:
+    return (
+        "SELECT subscription_id, stream_uuid, subscription_name, last_seen, created_at "
+        f"FROM {quote_ident(schema)}.subscriptions ORDER BY subscription_id"
+    )

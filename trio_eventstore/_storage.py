@@ -34,6 +34,7 @@ from ._types import (
     Page,
     RecordedEvent,
     SnapshotData,
+    StartFrom,
     StreamInfo,
 )
 
@@ -481,3 +482,52 @@ async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
 
 async def delete_snapshot(db: Database, source_uuid: str) -> None:
     await db.execute(_sql.delete_snapshot(db.config.schema), source_uuid)
+
+
+# -- subscriptions ---------------------------------------------------------------------------
+
+
+async def create_subscription(
+    db: Database, stream_uuid: str, name: str, start_from: StartFrom | int
+) -> tuple[int, int]:
+    """The subscription row, created with ``start_from`` when missing (start_from only
+    applies then). Returns (subscription_id, last_seen)."""
+    schema = db.config.schema
+
+    async def unit(conn: Conn) -> tuple[int, int]:
+        if start_from is StartFrom.ORIGIN:
+            initial: int | None = None
+        elif start_from is StartFrom.CURRENT:
+            row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
+            initial = 0 if row is None else int(row["stream_version"])
+        else:
+            initial = start_from
+        await conn.execute(_sql.create_subscription(schema), stream_uuid, name, initial)
+        row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
+        assert row is not None
+        return int(row["subscription_id"]), int(row["last_seen"] or 0)
+
+    return await db.run(unit)
+
+
+async def checkpoint_subscription(
+    db: Database, stream_uuid: str, name: str, last_seen: int
+) -> None:
+    await db.execute(_sql.checkpoint_subscription(db.config.schema), stream_uuid, name, last_seen)
+
+
+async def delete_subscription(db: Database, stream_uuid: str, name: str) -> bool:
+    status = await db.execute(_sql.delete_subscription(db.config.schema), stream_uuid, name)
+    return status != "DELETE 0"
+
+
+async def read_page(
+    db: Database, stream_uuid: str, after: int, limit: int
+) -> tuple[list[RecordedEvent], bool]:
+    """Events above ``after`` (at most ``limit``) and whether that reached the head. A
+    stream that does not exist (yet) or was deleted reads as empty."""
+    try:
+        events = await read(db, stream_uuid, after + 1, limit, forward=True)
+    except (StreamNotFoundError, StreamDeletedError):
+        return [], True
+    return events, len(events) < limit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any
 
 import attrs
@@ -12,8 +12,21 @@ import trio
 
 from . import _storage
 from ._config import EventStoreConfig
-from ._errors import NotSupportedError, single_errors
+from ._errors import (
+    NotSupportedError,
+    SubscriptionAlreadyExistsError,
+    SubscriptionNotFoundError,
+    single_errors,
+)
+from ._locks import LockKeeper, run_lock_keeper
+from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
+from ._subscriptions import (
+    Subscription,
+    SubscriptionOptions,
+    Subscriptions,
+    TransientSubscription,
+)
 from ._types import (
     ALL_STREAMS,
     EventData,
@@ -21,6 +34,7 @@ from ._types import (
     Page,
     RecordedEvent,
     SnapshotData,
+    StartFrom,
     StreamInfo,
 )
 
@@ -41,10 +55,12 @@ class EventStoreStatistics:
 class EventStore:
     """A store opened by `open_event_store`. Do not construct it yourself."""
 
-    def __init__(self, config: EventStoreConfig, database: Database, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, config: EventStoreConfig, database: Database, subscriptions: Subscriptions
+    ) -> None:
         self._config = config
         self._db = database
-        self._nursery = nursery
+        self._subscriptions = subscriptions
 
     @property
     def config(self) -> EventStoreConfig:
@@ -268,6 +284,100 @@ class EventStore:
         _check_stream(source_uuid, "source_uuid")
         await _storage.delete_snapshot(self._db, source_uuid)
 
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self,
+        stream_uuid: str,
+        *,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
+    ) -> AsyncIterator[TransientSubscription]:
+        """A transient subscription: iterate batches of the events appended to the stream
+        (or ``"$all"``) after subscribing, until the block exits. No checkpoint, no lock.
+
+        Ports ``EventStore.subscribe/2``.
+        """
+        _check_stream(stream_uuid)
+        for name, fn in (("selector", selector), ("mapper", mapper)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: expected a callable or None")
+        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+
+    @contextlib.asynccontextmanager
+    async def subscribe_to_stream(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        *,
+        start_from: StartFrom | int = StartFrom.ORIGIN,
+        concurrency_limit: int | None = None,
+        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        buffer_size: int = 1,
+        max_size: int = 1000,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """A persistent subscription: iterate batches, `Subscription.ack` them; the
+        checkpoint survives restarts and one store at a time (cluster-wide, through
+        Postgres advisory locks) delivers a given name. Leaving the block persists the
+        last ack.
+
+        Ports ``EventStore.subscribe_to_stream/4``.
+
+        Raises:
+            SubscriptionAlreadyExistsError: the name is active in this store (and no
+                ``concurrency_limit`` lets several consumers share it).
+            TooManySubscribersError: ``concurrency_limit`` consumers already share it.
+            InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
+        """
+        _check_stream(stream_uuid)
+        _check_stream(subscription_name, "subscription_name")
+        options = SubscriptionOptions(
+            start_from=start_from,
+            concurrency_limit=concurrency_limit,
+            partition_by=partition_by,
+            buffer_size=buffer_size,
+            max_size=max_size,
+            checkpoint_threshold=checkpoint_threshold,
+            checkpoint_after=checkpoint_after,
+            selector=selector,
+            mapper=mapper,
+        )
+        driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
+        try:
+            yield Subscription(driver, consumer)
+        finally:
+            await self._subscriptions.leave(driver, consumer)
+
+    def subscribe_to_all_streams(
+        self, subscription_name: str, **options: Any
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """`subscribe_to_stream` on ``"$all"`` (event numbers are global)."""
+        return self.subscribe_to_stream(ALL_STREAMS, subscription_name, **options)
+
+    async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
+        """Delete a persistent subscription's row (its checkpoint).
+
+        Raises:
+            SubscriptionAlreadyExistsError: it is active in this store: leave it first.
+            SubscriptionNotFoundError: there is no such subscription.
+        """
+        _check_stream(stream_uuid)
+        _check_stream(subscription_name, "subscription_name")
+        if any(
+            d.stream_uuid == stream_uuid and d.name == subscription_name
+            for d in self._subscriptions.active()
+        ):
+            raise SubscriptionAlreadyExistsError(
+                f"subscription {subscription_name!r} is active in this store; leave it first"
+            )
+        if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
+            raise SubscriptionNotFoundError(
+                f"no subscription {subscription_name!r} on {stream_uuid!r}"
+            )
+
     def statistics(self) -> EventStoreStatistics:
         pool = self._db.pool_statistics()
         return EventStoreStatistics(
@@ -364,6 +474,14 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
         async with open_database(config) as database:
             state = await database.run(lambda conn: _storage.read_schema_state(conn, config.schema))
             _storage.check_schema(state, config)
+            assert state.lock_key is not None
             async with trio.open_nursery() as nursery:
-                yield EventStore(config, database, nursery)
+                notifier = Notifier(config, database)
+                await nursery.start(run_notifier, notifier)
+                locks = LockKeeper(config)
+                await nursery.start(run_lock_keeper, locks)
+                subscriptions = Subscriptions(
+                    config, database, notifier, locks, state.lock_key, nursery
+                )
+                yield EventStore(config, database, subscriptions)
                 nursery.cancel_scope.cancel()

@@ -1,0 +1,270 @@
+"""Transient and persistent subscriptions on a real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import (
+    ANY_VERSION,
+    CURRENT,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    RecordedEvent,
+    open_event_store,
+)
+
+HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
+
+
+def ev(n: int, **kw: object) -> EventData:
+    return EventData({"n": n}, event_type="Counted", **kw)  # type: ignore[arg-type]
+
+
+async def append(store: EventStore, stream: str, *ns: int) -> None:
+    await store.append_to_stream(stream, ANY_VERSION, [ev(n) for n in ns])
+
+
+async def take(sub: es.Subscription, count: int, *, ack: bool = True) -> list[RecordedEvent]:
+    """Receive ``count`` events, acknowledging each batch."""
+    got: list[RecordedEvent] = []
+    with trio.fail_after(HANG_GUARD):
+        async for batch in sub:
+            got.extend(batch.events)
+            if ack:
+                sub.ack(batch)
+            if len(got) >= count:
+                break
+    return got
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Wait until the driver task has caught up with what the test did."""
+    with trio.fail_after(HANG_GUARD):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def fast(initialized: EventStoreConfig) -> AsyncIterator[EventStoreConfig]:
+    yield initialized.with_changes(subscription_retry_interval=0.2, notification_poll_interval=30)
+
+
+# -- transient ---------------------------------------------------------------------------
+
+
+async def test_transient_subscription_gets_later_appends_in_order(store: EventStore) -> None:
+    await append(store, "s", 1, 2)
+    async with store.subscribe("s") as stream_sub, store.subscribe("$all") as all_sub:
+        await append(store, "s", 3, 4)
+        await append(store, "other", 5)
+        await append(store, "s", 6)
+        seen: list[int] = []
+        with trio.fail_after(HANG_GUARD):
+            async for batch in stream_sub:
+                seen.extend(e.data["n"] for e in batch)  # type: ignore[index]
+                if len(seen) == 3:
+                    break
+        assert seen == [3, 4, 6]
+        numbers: list[int] = []
+        with trio.fail_after(HANG_GUARD):
+            async for batch in all_sub:
+                numbers.extend(e.event_number for e in batch)
+                if len(numbers) == 4:
+                    break
+        assert numbers == [3, 4, 5, 6]
+
+
+async def test_transient_selector_and_mapper(store: EventStore) -> None:
+    async with store.subscribe(
+        "$all",
+        selector=lambda e: e.data["n"] % 2 == 0,
+        mapper=lambda e: e.data["n"],  # type: ignore[index]
+    ) as sub:
+        await append(store, "a", 1, 2, 3, 4)
+        with trio.fail_after(HANG_GUARD):
+            batch = await sub.__anext__()
+        assert batch == [2, 4]
+
+
+# -- persistent --------------------------------------------------------------------------
+
+
+async def test_catch_up_then_live_and_resume_after_checkpoint(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        await append(store, "acct", 1, 2, 3)
+        async with store.subscribe_to_stream("acct", "proj", buffer_size=10) as sub:
+            await sub.wait_subscribed()
+            first = await take(sub, 3)
+            await append(store, "acct", 4)
+            live = await take(sub, 1)
+        assert [e.stream_version for e in first + live] == [1, 2, 3, 4]
+        await append(store, "acct", 5, 6)
+        async with store.subscribe_to_stream("acct", "proj", buffer_size=10) as sub:
+            resumed = await take(sub, 2)
+        assert [e.stream_version for e in resumed] == [5, 6]
+
+
+async def test_all_streams_subscription_in_global_order(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        await append(store, "a", 1)
+        await append(store, "b", 2)
+        async with store.subscribe_to_all_streams("all-proj", buffer_size=3) as sub:
+            await append(store, "a", 3)
+            got = await take(sub, 3)
+            stats = sub.statistics()
+        assert [e.event_number for e in got] == [1, 2, 3]
+        assert stats.last_ack == 3
+
+
+async def test_unacked_events_are_redelivered(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "p", buffer_size=3) as sub:
+            got = await take(sub, 3, ack=False)
+            sub.ack(got[0])  # only the first
+        async with store.subscribe_to_stream("s", "p", buffer_size=3) as sub:
+            again = await take(sub, 2)
+        assert [e.stream_version for e in again] == [2, 3]
+
+
+async def test_start_from_current_and_number(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "cur", start_from=CURRENT) as sub:
+            await sub.wait_subscribed()
+            await append(store, "s", 4)
+            assert [e.stream_version for e in await take(sub, 1)] == [4]
+        async with store.subscribe_to_stream("s", "num", start_from=2, buffer_size=5) as sub:
+            assert [e.stream_version for e in await take(sub, 2)] == [3, 4]
+        # start_from only applies when the row is created.
+        async with store.subscribe_to_stream("s", "num", start_from=0, buffer_size=5) as sub:
+            await append(store, "s", 5)
+            assert [e.stream_version for e in await take(sub, 1)] == [5]
+
+
+async def test_checkpoint_threshold(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        await append(store, "s", *range(1, 6))
+        async with store.subscribe_to_stream(
+            "s", "t", buffer_size=1, checkpoint_threshold=3
+        ) as sub:
+            got = await take(sub, 4)
+            assert [e.stream_version for e in got] == [1, 2, 3, 4]
+            await wait_for(lambda: sub.statistics().last_persisted >= 3)
+            # Never more than acknowledged; at least each threshold's worth.
+            assert 3 <= sub.statistics().last_persisted <= sub.statistics().last_ack == 4
+        # Leaving persisted the last ack (4).
+        async with store.subscribe_to_stream("s", "t") as sub:
+            assert [e.stream_version for e in await take(sub, 1)] == [5]
+
+
+async def test_checkpoint_after_mid_catch_up_skips_nothing(fast: EventStoreConfig) -> None:
+    """Elixir #325: a checkpoint timer firing during catch-up must not skip events."""
+    async with open_event_store(fast) as store:
+        await append(store, "s", *range(1, 41))
+        async with store.subscribe_to_stream(
+            "s",
+            "timer",
+            buffer_size=2,
+            max_size=4,
+            checkpoint_threshold=1000,
+            checkpoint_after=0.01,
+        ) as sub:
+            got: list[int] = []
+            with trio.fail_after(HANG_GUARD):
+                async for batch in sub:
+                    got.extend(e.stream_version for e in batch.events)
+                    await trio.sleep(0.005)  # let the timer fire between batches
+                    sub.ack(batch)
+                    if len(got) >= 40:
+                        break
+        assert got == list(range(1, 41))
+
+
+async def test_errors(fast: EventStoreConfig) -> None:
+    async with open_event_store(fast) as store:
+        with pytest.raises(es.InvalidStartFromError):
+            async with store.subscribe_to_stream("s", "x", start_from=-1):
+                pass
+        with pytest.raises(es.InvalidStartFromError):
+            async with store.subscribe_to_stream("s", "x", start_from="origin"):  # type: ignore[arg-type]
+                pass
+        async with store.subscribe_to_stream("s", "x") as sub:
+            with pytest.raises(es.SubscriptionAlreadyExistsError):
+                async with store.subscribe_to_stream("s", "x"):
+                    pass
+            await sub.wait_subscribed()
+            with pytest.raises(es.UnexpectedAckError):
+                sub.ack(99)
+            with pytest.raises(es.SubscriptionAlreadyExistsError):
+                await store.delete_subscription("s", "x")
+        async with store.subscribe_to_stream("s", "c", concurrency_limit=1):
+            with pytest.raises(es.TooManySubscribersError):
+                async with store.subscribe_to_stream("s", "c", concurrency_limit=1):
+                    pass
+        await store.delete_subscription("s", "x")
+        with pytest.raises(es.SubscriptionNotFoundError):
+            await store.delete_subscription("s", "x")
+
+
+async def test_failing_selector_fails_only_that_subscription(fast: EventStoreConfig) -> None:
+    def boom(event: RecordedEvent) -> bool:
+        raise RuntimeError("selector bug")
+
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1)
+        async with store.subscribe_to_stream("s", "bad", selector=boom) as sub:
+            with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError):
+                async for _ in sub:
+                    pass
+        # The store and other subscriptions live on.
+        async with store.subscribe_to_stream("s", "good") as sub:
+            assert len(await take(sub, 1)) == 1
+
+
+async def test_competing_consumers_keep_partition_order_through_a_crash(
+    fast: EventStoreConfig,
+) -> None:
+    async with open_event_store(fast) as store:
+        for i in range(12):
+            await append(store, f"agg-{i % 3}", i)
+        received: dict[str, list[int]] = {}
+        crashed = trio.Event()
+
+        async def consumer(name: str, crash_after: int | None) -> None:
+            async with store.subscribe_to_all_streams(
+                "workers",
+                concurrency_limit=2,
+                buffer_size=2,
+                partition_by=lambda e: e.stream_uuid,
+            ) as sub:
+                handled = 0
+                async for batch in sub:
+                    for event in batch.events:
+                        received.setdefault(event.stream_uuid, []).append(event.stream_version)
+                        handled += 1
+                        if crash_after is not None and handled == crash_after:
+                            crashed.set()
+                            return  # leaves with events in flight, unacked
+                        sub.ack(event)
+                    if sum(len(v) for v in received.values()) >= 14:
+                        return
+
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consumer, "a", 3)
+                nursery.start_soon(consumer, "b", None)
+                await crashed.wait()
+                await append(store, "agg-0", 99)
+        for stream, versions in received.items():
+            # Within a partition the order never goes backwards, apart from redelivery
+            # of the crashed consumer's unacknowledged event.
+            deduped = [v for i, v in enumerate(versions) if v not in versions[:i]]
+            assert deduped == sorted(deduped), (stream, versions)
+        everything = {(s, v) for s, vs in received.items() for v in vs}
+        assert {(f"agg-{i % 3}", i // 3 + 1) for i in range(12)} <= everything

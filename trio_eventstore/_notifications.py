@@ -1,0 +1,159 @@
+"""The notifier: LISTEN on the store's channel and keep per-stream high-water marks.
+
+Notifications are hints; whoever waits reads from the database. The notifier task
+owns one dedicated connection (``session_mode_url`` when set). When that connection
+drops it reconnects with back-off and then re-reads the marks of every watched stream
+from the database, so nothing committed while it was deaf is missed (Elixir #205).
+A poll of the same marks every ``notification_poll_interval`` wakes readers even where
+LISTEN cannot work (PgBouncer in transaction mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from . import _sql
+from ._config import EventStoreConfig
+from ._errors import EventStoreError, StorageUnavailableError
+from ._pg import Conn, Database, open_connection
+
+__all__ = ["Notifier", "parse_payload", "run_notifier"]
+
+logger = logging.getLogger("trio_eventstore.notifications")
+
+#: Reconnect back-off: first delay, factor, ceiling (seconds).
+BACKOFF = (0.05, 2.0, 5.0)
+
+
+def parse_payload(payload: str) -> tuple[str, int, int, int] | None:
+    """``"<stream_uuid>,<stream_id>,<first>,<last>"`` (the stream id may hold commas)."""
+    parts = payload.rsplit(",", 3)
+    if len(parts) != 4:
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+class _Wakeup:
+    __slots__ = ("event", "resynced")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.resynced = False
+
+
+class Notifier:
+    """High-water marks per stream, and a way to wait for them to move."""
+
+    def __init__(self, config: EventStoreConfig, database: Database) -> None:
+        self._config = config
+        self._db = database
+        self._marks: dict[str, int] = {}
+        self._watchers: dict[str, int] = {}
+        self._changed = _Wakeup()
+        self.connected = False
+        self.reconnects = 0
+        self.notifications = 0
+
+    # -- readers --------------------------------------------------------------------------
+
+    def mark(self, stream_uuid: str) -> int:
+        """The highest version known for the stream (0 when none is known)."""
+        return self._marks.get(stream_uuid, 0)
+
+    async def wait_beyond(self, stream_uuid: str, position: int) -> None:
+        """Return once the stream's mark is above ``position``, or the marks were
+        re-synced or polled (read the database to see what changed)."""
+        self._watchers[stream_uuid] = self._watchers.get(stream_uuid, 0) + 1
+        try:
+            while self.mark(stream_uuid) <= position:
+                wakeup = self._changed
+                await wakeup.event.wait()
+                if wakeup.resynced:
+                    return
+        finally:
+            self._watchers[stream_uuid] -= 1
+            if not self._watchers[stream_uuid]:
+                del self._watchers[stream_uuid]
+
+    def watch(self, stream_uuid: str) -> None:
+        """Keep the stream's mark in re-syncs (subscriptions call this)."""
+        self._marks.setdefault(stream_uuid, 0)
+
+    # -- writers --------------------------------------------------------------------------
+
+    def _wake(self, *, resynced: bool) -> None:
+        wakeup, self._changed = self._changed, _Wakeup()
+        wakeup.resynced = resynced
+        wakeup.event.set()
+
+    def on_notify(self, _channel: str, payload: str) -> None:
+        parsed = parse_payload(payload)
+        if parsed is None:
+            logger.warning("ignoring a malformed notification payload %r", payload[:200])
+            return
+        stream_uuid, _, _, last = parsed
+        self.notifications += 1
+        if last > self._marks.get(stream_uuid, -1):
+            self._marks[stream_uuid] = last
+        self._wake(resynced=False)
+
+    async def resync(self) -> None:
+        """Read the marks of every watched stream (and ``$all``) from the database."""
+        names = sorted({"$all", *self._marks, *self._watchers})
+        sql = _sql.stream_versions(self._config.schema)
+
+        async def unit(conn: Conn) -> dict[str, int]:
+            return {r[0]: int(r[1]) for r in await conn.fetch(sql, names)}
+
+        for name, version in (await self._db.run(unit)).items():
+            if version > self._marks.get(name, -1):
+                self._marks[name] = version
+        self._wake(resynced=True)
+
+
+async def run_notifier(
+    notifier: Notifier, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The store's LISTEN task: reports started once LISTEN is live; afterwards it
+    reconnects with back-off for as long as the store is open."""
+    config = notifier._config
+    channel = _sql.notification_channel(config.schema)
+    poll = config.notification_poll_interval
+    delay = BACKOFF[0]
+    started = False
+    while True:
+        try:
+            async with open_connection(config, session_mode=True) as conn:
+                lost = trio.Event()
+                conn.on_termination(lost.set)
+                await conn.listen(channel, notifier.on_notify)
+                notifier.connected = True
+                await notifier.resync()  # what was committed while we were not listening
+                if not started:
+                    started = True
+                    task_status.started()
+                else:
+                    logger.info("notifier reconnected; marks re-synced")
+                delay = BACKOFF[0]
+                while not lost.is_set():
+                    with trio.move_on_after(poll if poll > 0 else math.inf):
+                        await lost.wait()
+                    if not lost.is_set():
+                        await notifier.resync()  # the safety net
+        except EventStoreError as exc:
+            if not started:
+                raise
+            logger.warning("notifier connection lost (%s); reconnecting in %.2f s", exc, delay)
+        notifier.connected = False
+        if not started:
+            raise StorageUnavailableError("the notification connection closed during startup")
+        notifier.reconnects += 1
+        notifier._wake(resynced=True)  # readers re-read the database themselves
+        await trio.sleep(delay)
+        delay = min(delay * BACKOFF[1], BACKOFF[2])

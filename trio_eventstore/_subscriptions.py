@@ -1,0 +1,592 @@
+"""Subscriptions: transient ones (no task: the iterator reads) and persistent ones (one
+driver task per (stream, name), owned by the store, carrying out `SubscriptionFSM`'s
+decisions).
+
+A persistent subscription's driver: create (or find) the subscription row, take the
+Elixir advisory lock on the store's lock connection, then run a *session*: read, deliver,
+take acks, persist checkpoints. The session ends at once when the lease is lost; the
+driver retries the lock every ``subscription_retry_interval``. Consumers are the
+callers' own tasks, iterating `Subscription` batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from . import _storage
+from ._config import EventStoreConfig
+from ._errors import (
+    EventStoreError,
+    InvalidStartFromError,
+    StorageUnavailableError,
+    SubscriptionAlreadyExistsError,
+    SubscriptionFailedError,
+    TooManySubscribersError,
+    UnexpectedAckError,
+)
+from ._fsm import SubscriptionFSM
+from ._locks import LockKeeper, lock_key2
+from ._notifications import Notifier
+from ._pg import CLEANUP_TIMEOUT, Database
+from ._types import RecordedEvent, StartFrom
+
+__all__ = [
+    "EventBatch",
+    "Subscription",
+    "SubscriptionOptions",
+    "SubscriptionStatistics",
+    "Subscriptions",
+    "TransientSubscription",
+]
+
+logger = logging.getLogger("trio_eventstore.subscriptions")
+
+
+class EventBatch(list[Any]):
+    """A batch delivered to a consumer: the events (or the mapper's values), with the
+    recorded events in ``events`` and ``last_event_number`` (so ``ack(batch)`` works
+    whatever the mapper returns)."""
+
+    __slots__ = ("events", "last_event_number", "session")
+
+    def __init__(self, values: Iterable[Any], events: list[RecordedEvent], session: int) -> None:
+        super().__init__(values)
+        self.events = events
+        self.last_event_number = events[-1].event_number
+        self.session = session
+
+
+def _event_number(event: RecordedEvent) -> int:
+    return event.event_number
+
+
+@attrs.frozen(kw_only=True)
+class SubscriptionOptions:
+    """Options of a persistent subscription (validated before any I/O)."""
+
+    start_from: StartFrom | int = StartFrom.ORIGIN
+    concurrency_limit: int | None = None
+    partition_by: Callable[[RecordedEvent], Hashable] | None = None
+    buffer_size: int = 1
+    max_size: int = 1000
+    checkpoint_threshold: int = 1
+    checkpoint_after: float = 0.0
+    selector: Callable[[RecordedEvent], bool] | None = None
+    mapper: Callable[[RecordedEvent], Any] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        start = self.start_from
+        if not isinstance(start, StartFrom) and (
+            isinstance(start, bool) or not isinstance(start, int) or start < 0
+        ):
+            raise InvalidStartFromError(
+                f"start_from: expected ORIGIN, CURRENT or an event number >= 0, got {start!r}"
+            )
+        for name in ("buffer_size", "max_size", "checkpoint_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        limit = self.concurrency_limit
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ValueError(f"concurrency_limit: expected None or an int >= 1, got {limit!r}")
+        if isinstance(self.checkpoint_after, bool) or not isinstance(
+            self.checkpoint_after, (int, float)
+        ):
+            raise TypeError("checkpoint_after: expected a number of seconds")
+        if not 0 <= self.checkpoint_after < math.inf:
+            raise ValueError("checkpoint_after: must be a finite number of seconds >= 0")
+        for name in ("partition_by", "selector", "mapper"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name}: expected a callable or None")
+        if self.partition_by is not None and self.concurrency_limit is None:
+            raise ValueError("partition_by: only with concurrency_limit (competing consumers)")
+
+
+@attrs.frozen
+class SubscriptionStatistics:
+    """A snapshot of a persistent subscription (`Subscription.statistics`)."""
+
+    state: str
+    subscribers: int
+    last_received: int
+    last_ack: int
+    last_persisted: int
+    in_flight: int
+    pending: int
+    lock_attempts: int
+    sessions: int
+
+
+@attrs.define(eq=False)
+class _Consumer:
+    consumer_id: int
+    buffer_size: int
+    send: trio.MemorySendChannel[EventBatch]
+    receive: trio.MemoryReceiveChannel[EventBatch]
+    #: highest event number delivered in earlier sessions (their acks are stale)
+    stale_up_to: int = -1
+    delivered_high: int = -1
+
+
+class _Driver:
+    """One persistent subscription of this store: its consumers, its FSM, its task."""
+
+    def __init__(
+        self, owner: Subscriptions, stream_uuid: str, name: str, options: SubscriptionOptions
+    ) -> None:
+        self.owner = owner
+        self.stream_uuid = stream_uuid
+        self.name = name
+        self.options = options
+        self.consumers: dict[int, _Consumer] = {}
+        self.fsm: SubscriptionFSM[RecordedEvent] | None = None
+        self.session = 0
+        self.state = "starting"
+        self.subscribed = trio.Event()
+        self.failure: BaseException | None = None
+        self.done = trio.Event()
+        self.lock_attempts = 0
+        self._wake = trio.Event()
+        self._checkpoint_lock = trio.Lock()
+        self._last_activity = time.monotonic()
+        self._next_consumer = 0
+        self._last_persisted = 0
+
+    # -- consumer side (sync, called from consumers' tasks) ------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add_consumer(self, buffer_size: int) -> _Consumer:
+        self._next_consumer += 1
+        send, receive = trio.open_memory_channel[EventBatch](math.inf)
+        consumer = _Consumer(self._next_consumer, buffer_size, send, receive)
+        self.consumers[consumer.consumer_id] = consumer
+        if self.fsm is not None:
+            self.fsm.add_consumer(consumer.consumer_id, buffer_size)
+            self._deliver()
+        self.wake()
+        return consumer
+
+    def remove_consumer(self, consumer: _Consumer) -> None:
+        self.consumers.pop(consumer.consumer_id, None)
+        if self.fsm is not None:
+            self.fsm.remove_consumer(consumer.consumer_id)
+            self._deliver()
+        consumer.send.close()
+        self.wake()
+
+    def ack(self, consumer: _Consumer, event_number: int) -> None:
+        fsm = self.fsm
+        cid = consumer.consumer_id
+        if fsm is not None and cid in fsm.consumers and event_number in fsm.in_flight_of(cid):
+            fsm.ack(cid, event_number)
+            self._last_activity = time.monotonic()
+            self._deliver()
+            self.wake()
+            return
+        if event_number <= consumer.stale_up_to or (
+            fsm is None and event_number <= consumer.delivered_high
+        ):
+            return  # delivered by a session that lost its lock: it will come again
+        raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
+
+    # -- the task -------------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        fsm = self.fsm
+        if fsm is None:
+            return
+        for consumer_id, events in fsm.take_deliveries().items():
+            consumer = self.consumers.get(consumer_id)
+            if consumer is None:
+                continue
+            consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
+            consumer.send.send_nowait(EventBatch(events, events, self.session))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        config = self.owner.config
+        try:
+            while self.consumers:
+                try:
+                    await self._one_session()
+                except StorageUnavailableError as exc:
+                    logger.warning("subscription %r: %s; retrying", self.name, exc)
+                    self.state = "disconnected"
+                if not self.consumers:
+                    break
+                with trio.move_on_after(config.subscription_retry_interval):
+                    while self.consumers:
+                        await self._wait_wake()
+                        if not self.consumers:
+                            break
+        except Exception as exc:  # a failure of this subscription reaches its consumers
+            logger.exception("subscription %r failed", self.name)
+            self.failure = exc
+            self.state = "failed"
+            for consumer in list(self.consumers.values()):
+                consumer.send.close()
+        finally:
+            self.state = "stopped" if self.failure is None else "failed"
+            self.owner._drivers.pop((self.stream_uuid, self.name), None)
+            self.done.set()
+
+    async def _wait_wake(self) -> None:
+        self._wake = trio.Event()
+        await self._wake.wait()
+
+    async def _one_session(self) -> None:
+        owner = self.owner
+        self.state = "subscribing"
+        subscription_id, last_seen = await _storage.create_subscription(
+            owner.db, self.stream_uuid, self.name, self.options.start_from
+        )
+        self.lock_attempts += 1
+        lease = await owner.locks.try_lock(owner.lock_key1, lock_key2(subscription_id))
+        if lease is None:
+            self.state = "waiting_for_lock"
+            return
+        try:
+            # Read the checkpoint again now that the lock is ours: a previous holder may
+            # have moved it after we read it.
+            _, last_seen = await _storage.create_subscription(
+                owner.db, self.stream_uuid, self.name, self.options.start_from
+            )
+            with trio.CancelScope() as session_scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_lease() -> None:
+                        await lease.lost.wait()
+                        session_scope.cancel()
+
+                    nursery.start_soon(watch_lease)
+                    await self._session(last_seen)
+                    nursery.cancel_scope.cancel()
+        finally:
+            lost = lease.lost.is_set()
+            self._end_session()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                if not lost:
+                    await self._final_checkpoint()
+                await lease.release()
+            if lost:
+                self.state = "disconnected"
+
+    def _end_session(self) -> None:
+        fsm = self.fsm
+        self.fsm = None
+        self.subscribed = trio.Event()
+        for consumer in self.consumers.values():
+            consumer.stale_up_to = max(consumer.stale_up_to, consumer.delivered_high)
+        if fsm is not None:
+            self._last_persisted = fsm.last_persisted
+
+    async def _session(self, last_seen: int) -> None:
+        owner, options = self.owner, self.options
+        self.session += 1
+        fsm: SubscriptionFSM[RecordedEvent] = SubscriptionFSM(
+            last_seen=last_seen,
+            number_of=_event_number,
+            max_size=options.max_size,
+            checkpoint_threshold=options.checkpoint_threshold,
+            checkpoint_after=options.checkpoint_after,
+            partition_by=options.partition_by,
+            selector=options.selector,
+        )
+        self._last_persisted = last_seen
+        for consumer in self.consumers.values():
+            fsm.add_consumer(consumer.consumer_id, consumer.buffer_size)
+        self.fsm = fsm
+        self.state = "catching_up"
+        self.subscribed.set()
+        owner.notifier.watch(self.stream_uuid)
+        hibernate_after = owner.config.subscription_hibernate_after
+        while self.consumers:
+            after = fsm.wants_read()
+            if after is not None:
+                events, at_head = await _storage.read_page(
+                    owner.db, self.stream_uuid, after, fsm.read_limit()
+                )
+                fsm.on_events(events, at_head=at_head)
+                if events:
+                    self._last_activity = time.monotonic()
+                self._deliver()
+                self.state = "subscribed" if fsm.at_head else "catching_up"
+                await self._checkpoint_if_due()
+                continue
+            await self._checkpoint_if_due()
+            deadline = fsm.next_checkpoint_deadline()
+            idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
+            with trio.move_on_at(min(deadline or math.inf, idle_until)):
+                await self._wait_for_work(fsm)
+            if time.monotonic() >= idle_until and fsm.hibernate():
+                self.state = "hibernating"
+                self._last_activity = math.inf  # until something happens
+            elif self.state == "hibernating":
+                self.state = "subscribed"
+
+    async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+        """Until an ack or a consumer change, or (at the head) new events."""
+        async with trio.open_nursery() as nursery:
+
+            async def woken() -> None:
+                await self._wait_wake()
+                nursery.cancel_scope.cancel()
+
+            async def new_events() -> None:
+                await self.owner.notifier.wait_beyond(self.stream_uuid, fsm.last_read)
+                fsm.on_new_events()
+                self._last_activity = time.monotonic()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(woken)
+            if fsm.at_head:
+                nursery.start_soon(new_events)
+
+    async def _checkpoint_if_due(self, *, final: bool = False) -> None:
+        fsm = self.fsm
+        if fsm is None:
+            return
+        async with self._checkpoint_lock:
+            checkpoint = fsm.checkpoint_due(time.monotonic(), final=final)
+            if checkpoint is None:
+                return
+            try:
+                await _storage.checkpoint_subscription(
+                    self.owner.db, self.stream_uuid, self.name, checkpoint
+                )
+            except BaseException:
+                fsm.on_checkpoint_failed()
+                raise
+            fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
+            self._last_persisted = checkpoint
+
+    async def _final_checkpoint(self) -> None:
+        try:
+            await self._checkpoint_if_due(final=True)
+        except EventStoreError as exc:
+            logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
+
+    async def flush(self) -> None:
+        """Persist the acknowledged prefix now (a consumer is leaving)."""
+        await self._final_checkpoint()
+
+    def statistics(self) -> SubscriptionStatistics:
+        fsm = self.fsm
+        return SubscriptionStatistics(
+            state=self.state,
+            subscribers=len(self.consumers),
+            last_received=fsm.last_read if fsm else self._last_persisted,
+            last_ack=fsm.last_ack if fsm else self._last_persisted,
+            last_persisted=fsm.last_persisted if fsm else self._last_persisted,
+            in_flight=sum(len(c.in_flight) for c in fsm.consumers.values()) if fsm else 0,
+            pending=len(fsm.pending) if fsm else 0,
+            lock_attempts=self.lock_attempts,
+            sessions=self.session,
+        )
+
+
+class Subscription:
+    """One consumer of a persistent subscription: an async iterator of `EventBatch`.
+
+    Ack what you processed with `ack`; the checkpoint advances over the contiguous
+    acknowledged prefix. Unacknowledged events are delivered again after a restart or
+    takeover (at-least-once).
+    """
+
+    def __init__(self, driver: _Driver, consumer: _Consumer) -> None:
+        self._driver = driver
+        self._consumer = consumer
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> EventBatch:
+        while True:
+            try:
+                batch = await self._consumer.receive.receive()
+            except trio.EndOfChannel:
+                failure = self._driver.failure
+                if failure is not None:
+                    raise SubscriptionFailedError(
+                        f"subscription {self._driver.name!r} failed: {failure}"
+                    ) from failure
+                raise StopAsyncIteration from None
+            if batch.session == self._driver.session and self._driver.fsm is not None:
+                mapper = self._driver.options.mapper
+                if mapper is None:
+                    return batch
+                # The mapper runs here, in the consumer's own task.
+                return EventBatch([mapper(e) for e in batch.events], batch.events, batch.session)
+            # Delivered by a session that has since lost its lock: it comes again.
+
+    async def wait_subscribed(self) -> None:
+        """Wait until this store holds the subscription's lock and delivery has begun.
+
+        Raises:
+            SubscriptionFailedError: the subscription failed.
+        """
+        while True:
+            if self._driver.failure is not None:
+                raise SubscriptionFailedError(
+                    f"subscription {self._driver.name!r} failed"
+                ) from self._driver.failure
+            if self._driver.subscribed.is_set():
+                return
+            async with trio.open_nursery() as nursery:
+
+                async def subscribed() -> None:
+                    await self._driver.subscribed.wait()
+                    nursery.cancel_scope.cancel()
+
+                async def failed() -> None:
+                    await self._driver.done.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(subscribed)
+                nursery.start_soon(failed)
+
+    def ack(
+        self, events_or_event_number: EventBatch | RecordedEvent | Sequence[RecordedEvent] | int
+    ) -> None:
+        """Acknowledge the given event and every event delivered to this subscriber
+        before it (sync, non-blocking).
+
+        Raises:
+            UnexpectedAckError: the event is not in flight for this subscriber.
+        """
+        number = _ack_number(events_or_event_number)
+        self._driver.ack(self._consumer, number)
+
+    def statistics(self) -> SubscriptionStatistics:
+        return self._driver.statistics()
+
+
+def _ack_number(value: object) -> int:
+    if isinstance(value, EventBatch):
+        return value.last_event_number
+    if isinstance(value, RecordedEvent):
+        return value.event_number
+    if isinstance(value, bool):
+        raise TypeError("ack: expected an event, a batch, a list of events or an event number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Sequence) and value:
+        events = [e for e in value if isinstance(e, RecordedEvent)]
+        if len(events) == len(value):
+            return max(e.event_number for e in events)
+    raise TypeError("ack: expected an event, a batch, a list of events or an event number")
+
+
+class TransientSubscription:
+    """Batches of events appended after subscribing (no checkpoint, no lock)."""
+
+    def __init__(
+        self,
+        owner: Subscriptions,
+        stream_uuid: str,
+        position: int,
+        selector: Callable[[RecordedEvent], bool] | None,
+        mapper: Callable[[RecordedEvent], Any] | None,
+    ) -> None:
+        self._owner = owner
+        self._stream_uuid = stream_uuid
+        self.position = position
+        self._selector = selector
+        self._mapper = mapper
+
+    def __aiter__(self) -> TransientSubscription:
+        return self
+
+    async def __anext__(self) -> list[Any]:
+        owner = self._owner
+        while True:
+            events, _ = await _storage.read_page(owner.db, self._stream_uuid, self.position, 1000)
+            if events:
+                self.position = events[-1].event_number
+                if self._selector is not None:
+                    events = [e for e in events if self._selector(e)]
+                if events:
+                    return events if self._mapper is None else [self._mapper(e) for e in events]
+                continue
+            await owner.notifier.wait_beyond(self._stream_uuid, self.position)
+
+
+class Subscriptions:
+    """The store's subscriptions: drivers by (stream, name), run in the store's nursery."""
+
+    def __init__(
+        self,
+        config: EventStoreConfig,
+        db: Database,
+        notifier: Notifier,
+        locks: LockKeeper,
+        lock_key1: int,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.notifier = notifier
+        self.locks = locks
+        self.lock_key1 = lock_key1
+        self.nursery = nursery
+        self._drivers: dict[tuple[str, str], _Driver] = {}
+
+    async def transient(
+        self,
+        stream_uuid: str,
+        selector: Callable[[RecordedEvent], bool] | None,
+        mapper: Callable[[RecordedEvent], Any] | None,
+    ) -> TransientSubscription:
+        self.notifier.watch(stream_uuid)
+        try:
+            info = await _storage.stream_info(self.db, stream_uuid)
+            position = info.stream_version
+        except EventStoreError:
+            position = 0
+        return TransientSubscription(self, stream_uuid, position, selector, mapper)
+
+    async def join(
+        self, stream_uuid: str, name: str, options: SubscriptionOptions
+    ) -> tuple[_Driver, _Consumer]:
+        key = (stream_uuid, name)
+        driver = self._drivers.get(key)
+        if driver is not None and not driver.done.is_set():
+            limit = driver.options.concurrency_limit
+            if limit is None or options.concurrency_limit is None:
+                raise SubscriptionAlreadyExistsError(
+                    f"subscription {name!r} on {stream_uuid!r} is already active in this store"
+                )
+            if len(driver.consumers) >= limit:
+                raise TooManySubscribersError(
+                    f"subscription {name!r} already has {limit} subscriber(s)"
+                )
+            return driver, driver.add_consumer(options.buffer_size)
+        driver = _Driver(self, stream_uuid, name, options)
+        self._drivers[key] = driver
+        consumer = driver.add_consumer(options.buffer_size)
+        await self.nursery.start(driver.run)
+        return driver, consumer
+
+    async def leave(self, driver: _Driver, consumer: _Consumer) -> None:
+        driver.remove_consumer(consumer)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            await driver.flush()
+            if not driver.consumers:
+                await driver.done.wait()
+
+    def active(self) -> list[_Driver]:
+        return list(self._drivers.values())
