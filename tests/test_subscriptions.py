@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
 import pytest
 import trio
 
@@ -25,6 +23,12 @@ def ev(n: int, **kw: object) -> EventData:
     return EventData({"n": n}, event_type="Counted", **kw)  # type: ignore[arg-type]
 
 
+def n_of(event: RecordedEvent) -> int:
+    assert isinstance(event.data, dict)
+    value: int = event.data["n"]
+    return value
+
+
 async def append(store: EventStore, stream: str, *ns: int) -> None:
     await store.append_to_stream(stream, ANY_VERSION, [ev(n) for n in ns])
 
@@ -42,16 +46,9 @@ async def take(sub: es.Subscription, count: int, *, ack: bool = True) -> list[Re
     return got
 
 
-async def wait_for(predicate: Callable[[], bool]) -> None:
-    """Wait until the driver task has caught up with what the test did."""
-    with trio.fail_after(HANG_GUARD):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 @pytest.fixture
-async def fast(initialized: EventStoreConfig) -> AsyncIterator[EventStoreConfig]:
-    yield initialized.with_changes(subscription_retry_interval=0.2, notification_poll_interval=30)
+def fast(initialized: EventStoreConfig) -> EventStoreConfig:
+    return initialized.with_changes(subscription_retry_interval=0.2, notification_poll_interval=30)
 
 
 # -- transient ---------------------------------------------------------------------------
@@ -66,7 +63,7 @@ async def test_transient_subscription_gets_later_appends_in_order(store: EventSt
         seen: list[int] = []
         with trio.fail_after(HANG_GUARD):
             async for batch in stream_sub:
-                seen.extend(e.data["n"] for e in batch)  # type: ignore[index]
+                seen.extend(n_of(e) for e in batch)
                 if len(seen) == 3:
                     break
         assert seen == [3, 4, 6]
@@ -82,8 +79,8 @@ async def test_transient_subscription_gets_later_appends_in_order(store: EventSt
 async def test_transient_selector_and_mapper(store: EventStore) -> None:
     async with store.subscribe(
         "$all",
-        selector=lambda e: e.data["n"] % 2 == 0,
-        mapper=lambda e: e.data["n"],  # type: ignore[index]
+        selector=lambda e: n_of(e) % 2 == 0,
+        mapper=n_of,
     ) as sub:
         await append(store, "a", 1, 2, 3, 4)
         with trio.fail_after(HANG_GUARD):
@@ -155,7 +152,8 @@ async def test_checkpoint_threshold(fast: EventStoreConfig) -> None:
         ) as sub:
             got = await take(sub, 4)
             assert [e.stream_version for e in got] == [1, 2, 3, 4]
-            await wait_for(lambda: sub.statistics().last_persisted >= 3)
+            with trio.fail_after(HANG_GUARD):
+                await sub.wait_checkpointed(3)
             # Never more than acknowledged; at least each threshold's worth.
             assert 3 <= sub.statistics().last_persisted <= sub.statistics().last_ack == 4
         # Leaving persisted the last ack (4).

@@ -163,6 +163,7 @@ class _Driver:
         self._last_activity = time.monotonic()
         self._next_consumer = 0
         self._last_persisted = 0
+        self._checkpointed = trio.Event()  # replaced after every checkpoint write
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -373,6 +374,8 @@ class _Driver:
                 raise
             fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
             self._last_persisted = checkpoint
+            self._checkpointed.set()
+            self._checkpointed = trio.Event()
 
     async def _final_checkpoint(self) -> None:
         try:
@@ -458,6 +461,20 @@ class Subscription:
 
                 nursery.start_soon(subscribed)
                 nursery.start_soon(failed)
+
+    async def wait_checkpointed(self, event_number: int) -> None:
+        """Wait until the persisted checkpoint has reached ``event_number``.
+
+        Raises:
+            SubscriptionFailedError: the subscription failed.
+        """
+        driver = self._driver
+        while driver._last_persisted < event_number:
+            if driver.failure is not None:
+                raise SubscriptionFailedError(
+                    f"subscription {driver.name!r} failed"
+                ) from driver.failure
+            await driver._checkpointed.wait()
 
     def ack(
         self, events_or_event_number: EventBatch | RecordedEvent | Sequence[RecordedEvent] | int
