@@ -105,7 +105,9 @@ async def run_lock_keeper(
     started = False
     while True:
         try:
-            async with open_connection(keeper._config, session_mode=True) as conn:
+            async with open_connection(
+                keeper._config, session_mode=True, role=f"locks {keeper._config.schema}"
+            ) as conn:
                 lost = trio.Event()
                 conn.on_termination(lost.set)
                 keeper._conn = conn

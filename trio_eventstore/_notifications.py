@@ -57,6 +57,7 @@ class Notifier:
         self._watchers: dict[str, int] = {}
         self._changed = _Wakeup()
         self.connected = False
+        self.backend_pid: int | None = None
         self.reconnects = 0
         self.notifications = 0
 
@@ -129,11 +130,14 @@ async def run_notifier(
     started = False
     while True:
         try:
-            async with open_connection(config, session_mode=True) as conn:
+            async with open_connection(
+                config, session_mode=True, role=f"listener {config.schema}"
+            ) as conn:
                 lost = trio.Event()
                 conn.on_termination(lost.set)
                 await conn.listen(channel, notifier.on_notify)
                 notifier.connected = True
+                notifier.backend_pid = conn.backend_pid
                 await notifier.resync()  # what was committed while we were not listening
                 if not started:
                     started = True

@@ -418,6 +418,7 @@ async def _create_pool(config: EventStoreConfig) -> Any:
         command_timeout=config.timeout,
         timeout=config.timeout,
         max_inactive_connection_lifetime=300.0,
+        server_settings=_settings(f"pool {config.schema}"),
     )
 
 
@@ -576,11 +577,20 @@ class Connection:
         return closed
 
 
-async def _connect(config: EventStoreConfig, database: str | None, session_mode: bool) -> Any:
+def _settings(role: str) -> dict[str, str]:
+    """Session settings: an application_name that tells operators which connection
+    of which store this is (pg_stat_activity)."""
+    return {"application_name": f"trio-eventstore {role}"[:63]}
+
+
+async def _connect(
+    config: EventStoreConfig, database: str | None, session_mode: bool, role: str
+) -> Any:
     return await asyncpg.connect(
         **config.connect_params(database=database, session_mode=session_mode),
         timeout=config.timeout,
         command_timeout=config.timeout,
+        server_settings=_settings(role),
     )
 
 
@@ -593,14 +603,19 @@ async def _close(conn: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def open_connection(
-    config: EventStoreConfig, *, database: str | None = None, session_mode: bool = False
+    config: EventStoreConfig,
+    *,
+    database: str | None = None,
+    session_mode: bool = False,
+    role: str = "admin",
 ) -> AsyncIterator[Connection]:
     """One dedicated connection to ``database`` (default: the store's database).
 
-    ``session_mode`` uses ``config.session_mode_url`` when it is set.
+    ``session_mode`` uses ``config.session_mode_url`` when it is set; ``role`` names
+    the connection in ``application_name``.
     """
     async with _asyncio_loop() as loop:
-        conn = await _cross(loop, _connect(config, database, session_mode), config)
+        conn = await _cross(loop, _connect(config, database, session_mode, role), config)
         try:
             yield Connection(loop, conn, config)
         finally:

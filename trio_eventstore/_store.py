@@ -50,6 +50,11 @@ class EventStoreStatistics:
     pool_connections: int
     pool_idle: int
     pool_overloaded: bool
+    listener_pid: int | None
+    listener_reconnects: int
+    lock_pid: int | None
+    lock_reconnects: int
+    subscriptions: int
 
 
 class EventStore:
@@ -380,12 +385,18 @@ class EventStore:
 
     def statistics(self) -> EventStoreStatistics:
         pool = self._db.pool_statistics()
+        subs = self._subscriptions
         return EventStoreStatistics(
             schema=self._config.schema,
             pool_size=int(pool["max_size"]),
             pool_connections=int(pool["size"]),
             pool_idle=int(pool["idle"]),
             pool_overloaded=bool(pool["overloaded"]),
+            listener_pid=subs.notifier.backend_pid if subs.notifier.connected else None,
+            listener_reconnects=subs.notifier.reconnects,
+            lock_pid=subs.locks.backend_pid,
+            lock_reconnects=subs.locks.reconnects,
+            subscriptions=len(subs.active()),
         )
 
     def __repr__(self) -> str:
