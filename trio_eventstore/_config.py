@@ -109,6 +109,8 @@ class EventStoreConfig:
         notification_poll_interval: how often subscriptions re-read stream positions
             even without a notification (a safety net; set it low where LISTEN cannot
             work, e.g. PgBouncer in transaction mode without ``session_mode_url``).
+        statement_cache_size: prepared statements cached per connection; 0 behind
+            PgBouncer in transaction mode (before PgBouncer 1.21).
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
     """
@@ -132,6 +134,7 @@ class EventStoreConfig:
     session_mode_url: str | None = attrs.field(default=None, repr=_url_repr)
     enable_hard_deletes: bool = False
     notification_poll_interval: float = 5.0
+    statement_cache_size: int = 100
     init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
         default=None, repr=False
     )
@@ -171,6 +174,12 @@ class EventStoreConfig:
             raise TypeError(f"pool_size: expected an int, got {type(self.pool_size).__name__}")
         if self.pool_size < 1:
             raise ValueError(f"pool_size: must be >= 1, got {self.pool_size}")
+        if isinstance(self.statement_cache_size, bool) or not isinstance(
+            self.statement_cache_size, int
+        ):
+            raise TypeError("statement_cache_size: expected an int")
+        if self.statement_cache_size < 0:
+            raise ValueError("statement_cache_size: must be >= 0")
         for name in _DURATIONS:
             object.__setattr__(self, name, _positive_duration(name, getattr(self, name)))
         object.__setattr__(
@@ -275,7 +284,7 @@ class EventStoreConfig:
         return cls(**kwargs)
 
 
-_INT_FIELDS = {"port", "pool_size"}
+_INT_FIELDS = {"port", "pool_size", "statement_cache_size"}
 _FLOAT_FIELDS = set(_DURATIONS) | {"subscription_hibernate_after"}
 _BOOL_FIELDS = {"enable_hard_deletes"}
 

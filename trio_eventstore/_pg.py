@@ -418,6 +418,7 @@ async def _create_pool(config: EventStoreConfig) -> Any:
         command_timeout=config.timeout,
         timeout=config.timeout,
         max_inactive_connection_lifetime=300.0,
+        statement_cache_size=config.statement_cache_size,
         server_settings=_settings(f"pool {config.schema}"),
     )
 
@@ -590,6 +591,7 @@ async def _connect(
         **config.connect_params(database=database, session_mode=session_mode),
         timeout=config.timeout,
         command_timeout=config.timeout,
+        statement_cache_size=config.statement_cache_size,
         server_settings=_settings(role),
     )
 
