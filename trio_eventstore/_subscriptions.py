@@ -581,6 +581,11 @@ class Subscriptions:
     ) -> tuple[_Driver, _Consumer]:
         key = (stream_uuid, name)
         driver = self._drivers.get(key)
+        if driver is not None and not driver.consumers and not driver.done.is_set():
+            # Its last consumer has left and it is flushing: let it finish first.
+            with trio.move_on_after(CLEANUP_TIMEOUT * 2):
+                await driver.done.wait()
+            driver = self._drivers.get(key)
         if driver is not None and not driver.done.is_set():
             limit = driver.options.concurrency_limit
             if limit is None or options.concurrency_limit is None:
