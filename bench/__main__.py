@@ -74,11 +74,11 @@ async def run_plan(conn: Any, config: EventStoreConfig, stream: str, encoded: An
     transaction."""
     plan = _storage.append_plan(config, stream, ANY_VERSION, encoded)
     if plan.fast is not None:
-        version = await plan.fast(Conn(conn, config))
-        if version is not None:
-            return version
+        appended = await plan.fast(Conn(conn, config))
+        if appended is not None:
+            return appended.version
     async with conn.transaction():
-        return await plan.slow(Conn(conn, config))
+        return (await plan.slow(Conn(conn, config))).version
 
 
 async def baseline_append_latency(config: EventStoreConfig, n: int) -> list[float]:
@@ -269,6 +269,7 @@ def server() -> Iterator[str]:
 
 def main() -> int:
     quick = "--full" not in sys.argv
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
     with server() as url:
         config = EventStoreConfig(url=url, schema="bench")
         trio.run(admin.create, config)
@@ -276,8 +277,16 @@ def main() -> int:
         trio.run(admin.create, config)
         trio.run(admin.init, config)
         print(
-            f"trio-eventstore stream benchmarks ({'quick' if quick else 'full'}; --full for more)"
+            f"trio-eventstore benchmarks ({'quick' if quick else 'full'}; --full for more, "
+            "--only=streams or --only=subscriptions)"
         )
+        if only in (None, "subscriptions"):
+            from bench import subscriptions
+
+            subscriptions.run(config, quick, report)
+        if only == "subscriptions":
+            trio.run(admin.drop, config)
+            return 0
         mine = trio.run(ours, config, quick)
         base_latency = asyncio.run(baseline_append_latency(config, len(mine["latency"])))
         ours_p50 = statistics.median(mine["latency"]) * 1e6

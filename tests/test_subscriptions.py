@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import trio
 
@@ -266,3 +268,45 @@ async def test_competing_consumers_keep_partition_order_through_a_crash(
             assert deduped == sorted(deduped), (stream, versions)
         everything = {(s, v) for s, vs in received.items() for v in vs}
         assert {(f"agg-{i % 3}", i // 3 + 1) for i in range(12)} <= everything
+
+
+@pytest.mark.parametrize("column_data_type", ["bytea", "jsonb"])
+async def test_own_appends_delivered_without_a_read_equal_what_a_read_returns(
+    config: EventStoreConfig, column_data_type: str
+) -> None:
+    cfg = config.with_changes(column_data_type=column_data_type, notification_poll_interval=60)
+    await es.admin.create(cfg)
+    await es.admin.init(cfg)
+    try:
+        async with (
+            open_event_store(cfg) as store,
+            store.subscribe_to_stream("s", "p", buffer_size=10) as stream_sub,
+            store.subscribe_to_all_streams("q", buffer_size=10) as all_sub,
+        ):
+            await stream_sub.wait_subscribed()
+            await all_sub.wait_subscribed()
+            await append(store, "other", 0)
+            await store.append_to_stream(
+                "s",
+                ANY_VERSION,
+                [ev(1, metadata={"k": [1, "ü"]}, causation_id=str(uuid.uuid4())), ev(2)],
+            )
+            live = await take(stream_sub, 2)
+            live_all = await take(all_sub, 3)
+            assert live == await store.read_stream_forward("s")
+            assert live_all == await store.read_all_streams_forward()
+    finally:
+        await es.admin.drop(cfg)
+
+
+async def test_appends_from_another_store_interleaved_with_own(fast: EventStoreConfig) -> None:
+    async with (
+        open_event_store(fast) as mine,
+        open_event_store(fast) as theirs,
+        mine.subscribe_to_all_streams("p", buffer_size=100) as sub,
+    ):
+        await sub.wait_subscribed()
+        for i in range(20):
+            await append(theirs if i % 3 else mine, f"s{i % 4}", i)
+        got = await take(sub, 20)
+    assert [e.event_number for e in got] == list(range(1, 21))

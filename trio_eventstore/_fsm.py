@@ -184,18 +184,20 @@ class SubscriptionFSM(Generic[E]):
     def on_events(self, events: Iterable[E], *, at_head: bool) -> None:
         """Events read from the store, in order, all above `last_read`. ``at_head``: the
         read returned fewer than asked (nothing newer is known)."""
+        number_of, selector, partition_by = self.number_of, self.selector, self.partition_by
+        unacked, order, pending = self._unacked, self._order, self.pending
         for event in events:
-            number = self.number_of(event)
+            number = number_of(event)
             if number <= self.last_read:
                 continue  # already read (a late or repeated read)
             self.last_read = number
-            self._unacked[number] = False
-            self._order.append(number)
-            if self.selector is not None and not self.selector(event):
-                self._unacked[number] = True  # filtered: counts as acknowledged
+            order.append(number)
+            if selector is not None and not selector(event):
+                unacked[number] = True  # filtered: counts as acknowledged
                 continue
-            key = _UNPARTITIONED if self.partition_by is None else self.partition_by(event)
-            self.pending.append((number, key, event))
+            unacked[number] = False
+            key = _UNPARTITIONED if partition_by is None else partition_by(event)
+            pending.append((number, key, event))
         self.at_head = at_head
         self._advance_ack()
         self._dispatch()
@@ -263,9 +265,25 @@ class SubscriptionFSM(Generic[E]):
         if not self.pending or not self.consumers:
             return
         consumers = list(self.consumers.values())
+        if self.partition_by is None and len(consumers) == 1:
+            # The common case, one consumer and no partitions: hand over a slice.
+            consumer = consumers[0]
+            take = min(consumer.capacity, len(self.pending))
+            if take > 0:
+                items = self.pending[:take]
+                del self.pending[:take]
+                consumer.in_flight.extend(items)
+                self._outbox.setdefault(consumer.consumer_id, []).extend(e for _, _, e in items)
+            return
+        free = sum(max(0, c.capacity) for c in consumers)
+        if free == 0:
+            return
         blocked: set[Any] = set()
         remaining: list[tuple[int, Hashable, E]] = []
-        for item in self.pending:
+        for index, item in enumerate(self.pending):
+            if free == 0:  # nobody can take more: keep the rest as it is
+                remaining.extend(self.pending[index:])
+                break
             _, key, event = item
             if key is not _UNPARTITIONED and key in blocked:
                 remaining.append(item)
@@ -277,6 +295,7 @@ class SubscriptionFSM(Generic[E]):
                 remaining.append(item)
                 continue
             target.in_flight.append(item)
+            free -= 1
             self._outbox.setdefault(target.consumer_id, []).append(event)
         self.pending = remaining
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -55,6 +56,7 @@ class Notifier:
         self._db = database
         self._marks: dict[str, int] = {}
         self._watchers: dict[str, int] = {}
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._changed = _Wakeup()
         self.connected = False
         self.backend_pid: int | None = None
@@ -82,16 +84,35 @@ class Notifier:
             if not self._watchers[stream_uuid]:
                 del self._watchers[stream_uuid]
 
+    def add_listener(self, stream_uuid: str, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (sync, must not block) when the stream's mark may have moved."""
+        self._marks.setdefault(stream_uuid, 0)
+        self._listeners.setdefault(stream_uuid, []).append(wake)
+
+    def remove_listener(self, stream_uuid: str, wake: Callable[[], None]) -> None:
+        listeners = self._listeners.get(stream_uuid, [])
+        if wake in listeners:
+            listeners.remove(wake)
+        if not listeners:
+            self._listeners.pop(stream_uuid, None)
+
     def watch(self, stream_uuid: str) -> None:
         """Keep the stream's mark in re-syncs (subscriptions call this)."""
         self._marks.setdefault(stream_uuid, 0)
 
     # -- writers --------------------------------------------------------------------------
 
-    def _wake(self, *, resynced: bool) -> None:
+    def _wake(self, *, resynced: bool, stream_uuid: str | None = None) -> None:
         wakeup, self._changed = self._changed, _Wakeup()
         wakeup.resynced = resynced
         wakeup.event.set()
+        if stream_uuid is None:
+            for listeners in list(self._listeners.values()):
+                for wake in list(listeners):
+                    wake()
+        else:
+            for wake in list(self._listeners.get(stream_uuid, ())):
+                wake()
 
     def on_notify(self, _channel: str, payload: str) -> None:
         parsed = parse_payload(payload)
@@ -102,7 +123,7 @@ class Notifier:
         self.notifications += 1
         if last > self._marks.get(stream_uuid, -1):
             self._marks[stream_uuid] = last
-        self._wake(resynced=False)
+        self._wake(resynced=False, stream_uuid=stream_uuid)
 
     async def resync(self) -> None:
         """Read the marks of every watched stream (and ``$all``) from the database."""

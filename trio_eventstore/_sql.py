@@ -355,7 +355,8 @@ def append_to_existing_stream(schema: str, column_data_type: str) -> str:
         " st.stream_id, st.before + u.k"
         " FROM st, a, unnest($4::uuid[]) WITH ORDINALITY AS u(id, k),"
         " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
-        ") SELECT stream_id, before + $2 AS stream_version FROM st"
+        ") SELECT st.stream_id, st.before + $2 AS stream_version, a.base AS all_base"
+        " FROM st, a"
     )
 
 
@@ -363,18 +364,21 @@ def add_to_all_stream(schema: str) -> str:
     """Give a chunk of appended events their `$all` numbers and write both of their
     stream_events rows. Takes the `$all` row lock, held until commit, so numbers are
     handed out in commit order and stay dense. Parameters: stream_id, the stream version
-    before the chunk, array of event ids (in order)."""
+    before the chunk, array of event ids (in order). Returns the `$all` number before the
+    chunk."""
     s = quote_ident(schema)
     return (
         "WITH a AS ("
         f" UPDATE {s}.streams SET stream_version = stream_version + cardinality($3::uuid[])"
         " WHERE stream_id = 0 RETURNING stream_version - cardinality($3::uuid[]) AS base"
-        f") INSERT INTO {s}.stream_events"
+        "), se AS ("
+        f" INSERT INTO {s}.stream_events"
         " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
         " SELECT u.id, x.sid, CASE WHEN x.sid = 0 THEN a.base + u.k ELSE $2 + u.k END,"
         " $1, $2 + u.k"
         " FROM a, unnest($3::uuid[]) WITH ORDINALITY AS u(id, k),"
         " (VALUES ($1::bigint), (0::bigint)) AS x(sid)"
+        ") SELECT base FROM a"
     )
 
 

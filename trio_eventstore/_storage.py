@@ -236,13 +236,23 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
 
 
 @attrs.frozen
+class Appended:
+    """What an append wrote: the stream's new version and the `$all` number of its
+    first event (numbers are dense: the others follow)."""
+
+    version: int
+    first_event_number: int
+
+
+@attrs.frozen
 class AppendPlan:
     """An append as units of work: `fast` (one statement, no transaction needed; None
     when the stream is not an existing, live stream at the expected version) and `slow`
     (run in a transaction; creates the stream, chunks big batches, says what is wrong)."""
 
-    fast: Callable[[Conn], Awaitable[int | None]] | None
-    slow: Callable[[Conn], Awaitable[int]]
+    fast: Callable[[Conn], Awaitable[Appended | None]] | None
+    slow: Callable[[Conn], Awaitable[Appended]]
+    created_at: datetime.datetime
 
 
 def append_plan(
@@ -270,43 +280,78 @@ def append_plan(
 
     fast_sql = _sql.append_to_existing_stream(schema, config.column_data_type)
 
-    async def fast(conn: Conn) -> int | None:
+    async def fast(conn: Conn) -> Appended | None:
         row = await conn.fetchrow(fast_sql, stream_uuid, n, expected_param, *columns(events))
-        return None if row is None else int(row["stream_version"])
+        if row is None:
+            return None
+        return Appended(int(row["stream_version"]), int(row["all_base"]) + 1)
 
     insert_events = _sql.insert_events(schema, config.column_data_type)
     add_to_all = _sql.add_to_all_stream(schema)
 
-    async def slow(conn: Conn) -> int:
+    async def slow(conn: Conn) -> Appended:
         stream_id, version, created = await _lock_or_create(conn, schema, stream_uuid, expected, n)
         if not created:
             await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
         for part in _chunks(n):
             await conn.execute(insert_events, *columns(events[part]))
         # Last: the $all row lock, held only from here to commit.
+        first: int | None = None
         for part in _chunks(n):
-            await conn.execute(
+            base = await conn.fetchval(
                 add_to_all, stream_id, version + part.start, [e.event_id for e in events[part]]
             )
-        return version + n
+            first = int(base) + 1 if first is None else first
+        assert first is not None
+        return Appended(version + n, first)
 
-    return AppendPlan(fast=fast if n <= CHUNK else None, slow=slow)
+    return AppendPlan(fast=fast if n <= CHUNK else None, slow=slow, created_at=created_at)
 
 
-async def append(
-    db: Database, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
-) -> int:
-    """Append atomically; returns the stream's new version. One statement (one round
-    trip) for an existing stream at the expected version; otherwise a transaction."""
-    plan = append_plan(db.config, stream_uuid, expected, events)
+async def append(db: Database, plan: AppendPlan, stream_uuid: str) -> Appended:
+    """Append atomically. One statement (one round trip) for an existing stream at the
+    expected version; otherwise a transaction."""
     try:
         if plan.fast is not None:
-            version = await db.run(plan.fast)
-            if version is not None:
-                return version
+            appended = await db.run(plan.fast)
+            if appended is not None:
+                return appended
         return await db.transaction(plan.slow)
     except DatabaseError as exc:
         raise _translate_write_error(exc, stream_uuid) from exc
+
+
+def recorded_from_append(
+    config: EventStoreConfig,
+    stream_uuid: str,
+    appended: Appended,
+    plan: AppendPlan,
+    events: list[EncodedEvent],
+    *,
+    all_numbers: bool,
+) -> list[RecordedEvent]:
+    """The events of an append as a read would return them (from ``$all`` when
+    ``all_numbers``, else from the stream), decoded from the very bytes written."""
+    n = len(events)
+    first_version = appended.version - n + 1
+    first_number = appended.first_event_number if all_numbers else first_version
+    deserialize = config.serializer.deserialize
+    deserialize_metadata = config.serializer.deserialize_metadata
+    return [
+        RecordedEvent(
+            first_number + i,
+            e.event_id,
+            stream_uuid,
+            first_version + i,
+            e.event_type,
+            deserialize(e.data, e.event_type),
+            deserialize_metadata(e.metadata),
+            e.causation_id,
+            e.correlation_id,
+            plan.created_at,
+        )
+        for i, e in enumerate(events)
+    ]
 
 
 async def link(
@@ -365,7 +410,10 @@ async def read(
             raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
         return await conn.fetch(query, row["stream_id"], start_version, count)
 
-    rows = await db.run(unit)
+    return _recorded(config, await db.run(unit))
+
+
+def _recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
     deserialize = config.serializer.deserialize
     deserialize_metadata = config.serializer.deserialize_metadata
     utc = datetime.UTC
@@ -522,12 +570,28 @@ async def delete_subscription(db: Database, stream_uuid: str, name: str) -> bool
 
 
 async def read_page(
-    db: Database, stream_uuid: str, after: int, limit: int
-) -> tuple[list[RecordedEvent], bool]:
-    """Events above ``after`` (at most ``limit``) and whether that reached the head. A
-    stream that does not exist (yet) or was deleted reads as empty."""
-    try:
-        events = await read(db, stream_uuid, after + 1, limit, forward=True)
-    except (StreamNotFoundError, StreamDeletedError):
-        return [], True
-    return events, len(events) < limit
+    db: Database, stream_uuid: str, after: int, limit: int, stream_id: int | None
+) -> tuple[list[RecordedEvent], bool, int | None]:
+    """Events above ``after`` (at most ``limit``), whether that reached the head, and
+    the stream's id (pass it back: one statement per page then). A stream that does not
+    exist (yet) or was deleted reads as empty."""
+    config = db.config
+    if stream_id is None:
+        try:
+            events = await read(db, stream_uuid, after + 1, limit, forward=True)
+        except (StreamNotFoundError, StreamDeletedError):
+            return [], True, None
+        if events or stream_uuid == "$all":
+            info_id = 0 if stream_uuid == "$all" else None
+            if info_id is None:
+                info_id = (await stream_info(db, stream_uuid)).stream_id
+            return events, len(events) < limit, info_id
+        return events, True, None
+    rows = await db.fetch(
+        _sql.read_stream(config.schema, config.column_data_type, forward=True),
+        stream_id,
+        after + 1,
+        limit,
+    )
+    events = _recorded(config, rows)
+    return events, len(events) < limit, stream_id

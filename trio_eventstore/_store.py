@@ -106,7 +106,10 @@ class EventStore:
         _check_expected_version(expected_version)
         event_list = _check_events(events, EventData, "events")
         encoded = _storage.encode_events(self._config.serializer, event_list)
-        return await _storage.append(self._db, stream_uuid, expected_version, encoded)
+        plan = _storage.append_plan(self._config, stream_uuid, expected_version, encoded)
+        appended = await _storage.append(self._db, plan, stream_uuid)
+        self._subscriptions.appended(stream_uuid, appended, plan, encoded)
+        return appended.version
 
     async def link_to_stream(
         self,

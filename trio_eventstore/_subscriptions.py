@@ -35,7 +35,7 @@ from ._fsm import SubscriptionFSM
 from ._locks import LockKeeper, lock_key2
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database
-from ._types import RecordedEvent, StartFrom
+from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
 __all__ = [
     "EventBatch",
@@ -164,6 +164,7 @@ class _Driver:
         self._next_consumer = 0
         self._last_persisted = 0
         self._checkpointed = trio.Event()  # replaced after every checkpoint write
+        self._stream_id: int | None = None  # known once the stream exists
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -175,6 +176,7 @@ class _Driver:
         send, receive = trio.open_memory_channel[EventBatch](math.inf)
         consumer = _Consumer(self._next_consumer, buffer_size, send, receive)
         self.consumers[consumer.consumer_id] = consumer
+        self._last_activity = time.monotonic()
         if self.fsm is not None:
             self.fsm.add_consumer(consumer.consumer_id, buffer_size)
             self._deliver()
@@ -246,8 +248,10 @@ class _Driver:
             self.done.set()
 
     async def _wait_wake(self) -> None:
-        self._wake = trio.Event()
+        # Consume the wakeup after waiting: a wake() that came while we were busy is
+        # not lost (the loop then re-checks its state and may find nothing to do).
         await self._wake.wait()
+        self._wake = trio.Event()
 
     async def _one_session(self) -> None:
         owner = self.owner
@@ -313,13 +317,20 @@ class _Driver:
         self.fsm = fsm
         self.state = "catching_up"
         self.subscribed.set()
-        owner.notifier.watch(self.stream_uuid)
+        owner.notifier.add_listener(self.stream_uuid, self.wake)
+        try:
+            await self._session_loop(fsm)
+        finally:
+            owner.notifier.remove_listener(self.stream_uuid, self.wake)
+
+    async def _session_loop(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+        owner = self.owner
         hibernate_after = owner.config.subscription_hibernate_after
         while self.consumers:
             after = fsm.wants_read()
             if after is not None:
-                events, at_head = await _storage.read_page(
-                    owner.db, self.stream_uuid, after, fsm.read_limit()
+                events, at_head, self._stream_id = await _storage.read_page(
+                    owner.db, self.stream_uuid, after, fsm.read_limit(), self._stream_id
                 )
                 fsm.on_events(events, at_head=at_head)
                 if events:
@@ -336,26 +347,19 @@ class _Driver:
             if time.monotonic() >= idle_until and fsm.hibernate():
                 self.state = "hibernating"
                 self._last_activity = math.inf  # until something happens
-            elif self.state == "hibernating":
-                self.state = "subscribed"
+            elif self.state == "hibernating" and self._last_activity != math.inf:
+                self.state = "subscribed"  # woken by an ack, a consumer or new events
 
     async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
-        """Until an ack or a consumer change, or (at the head) new events."""
-        async with trio.open_nursery() as nursery:
-
-            async def woken() -> None:
-                await self._wait_wake()
-                nursery.cancel_scope.cancel()
-
-            async def new_events() -> None:
-                await self.owner.notifier.wait_beyond(self.stream_uuid, fsm.last_read)
-                fsm.on_new_events()
-                self._last_activity = time.monotonic()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(woken)
-            if fsm.at_head:
-                nursery.start_soon(new_events)
+        """Until an ack, a consumer change, or a notification / re-sync of the stream
+        (the notifier calls `wake`)."""
+        if fsm.at_head and self.owner.notifier.mark(self.stream_uuid) > fsm.last_read:
+            fsm.on_new_events()
+            return
+        await self._wait_wake()
+        if fsm.at_head and self.owner.notifier.mark(self.stream_uuid) > fsm.last_read:
+            fsm.on_new_events()
+            self._last_activity = time.monotonic()
 
     async def _checkpoint_if_due(self, *, final: bool = False) -> None:
         fsm = self.fsm
@@ -524,6 +528,7 @@ class TransientSubscription:
         self.position = position
         self._selector = selector
         self._mapper = mapper
+        self._stream_id: int | None = None
 
     def __aiter__(self) -> TransientSubscription:
         return self
@@ -531,7 +536,9 @@ class TransientSubscription:
     async def __anext__(self) -> list[Any]:
         owner = self._owner
         while True:
-            events, _ = await _storage.read_page(owner.db, self._stream_uuid, self.position, 1000)
+            events, _, self._stream_id = await _storage.read_page(
+                owner.db, self._stream_uuid, self.position, 1000, self._stream_id
+            )
             if events:
                 self.position = events[-1].event_number
                 if self._selector is not None:
@@ -609,6 +616,44 @@ class Subscriptions:
             await driver.flush()
             if not driver.consumers:
                 await driver.done.wait()
+
+    def appended(
+        self,
+        stream_uuid: str,
+        appended: _storage.Appended,
+        plan: _storage.AppendPlan,
+        events: list[_storage.EncodedEvent],
+    ) -> None:
+        """This store just committed an append: hand its events straight to drivers
+        that have read everything before them, sparing them a read (others read from
+        the database when notified, as usual)."""
+        n = len(events)
+        cache: dict[bool, list[RecordedEvent]] = {}
+        for driver in list(self._drivers.values()):
+            fsm = driver.fsm
+            all_numbers = driver.stream_uuid == ALL_STREAMS
+            if fsm is None or not (all_numbers or driver.stream_uuid == stream_uuid):
+                continue
+            if driver.options.selector is not None or driver.options.partition_by is not None:
+                continue  # user code: run it in the driver, never in the appender's task
+            first = appended.first_event_number if all_numbers else appended.version - n + 1
+            if fsm.last_read != first - 1 or fsm.held + n > fsm.max_size:
+                continue
+            if all_numbers not in cache:
+                try:
+                    cache[all_numbers] = _storage.recorded_from_append(
+                        self.config,
+                        stream_uuid,
+                        appended,
+                        plan,
+                        events,
+                        all_numbers=all_numbers,
+                    )
+                except EventStoreError:
+                    return  # e.g. a strict serializer: the drivers read and report it
+            fsm.on_events(cache[all_numbers], at_head=fsm.at_head)
+            driver._deliver()
+            driver.wake()
 
     def active(self) -> list[_Driver]:
         return list(self._drivers.values())

@@ -1,0 +1,195 @@
+"""Subscription benchmarks: ratios against baselines measured in the same run.
+
+* append -> delivery latency of a persistent subscription at the head, vs the raw
+  NOTIFY round trip of the same append (asyncpg on plain asyncio: one connection runs
+  our append statement, another LISTENs and wakes on the trigger's notification);
+* catch-up throughput of a subscription over N events, vs a raw read of the same
+  events in pages of 1000 (same SELECT, no deserialization);
+* memory (Python heap, tracemalloc) per idle, hibernated subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import time
+import tracemalloc
+from typing import Any
+
+import asyncpg
+import trio
+
+from trio_eventstore import (
+    ANY_VERSION,
+    EventData,
+    EventStoreConfig,
+    _sql,
+    _storage,
+    open_event_store,
+)
+from trio_eventstore._pg import Conn
+
+
+def _event() -> EventData:
+    return EventData({"account_id": "acc", "amount": 1}, event_type="Deposited")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def ours_latency(config: EventStoreConfig, n: int) -> list[float]:
+    times = []
+    async with (
+        open_event_store(config) as store,
+        store.subscribe_to_stream("lat", "bench-latency", buffer_size=1) as sub,
+    ):
+        await store.append_to_stream("lat", ANY_VERSION, [_event()])
+        async for batch in sub:  # the first one, to be at the head
+            sub.ack(batch)
+            break
+        for _ in range(n):
+            started = time.perf_counter()
+            await store.append_to_stream("lat", ANY_VERSION, [_event()])
+            batch = await sub.__anext__()
+            times.append(time.perf_counter() - started)
+            sub.ack(batch)
+    return times
+
+
+async def baseline_latency(config: EventStoreConfig, n: int) -> list[float]:
+    listener = await asyncpg.connect(**config.connect_params())
+    writer = await asyncpg.connect(**config.connect_params())
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    channel = _sql.notification_channel(config.schema)
+    await listener.add_listener(channel, lambda *args: queue.put_nowait(args[3]))
+    times = []
+    try:
+        for _ in range(n):
+            encoded = _storage.encode_events(config.serializer, [_event()])
+            plan = _storage.append_plan(config, "lat-base", ANY_VERSION, encoded)
+            started = time.perf_counter()
+            assert plan.fast is not None
+            if await plan.fast(Conn(writer, config)) is None:
+                async with writer.transaction():
+                    await plan.slow(Conn(writer, config))
+            while not (await queue.get()).startswith("$all,"):
+                pass
+            times.append(time.perf_counter() - started)
+    finally:
+        await listener.close()
+        await writer.close()
+    return times
+
+
+async def ours_catch_up(config: EventStoreConfig, total: int) -> float:
+    async with open_event_store(config) as store:
+        started = time.perf_counter()
+        count = 0
+        async with store.subscribe_to_all_streams(
+            f"bench-catch-up-{time.time_ns()}",
+            buffer_size=1000,
+            max_size=3000,  # read the next pages while the consumer handles this one
+            checkpoint_threshold=1000,
+        ) as sub:
+            async for batch in sub:
+                count += len(batch)
+                sub.ack(batch)
+                if count >= total:
+                    break
+        return count / (time.perf_counter() - started)
+
+
+async def baseline_catch_up(config: EventStoreConfig, total: int) -> float:
+    conn = await asyncpg.connect(**config.connect_params())
+    query = _sql.read_stream(config.schema, config.column_data_type, forward=True)
+    try:
+        started = time.perf_counter()
+        position, count = 0, 0
+        while count < total:
+            rows = await conn.fetch(query, 0, position + 1, 1000)
+            if not rows:
+                break
+            count += len(rows)
+            position = rows[-1]["event_number"]
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def idle_memory(config: EventStoreConfig, count: int) -> float:
+    """Bytes of Python heap per idle, hibernated subscription."""
+    config = config.with_changes(subscription_hibernate_after=0.2, pool_size=20)
+    async with open_event_store(config) as store:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        ready = trio.Semaphore(0)
+
+        async def idle(i: int) -> None:
+            async with store.subscribe_to_stream(f"idle-{i}", f"idle-{i}") as sub:
+                await sub.wait_subscribed()
+                ready.release()
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(idle, i)
+            for _ in range(count):
+                await ready.acquire()
+            await trio.sleep(1.0)  # past subscription_hibernate_after
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+            hibernating = sum(1 for d in store._subscriptions.active() if d.state == "hibernating")
+            nursery.cancel_scope.cancel()
+        tracemalloc.stop()
+    print(f"  ({hibernating} of {count} subscriptions hibernating)")
+    return (after - before) / count
+
+
+def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
+    n = 200 if quick else 1000
+    mine = trio.run(ours_latency, config, n)
+    base = asyncio.run(baseline_latency(config, n))
+    report(
+        "append->delivery p50",
+        statistics.median(mine) * 1e6,
+        statistics.median(base) * 1e6,
+        "us",
+        lower_is_better=True,
+    )
+    report(
+        "append->delivery p99",
+        _percentile(mine, 0.99) * 1e6,
+        _percentile(base, 0.99) * 1e6,
+        "us",
+        lower_is_better=True,
+    )
+    total = int(trio.run(_all_version, config))
+    target = 20_000 if quick else 100_000
+    if total < target:
+        trio.run(_fill, config, target - total)
+        total = target
+    base_rate = max(asyncio.run(baseline_catch_up(config, total)) for _ in "ab")
+    our_rate = max(trio.run(ours_catch_up, config, total) for _ in "ab")
+    report(f"catch-up over {total} events", our_rate, base_rate, "ev/s", lower_is_better=False)
+    count = 200 if quick else 1000
+    per = trio.run(idle_memory, config, count)
+    print(
+        f"{'memory per idle hibernated subscription':40} {per / 1024:10.1f} KiB "
+        f"({count} subscriptions, Python heap)"
+    )
+
+
+async def _all_version(config: EventStoreConfig) -> int:
+    async with open_event_store(config) as store:
+        return (await store.stream_info("$all")).stream_version
+
+
+async def _fill(config: EventStoreConfig, count: int) -> None:
+    async with open_event_store(config) as store:
+        for start in range(0, count, 1000):
+            size = min(1000, count - start)
+            await store.append_to_stream("fill", ANY_VERSION, [_event() for _ in range(size)])
