@@ -15,6 +15,7 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     RecordedEvent,
+    admin,
     open_event_store,
 )
 
@@ -275,8 +276,8 @@ async def test_own_appends_delivered_without_a_read_equal_what_a_read_returns(
     config: EventStoreConfig, column_data_type: str
 ) -> None:
     cfg = config.with_changes(column_data_type=column_data_type, notification_poll_interval=60)
-    await es.admin.create(cfg)
-    await es.admin.init(cfg)
+    await admin.create(cfg)
+    await admin.init(cfg)
     try:
         async with (
             open_event_store(cfg) as store,
@@ -296,7 +297,7 @@ async def test_own_appends_delivered_without_a_read_equal_what_a_read_returns(
             assert live == await store.read_stream_forward("s")
             assert live_all == await store.read_all_streams_forward()
     finally:
-        await es.admin.drop(cfg)
+        await admin.drop(cfg)
 
 
 async def test_appends_from_another_store_interleaved_with_own(fast: EventStoreConfig) -> None:
