@@ -40,11 +40,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def ours_latency(config: EventStoreConfig, n: int) -> list[float]:
+async def ours_latency(config: EventStoreConfig, n: int, threshold: int) -> list[float]:
     times = []
     async with (
         open_event_store(config) as store,
-        store.subscribe_to_stream("lat", "bench-latency", buffer_size=1) as sub,
+        store.subscribe_to_stream(
+            "lat",
+            f"bench-latency-{threshold}",
+            buffer_size=1,
+            checkpoint_threshold=threshold,
+            checkpoint_after=1.0,
+        ) as sub,
     ):
         await store.append_to_stream("lat", ANY_VERSION, [_event()])
         async for batch in sub:  # the first one, to be at the head
@@ -151,22 +157,24 @@ async def idle_memory(config: EventStoreConfig, count: int) -> float:
 
 def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     n = 200 if quick else 1000
-    mine = trio.run(ours_latency, config, n)
     base = asyncio.run(baseline_latency(config, n))
-    report(
-        "append->delivery p50",
-        statistics.median(mine) * 1e6,
-        statistics.median(base) * 1e6,
-        "us",
-        lower_is_better=True,
-    )
-    report(
-        "append->delivery p99",
-        _percentile(mine, 0.99) * 1e6,
-        _percentile(base, 0.99) * 1e6,
-        "us",
-        lower_is_better=True,
-    )
+    for threshold in (1, 100):
+        mine = trio.run(ours_latency, config, n, threshold)
+        label = f"append->delivery (checkpoint/{threshold})"
+        report(
+            f"{label} p50",
+            statistics.median(mine) * 1e6,
+            statistics.median(base) * 1e6,
+            "us",
+            lower_is_better=True,
+        )
+        report(
+            f"{label} p99",
+            _percentile(mine, 0.99) * 1e6,
+            _percentile(base, 0.99) * 1e6,
+            "us",
+            lower_is_better=True,
+        )
     total = int(trio.run(_all_version, config))
     target = 20_000 if quick else 100_000
     if total < target:

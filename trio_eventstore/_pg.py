@@ -260,50 +260,32 @@ class _Admission:
 
 
 async def _unit_of_work(
-    pool: Any,
-    admission: _Admission,
+    conn: Any,
     fn: Callable[[Conn], Awaitable[T]],
     config: EventStoreConfig,
     transactional: bool,
     settings: Mapping[str, str],
 ) -> T:
-    max_wait = admission.max_wait()
-    started = time.monotonic()
-    deadline = started + max_wait
-    while True:
-        # Wait in slices of queue_interval, so that a caller already waiting is refused
-        # as soon as the pool counts as overloaded (as DBConnection drops queued ones).
-        slice_ = max(0.0, min(deadline - time.monotonic(), admission.interval))
-        try:
-            if pool.get_idle_size():
-                # A free connection: acquire cannot wait (no timer needed; every
-                # asyncio callback is costly on the trio-asyncio loop).
-                conn = await pool.acquire()
-            else:
-                # asyncio.timeout, not acquire(timeout=): wait_for would start one
-                # more asyncio task.
-                async with asyncio.timeout(slice_):
-                    conn = await pool.acquire()
-            break
-        except TimeoutError:
-            now = time.monotonic()
-            admission.observe(now - started)
-            if now >= deadline or admission.overloaded:
-                state = "overloaded " if admission.overloaded else ""
-                raise StorageUnavailableError(
-                    f"no database connection free within {now - started:.3g} s "
-                    f"({state}pool of {config.pool_size})"
-                ) from None
-    admission.observe(time.monotonic() - started)
+    """(asyncio) Run a unit on one connection. Afterwards the connection is idle and
+    outside any transaction, or it has been terminated."""
     try:
         if transactional:
             return await _in_transaction(conn, fn, config, settings)
         return await fn(Conn(conn, config))
-    finally:
-        # Release runs no query unless a transaction is still open, and every path
-        # above has rolled back (bounded) or terminated the connection by then.
-        with contextlib.suppress(BaseException):  # a failed release terminates the conn
-            await pool.release(conn)
+    except BaseException as exc:
+        # Cancelled or timed out mid-query, or a broken socket: a connection in an
+        # unknown state never goes back to the pool. (Errors the server answered, and
+        # errors `fn` raised between statements, leave it idle and usable.)
+        if isinstance(
+            exc,
+            asyncio.CancelledError
+            | TimeoutError
+            | StorageUnavailableError
+            | OSError
+            | asyncpg.InterfaceError,
+        ) or (not conn.is_closed() and conn.is_in_transaction()):
+            conn.terminate()
+        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -323,6 +305,83 @@ async def _cross(loop: Any, coro: Awaitable[T], config: EventStoreConfig | None)
     return result
 
 
+class _Pool:
+    """Connections owned on the Trio side: waiting for one is a Trio wait (cancellable,
+    with the admission rules of `_Admission`), and a unit of work costs one bridge
+    crossing, without asyncpg's pool bookkeeping on the (costly) asyncio side."""
+
+    def __init__(self, loop: Any, config: EventStoreConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self.admission = _Admission(config)
+        self._slots = trio.Semaphore(config.pool_size)
+        self._idle: list[Any] = []
+        self.size = 0
+        self.closed = False
+
+    async def _connect(self) -> Any:
+        return await _cross(
+            self.loop, _connect(self.config, None, False, f"pool {self.config.schema}"), self.config
+        )
+
+    async def acquire(self) -> Any:
+        if self.closed:
+            raise StorageUnavailableError("the store is closed")
+        admission = self.admission
+        started = time.monotonic()
+        deadline = started + admission.max_wait()
+        while True:
+            # Wait in slices of queue_interval, so that a caller already waiting is
+            # refused as soon as the pool counts as overloaded (as DBConnection drops
+            # queued requests).
+            wait = max(0.0, min(deadline - time.monotonic(), admission.interval))
+            with trio.move_on_after(wait):
+                await self._slots.acquire()
+                break
+            now = time.monotonic()
+            admission.observe(now - started)
+            if now >= deadline or admission.overloaded:
+                state = "overloaded " if admission.overloaded else ""
+                raise StorageUnavailableError(
+                    f"no database connection free within {now - started:.3g} s "
+                    f"({state}pool of {self.config.pool_size})"
+                )
+        admission.observe(time.monotonic() - started)
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            self.size -= 1
+        try:
+            conn = await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        self.size += 1
+        return conn
+
+    def release(self, conn: Any) -> None:
+        if conn.is_closed() or self.closed:
+            self.size -= 1
+            if not conn.is_closed():
+                conn.terminate()
+        else:
+            self._idle.append(conn)
+        self._slots.release()
+
+    async def open(self) -> None:
+        """Connect the first connection (so that startup errors surface at once)."""
+        self.release(await self.acquire())
+
+    async def close(self) -> None:
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with trio.CancelScope(shield=True):
+                await self.loop.run_aio_coroutine(_close(conn))
+            self.size -= 1
+
+
 class Database:
     """The store's connection pool, seen from Trio.
 
@@ -330,15 +389,27 @@ class Database:
     pooled connection on the asyncio side.
     """
 
-    def __init__(self, loop: Any, pool: Any, config: EventStoreConfig) -> None:
-        self._loop = loop
+    def __init__(self, pool: _Pool, config: EventStoreConfig) -> None:
         self._pool = pool
         self._config = config
-        self._admission = _Admission(config)
 
     @property
     def config(self) -> EventStoreConfig:
         return self._config
+
+    async def _run(
+        self, fn: Callable[[Conn], Awaitable[T]], transactional: bool, settings: Mapping[str, str]
+    ) -> T:
+        pool = self._pool
+        conn = await pool.acquire()
+        try:
+            return await _cross(
+                pool.loop,
+                _unit_of_work(conn, fn, self._config, transactional, settings),
+                self._config,
+            )
+        finally:
+            pool.release(conn)
 
     async def transaction(
         self, fn: Callable[[Conn], Awaitable[T]], *, settings: Mapping[str, str] | None = None
@@ -348,19 +419,11 @@ class Database:
         ``settings`` are set with ``set_config(name, value, true)``: they last for this
         transaction only and never stay on a pooled connection.
         """
-        return await _cross(
-            self._loop,
-            _unit_of_work(self._pool, self._admission, fn, self._config, True, settings or {}),
-            self._config,
-        )
+        return await self._run(fn, True, settings or {})
 
     async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``await fn(conn)`` on one pooled connection, outside a transaction."""
-        return await _cross(
-            self._loop,
-            _unit_of_work(self._pool, self._admission, fn, self._config, False, {}),
-            self._config,
-        )
+        return await self._run(fn, False, {})
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         async def unit(conn: Conn) -> list[Row]:
@@ -381,11 +444,12 @@ class Database:
         return await self.run(unit)
 
     def pool_statistics(self) -> dict[str, int | bool]:
+        pool = self._pool
         return {
-            "size": self._pool.get_size(),
-            "idle": self._pool.get_idle_size(),
-            "max_size": self._pool.get_max_size(),
-            "overloaded": self._admission.overloaded,
+            "size": pool.size,
+            "idle": len(pool._idle),
+            "max_size": pool.config.pool_size,
+            "overloaded": pool.admission.overloaded,
         }
 
 
@@ -407,28 +471,6 @@ async def keep_session(_conn: Any) -> None:
     transaction-local, LISTEN and advisory locks live on dedicated connections), so the
     default RESET ALL / UNLISTEN / advisory-unlock round trip on every release would
     only cost time."""
-
-
-async def _create_pool(config: EventStoreConfig) -> Any:
-    return await asyncpg.create_pool(
-        reset=keep_session,
-        **config.connect_params(),
-        min_size=1,
-        max_size=config.pool_size,
-        command_timeout=config.timeout,
-        timeout=config.timeout,
-        max_inactive_connection_lifetime=300.0,
-        statement_cache_size=config.statement_cache_size,
-        server_settings=_settings(f"pool {config.schema}"),
-    )
-
-
-async def _close_pool(pool: Any) -> None:
-    try:
-        await asyncio.wait_for(pool.close(), CLEANUP_TIMEOUT)
-    except BaseException:
-        pool.terminate()
-        raise
 
 
 class _SharedPool:
@@ -471,7 +513,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
                 )
             shared.users += 1
             try:
-                yield Database(shared.database._loop, shared.database._pool, config)
+                yield Database(shared.database._pool, config)
             finally:
                 shared.users -= 1
                 if shared.users == 0:
@@ -479,14 +521,15 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
             return
 
     async with _asyncio_loop() as loop:
+        pool = _Pool(loop, config)
         try:
-            pool = await _cross(loop, _create_pool(config), config)
-        except StorageUnavailableError:
-            raise
-        except EventStoreError as exc:
-            raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc
-        try:
-            database = Database(loop, pool, config)
+            try:
+                await pool.open()
+            except StorageUnavailableError:
+                raise
+            except EventStoreError as exc:
+                raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc
+            database = Database(pool, config)
             if name is None:
                 yield database
                 return
@@ -506,7 +549,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
                 del _SHARED[registry_key]
         finally:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await loop.run_aio_coroutine(_close_pool(pool))
+                await pool.close()
 
 
 class Connection:

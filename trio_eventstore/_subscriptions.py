@@ -342,7 +342,9 @@ class _Driver:
             await self._checkpoint_if_due()
             deadline = fsm.next_checkpoint_deadline()
             idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
-            with trio.move_on_at(min(deadline or math.inf, idle_until)):
+            # FSM times are time.monotonic(); Trio's clock has another origin.
+            wait = min(deadline or math.inf, idle_until) - time.monotonic()
+            with trio.move_on_after(max(0.0, wait)):
                 await self._wait_for_work(fsm)
             if time.monotonic() >= idle_until and fsm.hibernate():
                 self.state = "hibernating"
