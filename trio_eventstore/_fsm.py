@@ -222,8 +222,9 @@ class SubscriptionFSM(Generic[E]):
                     break
         if consumer is None or position is None:
             raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
+        unacked = self._unacked
         for number, _, _ in consumer.in_flight[: position + 1]:
-            self._unacked[number] = True
+            unacked[number] = True
         del consumer.in_flight[: position + 1]
         self._advance_ack()
         self._dispatch()
@@ -251,14 +252,18 @@ class SubscriptionFSM(Generic[E]):
 
     def _advance_ack(self) -> None:
         order, unacked = self._order, self._unacked
-        i = 0
-        while i < len(order) and unacked[order[i]]:
+        i, count = 0, len(order)
+        while i < count and unacked[order[i]]:
             i += 1
         if i:
             self.last_ack = order[i - 1]
-            for number in order[:i]:
-                del unacked[number]
-            del order[:i]
+            if i == count:
+                unacked.clear()
+                order.clear()
+            else:
+                for number in order[:i]:
+                    del unacked[number]
+                del order[:i]
             self._acked_total += i
 
     def _dispatch(self) -> None:

@@ -210,7 +210,7 @@ class JsonSerializer:
             raise SerializationError(f"cannot serialize metadata: {exc}") from exc
 
     def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
-        if payload is None:
+        if payload is None or payload == b"null":
             return None
         try:
             value = _loads(payload)
