@@ -205,3 +205,38 @@ async def test_appending_continues_elixir_streams_densely(
         ]
         last = all_events[-2]
         assert last.created_at.tzinfo == datetime.UTC
+
+
+@pytest.mark.parametrize("schema", list(SCHEMAS))
+async def test_elixir_subscription_row_resumes_after_its_checkpoint(
+    sample_database: str, schema: str
+) -> None:
+    """The Elixir library's subscription "sub-a" on $all acknowledged events 1..3
+    (last_seen = 3): our subscriber of that name takes over from event 4, holding the
+    same advisory lock key an Elixir subscriber would."""
+    config = EventStoreConfig(url=sample_database, schema=schema, column_data_type=SCHEMAS[schema])
+    async with open_event_store(config) as store:
+        async with store.subscribe_to_all_streams("sub-a", buffer_size=20) as sub:
+            await sub.wait_subscribed()
+            got: list[int] = []
+            with trio.fail_after(30):
+                async for batch in sub:
+                    got.extend(e.event_number for e in batch.events)
+                    sub.ack(batch)
+                    if got and got[-1] >= 9:
+                        break
+            # The lock an Elixir node would try: (oid of <schema>.subscriptions, id 1).
+            async with open_connection(config) as other:
+                taken = await other.fetchval(
+                    f"SELECT pg_try_advisory_lock('{schema}.subscriptions'::regclass::oid::int, 1)"
+                )
+            assert taken is False
+        assert got == [4, 5, 6, 7, 8, 9]
+        async with open_connection(config) as conn:
+            assert (
+                await conn.fetchval(
+                    f"SELECT last_seen FROM {schema}.subscriptions "
+                    "WHERE subscription_name = 'sub-a'"
+                )
+                == 9
+            )
