@@ -140,7 +140,7 @@ async def test_overloaded_pool_fails_fast(initialized: EventStoreConfig) -> None
                 try:
                     await database.fetchval("SELECT 1")
                     outcomes.append("served")
-                except es.StorageUnavailableError:
+                except es.PoolOverloadedError:
                     outcomes.append("refused")
             release.set()
         assert "refused" in outcomes

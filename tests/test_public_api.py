@@ -51,6 +51,7 @@ EXPECTED = {
     "RecordedEvent",
     "SnapshotData",
     "JsonSerializer",
+    "PoolOverloadedError",
     "SubscriptionNotFoundError",
     "EventBatch",
     "Subscription",

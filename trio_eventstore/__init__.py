@@ -10,6 +10,7 @@ from ._errors import (
     EventStoreError,
     InvalidStartFromError,
     NotSupportedError,
+    PoolOverloadedError,
     SchemaMismatchError,
     SchemaNotInitializedError,
     SerializationError,
@@ -54,6 +55,7 @@ from ._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PoolOverloadedError",
     "TransientSubscription",
     "SubscriptionStatistics",
     "Subscription",

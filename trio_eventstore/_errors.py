@@ -17,6 +17,7 @@ __all__ = [
     "EventStoreError",
     "InvalidStartFromError",
     "NotSupportedError",
+    "PoolOverloadedError",
     "SchemaNotInitializedError",
     "SerializationError",
     "SnapshotNotFoundError",
@@ -108,6 +109,11 @@ class NotSupportedError(EventStoreError):
 
 class StorageUnavailableError(EventStoreError, trio.BrokenResourceError):
     """The database cannot be reached, or the connection to it broke."""
+
+
+class PoolOverloadedError(StorageUnavailableError):
+    """No pooled connection came free in time (see ``queue_target``/``queue_interval``):
+    the pool is overloaded; retry later, or give it more connections."""
 
 
 class AuthenticationError(StorageUnavailableError):

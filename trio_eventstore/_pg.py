@@ -36,6 +36,7 @@ from ._errors import (
     AuthenticationError,
     DatabaseError,
     EventStoreError,
+    PoolOverloadedError,
     StorageUnavailableError,
     single_errors,
 )
@@ -342,7 +343,7 @@ class _Pool:
             admission.observe(now - started)
             if now >= deadline or admission.overloaded:
                 state = "overloaded " if admission.overloaded else ""
-                raise StorageUnavailableError(
+                raise PoolOverloadedError(
                     f"no database connection free within {now - started:.3g} s "
                     f"({state}pool of {self.config.pool_size})"
                 )

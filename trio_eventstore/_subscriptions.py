@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from ._config import EventStoreConfig
 from ._errors import (
     EventStoreError,
     InvalidStartFromError,
+    PoolOverloadedError,
     StorageUnavailableError,
     SubscriptionAlreadyExistsError,
     SubscriptionFailedError,
@@ -224,14 +226,20 @@ class _Driver:
         config = self.owner.config
         try:
             while self.consumers:
+                retry_after = config.subscription_retry_interval
                 try:
                     await self._one_session()
+                except PoolOverloadedError as exc:
+                    # A local, passing condition (e.g. many subscriptions starting at
+                    # once): retry soon, spread out, not after the full interval.
+                    logger.debug("subscription %r: %s; retrying soon", self.name, exc)
+                    retry_after = min(retry_after, random.uniform(0.05, 0.5))
                 except StorageUnavailableError as exc:
                     logger.warning("subscription %r: %s; retrying", self.name, exc)
                     self.state = "disconnected"
                 if not self.consumers:
                     break
-                with trio.move_on_after(config.subscription_retry_interval):
+                with trio.move_on_after(retry_after):
                     while self.consumers:
                         await self._wait_wake()
                         if not self.consumers:
