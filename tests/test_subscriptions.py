@@ -311,3 +311,30 @@ async def test_appends_from_another_store_interleaved_with_own(fast: EventStoreC
             await append(theirs if i % 3 else mine, f"s{i % 4}", i)
         got = await take(sub, 20)
     assert [e.event_number for e in got] == list(range(1, 21))
+
+
+async def test_many_subscriptions_starting_at_once_on_a_small_pool(
+    fast: EventStoreConfig,
+) -> None:
+    """Pool overload while many subscriptions start is passing: they retry soon and all
+    subscribe (none fails, none waits the whole retry interval)."""
+    config = fast.with_changes(
+        pool_size=2, queue_target=0.001, queue_interval=0.01, subscription_retry_interval=600
+    )
+    async with open_event_store(config) as store:
+        subscribed = trio.Semaphore(0)
+
+        async def one(i: int) -> None:
+            async with store.subscribe_to_stream(f"s{i}", f"p{i}") as sub:
+                await sub.wait_subscribed()
+                subscribed.release()
+                await trio.sleep_forever()
+
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(one, i)
+                for _ in range(40):
+                    await subscribed.acquire()
+                assert all(d.failure is None for d in store._subscriptions.active())
+                nursery.cancel_scope.cancel()

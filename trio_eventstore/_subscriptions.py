@@ -32,6 +32,7 @@ from ._errors import (
     SubscriptionFailedError,
     TooManySubscribersError,
     UnexpectedAckError,
+    single_errors,
 )
 from ._fsm import SubscriptionFSM
 from ._locks import LockKeeper, lock_key2
@@ -252,7 +253,10 @@ class _Driver:
                 consumer.send.close()
         finally:
             self.state = "stopped" if self.failure is None else "failed"
-            self.owner._drivers.pop((self.stream_uuid, self.name), None)
+            if self.owner._drivers.get((self.stream_uuid, self.name)) is self:
+                del self.owner._drivers[(self.stream_uuid, self.name)]
+            for consumer in list(self.consumers.values()):
+                consumer.send.close()  # the store is closing: iteration ends
             self.done.set()
 
     async def _wait_wake(self) -> None:
@@ -278,7 +282,7 @@ class _Driver:
             _, last_seen = await _storage.create_subscription(
                 owner.db, self.stream_uuid, self.name, self.options.start_from
             )
-            with trio.CancelScope() as session_scope:
+            with trio.CancelScope() as session_scope, single_errors():
                 async with trio.open_nursery() as nursery:
 
                     async def watch_lease() -> None:
