@@ -319,7 +319,7 @@ async def test_many_subscriptions_starting_at_once_on_a_small_pool(
     """Pool overload while many subscriptions start is passing: they retry soon and all
     subscribe (none fails, none waits the whole retry interval)."""
     config = fast.with_changes(
-        pool_size=2, queue_target=0.001, queue_interval=0.01, subscription_retry_interval=600
+        pool_size=1, queue_target=0.001, queue_interval=0.005, subscription_retry_interval=600
     )
     async with open_event_store(config) as store:
         subscribed = trio.Semaphore(0)
@@ -332,9 +332,9 @@ async def test_many_subscriptions_starting_at_once_on_a_small_pool(
 
         with trio.fail_after(HANG_GUARD):
             async with trio.open_nursery() as nursery:
-                for i in range(40):
+                for i in range(150):
                     nursery.start_soon(one, i)
-                for _ in range(40):
+                for _ in range(150):
                     await subscribed.acquire()
                 assert all(d.failure is None for d in store._subscriptions.active())
                 nursery.cancel_scope.cancel()

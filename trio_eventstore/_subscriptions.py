@@ -305,7 +305,10 @@ class _Driver:
     def _end_session(self) -> None:
         fsm = self.fsm
         self.fsm = None
-        self.subscribed = trio.Event()
+        if self.subscribed.is_set():
+            # Replace it only once it has fired: callers of wait_subscribed() still
+            # wait on the current one, whatever happened before a session began.
+            self.subscribed = trio.Event()
         for consumer in self.consumers.values():
             consumer.stale_up_to = max(consumer.stale_up_to, consumer.delivered_high)
         if fsm is not None:
