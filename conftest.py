@@ -6,44 +6,26 @@ otherwise a throwaway cluster is started for the session.
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
-from tests.helpers import url_for
 from trio_eventstore import EventStore, EventStoreConfig, admin, open_event_store
-from trio_eventstore._tempcluster import TempCluster, temp_cluster
 
-TEST_DATABASE = "trio_eventstore_test"
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[TempCluster | None]:
-    """The session's throwaway cluster (None when TRIO_EVENTSTORE_TEST_URL is set)."""
-    if os.environ.get("TRIO_EVENTSTORE_TEST_URL"):
-        yield None
-        return
-    with temp_cluster() as running:
-        yield running
+def server_url(eventstore_server_url: str) -> str:
+    """A superuser URL of the test server (from trio_eventstore.pytest_plugin)."""
+    return eventstore_server_url
 
 
 @pytest.fixture(scope="session")
-def server_url(cluster: TempCluster | None) -> str:
-    """A superuser URL of the test server (database part: the maintenance database)."""
-    if cluster is None:
-        return os.environ["TRIO_EVENTSTORE_TEST_URL"]
-    return cluster.url("postgres")
-
-
-@pytest.fixture(scope="session")
-def test_database(server_url: str) -> str:
-    """The database holding the per-test schemas, created once."""
-    config = EventStoreConfig(url=url_for(server_url, TEST_DATABASE))
-    trio.run(admin.create, config)
-    return url_for(server_url, TEST_DATABASE)
+def test_database(eventstore_database_url: str) -> str:
+    """The database holding the per-test schemas."""
+    return eventstore_database_url
 
 
 @pytest.fixture

@@ -168,6 +168,7 @@ class _Driver:
         self._last_persisted = 0
         self._checkpointed = trio.Event()  # replaced after every checkpoint write
         self._stream_id: int | None = None  # known once the stream exists
+        self._progress = trio.Event()  # replaced whenever last_ack advances
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -201,6 +202,7 @@ class _Driver:
             fsm.ack(cid, event_number)
             self._last_activity = time.monotonic()
             self._deliver()
+            self._signal_progress()
             self.wake()
             return
         if event_number <= consumer.stale_up_to or (
@@ -210,6 +212,13 @@ class _Driver:
         raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
 
     # -- the task -------------------------------------------------------------------------
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def last_ack(self) -> int:
+        return self.fsm.last_ack if self.fsm is not None else self._last_persisted
 
     def _deliver(self) -> None:
         fsm = self.fsm
@@ -258,6 +267,8 @@ class _Driver:
             for consumer in list(self.consumers.values()):
                 consumer.send.close()  # the store is closing: iteration ends
             self.done.set()
+            self._signal_progress()  # waiters see that it stopped
+            self._checkpointed.set()
 
     async def _wait_wake(self) -> None:
         # Consume the wakeup after waiting: a wake() that came while we were busy is
@@ -350,6 +361,7 @@ class _Driver:
                 fsm.on_events(events, at_head=at_head)
                 if events:
                     self._last_activity = time.monotonic()
+                    self._signal_progress()  # filtered events count as acknowledged
                 self._deliver()
                 self.state = "subscribed" if fsm.at_head else "catching_up"
                 await self._checkpoint_if_due()
@@ -483,6 +495,18 @@ class Subscription:
                 nursery.start_soon(subscribed)
                 nursery.start_soon(failed)
 
+    async def wait_acked(self, event_number: int) -> None:
+        """Wait until every event up to ``event_number`` has been acknowledged (or
+        skipped by the selector).
+
+        Raises:
+            SubscriptionFailedError: the subscription failed.
+        """
+        driver = self._driver
+        while driver.last_ack() < event_number:
+            _raise_if_stopped(driver)
+            await driver._progress.wait()
+
     async def wait_checkpointed(self, event_number: int) -> None:
         """Wait until the persisted checkpoint has reached ``event_number``.
 
@@ -491,10 +515,7 @@ class Subscription:
         """
         driver = self._driver
         while driver._last_persisted < event_number:
-            if driver.failure is not None:
-                raise SubscriptionFailedError(
-                    f"subscription {driver.name!r} failed"
-                ) from driver.failure
+            _raise_if_stopped(driver)
             await driver._checkpointed.wait()
 
     def ack(
@@ -511,6 +532,13 @@ class Subscription:
 
     def statistics(self) -> SubscriptionStatistics:
         return self._driver.statistics()
+
+
+def _raise_if_stopped(driver: _Driver) -> None:
+    if driver.failure is not None:
+        raise SubscriptionFailedError(f"subscription {driver.name!r} failed") from driver.failure
+    if driver.done.is_set():
+        raise SubscriptionFailedError(f"subscription {driver.name!r} has stopped")
 
 
 def _ack_number(value: object) -> int:
