@@ -11,7 +11,9 @@ import pytest
 
 from .helpers import url_for
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+FOLDER = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = sorted(p for p in FOLDER.glob("*.py") if not p.name.startswith("test_"))
+EXAMPLE_TESTS = sorted(FOLDER.glob("test_*.py"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -29,3 +31,20 @@ def test_example_runs(example: Path, server_url: str) -> None:
         )
         assert result.returncode == 0, result.stderr
     assert "optimistic concurrency" in result.stdout
+
+
+@pytest.mark.parametrize("example", EXAMPLE_TESTS, ids=[p.stem for p in EXAMPLE_TESTS])
+def test_example_test_passes(example: Path, server_url: str) -> None:
+    """The example consumer tests pass with the kit's own fixtures."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env["TRIO_EVENTSTORE_TEST_URL"] = server_url
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(example)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+        cwd=example.parent,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
