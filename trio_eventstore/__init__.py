@@ -2,6 +2,13 @@
 Elixir EventStore."""
 
 from ._config import EventStoreConfig
+from ._daemon import (
+    HandlerFailedError,
+    SubscriberSpec,
+    SubscriberStatistics,
+    open_subscriber_daemon,
+    run_subscribers,
+)
 from ._errors import (
     AuthenticationError,
     DatabaseError,
@@ -55,6 +62,11 @@ from ._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "run_subscribers",
+    "open_subscriber_daemon",
+    "SubscriberStatistics",
+    "SubscriberSpec",
+    "HandlerFailedError",
     "PoolOverloadedError",
     "TransientSubscription",
     "SubscriptionStatistics",

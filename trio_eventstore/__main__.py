@@ -8,16 +8,19 @@ Connection settings come from ``--url``/``--schema`` or the environment
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import admin
 from ._config import EventStoreConfig
+from ._daemon import SubscriberSpec, load_handler, run_subscribers
 from ._errors import EventStoreError
 from ._store import open_event_store
 
@@ -57,7 +60,51 @@ def _parser() -> argparse.ArgumentParser:
         description="show a stream's information",
     )
     info.add_argument("stream_uuid", nargs="?", default="$all")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run subscriber handlers until SIGINT/SIGTERM",
+        description="Run handlers (module:function, called with each RecordedEvent) on "
+        "persistent subscriptions; SIGINT/SIGTERM stop them cleanly (exit 0).",
+    )
+    run.add_argument(
+        "handlers",
+        nargs="+",
+        metavar="MODULE:FUNCTION[=NAME]",
+        help="a handler; NAME is its subscription name (default: MODULE:FUNCTION)",
+    )
+    run.add_argument("--stream", default="$all", help="the stream to follow (default: $all)")
+    run.add_argument(
+        "--on-error",
+        choices=["retry", "stop"],
+        default="retry",
+        help="when a handler raises: retry with back-off, or stop (exit 1)",
+    )
+    run.add_argument("--buffer-size", type=int, default=100)
+    run.add_argument("--checkpoint-threshold", type=int, default=100)
+    run.add_argument("--checkpoint-after", type=float, default=1.0)
+    run.add_argument("--status-file", help="write a JSON health snapshot here every 5 s")
     return parser
+
+
+def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
+    specs = []
+    for item in args.handlers:
+        target, _, name = item.partition("=")
+        specs.append(
+            SubscriberSpec(
+                name=name or target,
+                handler=load_handler(target),
+                stream_uuid=args.stream,
+                on_error=args.on_error,
+                options={
+                    "buffer_size": args.buffer_size,
+                    "checkpoint_threshold": args.checkpoint_threshold,
+                    "checkpoint_after": args.checkpoint_after,
+                },
+            )
+        )
+    return specs
 
 
 def _config(args: argparse.Namespace) -> EventStoreConfig:
@@ -93,6 +140,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"trio-eventstore: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "run":
+        logging.basicConfig(
+            level=logging.INFO,
+            force=True,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        try:
+            specs = _specs(args)
+        except (ValueError, TypeError) as exc:
+            print(f"trio-eventstore run: {exc}", file=sys.stderr)
+            return 2
+        status = Path(args.status_file) if args.status_file else None
+        try:
+            trio.run(functools.partial(run_subscribers, config, specs, status_file=status))
+        except EventStoreError as exc:
+            print(
+                f"trio-eventstore run: {type(exc).__name__}: {config.redact(str(exc))}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
     try:
         if args.command == "info":
             info = trio.run(_info, config, args.stream_uuid)

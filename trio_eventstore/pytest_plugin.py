@@ -65,7 +65,8 @@ def eventstore_database_url(eventstore_server_url: str) -> str:
 def eventstore_config(eventstore_database_url: str) -> Iterator[EventStoreConfig]:
     """A fresh, initialised schema for this test (dropped afterwards)."""
     config = EventStoreConfig(
-        url=eventstore_database_url, schema=f"t_{uuid.uuid4().hex[:12]}",
+        url=eventstore_database_url,
+        schema=f"t_{uuid.uuid4().hex[:12]}",
         subscription_retry_interval=1.0,
     )
     trio.run(admin.create, config)

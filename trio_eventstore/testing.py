@@ -99,8 +99,13 @@ def event_data(
     for cls in event_classes:
         if not (attrs.has(cls) or hasattr(cls, "__dataclass_fields__")):
             raise TypeError(f"event_data: {cls!r} is not an attrs class or a dataclass")
-    meta = metadata if metadata is not None else st.none() | st.fixed_dictionaries(
-        {}, optional={"user": st.text(max_size=10), "source": st.just("test")}
+    meta = (
+        metadata
+        if metadata is not None
+        else st.none()
+        | st.fixed_dictionaries(
+            {}, optional={"user": st.text(max_size=10), "source": st.just("test")}
+        )
     )
     return st.builds(
         lambda data, metadata: EventData(data, metadata=metadata),
@@ -283,4 +288,3 @@ async def wait_caught_up(store: EventStore, subscription: Subscription) -> None:
     except LookupError:
         return
     await subscription.wait_acked(head)
-
