@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from . import admin
+from . import _operator, admin
 from ._config import EventStoreConfig
 from ._daemon import SubscriberSpec, load_handler, run_subscribers
 from ._errors import EventStoreError
@@ -60,6 +60,34 @@ def _parser() -> argparse.ArgumentParser:
         description="show a stream's information",
     )
     info.add_argument("stream_uuid", nargs="?", default="$all")
+    streams = sub.add_parser("streams", parents=[common], help="list streams")
+    streams.add_argument("--search", help="only streams whose id contains this")
+    streams.add_argument("--page", type=int, default=1)
+    streams.add_argument("--page-size", type=int, default=50)
+    sub.add_parser("subscriptions", parents=[common], help="list subscriptions and their lag")
+    show = sub.add_parser("show", parents=[common], help="show a stream's events")
+    show.add_argument("stream_uuid")
+    show.add_argument("--from", dest="start", type=int, default=0, help="first version")
+    show.add_argument("--count", type=int, default=100)
+    event = sub.add_parser("event", parents=[common], help="show one event by id")
+    event.add_argument("event_id")
+    tail = sub.add_parser("tail", parents=[common], help="follow a stream live (Ctrl-C stops)")
+    tail.add_argument("stream_uuid", nargs="?", default="$all")
+    reset_sub = sub.add_parser(
+        "reset-subscription",
+        parents=[common],
+        help="set a subscription's checkpoint (refused while any node runs it)",
+    )
+    reset_sub.add_argument("stream_uuid")
+    reset_sub.add_argument("subscription_name")
+    reset_sub.add_argument("position", type=int, help="deliver events above this number")
+    delete_sub = sub.add_parser(
+        "delete-subscription",
+        parents=[common],
+        help="delete a subscription (refused while any node runs it)",
+    )
+    delete_sub.add_argument("stream_uuid")
+    delete_sub.add_argument("subscription_name")
     run = sub.add_parser(
         "run",
         parents=[common],
@@ -131,6 +159,113 @@ async def _info(config: EventStoreConfig, stream_uuid: str) -> dict[str, Any]:
     }
 
 
+async def _streams(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store:
+        page = await store.paginate_streams(
+            page_size=args.page_size, page_number=args.page, search=args.search
+        )
+    rows = [
+        {
+            "stream_id": i.stream_id,
+            "stream_uuid": i.stream_uuid,
+            "version": i.stream_version,
+            "status": i.status.value,
+            "created_at": i.created_at.isoformat(),
+        }
+        for i in page.entries
+    ]
+    footer = f"page {page.page_number} of {page.total_pages}, {page.total_entries} streams"
+    return rows, footer
+
+
+async def _subscriptions(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store:
+        rows = await _operator.subscriptions_with_lag(store)
+    return rows, f"{len(rows)} subscriptions"
+
+
+async def _show(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store:
+        events = await store.read_stream_forward(args.stream_uuid, args.start, args.count)
+    return [_operator.event_dict(e) for e in events], f"{len(events)} events"
+
+
+async def _event(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store:
+        event = await _operator.read_event(store, args.event_id)
+    return [_operator.event_dict(event)], ""
+
+
+async def _reset_subscription(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    await _operator.reset_subscription(
+        config, args.stream_uuid, args.subscription_name, args.position
+    )
+    return [], (f"subscription {args.subscription_name!r} will resume after event {args.position}")
+
+
+async def _delete_subscription(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    await _operator.delete_subscription(config, args.stream_uuid, args.subscription_name)
+    return [], f"subscription {args.subscription_name!r} deleted"
+
+
+async def _tail(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store, store.subscribe(args.stream_uuid) as live:
+        print(f"following {args.stream_uuid} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        async for batch in live:
+            for event in batch:
+                _print_rows([_operator.event_dict(event)], args.json, header=False)
+    return [], ""
+
+
+_INSPECT: dict[str, Callable[[EventStoreConfig, argparse.Namespace], Awaitable[Any]]] = {
+    "streams": _streams,
+    "subscriptions": _subscriptions,
+    "show": _show,
+    "event": _event,
+    "tail": _tail,
+    "reset-subscription": _reset_subscription,
+    "delete-subscription": _delete_subscription,
+}
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, *, header: bool = True) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str), flush=True)
+        return
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[_cell(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    if header:
+        print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip())
+    for line in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), flush=True)
+
+
+def _cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _inspect(args: argparse.Namespace, config: EventStoreConfig) -> int:
+    try:
+        rows, footer = trio.run(_INSPECT[args.command], config, args)
+    except KeyboardInterrupt:
+        return 0
+    except (EventStoreError, LookupError, ValueError) as exc:
+        message = config.redact(str(exc))
+        if args.json:
+            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": message}))
+        print(f"trio-eventstore {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+    _print_rows(rows, args.json)
+    if footer and not args.json:
+        print(footer)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage)."""
     args = _parser().parse_args(argv)
@@ -161,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return 0
+    if args.command in _INSPECT:
+        return _inspect(args, config)
     try:
         if args.command == "info":
             info = trio.run(_info, config, args.stream_uuid)

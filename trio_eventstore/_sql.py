@@ -557,3 +557,25 @@ def list_subscriptions(schema: str) -> str:
         "SELECT subscription_id, stream_uuid, subscription_name, last_seen, created_at "
         f"FROM {quote_ident(schema)}.subscriptions ORDER BY subscription_id"
     )
+
+
+def read_event(schema: str, column_data_type: str) -> str:
+    """Parameter: event_id. The event as read from its original stream."""
+    s = quote_ident(schema)
+    return (
+        "SELECT se.stream_version AS event_number, e.event_id, s.stream_uuid, "
+        "se.original_stream_version AS stream_version, e.event_type, e.causation_id, "
+        f"e.correlation_id, {_data_columns(column_data_type)}, e.created_at "
+        f"FROM {s}.stream_events se "
+        f"JOIN {s}.streams s ON s.stream_id = se.original_stream_id "
+        f"JOIN {s}.events e ON e.event_id = se.event_id "
+        "WHERE se.event_id = $1 AND se.stream_id = 0"
+    )
+
+
+def reset_subscription(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_name, last_seen (may move backwards)."""
+    return (
+        f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $3 "
+        "WHERE stream_uuid = $1 AND subscription_name = $2"
+    )

@@ -1,0 +1,128 @@
+"""The operator command line: streams, subscriptions and lag, show, event, tail,
+reset-subscription and delete-subscription, for people and (--json) scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, open_event_store
+
+HANG_GUARD = 60
+
+
+def cli(config: EventStoreConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env.update(EVENTSTORE_URL=config.url or "", EVENTSTORE_SCHEMA=config.schema)
+    return subprocess.run(
+        [sys.executable, "-m", "trio_eventstore", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
+    )
+
+
+def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+async def seed(config: EventStoreConfig) -> None:
+    async with open_event_store(config) as store:
+        await store.append_to_stream(
+            "acct-1", ANY_VERSION, [EventData({"n": n}, event_type="T") for n in range(3)]
+        )
+        await store.append_to_stream("other", ANY_VERSION, [EventData({"n": 9}, event_type="T")])
+        async with store.subscribe_to_all_streams("proj", buffer_size=2) as sub:
+            batch = await sub.__anext__()
+            sub.ack(batch)  # 2 of 4 acknowledged
+
+
+def test_listing_and_showing(eventstore_config: EventStoreConfig) -> None:
+    trio.run(seed, eventstore_config)
+    streams = lines(cli(eventstore_config, "streams", "--json", "--search", "acct"))
+    assert [(s["stream_uuid"], s["version"]) for s in streams] == [("acct-1", 3)]
+    people = cli(eventstore_config, "streams")
+    assert "page 1 of 1, 2 streams" in people.stdout
+    [proj] = lines(cli(eventstore_config, "subscriptions", "--json"))
+    assert (proj["subscription_name"], proj["last_seen"], proj["head"], proj["lag"]) == (
+        "proj",
+        2,
+        4,
+        2,
+    )
+    shown = lines(cli(eventstore_config, "show", "acct-1", "--json", "--from", "2"))
+    assert [e["stream_version"] for e in shown] == [2, 3]
+    [one] = lines(cli(eventstore_config, "event", str(shown[0]["event_id"]), "--json"))
+    assert one["data"] == {"n": 1}
+    missing = cli(eventstore_config, "show", "nope")
+    assert missing.returncode == 1
+    assert "StreamNotFoundError" in missing.stderr
+
+
+def test_reset_and_delete_subscription(eventstore_config: EventStoreConfig) -> None:
+    trio.run(seed, eventstore_config)
+    reset = cli(eventstore_config, "reset-subscription", "$all", "proj", "0")
+    assert reset.returncode == 0, reset.stderr
+
+    async def active_refuses_then_resumes() -> None:
+        async with (
+            open_event_store(eventstore_config) as store,
+            store.subscribe_to_all_streams("proj", buffer_size=10) as sub,
+        ):
+            await sub.wait_subscribed()
+            refused = await trio.to_thread.run_sync(
+                lambda: cli(eventstore_config, "reset-subscription", "$all", "proj", "3")
+            )
+            assert refused.returncode == 1
+            assert "active" in refused.stderr
+            batch = await sub.__anext__()
+            assert [e.event_number for e in batch.events] == [1, 2, 3, 4]  # after reset
+
+    trio.run(active_refuses_then_resumes)
+    assert cli(eventstore_config, "delete-subscription", "$all", "proj").returncode == 0
+    assert lines(cli(eventstore_config, "subscriptions", "--json")) == []
+    gone = cli(eventstore_config, "delete-subscription", "$all", "proj")
+    assert gone.returncode == 1
+    assert "SubscriptionNotFoundError" in gone.stderr
+
+
+def test_tail_follows_live_and_stops_on_ctrl_c(eventstore_config: EventStoreConfig) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env.update(
+        EVENTSTORE_URL=eventstore_config.url or "", EVENTSTORE_SCHEMA=eventstore_config.schema
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_eventstore", "tail", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        assert process.stdout is not None
+        assert "following" in process.stderr.readline()  # subscribed
+
+        async def append() -> None:
+            async with open_event_store(eventstore_config) as store:
+                await store.append_to_stream(
+                    "s", ANY_VERSION, [EventData({"live": True}, event_type="T")]
+                )
+
+        trio.run(append)
+        line = json.loads(process.stdout.readline())
+        assert line["data"] == {"live": True}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=HANG_GUARD) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()

@@ -1,0 +1,134 @@
+"""Operator commands behind the ``trio-eventstore`` command line: list streams and
+subscriptions with their lag, show streams and events, reset or delete a subscription
+safely (refused while any node holds its lock)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from . import _sql, _storage
+from ._config import EventStoreConfig
+from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
+from ._locks import lock_key2
+from ._pg import Conn, open_connection
+from ._store import EventStore
+from ._types import RecordedEvent
+
+__all__ = [
+    "delete_subscription",
+    "event_dict",
+    "read_event",
+    "reset_subscription",
+    "subscriptions_with_lag",
+]
+
+
+def event_dict(event: RecordedEvent) -> dict[str, Any]:
+    return {
+        "event_number": event.event_number,
+        "event_id": str(event.event_id),
+        "stream_uuid": event.stream_uuid,
+        "stream_version": event.stream_version,
+        "event_type": event.event_type,
+        "data": event.data if not hasattr(event.data, "__dict__") else repr(event.data),
+        "metadata": event.metadata,
+        "causation_id": str(event.causation_id) if event.causation_id else None,
+        "correlation_id": str(event.correlation_id) if event.correlation_id else None,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+async def subscriptions_with_lag(store: EventStore) -> list[dict[str, Any]]:
+    """Every subscription row, with its stream's head and the lag behind it."""
+    rows = await store._db.fetch(_sql.list_subscriptions(store.config.schema))
+    result = []
+    for row in rows:
+        try:
+            head = (await store.stream_info(row["stream_uuid"])).stream_version
+        except LookupError:
+            head = 0
+        last_seen = int(row["last_seen"] or 0)
+        result.append(
+            {
+                "subscription_id": row["subscription_id"],
+                "stream_uuid": row["stream_uuid"],
+                "subscription_name": row["subscription_name"],
+                "last_seen": last_seen,
+                "head": head,
+                "lag": max(0, head - last_seen),
+                "created_at": row["created_at"].isoformat(),
+            }
+        )
+    return result
+
+
+async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
+    """The event with this id, as its original stream holds it.
+
+    Raises:
+        ValueError: not a UUID.
+        LookupError: no such event.
+    """
+    try:
+        ident = uuid.UUID(event_id)
+    except ValueError:
+        raise ValueError(f"not an event id: {event_id!r}") from None
+    config = store.config
+    rows = await store._db.fetch(_sql.read_event(config.schema, config.column_data_type), ident)
+    if not rows:
+        raise LookupError(f"no event {event_id}")
+    [event] = _storage._recorded(config, rows)
+    return event
+
+
+async def _while_nobody_runs_it(
+    config: EventStoreConfig, stream_uuid: str, name: str, statement: str, *args: object
+) -> None:
+    """Run ``statement`` holding the subscription's lock (so no node runs it).
+
+    Raises:
+        SubscriptionNotFoundError: no such subscription.
+        SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
+    """
+    schema = config.schema
+
+    async def unit(conn: Conn) -> None:
+        row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
+        if row is None:
+            raise SubscriptionNotFoundError(f"no subscription {name!r} on {stream_uuid!r}")
+        state = await _storage.read_schema_state(conn, schema)
+        assert state.lock_key is not None
+        key = (state.lock_key, lock_key2(int(row["subscription_id"])))
+        if not await conn.fetchval(_sql.TRY_LOCK, *key):
+            raise SubscriptionAlreadyExistsError(
+                f"subscription {name!r} is active on some node: stop it first"
+            )
+        try:
+            await conn.execute(statement, stream_uuid, name, *args)
+        finally:
+            await conn.fetchval(_sql.UNLOCK, *key)
+
+    async with open_connection(config, session_mode=True, role=f"operator {schema}") as conn:
+        await conn.run(unit)
+
+
+async def delete_subscription(config: EventStoreConfig, stream_uuid: str, name: str) -> None:
+    """Delete a subscription (its checkpoint), unless some node runs it."""
+    await _while_nobody_runs_it(config, stream_uuid, name, _sql.delete_subscription(config.schema))
+
+
+async def reset_subscription(
+    config: EventStoreConfig, stream_uuid: str, name: str, position: int
+) -> None:
+    """Set a subscription's checkpoint to ``position`` (its next event is position + 1).
+
+    Raises:
+        SubscriptionNotFoundError: no such subscription.
+        SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
+    """
+    if position < 0:
+        raise ValueError("position: must be >= 0")
+    await _while_nobody_runs_it(
+        config, stream_uuid, name, _sql.reset_subscription(config.schema), position
+    )
