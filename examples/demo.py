@@ -1,5 +1,6 @@
 """The demo: create and initialise a store, append with optimistic concurrency, link,
-and read everything back.
+read back, and run a projection on a persistent subscription that resumes after a
+restart.
 
 With ``EVENTSTORE_URL`` set it uses that database; otherwise it starts a throwaway
 PostgreSQL for the run and removes it afterwards.
@@ -74,6 +75,28 @@ async def demo(config: EventStoreConfig) -> None:
             print(f"  linked: {event.stream_uuid}/{event.stream_version} {event.data}")
         async for event in store.stream_forward(account):
             print(f"  {account} #{event.event_number}: {event.event_type} {event.data}")
+        # A projection on a persistent subscription: it handles what is there, "restarts"
+        # (leaves; its checkpoint is persisted), and resumes after the checkpoint.
+        name = f"totals-{account}"
+        total = decimal.Decimal(0)
+        async with store.subscribe_to_stream(account, name, buffer_size=10) as sub:
+            async for batch in sub:
+                total += sum(e.data.amount for e in batch.events if isinstance(e.data, Deposited))
+                sub.ack(batch)
+                print(f"projection: handled {account} up to version {batch.last_event_number}")
+                break
+        print("projection: restarted (its checkpoint was persisted when it left)")
+        await store.append_to_stream(
+            account, 2, [EventData(Deposited(account, decimal.Decimal("7.25")))]
+        )
+        async with store.subscribe_to_stream(account, name, buffer_size=10) as sub:
+            batch = await sub.__anext__()
+            total += sum(e.data.amount for e in batch.events if isinstance(e.data, Deposited))
+            sub.ack(batch)
+            print(
+                f"projection: resumed at version {batch.events[0].stream_version}; "
+                f"total deposited {total}"
+            )
         info = await store.stream_info("$all")
         print(f"stream {info.stream_uuid!r}: version {info.stream_version}, {info.status.value}")
         print(store.statistics())
