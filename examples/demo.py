@@ -85,17 +85,18 @@ async def demo(config: EventStoreConfig) -> None:
                 sub.ack(batch)
                 print(f"projection: handled {account} up to version {batch.last_event_number}")
                 break
-        print("projection: restarted (its checkpoint was persisted when it left)")
         await store.append_to_stream(
             account, 2, [EventData(Deposited(account, decimal.Decimal("7.25")))]
         )
+    print("store closed: the projection's checkpoint was persisted when it left")
+    async with open_event_store(config) as store:  # the service restarts
         async with store.subscribe_to_stream(account, name, buffer_size=10) as sub:
             batch = await sub.__anext__()
             total += sum(e.data.amount for e in batch.events if isinstance(e.data, Deposited))
             sub.ack(batch)
             print(
-                f"projection: resumed at version {batch.events[0].stream_version}; "
-                f"total deposited {total}"
+                f"projection: resumed after the restart at version "
+                f"{batch.events[0].stream_version}; total deposited {total}"
             )
         info = await store.stream_info("$all")
         print(f"stream {info.stream_uuid!r}: version {info.stream_version}, {info.status.value}")
