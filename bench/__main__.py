@@ -280,6 +280,9 @@ def main() -> int:
             f"trio-eventstore benchmarks ({'quick' if quick else 'full'}; --full for more, "
             "--only=streams or --only=subscriptions)"
         )
+        from trio_eventstore._serialization import JSON_DECODER
+
+        print(f"JSON decoder: {JSON_DECODER} (orjson with the `fast` extra)")
         if only in (None, "subscriptions"):
             from bench import subscriptions
 

@@ -159,3 +159,28 @@ async def test_jsonb_store_holds_queryable_json(config: EventStoreConfig) -> Non
         assert (row[0]["who"], row[0]["amount"], row[0]["k"]) == ("zoë", 7, "1")
     finally:
         await admin.drop(jsonb)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"a": 1}', {"a": 1}),
+        (b' {"padded": true} ', {"padded": True}),
+        (b'{"big": 123456789012345678901234567890}', {"big": 123456789012345678901234567890}),
+        (b'"\\u00fc"', "\u00fc"),
+        (b"null", None),
+    ],
+)
+def test_json_decoding_with_and_without_the_fast_extra(payload: bytes, expected: object) -> None:
+    from trio_eventstore import _serialization
+
+    assert _serialization._loads(payload) == expected
+    assert _serialization._stdlib_loads(payload) == expected
+
+
+def test_json_decoding_rejects_garbage() -> None:
+    from trio_eventstore import _serialization
+
+    for bad in (b"{", b'{"a": 1} x', b""):
+        with pytest.raises(ValueError, match=r"\w"):  # json's or orjson's own message
+            _serialization._loads(bad)

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import decimal
 import json
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
@@ -87,7 +88,7 @@ _decoder = json.JSONDecoder()
 _raw_decode = _decoder.raw_decode
 
 
-def _loads(payload: bytes) -> Any:
+def _stdlib_loads(payload: bytes) -> Any:
     """json.loads, faster for the compact JSON stores hold: no encoding sniffing, and
     the whitespace scan only when the payload needs it."""
     text = payload.decode("utf-8")
@@ -98,6 +99,31 @@ def _loads(payload: bytes) -> Any:
     if end != len(text) and text[end:].strip():
         return _decoder.decode(text)  # raises "Extra data"
     return value
+
+
+_orjson: Any
+try:  # the `fast` extra: orjson decodes two to three times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the installation
+    _orjson = None
+
+
+#: 19 digits in a row may be an integer beyond 64 bits, which orjson would turn into a
+#: float (silently losing digits): such payloads go to the standard library.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _loads(payload: bytes) -> Any:
+    if _orjson is not None and not _LONG_NUMBER.search(payload):
+        try:
+            return _orjson.loads(payload)
+        except _orjson.JSONDecodeError:
+            pass  # NaN and other liberties the standard library accepts: it decides
+    return _stdlib_loads(payload)
+
+
+#: Which JSON decoder reads events (``"orjson"`` with the `fast` extra).
+JSON_DECODER = "orjson" if _orjson is not None else "json"
 
 
 def _dumps(value: object) -> bytes:
