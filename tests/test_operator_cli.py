@@ -126,3 +126,17 @@ def test_tail_follows_live_and_stops_on_ctrl_c(eventstore_config: EventStoreConf
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def test_long_show_streams_out_with_progress(eventstore_config: EventStoreConfig) -> None:
+    async def many() -> None:
+        async with open_event_store(eventstore_config) as store:
+            for _ in range(11):
+                await store.append_to_stream(
+                    "big", ANY_VERSION, [EventData({"n": i}, event_type="T") for i in range(1000)]
+                )
+
+    trio.run(many)
+    result = cli(eventstore_config, "show", "big", "--json", "--count", "20000")
+    assert len(lines(result)) == 11_000
+    assert "10000 events so far" in result.stderr

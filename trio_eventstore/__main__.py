@@ -185,9 +185,25 @@ async def _subscriptions(config: EventStoreConfig, args: argparse.Namespace) -> 
 
 
 async def _show(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    """Stream the events out as they are read (pages of 1000), with progress on stderr
+    for long reads."""
+    shown = 0
     async with open_event_store(config) as store:
-        events = await store.read_stream_forward(args.stream_uuid, args.start, args.count)
-    return [_operator.event_dict(e) for e in events], f"{len(events)} events"
+        async for event in store.stream_forward(args.stream_uuid, start_version=args.start):
+            if shown >= args.count:
+                break
+            row = _operator.event_dict(event)
+            if args.json:
+                print(json.dumps(row, default=str), flush=shown % 1000 == 0)
+            else:
+                print(
+                    f"#{row['event_number']:<8} {row['stream_uuid']}/{row['stream_version']}"
+                    f"  {row['event_type']}  {_cell(row['data'])}  {row['created_at']}"
+                )
+            shown += 1
+            if shown % 10_000 == 0:
+                print(f"... {shown} events so far", file=sys.stderr, flush=True)
+    return [], f"{shown} events"
 
 
 async def _event(config: EventStoreConfig, args: argparse.Namespace) -> Any:

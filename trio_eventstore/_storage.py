@@ -425,7 +425,7 @@ def _recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
             r[3],  # stream_version
             r[4],  # event_type
             deserialize(r[7], r[4]),
-            deserialize_metadata(r[8]),
+            None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8]),
             r[5],  # causation_id
             r[6],  # correlation_id
             r[9] if r[9].tzinfo is utc else r[9].astimezone(utc),
