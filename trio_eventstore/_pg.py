@@ -230,7 +230,7 @@ async def _in_transaction(
 
 
 class _Admission:
-    """DBConnection's queue_target / queue_interval, on top of asyncpg's pool.
+    """DBConnection's queue_target / queue_interval, for `_Pool`.
 
     A caller normally waits up to ``timeout`` for a connection. When during a whole
     ``queue_interval`` no caller got a connection within ``queue_target``, the pool is
@@ -464,14 +464,6 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
     with single_errors():
         async with trio_asyncio.open_loop() as new_loop:
             yield new_loop
-
-
-async def keep_session(_conn: Any) -> None:
-    """The pool's reset on release: nothing beyond asyncpg's own rollback of an open
-    transaction. Units of work never change session state (settings are
-    transaction-local, LISTEN and advisory locks live on dedicated connections), so the
-    default RESET ALL / UNLISTEN / advisory-unlock round trip on every release would
-    only cost time."""
 
 
 class _SharedPool:

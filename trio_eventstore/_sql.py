@@ -409,11 +409,10 @@ def _data_columns(column_data_type: str) -> str:
     )
 
 
-def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
-    """Parameters: stream_id, start version (inclusive), count. `_storage.read` reads
-    the columns by position: keep their order."""
+def _select_events(schema: str, column_data_type: str) -> str:
+    """The columns a read returns, in the order `_storage` reads them by position, from
+    stream_events ``se`` joined to the original stream and the event."""
     s = quote_ident(schema)
-    op, order = (">=", "ASC") if forward else ("<=", "DESC")
     return (
         "SELECT se.stream_version AS event_number, e.event_id, s.stream_uuid, "
         "se.original_stream_version AS stream_version, e.event_type, e.causation_id, "
@@ -421,7 +420,15 @@ def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
         f"FROM {s}.stream_events se "
         f"JOIN {s}.streams s ON s.stream_id = se.original_stream_id "
         f"JOIN {s}.events e ON e.event_id = se.event_id "
-        f"WHERE se.stream_id = $1 AND se.stream_version {op} $2 "
+    )
+
+
+def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
+    """Parameters: stream_id, start version (inclusive), count."""
+    op, order = (">=", "ASC") if forward else ("<=", "DESC")
+    return (
+        _select_events(schema, column_data_type)
+        + f"WHERE se.stream_id = $1 AND se.stream_version {op} $2 "
         f"ORDER BY se.stream_version {order} LIMIT $3"
     )
 
@@ -560,17 +567,8 @@ def list_subscriptions(schema: str) -> str:
 
 
 def read_event(schema: str, column_data_type: str) -> str:
-    """Parameter: event_id. The event as read from its original stream."""
-    s = quote_ident(schema)
-    return (
-        "SELECT se.stream_version AS event_number, e.event_id, s.stream_uuid, "
-        "se.original_stream_version AS stream_version, e.event_type, e.causation_id, "
-        f"e.correlation_id, {_data_columns(column_data_type)}, e.created_at "
-        f"FROM {s}.stream_events se "
-        f"JOIN {s}.streams s ON s.stream_id = se.original_stream_id "
-        f"JOIN {s}.events e ON e.event_id = se.event_id "
-        "WHERE se.event_id = $1 AND se.stream_id = 0"
-    )
+    """Parameter: event_id. The event, numbered as in ``$all``."""
+    return _select_events(schema, column_data_type) + "WHERE se.event_id = $1 AND se.stream_id = 0"
 
 
 def reset_subscription(schema: str) -> str:
