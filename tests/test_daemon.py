@@ -142,6 +142,7 @@ def test_command_line_daemon_sigterm_exits_0_and_resumes(
         str(status),
         "--checkpoint-threshold",
         "1",
+        "--json",
     ]
 
     def run_until(count: int) -> subprocess.CompletedProcess[str]:
@@ -170,6 +171,8 @@ def test_command_line_daemon_sigterm_exits_0_and_resumes(
         3,
         0,
     )
+    logs = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
+    assert any("subscribed" in entry["message"] for entry in logs)  # structured logs
     trio.run(_append, eventstore_config, 4)
     second = run_until(4)
     assert second.returncode == 0, second.stderr

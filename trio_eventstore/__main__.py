@@ -282,6 +282,21 @@ def _inspect(args: argparse.Namespace, config: EventStoreConfig) -> int:
     return 0
 
 
+class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per log record (``trio-eventstore run --json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage)."""
     args = _parser().parse_args(argv)
@@ -292,11 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trio-eventstore: bad configuration: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        logging.basicConfig(
-            level=logging.INFO,
-            force=True,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            _JsonLogFormatter()
+            if args.json
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
         )
+        logging.basicConfig(level=logging.INFO, force=True, handlers=[handler])
         try:
             specs = _specs(args)
         except (ValueError, TypeError) as exc:
