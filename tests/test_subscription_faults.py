@@ -210,3 +210,30 @@ async def test_postgres_restart_mid_stream(own_cluster: TempCluster) -> None:
     assert sorted(set(got)) == [1, 2, 3, 4, 5, 6]
     # At-least-once: anything seen twice was never acknowledged-and-persisted first.
     assert got[:3] == [1, 2, 3]
+
+
+async def test_store_survives_its_connections_being_killed_repeatedly(
+    initialized: EventStoreConfig,
+) -> None:
+    """asyncpg abandons futures when connections drop mid-query; that must never take
+    the store down (trio-asyncio re-raises such errors unless told otherwise). Kills
+    land while the driver retries its lock every 0.1 s."""
+    config = initialized.with_changes(subscription_retry_interval=0.1)
+    with trio.fail_after(HANG_GUARD):
+        async with (
+            open_event_store(config) as store,
+            store.subscribe_to_all_streams("p", buffer_size=10) as sub,
+        ):
+            await sub.wait_subscribed()
+            for round_ in range(30):
+                for pid in (store.statistics().lock_pid, store.statistics().listener_pid):
+                    if pid is not None:
+                        async with open_connection(config) as conn:
+                            await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+                await trio.sleep(0.01 * (round_ % 7))
+            await sub.wait_subscribed()
+            await append(store, "s", 1)
+            with trio.fail_after(HANG_GUARD):
+                async for batch in sub:
+                    sub.ack(batch)
+                    break

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("trio_eventstore.pg")
 
 #: Upper bound for rollback / release / close after an error or cancellation.
 CLEANUP_TIMEOUT = 5.0
@@ -454,6 +457,14 @@ class Database:
         }
 
 
+def _log_asyncio_error(_loop: Any, context: dict[str, Any]) -> None:
+    exception = context.get("exception")
+    level = logging.DEBUG if isinstance(exception, ConnectionError | OSError) else logging.WARNING
+    logger.log(
+        level, "asyncio reported: %s", context.get("message", "an error"), exc_info=exception
+    )
+
+
 @contextlib.asynccontextmanager
 async def _asyncio_loop() -> AsyncIterator[Any]:
     """The trio-asyncio loop of the calling context, or a new one for this block."""
@@ -463,6 +474,12 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
         return
     with single_errors():
         async with trio_asyncio.open_loop() as new_loop:
+            # trio-asyncio's default handler re-raises every error asyncio reports into
+            # the loop's nursery, so a future asyncpg abandons when a connection drops
+            # ("unexpected connection_lost() call") would take the whole store down.
+            # Connection loss is handled where it matters (units of work, the notifier,
+            # the lock keeper): here it is only logged.
+            new_loop.set_exception_handler(_log_asyncio_error)
             yield new_loop
 
 
