@@ -338,3 +338,20 @@ async def test_many_subscriptions_starting_at_once_on_a_small_pool(
                     await subscribed.acquire()
                 assert all(d.failure is None for d in store._subscriptions.active())
                 nursery.cancel_scope.cancel()
+
+
+async def test_an_append_never_fails_because_a_subscriber_cannot_decode(
+    fast: EventStoreConfig,
+) -> None:
+    """The append commits and returns; the subscription that cannot decode the event
+    (a strict serializer, an unknown type) fails on its own."""
+    strict = fast.with_changes(serializer=es.JsonSerializer(strict=True))
+    async with (
+        open_event_store(strict) as store,
+        store.subscribe_to_stream("s", "p") as sub,
+    ):
+        await sub.wait_subscribed()
+        assert await store.append_to_stream("s", ANY_VERSION, [ev(1)]) == 1
+        with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError):
+            async for _ in sub:
+                pass

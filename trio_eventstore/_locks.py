@@ -52,6 +52,21 @@ class LockKeeper:
         self.connected = trio.Event()
         self.reconnects = 0
 
+    async def _query(self, conn: Connection, sql: str, *args: object) -> object:
+        """One lock query, never cut short by a caller's cancellation (a query cancelled
+        mid-flight would leave the shared lock connection busy); bounded by the
+        configured timeout, after which the connection is dropped (every lease is then
+        lost, and the keeper reconnects)."""
+        result: object = None
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._config.timeout) as bound:
+                    result = await conn.fetchval(sql, *args)
+        if bound.cancelled_caught:
+            conn.terminate()
+            raise StorageUnavailableError("the advisory-lock connection did not answer")
+        return result
+
     async def try_lock(self, key1: int, key2: int) -> Lease | None:
         """Try to take the lock; None when another session holds it.
 
@@ -64,12 +79,16 @@ class LockKeeper:
         conn = self._conn
         if conn is None or conn.is_closed():
             raise StorageUnavailableError("the advisory-lock connection is down")
-        async with self._lock:
-            got = await conn.fetchval(_sql.TRY_LOCK, key1, key2)
-        if not got:
+        if not await self._query(conn, _sql.TRY_LOCK, key1, key2):
             return None
         lease = Lease(self, key)
         self._leases[key] = lease
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:  # the caller went away meanwhile: give the lock back
+            with trio.CancelScope(shield=True):
+                await self._release(lease)
+            raise
         return lease
 
     async def _release(self, lease: Lease) -> None:
@@ -82,8 +101,7 @@ class LockKeeper:
         if conn is None or conn.is_closed():
             return
         try:
-            async with self._lock:
-                await conn.fetchval(_sql.UNLOCK, *lease.key)
+            await self._query(conn, _sql.UNLOCK, *lease.key)
         except EventStoreError as exc:  # the connection is going: Postgres releases it
             logger.info("unlock of %s failed: %s", lease.key, exc)
 

@@ -630,6 +630,10 @@ class Connection:
         closed: bool = self._conn.is_closed()
         return closed
 
+    def terminate(self) -> None:
+        """Drop the connection at once (no round trip)."""
+        self._conn.terminate()
+
 
 def _settings(role: str) -> dict[str, str]:
     """Session settings: an application_name that tells operators which connection

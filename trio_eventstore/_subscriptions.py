@@ -673,7 +673,6 @@ class Subscriptions:
         that have read everything before them, sparing them a read (others read from
         the database when notified, as usual)."""
         n = len(events)
-        cache: dict[bool, list[RecordedEvent]] = {}
         for driver in list(self._drivers.values()):
             fsm = driver.fsm
             all_numbers = driver.stream_uuid == ALL_STREAMS
@@ -684,19 +683,14 @@ class Subscriptions:
             first = appended.first_event_number if all_numbers else appended.version - n + 1
             if fsm.last_read != first - 1 or fsm.held + n > fsm.max_size:
                 continue
-            if all_numbers not in cache:
-                try:
-                    cache[all_numbers] = _storage.recorded_from_append(
-                        self.config,
-                        stream_uuid,
-                        appended,
-                        plan,
-                        events,
-                        all_numbers=all_numbers,
-                    )
-                except EventStoreError:
-                    return  # e.g. a strict serializer: the drivers read and report it
-            fsm.on_events(cache[all_numbers], at_head=fsm.at_head)
+            try:
+                # Decoded for each driver, as a read would: consumers never share objects.
+                recorded = _storage.recorded_from_append(
+                    self.config, stream_uuid, appended, plan, events, all_numbers=all_numbers
+                )
+            except Exception:  # a serializer that cannot decode: the driver reads and says so
+                continue
+            fsm.on_events(recorded, at_head=fsm.at_head)
             driver._deliver()
             driver.wake()
 
