@@ -225,7 +225,7 @@ async def test_store_survives_its_connections_being_killed_repeatedly(
             store.subscribe_to_all_streams("p", buffer_size=10) as sub,
         ):
             await sub.wait_subscribed()
-            for round_ in range(30):
+            for round_ in range(12):
                 for pid in (store.statistics().lock_pid, store.statistics().listener_pid):
                     if pid is not None:
                         async with open_connection(config) as conn:

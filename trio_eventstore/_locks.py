@@ -61,7 +61,13 @@ class LockKeeper:
         async with self._lock:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self._config.timeout) as bound:
-                    result = await conn.fetchval(sql, *args)
+                    try:
+                        result = await conn.fetchval(sql, *args)
+                    except StorageUnavailableError:
+                        # E.g. the server killed it and asyncpg has not seen the socket
+                        # close yet: drop it now, so that the keeper reconnects at once.
+                        conn.terminate()
+                        raise
         if bound.cancelled_caught:
             conn.terminate()
             raise StorageUnavailableError("the advisory-lock connection did not answer")
