@@ -8,15 +8,13 @@ PostgreSQL for the run and removes it afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import decimal
-import os
 import sys
 import uuid
-from collections.abc import Iterator
 
 import attrs
 import trio
+from _common import database_url
 
 from trio_eventstore import (
     NO_STREAM,
@@ -27,18 +25,6 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
-from trio_eventstore._tempcluster import temp_cluster
-
-
-@contextlib.contextmanager
-def database_url() -> Iterator[str]:
-    if os.environ.get("EVENTSTORE_URL"):
-        yield os.environ["EVENTSTORE_URL"]
-        return
-    print("EVENTSTORE_URL is not set: starting a throwaway PostgreSQL ...")
-    with temp_cluster() as cluster:
-        yield cluster.url("trio_eventstore_demo")
-
 
 serializer = JsonSerializer()
 
@@ -104,7 +90,7 @@ async def demo(config: EventStoreConfig) -> None:
 
 
 def main() -> int:
-    with database_url() as url:
+    with database_url("trio_eventstore_demo") as url:
         config = EventStoreConfig.from_env(url=url, serializer=serializer)
         trio.run(demo, config)
     return 0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from trio_eventstore._tempcluster import free_port
+
 
 def pgbouncer_binary() -> str | None:
     found = shutil.which("pgbouncer") or (
@@ -39,13 +41,6 @@ def pgbouncer_binary() -> str | None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def pgbouncer(server_url: str, *, pool_mode: str = "transaction") -> Iterator[str]:
     """Run PgBouncer in front of ``server_url``'s server; yields a URL template with
@@ -58,7 +53,7 @@ def pgbouncer(server_url: str, *, pool_mode: str = "transaction") -> Iterator[st
     server = urllib.parse.urlsplit(server_url)
     root = Path(tempfile.mkdtemp(prefix="trio-eventstore-pgbouncer-"))
     os.chmod(root, 0o755)
-    port = _free_port()
+    port = free_port()
     user, password = server.username or "postgres", server.password or ""
     (root / "users.txt").write_text(f'"{user}" "{password}"\n')
     (root / "pgbouncer.ini").write_text(

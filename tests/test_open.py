@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.parse
 
 import pytest
@@ -10,6 +9,7 @@ import trio
 
 import trio_eventstore as es
 from trio_eventstore import EventStoreConfig, admin, open_event_store
+from trio_eventstore._tempcluster import free_port
 
 from .helpers import url_for
 
@@ -17,15 +17,8 @@ from .helpers import url_for
 HANG_GUARD = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_stopped_server_raises_storage_unavailable() -> None:
-    config = EventStoreConfig(url=f"postgresql://postgres:pw@127.0.0.1:{_free_port()}/x", timeout=2)
+    config = EventStoreConfig(url=f"postgresql://postgres:pw@127.0.0.1:{free_port()}/x", timeout=2)
     with trio.fail_after(HANG_GUARD), pytest.raises(es.StorageUnavailableError) as info:
         async with open_event_store(config):
             pytest.fail("opened a store on a stopped server")

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -123,6 +123,16 @@ def _is_driver_error(exc: BaseException) -> bool:
 # asyncio side
 
 
+async def _translated(aw: Awaitable[T], config: EventStoreConfig | None) -> T:
+    """``await aw``, with driver and OS errors translated (the only place they are)."""
+    try:
+        return await aw
+    except Exception as exc:
+        if _is_driver_error(exc):
+            raise translate_error(exc, config) from exc
+        raise
+
+
 class Conn:
     """One connection inside a unit of work. Asyncio-flavoured: use only in `fn` passed
     to `Database.transaction` / `Connection.run`. Errors come out translated."""
@@ -134,69 +144,19 @@ class Conn:
         self._config = config
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
-        try:
-            rows: list[Row] = await self._conn.fetch(sql, *args)
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
+        rows: list[Row] = await _translated(self._conn.fetch(sql, *args), self._config)
         return rows
 
     async def fetchrow(self, sql: str, *args: object) -> Row | None:
-        try:
-            row: Row | None = await self._conn.fetchrow(sql, *args)
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
+        row: Row | None = await _translated(self._conn.fetchrow(sql, *args), self._config)
         return row
 
     async def fetchval(self, sql: str, *args: object) -> Any:
-        try:
-            return await self._conn.fetchval(sql, *args)
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
+        return await _translated(self._conn.fetchval(sql, *args), self._config)
 
     async def execute(self, sql: str, *args: object) -> str:
-        try:
-            status: str = await self._conn.execute(sql, *args)
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
+        status: str = await _translated(self._conn.execute(sql, *args), self._config)
         return status
-
-    async def executemany(self, sql: str, args: Sequence[Sequence[object]]) -> None:
-        try:
-            await self._conn.executemany(sql, args)
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
-
-    async def copy_records(
-        self,
-        table: str,
-        *,
-        schema: str,
-        columns: Sequence[str],
-        records: Sequence[Sequence[object]],
-    ) -> None:
-        try:
-            await self._conn.copy_records_to_table(
-                table, schema_name=schema, columns=list(columns), records=records
-            )
-        except Exception as exc:
-            if _is_driver_error(exc):
-                raise translate_error(exc, self._config) from exc
-            raise
-
-    @property
-    def backend_pid(self) -> int:
-        pid: int = self._conn.get_server_pid()
-        return pid
 
 
 async def _bounded_cleanup(aw: Awaitable[object], conn: Any) -> None:
@@ -298,14 +258,7 @@ async def _unit_of_work(
 
 async def _cross(loop: Any, coro: Awaitable[T], config: EventStoreConfig | None) -> T:
     """Run an asyncio coroutine on `loop` from Trio, translating driver errors."""
-    try:
-        result: T = await loop.run_aio_coroutine(coro)
-    except EventStoreError:
-        raise
-    except Exception as exc:
-        if _is_driver_error(exc):
-            raise translate_error(exc, config) from exc
-        raise
+    result: T = await _translated(loop.run_aio_coroutine(coro), config)
     return result
 
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PostgresNotFoundError", "TempCluster", "find_bindir", "temp_cluster"]
+__all__ = ["PostgresNotFoundError", "TempCluster", "find_bindir", "free_port", "temp_cluster"]
 
 
 class PostgresNotFoundError(RuntimeError):
@@ -68,7 +68,8 @@ def find_bindir() -> Path:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -165,7 +166,7 @@ def temp_cluster() -> Iterator[TempCluster]:
         pwfile.write_text(password + "\n")
         if user is not None:
             os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        cluster = TempCluster(root, bindir, _free_port(), password, user)
+        cluster = TempCluster(root, bindir, free_port(), password, user)
         cluster._run(
             "initdb",
             "-D",
@@ -188,7 +189,7 @@ def temp_cluster() -> Iterator[TempCluster]:
             except RuntimeError:
                 if attempt == 4:
                     raise
-                cluster.port = _free_port()
+                cluster.port = free_port()
         try:
             yield cluster
         finally:
