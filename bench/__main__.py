@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import trio
 
+from bench._util import run_asyncio, vacuum
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
@@ -245,6 +246,11 @@ async def ours(config: EventStoreConfig, quick: bool) -> dict[str, Any]:
         total = 20_000 if quick else 100_000
         for _ in range(0, total, 1000):
             await store.append_to_stream("big-read", ANY_VERSION, events(1000))
+    return results
+
+
+async def ours_reads(config: EventStoreConfig, results: dict[str, Any]) -> None:
+    async with open_event_store(config) as store:
         # Best of two passes, as for the baseline (the first pass warms the cache).
         results["read-stream"] = max(
             [await _read_rate(store.stream_forward("big-read")) for _ in "ab"]
@@ -252,7 +258,6 @@ async def ours(config: EventStoreConfig, quick: bool) -> dict[str, Any]:
         info = await store.stream_info("big-read")
         results["big-read-id"] = info.stream_id
         results["read-all"] = max([await _read_rate(store.stream_all_forward()) for _ in "ab"])
-    return results
 
 
 async def _read_rate(iterator: Any) -> float:
@@ -296,13 +301,15 @@ def main() -> int:
             trio.run(admin.drop, config)
             return 0
         mine = trio.run(ours, config, quick)
-        base_latency = asyncio.run(baseline_append_latency(config, len(mine["latency"])))
+        vacuum(config)
+        trio.run(ours_reads, config, mine)
+        base_latency = run_asyncio(baseline_append_latency(config, len(mine["latency"])))
         ours_p50 = statistics.median(mine["latency"]) * 1e6
         base_p50 = statistics.median(base_latency) * 1e6
         report("single-event append p50 latency", ours_p50, base_p50, "us", lower_is_better=True)
         for writers in (1, 10, 50):
             per_writer = max(10, (400 if quick else 2000) // writers)
-            base = asyncio.run(baseline_writers(config, writers, per_writer))
+            base = run_asyncio(baseline_writers(config, writers, per_writer))
             report(
                 f"{writers} concurrent writers throughput",
                 mine[f"writers-{writers}"],
@@ -311,7 +318,7 @@ def main() -> int:
                 lower_is_better=False,
             )
         for batch in (100, 1000):
-            base = asyncio.run(baseline_copy(config, batch, 10 if quick else 30))
+            base = run_asyncio(baseline_copy(config, batch, 10 if quick else 30))
             report(
                 f"batch append of {batch} (median)",
                 mine[f"batch-{batch}"] * 1e3,
@@ -319,11 +326,11 @@ def main() -> int:
                 "ms",
                 lower_is_better=True,
             )
-        base = max(asyncio.run(baseline_read(config, mine["big-read-id"], 10**9)) for _ in "ab")
+        base = max(run_asyncio(baseline_read(config, mine["big-read-id"], 10**9)) for _ in "ab")
         report(
             "read stream, pages of 1000", mine["read-stream"], base, "ev/s", lower_is_better=False
         )
-        base = max(asyncio.run(baseline_read(config, 0, 10**9)) for _ in "ab")
+        base = max(run_asyncio(baseline_read(config, 0, 10**9)) for _ in "ab")
         report("read $all, pages of 1000", mine["read-all"], base, "ev/s", lower_is_better=False)
         trio.run(admin.drop, config)
     return 0

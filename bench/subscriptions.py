@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import trio
 
+from bench._util import run_asyncio, vacuum
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
@@ -167,7 +168,7 @@ async def idle_memory(config: EventStoreConfig, count: int) -> float:
 
 def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     n = 200 if quick else 1000
-    base = asyncio.run(baseline_latency(config, n))
+    base = run_asyncio(baseline_latency(config, n))
     for threshold in (1, 100):
         mine = trio.run(ours_latency, config, n, threshold)
         label = f"append->delivery (checkpoint/{threshold})"
@@ -190,10 +191,11 @@ def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     if total < target:
         trio.run(_fill, config, target - total)
         total = target
+    vacuum(config)
     # Alternate the two, best of three each: the machine's background load varies.
     base_rates, our_rates = [], []
     for _ in range(3):
-        base_rates.append(asyncio.run(baseline_catch_up(config, total)))
+        base_rates.append(run_asyncio(baseline_catch_up(config, total)))
         our_rates.append(trio.run(ours_catch_up, config, total))
     report(
         f"catch-up over {total} small events",
@@ -203,9 +205,10 @@ def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
         lower_is_better=False,
     )
     stream_id = trio.run(_fill_stream, config, "catch-up-meta", target)
+    vacuum(config)
     base_rates, our_rates = [], []
     for _ in range(3):
-        base_rates.append(asyncio.run(baseline_catch_up(config, target, stream_id)))
+        base_rates.append(run_asyncio(baseline_catch_up(config, target, stream_id)))
         our_rates.append(trio.run(ours_catch_up, config, target, "catch-up-meta"))
     report(
         f"catch-up over {target} events with metadata",
