@@ -15,7 +15,6 @@ import trio
 from trio_eventstore import EventStore, EventStoreConfig, admin, open_event_store
 
 
-
 @pytest.fixture(scope="session")
 def server_url(eventstore_server_url: str) -> str:
     """A superuser URL of the test server (from trio_eventstore.pytest_plugin)."""

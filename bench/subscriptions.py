@@ -52,23 +52,24 @@ def _percentile(values: list[float], q: float) -> float:
 
 async def ours_latency(config: EventStoreConfig, n: int, threshold: int) -> list[float]:
     times = []
+    stream = f"lat-{threshold}-{time.time_ns()}"  # a new stream: the subscription is at its head
     async with (
         open_event_store(config) as store,
         store.subscribe_to_stream(
-            "lat",
+            stream,
             f"bench-latency-{threshold}",
             buffer_size=1,
             checkpoint_threshold=threshold,
             checkpoint_after=1.0,
         ) as sub,
     ):
-        await store.append_to_stream("lat", ANY_VERSION, [_event()])
+        await store.append_to_stream(stream, ANY_VERSION, [_event()])
         async for batch in sub:  # the first one, to be at the head
             sub.ack(batch)
             break
         for _ in range(n):
             started = time.perf_counter()
-            await store.append_to_stream("lat", ANY_VERSION, [_event()])
+            await store.append_to_stream(stream, ANY_VERSION, [_event()])
             batch = await sub.__anext__()
             times.append(time.perf_counter() - started)
             sub.ack(batch)

@@ -300,6 +300,28 @@ async def test_own_appends_delivered_without_a_read_equal_what_a_read_returns(
         await admin.drop(cfg)
 
 
+async def test_own_appends_at_the_head_cost_no_read(fast: EventStoreConfig) -> None:
+    """The NOTIFY of an own append usually arrives before the append returns: the
+    subscription waits for the hand-over instead of reading (one query per append)."""
+    async with (
+        open_event_store(fast) as store,
+        store.subscribe_to_stream("s", "p") as stream_sub,
+        store.subscribe_to_all_streams("q") as all_sub,
+    ):
+        await stream_sub.wait_subscribed()
+        await all_sub.wait_subscribed()
+        await append(store, "s", 0)
+        await take(stream_sub, 1)
+        await take(all_sub, 1)
+        before = (stream_sub.statistics().reads, all_sub.statistics().reads)
+        for i in range(1, 31):
+            await append(store, "s", i)
+            assert [n_of(e) for e in await take(stream_sub, 1)] == [i]
+            assert [n_of(e) for e in await take(all_sub, 1)] == [i]
+        after = (stream_sub.statistics().reads, all_sub.statistics().reads)
+    assert after == before, (before, after)
+
+
 async def test_appends_from_another_store_interleaved_with_own(fast: EventStoreConfig) -> None:
     async with (
         open_event_store(fast) as mine,

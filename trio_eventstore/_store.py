@@ -107,8 +107,13 @@ class EventStore:
         event_list = _check_events(events, EventData, "events")
         encoded = _storage.encode_events(self._config.serializer, event_list)
         plan = _storage.append_plan(self._config, stream_uuid, expected_version, encoded)
-        appended = await _storage.append(self._db, plan, stream_uuid)
-        self._subscriptions.appended(stream_uuid, appended, plan, encoded)
+        subscriptions = self._subscriptions
+        token = subscriptions.append_started(stream_uuid)
+        try:
+            appended = await _storage.append(self._db, plan, stream_uuid)
+            subscriptions.appended(stream_uuid, appended, plan, encoded)
+        finally:
+            subscriptions.append_finished(token)
         return appended.version
 
     async def link_to_stream(

@@ -130,6 +130,9 @@ class SubscriptionStatistics:
     pending: int
     lock_attempts: int
     sessions: int
+    #: pages read from the database (events this store appended itself are handed
+    #: over without a read)
+    reads: int = 0
 
 
 @attrs.define(eq=False)
@@ -161,6 +164,7 @@ class _Driver:
         self.failure: BaseException | None = None
         self.done = trio.Event()
         self.lock_attempts = 0
+        self.reads = 0
         self._wake = trio.Event()
         self._checkpoint_lock = trio.Lock()
         self._last_activity = time.monotonic()
@@ -169,6 +173,9 @@ class _Driver:
         self._checkpointed = trio.Event()  # replaced after every checkpoint write
         self._stream_id: int | None = None  # known once the stream exists
         self._progress = trio.Event()  # replaced whenever last_ack advances
+        #: waiting for this store's own appends up to a token, and last_read then
+        #: (see `_behind`)
+        self._deferred: tuple[int, int] | None = None
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -341,6 +348,7 @@ class _Driver:
         for consumer in self.consumers.values():
             fsm.add_consumer(consumer.consumer_id, consumer.buffer_size)
         self.fsm = fsm
+        self._deferred = None
         self.state = "catching_up"
         self.subscribed.set()
         owner.notifier.add_listener(self.stream_uuid, self.wake)
@@ -355,6 +363,7 @@ class _Driver:
         while self.consumers:
             after = fsm.wants_read()
             if after is not None:
+                self.reads += 1
                 events, at_head, self._stream_id = await _storage.read_page(
                     owner.db, self.stream_uuid, after, fsm.read_limit(), self._stream_id
                 )
@@ -382,13 +391,41 @@ class _Driver:
     async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
         """Until an ack, a consumer change, or a notification / re-sync of the stream
         (the notifier calls `wake`)."""
-        if fsm.at_head and self.owner.notifier.mark(self.stream_uuid) > fsm.last_read:
-            fsm.on_new_events()
+        if self._behind(fsm):
             return
         await self._wait_wake()
-        if fsm.at_head and self.owner.notifier.mark(self.stream_uuid) > fsm.last_read:
-            fsm.on_new_events()
+        if self._behind(fsm):
             self._last_activity = time.monotonic()
+
+    def _behind(self, fsm: SubscriptionFSM[RecordedEvent]) -> bool:
+        """Whether newer events are known than were read (then the FSM reads again).
+
+        The notification of this store's own append usually arrives before the append
+        returns and hands its events over (`Subscriptions.appended`): reading then
+        would cost a query per append. So while this store's own appends to the
+        stream are in flight, wait for them to finish, and read only if the hand-over
+        did not close the gap. Waiting again for newer appends only while hand-overs
+        make progress means a gap they cannot close (another node's events) is read
+        after one wait."""
+        if not fsm.at_head or self.owner.notifier.mark(self.stream_uuid) <= fsm.last_read:
+            self._deferred = None
+            return False
+        own = self.owner
+        if self._deferred is not None:
+            token, read_before = self._deferred
+            if not own.own_appends_done(self.stream_uuid, token):
+                return False  # `append_finished` wakes us
+            if fsm.last_read == read_before:
+                self._deferred = None
+                fsm.on_new_events()
+                return True
+        newest = own.newest_own_append(self.stream_uuid)
+        if newest is not None:
+            self._deferred = (newest, fsm.last_read)
+            return False
+        self._deferred = None
+        fsm.on_new_events()
+        return True
 
     async def _checkpoint_if_due(self, *, final: bool = False) -> None:
         fsm = self.fsm
@@ -431,6 +468,7 @@ class _Driver:
             in_flight=sum(len(c.in_flight) for c in fsm.consumers.values()) if fsm else 0,
             pending=len(fsm.pending) if fsm else 0,
             lock_attempts=self.lock_attempts,
+            reads=self.reads,
             sessions=self.session,
         )
 
@@ -613,6 +651,9 @@ class Subscriptions:
         self.lock_key1 = lock_key1
         self.nursery = nursery
         self._drivers: dict[tuple[str, str], _Driver] = {}
+        #: this store's appends in flight: token -> stream
+        self._own_appends: dict[int, str] = {}
+        self._last_token = 0
 
     async def transient(
         self,
@@ -661,6 +702,40 @@ class Subscriptions:
             await driver.flush()
             if not driver.consumers:
                 await driver.done.wait()
+
+    def append_started(self, stream_uuid: str) -> int:
+        """This store begins an append (pair with `append_finished`)."""
+        self._last_token += 1
+        self._own_appends[self._last_token] = stream_uuid
+        return self._last_token
+
+    def append_finished(self, token: int) -> None:
+        """The append ended (committed, refused or cancelled): wake the drivers that
+        deferred a read for it (see `_Driver._behind`)."""
+        stream_uuid = self._own_appends.pop(token)
+        for driver in list(self._drivers.values()):
+            if driver._deferred is not None and driver.stream_uuid in (
+                stream_uuid,
+                ALL_STREAMS,
+            ):
+                driver.wake()
+
+    def newest_own_append(self, stream_uuid: str) -> int | None:
+        """The newest of this store's appends in flight that writes to ``stream_uuid``
+        (any, for ``$all``)."""
+        tokens = [
+            token
+            for token, stream in self._own_appends.items()
+            if stream_uuid in (stream, ALL_STREAMS)
+        ]
+        return max(tokens) if tokens else None
+
+    def own_appends_done(self, stream_uuid: str, up_to: int) -> bool:
+        """Whether this store's appends to ``stream_uuid`` up to ``up_to`` have ended."""
+        return not any(
+            token <= up_to and stream_uuid in (stream, ALL_STREAMS)
+            for token, stream in self._own_appends.items()
+        )
 
     def appended(
         self,
