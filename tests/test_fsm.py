@@ -87,6 +87,17 @@ class FSMMachine(RuleBasedStateMachine):
         self.fsm.on_events(page, at_head=len(page) < limit)
         self.collect()
 
+    @rule(overlap=st.integers(1, 3))
+    def late_read(self, overlap: int) -> None:
+        """A page that starts with events already read (a repeated read): skipped."""
+        after = self.fsm.wants_read()
+        if after is None:
+            return
+        limit = self.fsm.read_limit()
+        page = [e for e in self.store if e.number > after - overlap][: limit + overlap]
+        self.fsm.on_events(iter(page), at_head=len(page) < limit)
+        self.collect()
+
     # -- consumers ----------------------------------------------------------------------
 
     @rule(buffer=st.integers(1, 3))
@@ -186,6 +197,12 @@ class FSMMachine(RuleBasedStateMachine):
         assert all(n > fsm.last_ack for n, _, _ in fsm.pending)
 
     @invariant()
+    def acknowledged_count_kept(self) -> None:
+        fsm = self.fsm
+        assert fsm._n_acked == sum(fsm._unacked.values())
+        assert fsm._order == sorted(fsm._unacked)
+
+    @invariant()
     def nothing_lost(self) -> None:
         fsm = self.fsm
         # Every event read and not in the acknowledged prefix is pending, in flight, or
@@ -232,6 +249,20 @@ def test_checkpoint_after_never_stops_reading() -> None:
     fsm.on_checkpoint_persisted(1, 1.5)
     fsm.ack(1, 2)
     assert fsm.wants_read() == 2  # ... and reading simply goes on after event 2
+
+
+def test_catch_up_reads_pages_not_one_event_per_ack() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(last_seen=0, number_of=number_of, max_size=10)
+    fsm.add_consumer(1, 1)
+    assert (fsm.wants_read(), fsm.read_limit()) == (0, 10)
+    fsm.on_events([Ev(n, "a") for n in range(1, 11)], at_head=False)
+    for n in range(1, 5):
+        [[event]] = fsm.take_deliveries().values()
+        fsm.ack(1, event.number)
+        assert fsm.wants_read() is None, n  # 6 or more still held
+    [[event]] = fsm.take_deliveries().values()
+    fsm.ack(1, event.number)
+    assert (fsm.wants_read(), fsm.read_limit()) == (10, 5)  # half free: a page of 5
 
 
 def test_crashed_consumer_events_go_to_the_next_in_order() -> None:

@@ -19,7 +19,11 @@ Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
+from itertools import compress, repeat
+from itertools import count as counting
+from operator import itemgetter, not_
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -32,6 +36,9 @@ E = TypeVar("E")
 
 #: Marker key for "no partitioning": such events may go to any consumer.
 _UNPARTITIONED = object()
+
+_number = itemgetter(0)
+_event = itemgetter(2)
 
 
 @attrs.define(eq=False)
@@ -79,6 +86,7 @@ class SubscriptionFSM(Generic[E]):
     ) -> None:
         self.number_of = number_of
         self.max_size = max_size
+        self._refill_at = (max_size + 1) // 2  # free room that makes a read worth it
         self.checkpoint_threshold = checkpoint_threshold
         self.checkpoint_after = checkpoint_after
         self.partition_by = partition_by
@@ -97,6 +105,7 @@ class SubscriptionFSM(Generic[E]):
         #: read and not yet in the acknowledged prefix: event_number -> acknowledged?
         self._unacked: dict[int, bool] = {}
         self._order: list[int] = []  # the keys of _unacked, ascending
+        self._n_acked = 0  # how many values of _unacked are True
         #: deliveries decided but not yet handed over by the driver
         self._outbox: dict[int, list[E]] = {}
         #: reading reached the head of the stream and nothing newer is known
@@ -117,8 +126,11 @@ class SubscriptionFSM(Generic[E]):
         return len(self._order)
 
     def wants_read(self) -> int | None:
-        """The number to read from (exclusive: events above it), or None: not now."""
-        if self.at_head or not self.consumers or self.held >= self.max_size:
+        """The number to read from (exclusive: events above it), or None: not now.
+
+        Reading resumes once half of ``max_size`` is free again, so a catch-up reads
+        pages, never one event per acknowledgement."""
+        if self.at_head or not self.consumers or self.max_size - self.held < self._refill_at:
             return None
         return self.last_read
 
@@ -161,6 +173,9 @@ class SubscriptionFSM(Generic[E]):
     def in_flight_of(self, consumer_id: int) -> list[int]:
         return [n for n, _, _ in self.consumers[consumer_id].in_flight]
 
+    def is_in_flight(self, consumer_id: int, event_number: int) -> bool:
+        return self._position(consumer_id, event_number) is not None
+
     # -- inputs ---------------------------------------------------------------------------
 
     def add_consumer(self, consumer_id: int, buffer_size: int) -> None:
@@ -186,6 +201,18 @@ class SubscriptionFSM(Generic[E]):
         read returned fewer than asked (nothing newer is known)."""
         number_of, selector, partition_by = self.number_of, self.selector, self.partition_by
         unacked, order, pending = self._unacked, self._order, self.pending
+        events = events if isinstance(events, list) else list(events)
+        if selector is None and partition_by is None and events:
+            # The common case, in bulk: no user code per event.
+            numbers = list(map(number_of, events))
+            if numbers[0] > self.last_read and all(map(int.__lt__, numbers, numbers[1:])):
+                self.last_read = numbers[-1]
+                order.extend(numbers)
+                unacked.update(zip(numbers, repeat(False)))
+                pending.extend(zip(numbers, repeat(_UNPARTITIONED), events))
+                self.at_head = at_head
+                self._dispatch()
+                return
         for event in events:
             number = number_of(event)
             if number <= self.last_read:
@@ -194,6 +221,7 @@ class SubscriptionFSM(Generic[E]):
             order.append(number)
             if selector is not None and not selector(event):
                 unacked[number] = True  # filtered: counts as acknowledged
+                self._n_acked += 1
                 continue
             unacked[number] = False
             key = _UNPARTITIONED if partition_by is None else partition_by(event)
@@ -213,19 +241,15 @@ class SubscriptionFSM(Generic[E]):
         Raises:
             UnexpectedAckError: ``event_number`` is not in flight for this consumer.
         """
-        consumer = self.consumers.get(consumer_id)
-        position = None
-        if consumer is not None:
-            for index, (number, _, _) in enumerate(consumer.in_flight):
-                if number == event_number:
-                    position = index
-                    break
-        if consumer is None or position is None:
+        position = self._position(consumer_id, event_number)
+        if position is None:
             raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
-        unacked = self._unacked
-        for number, _, _ in consumer.in_flight[: position + 1]:
-            unacked[number] = True
-        del consumer.in_flight[: position + 1]
+        in_flight = self.consumers[consumer_id].in_flight
+        done = in_flight[: position + 1]
+        del in_flight[: position + 1]
+        # In-flight events are never acknowledged yet: all of these turn True.
+        self._unacked.update(zip(map(_number, done), repeat(True)))
+        self._n_acked += len(done)
         self._advance_ack()
         self._dispatch()
 
@@ -246,23 +270,39 @@ class SubscriptionFSM(Generic[E]):
         self.pending.clear()
         self._unacked.clear()
         self._order.clear()
+        self._n_acked = 0
         return True
 
     # -- internals ------------------------------------------------------------------------
 
+    def _position(self, consumer_id: int, event_number: int) -> int | None:
+        """Where ``event_number`` is in the consumer's in-flight list (None: not there)."""
+        consumer = self.consumers.get(consumer_id)
+        if consumer is None or not consumer.in_flight:
+            return None
+        in_flight = consumer.in_flight
+        if in_flight[-1][0] == event_number:  # the usual ack: a whole batch
+            return len(in_flight) - 1
+        for index, (number, _, _) in enumerate(in_flight):
+            if number == event_number:
+                return index
+        return None
+
     def _advance_ack(self) -> None:
         order, unacked = self._order, self._unacked
-        i, count = 0, len(order)
-        while i < count and unacked[order[i]]:
-            i += 1
+        count = len(order)
+        if count and self._n_acked == count:  # all acknowledged: no scan
+            i = count
+        else:  # the first not acknowledged (a scan in C)
+            i = next(compress(counting(), map(not_, map(unacked.__getitem__, order))), count)
         if i:
+            self._n_acked -= i
             self.last_ack = order[i - 1]
             if i == count:
                 unacked.clear()
                 order.clear()
             else:
-                for number in order[:i]:
-                    del unacked[number]
+                deque(map(unacked.__delitem__, order[:i]), 0)
                 del order[:i]
             self._acked_total += i
 
@@ -278,7 +318,7 @@ class SubscriptionFSM(Generic[E]):
                 items = self.pending[:take]
                 del self.pending[:take]
                 consumer.in_flight.extend(items)
-                self._outbox.setdefault(consumer.consumer_id, []).extend(e for _, _, e in items)
+                self._outbox.setdefault(consumer.consumer_id, []).extend(map(_event, items))
             return
         free = sum(max(0, c.capacity) for c in consumers)
         if free == 0:

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import decimal
 import json
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
@@ -109,17 +108,31 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 
 #: 19 digits in a row may be an integer beyond 64 bits, which orjson would turn into a
-#: float (silently losing digits): such payloads go to the standard library.
-_LONG_NUMBER = re.compile(rb"\d{19}")
+#: float (silently losing digits): such payloads go to the standard library. Found by
+#: mapping ASCII digits to "0" and everything else to " " (several times faster than
+#: a regular expression).
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def _loads(payload: bytes) -> Any:
-    if _orjson is not None and not _LONG_NUMBER.search(payload):
+    if _orjson is not None and _LONG_RUN not in payload.translate(_DIGITS):
         try:
             return _orjson.loads(payload)
         except _orjson.JSONDecodeError:
             pass  # NaN and other liberties the standard library accepts: it decides
     return _stdlib_loads(payload)
+
+
+def _loads_many(payloads: list[bytes]) -> list[Any] | None:
+    """`_loads` of each payload in one pass, or None: decode them one by one (no
+    orjson, a long number somewhere, or a payload orjson refuses)."""
+    if _orjson is None or _LONG_RUN in b" ".join(payloads).translate(_DIGITS):
+        return None
+    try:
+        return list(map(_orjson.loads, payloads))
+    except _orjson.JSONDecodeError:
+        return None
 
 
 #: Which JSON decoder reads events (``"orjson"`` with the `fast` extra).
@@ -217,6 +230,19 @@ class JsonSerializer:
             value = _loads(payload)
         except ValueError as exc:
             raise SerializationError(f"stored {event_type!r} data is not JSON: {exc}") from exc
+        return self._structure(value, event_type)
+
+    def deserialize_many(self, payloads: list[bytes], event_types: list[str]) -> list[object]:
+        """`deserialize` of each payload (reads decode a page in one pass)."""
+        values = _loads_many(payloads)
+        if values is None:
+            return [self.deserialize(p, t) for p, t in zip(payloads, event_types, strict=True)]
+        if not self.strict and self._by_type.keys().isdisjoint(event_types):
+            return values  # no registered class: the JSON values themselves
+        structure = self._structure
+        return [structure(v, t) for v, t in zip(values, event_types, strict=True)]
+
+    def _structure(self, value: Any, event_type: str) -> object:
         cls = self._by_type.get(event_type)
         if cls is None:
             if self.strict:
@@ -245,6 +271,21 @@ class JsonSerializer:
         if value is not None and not isinstance(value, dict):
             return {"value": value}
         return value
+
+    def deserialize_metadata_many(
+        self, payloads: list[bytes | None]
+    ) -> list[Mapping[str, Any] | None]:
+        """`deserialize_metadata` of each payload, in one pass."""
+        present = [p for p in payloads if p is not None and p != b"null"]
+        if not present:
+            return [None] * len(payloads)
+        values = _loads_many(present)
+        if values is None or any(v is not None and not isinstance(v, dict) for v in values):
+            return [self.deserialize_metadata(p) for p in payloads]
+        if len(present) == len(payloads):
+            return values
+        decoded = iter(values)
+        return [None if p is None or p == b"null" else next(decoded) for p in payloads]
 
     def __repr__(self) -> str:
         return f"JsonSerializer(strict={self.strict}, registered={sorted(self._by_type)})"

@@ -27,7 +27,7 @@ from ._errors import (
     WrongExpectedVersionError,
 )
 from ._pg import Conn, Database, Row
-from ._serialization import Serializer
+from ._serialization import JsonSerializer, Serializer
 from ._types import (
     EventData,
     ExpectedVersion,
@@ -414,9 +414,19 @@ async def read(
 
 
 def _recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
-    deserialize = config.serializer.deserialize
-    deserialize_metadata = config.serializer.deserialize_metadata
+    if not rows:
+        return []
+    serializer = config.serializer
     utc = datetime.UTC
+    if type(serializer) is JsonSerializer:  # a page in one pass (not for subclasses)
+        datas = serializer.deserialize_many([r[7] for r in rows], [r[4] for r in rows])
+        metadatas = serializer.deserialize_metadata_many([r[8] for r in rows])
+    else:
+        deserialize_metadata = serializer.deserialize_metadata
+        datas = list(map(serializer.deserialize, [r[7] for r in rows], [r[4] for r in rows]))
+        metadatas = [
+            None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8]) for r in rows
+        ]
     return [
         RecordedEvent(
             r[0],  # event_number
@@ -424,13 +434,13 @@ def _recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
             r[2],  # stream_uuid
             r[3],  # stream_version
             r[4],  # event_type
-            deserialize(r[7], r[4]),
-            None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8]),
+            data,
+            metadata,
             r[5],  # causation_id
             r[6],  # correlation_id
             r[9] if r[9].tzinfo is utc else r[9].astimezone(utc),
         )
-        for r in rows
+        for r, data, metadata in zip(rows, datas, metadatas, strict=True)
     ]
 
 
@@ -587,11 +597,28 @@ async def read_page(
                 info_id = (await stream_info(db, stream_uuid)).stream_id
             return events, len(events) < limit, info_id
         return events, True, None
-    rows = await db.fetch(
+    events = _recorded(config, await read_rows(db, stream_id, after, limit))
+    return events, len(events) < limit, stream_id
+
+
+async def read_rows(db: Database, stream_id: int, after: int, limit: int) -> list[Row]:
+    """The rows of events above ``after`` (at most ``limit``) of the stream with this id
+    (0: ``$all``), not decoded yet (`recorded` decodes them)."""
+    config = db.config
+    return await db.fetch(
         _sql.read_stream(config.schema, config.column_data_type, forward=True),
         stream_id,
         after + 1,
         limit,
     )
-    events = _recorded(config, rows)
-    return events, len(events) < limit, stream_id
+
+
+def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
+    """Decode rows from `read_rows`."""
+    return _recorded(config, rows)
+
+
+def row_event_number(row: Row) -> int:
+    """The event number of a row from `read_rows`."""
+    number: int = row[0]
+    return number

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import random
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -37,7 +38,7 @@ from ._errors import (
 from ._fsm import SubscriptionFSM
 from ._locks import LockKeeper, lock_key2
 from ._notifications import Notifier
-from ._pg import CLEANUP_TIMEOUT, Database
+from ._pg import CLEANUP_TIMEOUT, Database, Row
 from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
 __all__ = [
@@ -66,8 +67,7 @@ class EventBatch(list[Any]):
         self.session = session
 
 
-def _event_number(event: RecordedEvent) -> int:
-    return event.event_number
+_event_number: Callable[[RecordedEvent], int] = operator.attrgetter("event_number")
 
 
 @attrs.frozen(kw_only=True)
@@ -136,6 +136,17 @@ class SubscriptionStatistics:
 
 
 @attrs.define(eq=False)
+class _ReadAhead:
+    """The next page, fetched while the current one is decoded and delivered."""
+
+    after: int
+    limit: int
+    rows: list[Row] | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+
+@attrs.define(eq=False)
 class _Consumer:
     consumer_id: int
     buffer_size: int
@@ -173,6 +184,7 @@ class _Driver:
         self._checkpointed = trio.Event()  # replaced after every checkpoint write
         self._stream_id: int | None = None  # known once the stream exists
         self._progress = trio.Event()  # replaced whenever last_ack advances
+        self._prefetch: _ReadAhead | None = None
         #: waiting for this store's own appends up to a token, and last_read then
         #: (see `_behind`)
         self._deferred: tuple[int, int] | None = None
@@ -205,7 +217,7 @@ class _Driver:
     def ack(self, consumer: _Consumer, event_number: int) -> None:
         fsm = self.fsm
         cid = consumer.consumer_id
-        if fsm is not None and cid in fsm.consumers and event_number in fsm.in_flight_of(cid):
+        if fsm is not None and fsm.is_in_flight(cid, event_number):
             fsm.ack(cid, event_number)
             self._last_activity = time.monotonic()
             self._deliver()
@@ -353,20 +365,23 @@ class _Driver:
         self.subscribed.set()
         owner.notifier.add_listener(self.stream_uuid, self.wake)
         try:
-            await self._session_loop(fsm)
+            with single_errors():
+                async with trio.open_nursery() as nursery:  # for reads ahead
+                    await self._session_loop(fsm, nursery)
+                    nursery.cancel_scope.cancel()
         finally:
+            self._prefetch = None
             owner.notifier.remove_listener(self.stream_uuid, self.wake)
 
-    async def _session_loop(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+    async def _session_loop(
+        self, fsm: SubscriptionFSM[RecordedEvent], nursery: trio.Nursery
+    ) -> None:
         owner = self.owner
         hibernate_after = owner.config.subscription_hibernate_after
         while self.consumers:
             after = fsm.wants_read()
             if after is not None:
-                self.reads += 1
-                events, at_head, self._stream_id = await _storage.read_page(
-                    owner.db, self.stream_uuid, after, fsm.read_limit(), self._stream_id
-                )
+                events, at_head = await self._read(after, fsm.read_limit(), nursery)
                 fsm.on_events(events, at_head=at_head)
                 if events:
                     self._last_activity = time.monotonic()
@@ -383,10 +398,66 @@ class _Driver:
             with trio.move_on_after(max(0.0, wait)):
                 await self._wait_for_work(fsm)
             if time.monotonic() >= idle_until and fsm.hibernate():
+                self._drop_prefetch()
                 self.state = "hibernating"
                 self._last_activity = math.inf  # until something happens
             elif self.state == "hibernating" and self._last_activity != math.inf:
                 self.state = "subscribed"  # woken by an ack, a consumer or new events
+
+    async def _read(
+        self, after: int, limit: int, nursery: trio.Nursery
+    ) -> tuple[list[RecordedEvent], bool]:
+        """Events above ``after`` (at most ``limit``) and whether that reached the head.
+
+        While catching up, the next page is fetched ahead, in the background: the
+        database works on it while this page is decoded and delivered (at most half
+        of ``max_size`` rows more in memory)."""
+        self.reads += 1
+        db, config = self.owner.db, self.owner.config
+        stream_id = self._stream_id
+        ahead, self._prefetch = self._prefetch, None
+        rows: list[Row] | None = None
+        if ahead is not None and ahead.after == after:
+            await ahead.done.wait()
+            if ahead.rows is not None:  # else it failed: read as usual
+                rows, full = ahead.rows, len(ahead.rows) >= ahead.limit
+                if len(rows) > limit:
+                    rows, full = rows[:limit], True
+        elif ahead is not None:
+            ahead.scope.cancel()  # for a position we no longer read from
+        if rows is None:
+            if stream_id is None:  # the first read finds the stream's id
+                events, at_head, self._stream_id = await _storage.read_page(
+                    db, self.stream_uuid, after, limit, None
+                )
+                return events, at_head
+            rows = await _storage.read_rows(db, stream_id, after, limit)
+            full = len(rows) >= limit
+        if full and rows and stream_id is not None:
+            self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]))
+        return _storage.recorded(config, rows), not full
+
+    def _fetch_ahead(self, nursery: trio.Nursery, stream_id: int, after: int) -> None:
+        ahead = _ReadAhead(after, max(1, (self.options.max_size + 1) // 2))
+        self._prefetch = ahead
+
+        async def fetch() -> None:
+            with ahead.scope:
+                try:
+                    ahead.rows = await _storage.read_rows(
+                        self.owner.db, stream_id, ahead.after, ahead.limit
+                    )
+                except EventStoreError as exc:
+                    logger.debug("subscription %r: read ahead failed: %s", self.name, exc)
+                finally:
+                    ahead.done.set()
+
+        nursery.start_soon(fetch)
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.scope.cancel()
+            self._prefetch = None
 
     async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
         """Until an ack, a consumer change, or a notification / re-sync of the stream
