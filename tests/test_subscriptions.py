@@ -300,6 +300,27 @@ async def test_own_appends_delivered_without_a_read_equal_what_a_read_returns(
         await admin.drop(cfg)
 
 
+async def test_catch_up_reads_pages_ahead_in_order(fast: EventStoreConfig) -> None:
+    """A catch-up with buffer_size=1 reads pages (half of max_size), not one event per
+    ack, and the page fetched ahead joins on without a gap or a repeat."""
+    async with open_event_store(fast) as store:
+        for start in range(0, 300, 50):
+            await append(store, f"s{start % 3}", *range(start, start + 50))
+        got: list[RecordedEvent] = []
+        async with store.subscribe_to_all_streams("p", max_size=20) as sub:
+            with trio.fail_after(HANG_GUARD):
+                async for batch in sub:
+                    got.extend(batch.events)
+                    sub.ack(batch)
+                    await trio.sleep(0.001)  # a consumer slower than reading
+                    if len(got) >= 300:
+                        break
+            reads = sub.statistics().reads
+    assert [n_of(e) for e in got] == list(range(300))
+    assert [e.event_number for e in got] == list(range(1, 301))
+    assert reads <= 40, reads  # 300 / 10 and the last, empty one (was one per ack)
+
+
 async def test_own_appends_at_the_head_cost_no_read(fast: EventStoreConfig) -> None:
     """The NOTIFY of an own append usually arrives before the append returns: the
     subscription waits for the hand-over instead of reading (one query per append)."""
