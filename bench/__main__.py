@@ -95,8 +95,9 @@ async def baseline_append_latency(config: EventStoreConfig, n: int) -> list[floa
     times = []
     try:
         for _ in range(n):
-            encoded = _storage.encode_events(config.serializer, events(1))
-            started = time.perf_counter()
+            one = events(1)
+            started = time.perf_counter()  # encoding included, as in ours
+            encoded = _storage.encode_events(config.serializer, one)
             async with pool.acquire() as conn:
                 await run_plan(conn, config, "latency-base", encoded)
             times.append(time.perf_counter() - started)
@@ -135,9 +136,10 @@ async def baseline_copy(config: EventStoreConfig, batch: int, rounds: int) -> fl
         )
         version = 0
         for _ in range(rounds):
-            encoded = _storage.encode_events(config.serializer, events(batch))
+            payload = events(batch)
             now = time.time()
-            started = time.perf_counter()
+            started = time.perf_counter()  # encoding included, as in ours
+            encoded = _storage.encode_events(config.serializer, payload)
             async with conn.transaction():
                 await conn.copy_records_to_table(
                     "events",

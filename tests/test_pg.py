@@ -145,3 +145,26 @@ async def test_overloaded_pool_fails_fast(initialized: EventStoreConfig) -> None
             release.set()
         assert "refused" in outcomes
         assert await database.fetchval("SELECT 1") == 1
+
+
+async def test_the_bridge_runs_ready_asyncio_callbacks_together(db: Database) -> None:
+    """The trio-asyncio loop runs every ready callback in one pass (pinned trio-asyncio
+    internals: an upgrade that changes them must be noticed here, not as a slowdown)."""
+    from trio_eventstore import _pg
+
+    loop = db._pool.loop
+    assert loop._main_loop_one.__func__ is _pg._main_loop_one_batched
+
+    async def many(conn: Conn) -> list[int]:
+        # Statements pipelined on several connections' worth of asyncio callbacks.
+        return [int(await conn.fetchval("SELECT $1::int", i)) for i in range(50)]
+
+    async with trio.open_nursery() as nursery:
+        results: list[list[int]] = []
+
+        async def one() -> None:
+            results.append(await db.run(many))
+
+        for _ in range(4):
+            nursery.start_soon(one)
+    assert results == [list(range(50))] * 4

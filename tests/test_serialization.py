@@ -184,3 +184,29 @@ def test_json_decoding_rejects_garbage() -> None:
     for bad in (b"{", b'{"a": 1} x', b""):
         with pytest.raises(ValueError, match=r"\w"):  # json's or orjson's own message
             _serialization._loads(bad)
+
+
+def test_a_page_decodes_as_each_payload_alone() -> None:
+    """`deserialize_many` (one pass for a read page) equals `deserialize` of each, also
+    when one payload holds a number beyond 64 bits, NaN, or is not JSON at all."""
+    serializer = JsonSerializer()
+    plain = [b'{"a": 1}', b"[1, 2.5]", b'"\\u00fc"', b"null"]
+    pages = [
+        plain,
+        [*plain, b'{"big": 123456789012345678901234567890}'],
+        [b"12345678901234567890", b"-9223372036854775809", b"1e5"],
+        [*plain, b'{"x": NaN}'],
+    ]
+    for page in pages:
+        types = ["T"] * len(page)
+        expected = [serializer.deserialize(p, "T") for p in page]
+        got = serializer.deserialize_many(page, types)
+        assert repr(got) == repr(expected)  # NaN != NaN, but reprs match
+        assert [type(v) for v in got] == [type(v) for v in expected]
+    with pytest.raises(es.SerializationError, match="is not JSON"):
+        serializer.deserialize_many([b'{"a": 1}', b"{"], ["T", "T"])
+    metadata = [None, b"null", b'{"k": 1}', b'{"big": 123456789012345678901234567890}']
+    assert serializer.deserialize_metadata_many(metadata) == [
+        serializer.deserialize_metadata(m) for m in metadata
+    ]
+    assert serializer.deserialize_metadata_many([b"7", None]) == [{"value": 7}, None]

@@ -227,6 +227,10 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + CHUNK))
 
 
+def _chunk_count(n: int) -> int:
+    return -(-n // CHUNK)
+
+
 def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
     if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
         return DuplicateEventError(f"an event id is already in stream {stream_uuid!r}: {exc}")
@@ -253,6 +257,8 @@ class AppendPlan:
     fast: Callable[[Conn], Awaitable[Appended | None]] | None
     slow: Callable[[Conn], Awaitable[Appended]]
     created_at: datetime.datetime
+    #: about how many statements `slow` runs (it may take ``timeout`` for each)
+    statements: int
 
 
 def append_plan(
@@ -305,7 +311,12 @@ def append_plan(
         assert first is not None
         return Appended(version + n, first)
 
-    return AppendPlan(fast=fast if n <= CHUNK else None, slow=slow, created_at=created_at)
+    return AppendPlan(
+        fast=fast if n <= CHUNK else None,
+        slow=slow,
+        created_at=created_at,
+        statements=2 * _chunk_count(n) + 6,
+    )
 
 
 async def append(db: Database, plan: AppendPlan, stream_uuid: str) -> Appended:
@@ -316,7 +327,7 @@ async def append(db: Database, plan: AppendPlan, stream_uuid: str) -> Appended:
             appended = await db.run(plan.fast)
             if appended is not None:
                 return appended
-        return await db.transaction(plan.slow)
+        return await db.transaction(plan.slow, statements=plan.statements)
     except DatabaseError as exc:
         raise _translate_write_error(exc, stream_uuid) from exc
 
@@ -387,7 +398,7 @@ async def link(
         return version + n
 
     try:
-        return await db.transaction(unit)
+        return await db.transaction(unit, statements=2 * _chunk_count(n) + 6)
     except DatabaseError as exc:
         raise _translate_write_error(exc, stream_uuid) from exc
 
