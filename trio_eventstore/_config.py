@@ -97,7 +97,8 @@ class EventStoreConfig:
             overloaded and callers then wait at most ``2 * queue_target`` before
             `StorageUnavailableError`, until a caller is served within ``queue_target``
             again. Otherwise a caller waits up to ``timeout`` for a connection.
-        timeout: the default timeout of each query (and of connecting).
+        timeout: the default timeout of each query (a unit of several statements gets
+            this much per statement), and of connecting.
         shared_connection_pool: stores opened with the same name share one pool.
         subscription_retry_interval: how long a subscription waits before retrying
             its lock or a lost database connection.
