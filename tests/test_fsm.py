@@ -139,7 +139,10 @@ class FSMMachine(RuleBasedStateMachine):
     @rule(elapsed=st.floats(0, 2))
     def checkpoint(self, elapsed: float) -> None:
         self.now += elapsed
+        wanted = self.fsm.checkpoint_wanted()  # what an ack uses to wake the driver
         due = self.fsm.checkpoint_due(self.now)
+        if wanted:
+            assert due is not None
         if due is not None:
             assert due > self.persisted
             self.persisted = due

@@ -164,6 +164,44 @@ async def test_checkpoint_threshold(fast: EventStoreConfig) -> None:
             assert [e.stream_version for e in await take(sub, 1)] == [5]
 
 
+async def test_checkpoint_after_persists_acks_below_the_threshold(
+    fast: EventStoreConfig,
+) -> None:
+    """Acks below the threshold do not wake the subscription task, but the first one
+    arms the checkpoint_after timer, which then persists them (well before the task
+    would wake on its own: it never hibernates here)."""
+    config = fast.with_changes(subscription_hibernate_after=600, notification_poll_interval=600)
+    async with open_event_store(config) as store:
+        await append(store, "s", *range(1, 4))
+        async with store.subscribe_to_stream(
+            "s", "t", buffer_size=3, checkpoint_threshold=1000, checkpoint_after=0.1
+        ) as sub:
+            for last in (3, 4):
+                got = await take(sub, 1, ack=False)
+                await trio.sleep(0.2)  # the task is asleep, with no timer armed
+                sub.ack(got[-1])
+                with trio.fail_after(HANG_GUARD):
+                    await sub.wait_checkpointed(last)
+                await append(store, "s", 4)
+
+
+async def test_a_busy_subscription_does_not_hibernate(fast: EventStoreConfig) -> None:
+    config = fast.with_changes(subscription_hibernate_after=0.3)
+    async with open_event_store(config) as store:
+        await append(store, "s", *range(1, 31))
+        async with store.subscribe_to_stream("s", "t", buffer_size=1) as sub:
+            with trio.fail_after(HANG_GUARD):
+                async for batch in sub:
+                    assert sub.statistics().state != "hibernating"
+                    await trio.sleep(0.02)  # 30 events over 0.6 s: never idle 0.3 s
+                    sub.ack(batch)
+                    if batch.last_event_number == 30:
+                        break
+            with trio.fail_after(HANG_GUARD):
+                while sub.statistics().state != "hibernating":  # idle now: it does
+                    await trio.sleep(0.05)
+
+
 async def test_checkpoint_after_mid_catch_up_skips_nothing(fast: EventStoreConfig) -> None:
     """Elixir #325: a checkpoint timer firing during catch-up must not skip events."""
     async with open_event_store(fast) as store:

@@ -19,11 +19,9 @@ Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from itertools import compress, repeat
-from itertools import count as counting
-from operator import itemgetter, not_
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -37,7 +35,6 @@ E = TypeVar("E")
 #: Marker key for "no partitioning": such events may go to any consumer.
 _UNPARTITIONED = object()
 
-_number = itemgetter(0)
 _event = itemgetter(2)
 
 
@@ -162,6 +159,14 @@ class SubscriptionFSM(Generic[E]):
             return self.last_ack
         return None
 
+    def checkpoint_wanted(self) -> bool:
+        """Whether `checkpoint_due` would say yes by ``checkpoint_threshold`` alone."""
+        return (
+            self.persisting is None
+            and self.last_ack > self.last_persisted
+            and self._acked_total - self._acked_at_checkpoint >= self.checkpoint_threshold
+        )
+
     def next_checkpoint_deadline(self) -> float | None:
         """When `checkpoint_due` may next say yes because of ``checkpoint_after``."""
         if self.checkpoint_after <= 0 or self.last_ack <= self.last_persisted:
@@ -245,11 +250,11 @@ class SubscriptionFSM(Generic[E]):
         if position is None:
             raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
         in_flight = self.consumers[consumer_id].in_flight
-        done = in_flight[: position + 1]
+        unacked = self._unacked
+        for number, _, _ in in_flight[: position + 1]:
+            unacked[number] = True  # in-flight events are never acknowledged yet
         del in_flight[: position + 1]
-        # In-flight events are never acknowledged yet: all of these turn True.
-        self._unacked.update(zip(map(_number, done), repeat(True)))
-        self._n_acked += len(done)
+        self._n_acked += position + 1
         self._advance_ack()
         self._dispatch()
 
@@ -293,8 +298,10 @@ class SubscriptionFSM(Generic[E]):
         count = len(order)
         if count and self._n_acked == count:  # all acknowledged: no scan
             i = count
-        else:  # the first not acknowledged (a scan in C)
-            i = next(compress(counting(), map(not_, map(unacked.__getitem__, order))), count)
+        else:
+            i = 0
+            while i < count and unacked[order[i]]:
+                i += 1
         if i:
             self._n_acked -= i
             self.last_ack = order[i - 1]
@@ -302,7 +309,8 @@ class SubscriptionFSM(Generic[E]):
                 unacked.clear()
                 order.clear()
             else:
-                deque(map(unacked.__delitem__, order[:i]), 0)
+                for number in order[:i]:
+                    del unacked[number]
                 del order[:i]
             self._acked_total += i
 

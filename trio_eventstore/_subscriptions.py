@@ -218,11 +218,21 @@ class _Driver:
         fsm = self.fsm
         cid = consumer.consumer_id
         if fsm is not None and fsm.is_in_flight(cid, event_number):
+            before = fsm.last_ack
             fsm.ack(cid, event_number)
             self._last_activity = time.monotonic()
             self._deliver()
             self._signal_progress()
-            self.wake()
+            # Wake the task only when it has something to do: read (room came free),
+            # persist (the threshold is reached), or arm the checkpoint_after timer
+            # (the first acknowledgement since the last checkpoint). Waking it for
+            # every ack of a one-event buffer costs more than the ack itself.
+            if (
+                fsm.wants_read() is not None
+                or fsm.checkpoint_wanted()
+                or (fsm.checkpoint_after > 0 and before <= fsm.last_persisted < fsm.last_ack)
+            ):
+                self.wake()
             return
         if event_number <= consumer.stale_up_to or (
             fsm is None and event_number <= consumer.delivered_high
@@ -397,6 +407,8 @@ class _Driver:
             wait = min(deadline or math.inf, idle_until) - time.monotonic()
             with trio.move_on_after(max(0.0, wait)):
                 await self._wait_for_work(fsm)
+            # Acks need not wake this task (see `ack`): idle since the latest activity.
+            idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
             if time.monotonic() >= idle_until and fsm.hibernate():
                 self._drop_prefetch()
                 self.state = "hibernating"
