@@ -198,8 +198,11 @@ async def test_a_busy_subscription_does_not_hibernate(fast: EventStoreConfig) ->
                     if batch.last_event_number == 30:
                         break
             with trio.fail_after(HANG_GUARD):
-                while sub.statistics().state != "hibernating":  # idle now: it does
+                # Idle now, it does (the state is only seen in statistics: poll it).
+                while sub.statistics().state != "hibernating":  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            await append(store, "s", 31)  # and a new event wakes it
+            assert [n_of(e) for e in await take(sub, 1)] == [31]
 
 
 async def test_checkpoint_after_mid_catch_up_skips_nothing(fast: EventStoreConfig) -> None:
