@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 import trio
 
-from bench._util import run_asyncio, vacuum
+from bench._util import raw_read_rate, run_asyncio, vacuum
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
@@ -180,24 +180,6 @@ async def baseline_copy(config: EventStoreConfig, batch: int, rounds: int) -> fl
     return statistics.median(times)
 
 
-async def baseline_read(config: EventStoreConfig, stream_id: int, total: int) -> float:
-    conn = await asyncpg.connect(**config.connect_params())
-    query = _sql.read_stream(config.schema, config.column_data_type, forward=True)
-    try:
-        started = time.perf_counter()
-        position, read = 0, 0
-        while read < total:
-            rows = await conn.fetch(query, stream_id, position, 1000)
-            if not rows:
-                break
-            read += len(rows)
-            position = rows[-1]["event_number"] + 1
-        elapsed = time.perf_counter() - started
-    finally:
-        await conn.close()
-    return read / elapsed
-
-
 def _utc(ts: float) -> Any:
     import datetime
 
@@ -328,11 +310,11 @@ def main() -> int:
                 "ms",
                 lower_is_better=True,
             )
-        base = max(run_asyncio(baseline_read(config, mine["big-read-id"], 10**9)) for _ in "ab")
+        base = max(run_asyncio(raw_read_rate(config, mine["big-read-id"], 10**9)) for _ in "ab")
         report(
             "read stream, pages of 1000", mine["read-stream"], base, "ev/s", lower_is_better=False
         )
-        base = max(run_asyncio(baseline_read(config, 0, 10**9)) for _ in "ab")
+        base = max(run_asyncio(raw_read_rate(config, 0, 10**9)) for _ in "ab")
         report("read $all, pages of 1000", mine["read-all"], base, "ev/s", lower_is_better=False)
         trio.run(admin.drop, config)
     return 0

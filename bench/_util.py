@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import asyncpg
 
-from trio_eventstore import EventStoreConfig
+from trio_eventstore import EventStoreConfig, _sql
 
 T = TypeVar("T")
 
@@ -39,3 +40,22 @@ def vacuum(config: EventStoreConfig) -> None:
     whichever side ran first.
     """
     run_asyncio(_vacuum(config))
+
+
+async def raw_read_rate(config: EventStoreConfig, stream_id: int, total: int) -> float:
+    """Events per second of the store's own read SELECT through asyncpg, in pages of
+    1000, rows left as they come (no decoding): the raw-read baseline."""
+    conn = await asyncpg.connect(**config.connect_params())
+    query = _sql.read_stream(config.schema, config.column_data_type, forward=True)
+    try:
+        started = time.perf_counter()
+        position, count = 0, 0
+        while count < total:
+            rows = await conn.fetch(query, stream_id, position + 1, 1000)
+            if not rows:
+                break
+            count += len(rows)
+            position = rows[-1]["event_number"]
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import trio
 
-from bench._util import run_asyncio, vacuum
+from bench._util import raw_read_rate, run_asyncio, vacuum
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
@@ -136,23 +136,6 @@ async def store_read(config: EventStoreConfig, total: int) -> float:
         return count / (time.perf_counter() - started)
 
 
-async def baseline_catch_up(config: EventStoreConfig, total: int, stream_id: int = 0) -> float:
-    conn = await asyncpg.connect(**config.connect_params())
-    query = _sql.read_stream(config.schema, config.column_data_type, forward=True)
-    try:
-        started = time.perf_counter()
-        position, count = 0, 0
-        while count < total:
-            rows = await conn.fetch(query, stream_id, position + 1, 1000)
-            if not rows:
-                break
-            count += len(rows)
-            position = rows[-1]["event_number"]
-        return count / (time.perf_counter() - started)
-    finally:
-        await conn.close()
-
-
 async def idle_memory(config: EventStoreConfig, count: int) -> float:
     """Bytes of Python heap per idle, hibernated subscription."""
     config = config.with_changes(subscription_hibernate_after=0.2, pool_size=20)
@@ -212,7 +195,7 @@ def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     # Alternate them, best of three each: the machine's background load varies.
     base_rates, our_rates, read_rates = [], [], []
     for _ in range(3):
-        base_rates.append(run_asyncio(baseline_catch_up(config, total)))
+        base_rates.append(run_asyncio(raw_read_rate(config, 0, total)))
         our_rates.append(trio.run(ours_catch_up, config, total))
         read_rates.append(trio.run(store_read, config, total))
     report(
@@ -233,7 +216,7 @@ def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     vacuum(config)
     base_rates, our_rates = [], []
     for _ in range(3):
-        base_rates.append(run_asyncio(baseline_catch_up(config, target, stream_id)))
+        base_rates.append(run_asyncio(raw_read_rate(config, stream_id, target)))
         our_rates.append(trio.run(ours_catch_up, config, target, "catch-up-meta"))
     report(
         f"catch-up over {target} events with metadata",

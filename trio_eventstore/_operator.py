@@ -78,7 +78,7 @@ async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
     rows = await store._db.fetch(_sql.read_event(config.schema, config.column_data_type), ident)
     if not rows:
         raise LookupError(f"no event {event_id}")
-    [event] = _storage._recorded(config, rows)
+    [event] = _storage.recorded(config, rows)
     return event
 
 

@@ -421,10 +421,11 @@ async def read(
             raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
         return await conn.fetch(query, row["stream_id"], start_version, count)
 
-    return _recorded(config, await db.run(unit))
+    return recorded(config, await db.run(unit))
 
 
-def _recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
+def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
+    """Decode rows of `_sql.read_stream` (as `read` and `read_rows` return them)."""
     if not rows:
         return []
     serializer = config.serializer
@@ -608,7 +609,7 @@ async def read_page(
                 info_id = (await stream_info(db, stream_uuid)).stream_id
             return events, len(events) < limit, info_id
         return events, True, None
-    events = _recorded(config, await read_rows(db, stream_id, after, limit))
+    events = recorded(config, await read_rows(db, stream_id, after, limit))
     return events, len(events) < limit, stream_id
 
 
@@ -622,11 +623,6 @@ async def read_rows(db: Database, stream_id: int, after: int, limit: int) -> lis
         after + 1,
         limit,
     )
-
-
-def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
-    """Decode rows from `read_rows`."""
-    return _recorded(config, rows)
 
 
 def row_event_number(row: Row) -> int:
