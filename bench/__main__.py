@@ -35,7 +35,6 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
-from trio_eventstore._pg import Conn
 from trio_eventstore._tempcluster import temp_cluster
 
 ROWS: list[tuple[str, float, float, str]] = []
@@ -76,15 +75,13 @@ async def keep_session(_conn: Any) -> None:
 
 
 async def run_plan(conn: Any, config: EventStoreConfig, stream: str, encoded: Any) -> int:
-    """What `_storage.append` does, on plain asyncio: the fast statement, else the
-    transaction."""
-    plan = _storage.append_plan(config, stream, ANY_VERSION, encoded)
-    if plan.fast is not None:
-        appended = await plan.fast(Conn(conn, config))
-        if appended is not None:
-            return appended.version
-    async with conn.transaction():
-        return (await plan.slow(Conn(conn, config))).version
+    """What `_storage.append` does, on plain asyncio: one statement."""
+    request = _storage.AppendRequest.build(stream, ANY_VERSION, encoded)
+    sql, params, created_at = _storage.batch_statement(config, [request])
+    rows = await conn.fetch(sql, *params)
+    [outcome] = _storage.batch_outcomes([request], rows, created_at)
+    assert isinstance(outcome, _storage.Appended)
+    return outcome.version
 
 
 async def baseline_append_latency(config: EventStoreConfig, n: int) -> list[float]:

@@ -30,7 +30,6 @@ from trio_eventstore import (
     _storage,
     open_event_store,
 )
-from trio_eventstore._pg import Conn
 
 
 def _event() -> EventData:
@@ -90,11 +89,9 @@ async def baseline_latency(config: EventStoreConfig, n: int) -> list[float]:
             event = [_event()]
             started = time.perf_counter()  # encoding included, as in ours
             encoded = _storage.encode_events(config.serializer, event)
-            plan = _storage.append_plan(config, "lat-base", ANY_VERSION, encoded)
-            assert plan.fast is not None
-            if await plan.fast(Conn(writer, config)) is None:
-                async with writer.transaction():
-                    await plan.slow(Conn(writer, config))
+            request = _storage.AppendRequest.build("lat-base", ANY_VERSION, encoded)
+            sql, params, _ = _storage.batch_statement(config, [request])
+            await writer.fetch(sql, *params)
             while not (await queue.get()).startswith("$all,"):
                 pass
             times.append(time.perf_counter() - started)

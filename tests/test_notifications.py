@@ -64,7 +64,15 @@ async def test_scenario_notifications_match_elixir(
             with pytest.raises(WrongExpectedVersionError):
                 await store.append_to_stream("account-1", 1, [event(10)])
             # Notifications arrive asynchronously after each commit.
-            expected = elixir_payloads(reference, "== scenario done")
+            # One deliberate difference: a link into a new stream is one statement here,
+            # so its stream is created at its final version and notified once
+            # ("linked-accounts,4,1,3"), where the Elixir library first creates it
+            # empty ("linked-accounts,4,1,0", a notification with nothing to read).
+            expected = [
+                p
+                for p in elixir_payloads(reference, "== scenario done")
+                if p != "linked-accounts,4,1,0"
+            ]
             with trio.fail_after(30):
                 while len(received) < len(expected):
                     await listener.execute("SELECT 1")

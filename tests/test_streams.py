@@ -66,12 +66,20 @@ def deposit(amount: int | str = 1, **kwargs: object) -> EventData:
     return EventData(data, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["bytea", "jsonb"])
+@pytest.fixture(
+    params=[("bytea", True), ("jsonb", True), ("bytea", False)],
+    ids=["bytea", "jsonb", "bytea-direct"],
+)
 async def store(
     request: pytest.FixtureRequest, config: EventStoreConfig
 ) -> AsyncIterator[EventStore]:
+    """Each test runs on both data types, and without group commit (same outcomes)."""
+    column_data_type, group_commit = request.param
     cfg = config.with_changes(
-        serializer=serializer, column_data_type=request.param, enable_hard_deletes=True
+        serializer=serializer,
+        column_data_type=column_data_type,
+        enable_hard_deletes=True,
+        group_commit=group_commit,
     )
     await admin.create(cfg)
     await admin.init(cfg)
@@ -127,12 +135,22 @@ async def test_plain_json_needs_event_type_and_unknown_types_read_as_dicts(
             await strict_store.read_stream_forward("s")
 
 
-async def test_bytea_metadata_is_json_null_not_sql_null(store: EventStore) -> None:
+async def test_absent_metadata_is_stored_as_the_elixir_library_stores_it(
+    store: EventStore,
+) -> None:
+    """bytea: the JSON bytes ``null``; jsonb: SQL NULL (the Elixir JsonbSerializer)."""
     await store.append_to_stream("s", NO_STREAM, [deposit()])
+    await store.record_snapshot(
+        es.SnapshotData(source_uuid="snap", source_version=1, data=deposit().data)
+    )
     s = quote_ident(store.config.schema)
     async with open_connection(store.config) as conn:
         raw = await conn.fetchval(f"SELECT metadata::text FROM {s}.events")
-    assert raw in ("\\x6e756c6c", "null")  # bytea 'null' or jsonb null
+        snap = await conn.fetchval(f"SELECT metadata::text FROM {s}.snapshots")
+    expected = "\\x6e756c6c" if store.config.column_data_type == "bytea" else None
+    assert (raw, snap) == (expected, expected)
+    assert (await store.read_stream_forward("s"))[0].metadata is None
+    assert (await store.read_snapshot("snap")).metadata is None
 
 
 async def test_expected_version_outcomes(store: EventStore) -> None:

@@ -112,6 +112,10 @@ class EventStoreConfig:
             work, e.g. PgBouncer in transaction mode without ``session_mode_url``).
         statement_cache_size: prepared statements cached per connection; 0 behind
             PgBouncer in transaction mode (before PgBouncer 1.21).
+        group_commit: appends from concurrent callers are written together, by one
+            writer task, in one statement and one commit each round (each caller still
+            gets its own outcome); a lone append goes out at once. ``False``: each
+            append runs on its own pooled connection.
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
     """
@@ -136,6 +140,7 @@ class EventStoreConfig:
     enable_hard_deletes: bool = False
     notification_poll_interval: float = 5.0
     statement_cache_size: int = 100
+    group_commit: bool = True
     init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
         default=None, repr=False
     )
@@ -195,8 +200,9 @@ class EventStoreConfig:
                 "serializer: expected a Serializer (event_type_of, serialize, deserialize, "
                 f"serialize_metadata, deserialize_metadata), got {type(self.serializer).__name__}"
             )
-        if not isinstance(self.enable_hard_deletes, bool):
-            raise TypeError("enable_hard_deletes: expected a bool")
+        for flag in ("enable_hard_deletes", "group_commit"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}: expected a bool")
         if self.init is not None and not callable(self.init):
             raise TypeError("init: expected a callable taking and returning an EventStoreConfig")
 
@@ -287,7 +293,7 @@ class EventStoreConfig:
 
 _INT_FIELDS = {"port", "pool_size", "statement_cache_size"}
 _FLOAT_FIELDS = set(_DURATIONS) | {"subscription_hibernate_after"}
-_BOOL_FIELDS = {"enable_hard_deletes"}
+_BOOL_FIELDS = {"enable_hard_deletes", "group_commit"}
 
 
 def _parse_env_value(name: str, raw: str) -> object:

@@ -278,126 +278,193 @@ def lock_stream(schema: str) -> str:
     )
 
 
-def create_stream(schema: str) -> str:
-    """Parameters: stream_uuid, stream_version. Returns stream_id, or no row when a
-    concurrent transaction created the stream first (it then waits for that one)."""
-    return (
-        f"INSERT INTO {quote_ident(schema)}.streams (stream_uuid, stream_version) "
-        "VALUES ($1, $2) ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id"
-    )
-
-
-def set_stream_version(schema: str) -> str:
-    """Parameters: stream_id, new stream_version."""
-    return f"UPDATE {quote_ident(schema)}.streams SET stream_version = $2 WHERE stream_id = $1"
-
-
-def _stored(expression: str, column_data_type: str) -> str:
-    """A bytea value (UTF-8 JSON from the serializer) as the data column stores it."""
+def _stored(expression: str, column_data_type: str, *, metadata: bool = False) -> str:
+    """A bytea value (UTF-8 JSON from the serializer) as the data column stores it. A
+    jsonb store keeps absent metadata (JSON ``null``) as SQL NULL, as the Elixir
+    library's JsonbSerializer writes it; a bytea store keeps the bytes ``null``."""
     if column_data_type == "bytea":
         return expression
+    if metadata:
+        return f"nullif(convert_from({expression}, 'UTF8')::jsonb, 'null'::jsonb)"
     return f"convert_from({expression}, 'UTF8')::jsonb"
 
 
-def insert_events(schema: str, column_data_type: str) -> str:
-    """Parameters: arrays of event_id, event_type, causation_id, correlation_id, data,
-    metadata; created_at."""
-    data, meta = _stored("d", column_data_type), _stored("m", column_data_type)
+#: Outcomes of one append in `append_batch` (its ``outcome`` column).
+APPEND_OK, APPEND_DELETED, APPEND_EXISTS, APPEND_WRONG_VERSION = 0, 1, 2, 3
+APPEND_NOT_FOUND, APPEND_DUPLICATE, APPEND_RETRY = 4, 5, 6
+
+#: Expected-version kinds, as `append_batch` and `link_events` take them.
+EXPECT_ANY, EXPECT_NO_STREAM, EXPECT_EXISTS, EXPECT_VERSION = 0, 1, 2, 3
+
+
+def _outcome(kind: str, expected: str, locked: str, created: str, duplicate: str) -> str:
+    """The outcome of one write to a stream (SQL CASE over its locked row, if any)."""
     return (
-        f"INSERT INTO {quote_ident(schema)}.events "
-        "(event_id, event_type, causation_id, correlation_id, data, metadata, created_at) "
-        f"SELECT i, t, c, r, {data}, {meta}, $7 "
-        "FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::bytea[], $6::bytea[]) "
-        "AS u(i, t, c, r, d, m)"
+        "CASE"
+        f" WHEN {locked}.stream_id IS NOT NULL AND {locked}.deleted_at IS NOT NULL"
+        f" THEN {APPEND_DELETED}"
+        f" WHEN {locked}.stream_id IS NOT NULL AND {kind} = {EXPECT_NO_STREAM}"
+        f" AND {locked}.stream_version <> 0 THEN {APPEND_EXISTS}"
+        f" WHEN {locked}.stream_id IS NOT NULL AND {kind} = {EXPECT_VERSION}"
+        f" AND {locked}.stream_version <> {expected} THEN {APPEND_WRONG_VERSION}"
+        f" WHEN {locked}.stream_id IS NULL AND {kind} = {EXPECT_EXISTS} THEN {APPEND_NOT_FOUND}"
+        f" WHEN {locked}.stream_id IS NULL AND {kind} = {EXPECT_VERSION} AND {expected} <> 0"
+        f" THEN {APPEND_WRONG_VERSION}"
+        f" WHEN {duplicate} THEN {APPEND_DUPLICATE}"
+        f" WHEN {locked}.stream_id IS NOT NULL OR {created}.stream_id IS NOT NULL"
+        f" THEN {APPEND_OK}"
+        f" ELSE {APPEND_RETRY} END"
     )
 
 
-def append_to_existing_stream(schema: str, column_data_type: str) -> str:
-    """An append to an existing stream in ONE statement (atomic on its own, so it needs
-    no BEGIN/COMMIT round trips): if the stream exists, is not deleted and is at the
-    expected version (NULL: any), bump its version, insert the events, take the next
-    `$all` numbers and write both stream_events rows of each event.
+def _creatable(kind: str, expected: str) -> str:
+    return f"({kind} <> {EXPECT_EXISTS} AND ({kind} <> {EXPECT_VERSION} OR {expected} = 0))"
 
-    Parameters: stream_uuid, count, expected version or NULL, then the arrays of event
-    id, type, causation id, correlation id, data, metadata ($4..$9) and created_at ($10).
-    Returns (stream_id, new version), or no row when the stream is missing, deleted or
-    at another version; then nothing was written.
 
-    Locks are taken stream row first, then the `$all` row (as in the multi-statement
-    path), and held until the statement commits, so `$all` numbers are handed out in
-    commit order. Under READ COMMITTED, waiting for a concurrent writer makes Postgres
-    re-check the WHERE clause on the row it committed: the expected-version check is
-    race-free. The `$all` update reads `st`, so the stream's notification is queued
-    before `$all`'s, as the Elixir library sends them.
+def append_batch(schema: str, column_data_type: str) -> str:
+    """Any number of appends, each to its own stream, in ONE statement (atomic on its
+    own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
+
+    Parameters, one array element per append: $1 stream_uuid, $2 event count, $3 kind
+    (``EXPECT_*``), $4 expected version (for ``EXPECT_VERSION``); one per event, appends
+    in order: $5 the append's index (1-based), $6 position in its append (1-based),
+    $7 event id, $8 type, $9 causation id, $10 correlation id, $11 data, $12 metadata;
+    $13 created_at. No two appends may name the same stream or event id.
+
+    Returns one row per append, in order: ``outcome`` (``APPEND_*``), ``stream_id``,
+    ``before`` (the stream's version before it, or its current version when refused)
+    and ``all_base`` (the `$all` number before its first event). An append that is
+    refused writes nothing; the others commit. ``APPEND_RETRY``: the stream was created
+    by a concurrent transaction during the statement (nothing written; try again).
+
+    Locks, in one order for every writer (so writers never deadlock, with each other or
+    with an Elixir node, which locks one stream row then `$all`): first the existing
+    stream rows, sorted by stream_uuid (``locked``: under READ COMMITTED, waiting for a
+    concurrent writer returns the row it committed, so every check is race-free); then
+    the new stream rows, sorted (``created``); then, after the events are inserted, the
+    `$all` row, held only from there to commit, so `$all` numbers are handed out in
+    commit order and stay dense. Each step waits for the previous one through a
+    one-time filter on it (``(SELECT count(*) FROM x) >= 0``: an init plan, evaluated
+    before the step's first row). Stream notifications are queued before `$all`'s, as
+    the Elixir library sends them.
     """
     s = quote_ident(schema)
-    data, meta = _stored("d", column_data_type), _stored("m", column_data_type)
+    data = _stored("u.d", column_data_type)
+    meta = _stored("u.m", column_data_type, metadata=True)
+    outcome = _outcome("r.kind", "r.exp", "l", "c", "d.a IS NOT NULL")
     return (
-        "WITH st AS ("
-        f" UPDATE {s}.streams SET stream_version = stream_version + $2"
-        " WHERE stream_uuid = $1 AND deleted_at IS NULL"
-        " AND ($3::bigint IS NULL OR stream_version = $3)"
-        " RETURNING stream_id, stream_version - $2 AS before"
+        "WITH req AS ("
+        " SELECT r.k::int AS k, r.uuid, r.n, r.kind, r.exp"
+        " FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bigint[])"
+        " WITH ORDINALITY AS r(uuid, n, kind, exp, k)"
+        "), locked AS ("
+        " SELECT s.stream_id, s.stream_uuid, s.stream_version, s.deleted_at"
+        f" FROM {s}.streams s WHERE s.stream_uuid = ANY($1::text[])"
+        " ORDER BY s.stream_uuid FOR UPDATE"
+        "), dup AS ("
+        " SELECT DISTINCT u.a FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
+        f" JOIN {s}.events e ON e.event_id = u.id WHERE e.event_id = ANY($7::uuid[])"
+        "), created AS ("
+        f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
+        " SELECT r.uuid, r.n FROM req r"
+        " WHERE (SELECT count(*) FROM locked) >= 0"
+        f" AND {_creatable('r.kind', 'r.exp')}"
+        " AND NOT EXISTS (SELECT 1 FROM locked l WHERE l.stream_uuid = r.uuid)"
+        " AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.a = r.k)"
+        " ORDER BY r.uuid"
+        " ON CONFLICT (stream_uuid) DO NOTHING"
+        " RETURNING stream_id, stream_uuid"
+        "), st AS ("
+        " SELECT r.k, r.n, coalesce(l.stream_id, c.stream_id) AS stream_id,"
+        " coalesce(l.stream_version, 0) AS before, l.stream_id IS NOT NULL AS existed,"
+        f" {outcome} AS outcome"
+        " FROM req r LEFT JOIN locked l ON l.stream_uuid = r.uuid"
+        " LEFT JOIN created c ON c.stream_uuid = r.uuid"
+        " LEFT JOIN dup d ON d.a = r.k"
+        "), ok AS ("
+        " SELECT st.k, st.n, st.stream_id, st.before, st.existed,"
+        " (sum(st.n) OVER (ORDER BY st.k) - st.n)::bigint AS offs"
+        f" FROM st WHERE st.outcome = {APPEND_OK}"
+        "), upd AS ("
+        f" UPDATE {s}.streams s SET stream_version = s.stream_version + ok.n"
+        " FROM ok WHERE s.stream_id = ok.stream_id AND ok.existed"
+        " RETURNING s.stream_id"
         "), ev AS ("
         f" INSERT INTO {s}.events"
         " (event_id, event_type, causation_id, correlation_id, data, metadata, created_at)"
-        f" SELECT i, t, c, r, {data}, {meta}, $10"
-        " FROM unnest($4::uuid[], $5::text[], $6::uuid[], $7::uuid[], $8::bytea[], $9::bytea[])"
-        " AS u(i, t, c, r, d, m) WHERE EXISTS (SELECT 1 FROM st)"
+        f" SELECT u.id, u.t, u.c, u.r, {data}, {meta}, $13"
+        " FROM unnest($5::int[], $7::uuid[], $8::text[], $9::uuid[], $10::uuid[],"
+        " $11::bytea[], $12::bytea[]) AS u(a, id, t, c, r, d, m)"
+        " WHERE u.a IN (SELECT ok.k FROM ok)"
+        " RETURNING 1"
         "), a AS ("
-        f" UPDATE {s}.streams SET stream_version = stream_version + $2"
-        " WHERE stream_id = 0 AND EXISTS (SELECT 1 FROM st)"
-        " RETURNING stream_version - $2 AS base"
+        f" UPDATE {s}.streams SET stream_version = stream_version + t.total"
+        " FROM (SELECT sum(ok.n)::bigint AS total FROM ok) t"
+        " WHERE stream_id = 0 AND t.total > 0"
+        " AND (SELECT count(*) FROM upd) >= 0 AND (SELECT count(*) FROM ev) >= 0"
+        " RETURNING stream_version - t.total AS base"
         "), se AS ("
         f" INSERT INTO {s}.stream_events"
         " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
-        " SELECT u.id, x.sid, CASE WHEN x.sid = 0 THEN a.base + u.k ELSE st.before + u.k END,"
-        " st.stream_id, st.before + u.k"
-        " FROM st, a, unnest($4::uuid[]) WITH ORDINALITY AS u(id, k),"
-        " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
-        ") SELECT st.stream_id, st.before + $2 AS stream_version, a.base AS all_base"
-        " FROM st, a"
+        " SELECT u.id, x.sid,"
+        " CASE WHEN x.sid = 0 THEN a.base + ok.offs + u.p ELSE ok.before + u.p END,"
+        " ok.stream_id, ok.before + u.p"
+        " FROM a, unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
+        " JOIN ok ON ok.k = u.a,"
+        " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
+        ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base"
+        " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true ORDER BY st.k"
     )
 
 
-def add_to_all_stream(schema: str) -> str:
-    """Give a chunk of appended events their `$all` numbers and write both of their
-    stream_events rows. Takes the `$all` row lock, held until commit, so numbers are
-    handed out in commit order and stay dense. Parameters: stream_id, the stream version
-    before the chunk, array of event ids (in order). Returns the `$all` number before the
-    chunk."""
+def link_events(schema: str) -> str:
+    """A link of existing events into one stream, in ONE statement.
+
+    Parameters: $1 stream_uuid, $2 kind (``EXPECT_*``), $3 expected version, $4 the
+    event ids in order. Returns one row: ``outcome`` (``APPEND_*``; ``APPEND_DUPLICATE``
+    when an event is missing), ``stream_id``, ``before`` and ``missing`` (how many of
+    the events do not exist). Nothing is written unless the outcome is ``APPEND_OK``.
+    An event already in the stream fails the statement (unique violation). Locks: the
+    stream row only (as `append_batch` takes it); links never touch `$all`.
+    """
     s = quote_ident(schema)
+    outcome = _outcome("$2::int", "$3::bigint", "l", "c", "m.missing > 0")
     return (
-        "WITH a AS ("
-        f" UPDATE {s}.streams SET stream_version = stream_version + cardinality($3::uuid[])"
-        " WHERE stream_id = 0 RETURNING stream_version - cardinality($3::uuid[]) AS base"
+        "WITH locked AS ("
+        " SELECT stream_id, stream_uuid, stream_version, deleted_at"
+        f" FROM {s}.streams WHERE stream_uuid = $1 FOR UPDATE"
+        "), orig AS ("
+        " SELECT u.k, se.original_stream_id, se.original_stream_version"
+        " FROM unnest($4::uuid[]) WITH ORDINALITY AS u(id, k)"
+        f" JOIN {s}.stream_events se ON se.event_id = u.id"
+        " AND se.stream_id = se.original_stream_id"
+        "), m AS ("
+        " SELECT cardinality($4::uuid[]) - (SELECT count(*) FROM orig) AS missing"
+        "), created AS ("
+        f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
+        " SELECT $1, cardinality($4::uuid[]) FROM m"
+        " WHERE (SELECT count(*) FROM locked) = 0 AND m.missing = 0"
+        f" AND {_creatable('$2::int', '$3::bigint')}"
+        " ON CONFLICT (stream_uuid) DO NOTHING"
+        " RETURNING stream_id"
+        "), st AS ("
+        " SELECT coalesce(l.stream_id, c.stream_id) AS stream_id,"
+        " coalesce(l.stream_version, 0) AS before, l.stream_id IS NOT NULL AS existed,"
+        f" m.missing, {outcome} AS outcome"
+        " FROM m LEFT JOIN locked l ON true LEFT JOIN created c ON true"
+        "), upd AS ("
+        f" UPDATE {s}.streams s SET stream_version = s.stream_version + cardinality($4::uuid[])"
+        f" FROM st WHERE s.stream_id = st.stream_id AND st.existed AND st.outcome = {APPEND_OK}"
+        " RETURNING s.stream_id"
         "), se AS ("
         f" INSERT INTO {s}.stream_events"
         " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
-        " SELECT u.id, x.sid, CASE WHEN x.sid = 0 THEN a.base + u.k ELSE $2 + u.k END,"
-        " $1, $2 + u.k"
-        " FROM a, unnest($3::uuid[]) WITH ORDINALITY AS u(id, k),"
-        " (VALUES ($1::bigint), (0::bigint)) AS x(sid)"
-        ") SELECT base FROM a"
-    )
-
-
-def insert_stream_events(schema: str) -> str:
-    """Parameters: arrays of event_id, stream_id, stream_version, original_stream_id,
-    original_stream_version."""
-    return (
-        f"INSERT INTO {quote_ident(schema)}.stream_events "
-        "(event_id, stream_id, stream_version, original_stream_id, original_stream_version) "
-        "SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])"
-    )
-
-
-def find_originals(schema: str) -> str:
-    """Parameter: array of event ids. Where each event was first appended."""
-    return (
-        "SELECT event_id, original_stream_id, original_stream_version "
-        f"FROM {quote_ident(schema)}.stream_events WHERE event_id = ANY($1::uuid[]) "
-        "AND stream_id = original_stream_id"
+        " SELECT u.id, st.stream_id, st.before + u.k, o.original_stream_id,"
+        " o.original_stream_version"
+        " FROM st, unnest($4::uuid[]) WITH ORDINALITY AS u(id, k)"
+        " JOIN orig o ON o.k = u.k"
+        f" WHERE st.outcome = {APPEND_OK}"
+        ") SELECT st.outcome, st.stream_id, st.before, st.missing FROM st"
     )
 
 
@@ -479,7 +546,8 @@ def count_streams(schema: str) -> str:
 
 def upsert_snapshot(schema: str, column_data_type: str) -> str:
     """Parameters: source_uuid, source_version, source_type, data, metadata, created_at."""
-    data, meta = _stored("$4", column_data_type), _stored("$5", column_data_type)
+    data = _stored("$4", column_data_type)
+    meta = _stored("$5", column_data_type, metadata=True)
     return (
         f"INSERT INTO {quote_ident(schema)}.snapshots "
         "(source_uuid, source_version, source_type, data, metadata, created_at) "

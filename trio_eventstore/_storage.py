@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -21,6 +21,7 @@ from ._errors import (
     SchemaNotInitializedError,
     SerializationError,
     SnapshotNotFoundError,
+    StorageUnavailableError,
     StreamDeletedError,
     StreamExistsError,
     StreamNotFoundError,
@@ -150,9 +151,6 @@ def _stream_info(row: Row) -> StreamInfo:
 
 # -- events ----------------------------------------------------------------------------------
 
-#: Appends and links larger than this are written in chunks, in one transaction.
-CHUNK = 1000
-
 
 @attrs.frozen
 class EncodedEvent:
@@ -184,51 +182,77 @@ def encode_events(serializer: Serializer, events: Sequence[EventData]) -> list[E
     return encoded
 
 
-def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int | None) -> None:
-    """Raise unless ``expected`` admits a stream at ``current`` (None: no stream)."""
+def _expectation(expected: ExpectedVersion | int) -> tuple[int, int]:
+    """``expected`` as the (kind, version) parameters of `_sql.append_batch`."""
     if expected is ExpectedVersion.ANY_VERSION:
-        return
+        return _sql.EXPECT_ANY, 0
     if expected is ExpectedVersion.NO_STREAM:
-        if current:
-            raise StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
-        return
+        return _sql.EXPECT_NO_STREAM, 0
     if expected is ExpectedVersion.STREAM_EXISTS:
-        if current is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
-        return
-    if (current or 0) != expected:
-        raise WrongExpectedVersionError(
-            f"stream {stream_uuid!r} is at version {current or 0}, expected {expected}"
+        return _sql.EXPECT_EXISTS, 0
+    assert isinstance(expected, int)
+    return _sql.EXPECT_VERSION, expected
+
+
+#: Bytes of a row beside its data and metadata (ids, type, both stream_events rows).
+ROW_OVERHEAD = 160
+
+
+@attrs.frozen(eq=False)
+class AppendRequest:
+    """One append, encoded and checked, ready to be written alone or in a batch."""
+
+    stream_uuid: str
+    expected: ExpectedVersion | int
+    events: list[EncodedEvent]
+    kind: int
+    version: int
+    #: about how many bytes it sends
+    size: int
+
+    @classmethod
+    def build(
+        cls, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
+    ) -> AppendRequest:
+        """Raises DuplicateEventError when an event id occurs twice (before any I/O)."""
+        ids = {e.event_id for e in events}
+        if len(ids) != len(events):
+            raise DuplicateEventError(f"the same event id is given twice for {stream_uuid!r}")
+        kind, version = _expectation(expected)
+        size = sum(len(e.data) + len(e.metadata) + len(e.event_type) for e in events)
+        size += len(stream_uuid) + ROW_OVERHEAD * len(events)
+        return cls(stream_uuid, expected, events, kind, version, size)
+
+
+@attrs.frozen
+class Appended:
+    """What an append wrote: the stream's new version, the `$all` number of its first
+    event (numbers are dense: the others follow) and the events' created_at."""
+
+    version: int
+    first_event_number: int
+    created_at: datetime.datetime
+
+
+#: An append's outcome in a batch: written, refused (the error its caller gets), or
+#: None: the stream was created concurrently, try again (nothing was written).
+Outcome = Appended | EventStoreError | None
+
+
+def _refusal(request: AppendRequest, outcome: int, current: int) -> EventStoreError:
+    stream_uuid, expected = request.stream_uuid, request.expected
+    if outcome == _sql.APPEND_DELETED:
+        return StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+    if outcome == _sql.APPEND_EXISTS:
+        return StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+    if outcome == _sql.APPEND_NOT_FOUND:
+        return StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+    if outcome == _sql.APPEND_WRONG_VERSION:
+        return WrongExpectedVersionError(
+            f"stream {stream_uuid!r} is at version {current}, expected {expected}"
         )
-
-
-async def _lock_or_create(
-    conn: Conn, schema: str, stream_uuid: str, expected: ExpectedVersion | int, initial: int
-) -> tuple[int, int, bool]:
-    """(asyncio) Lock the stream row, creating it with version ``initial`` when missing
-    and ``expected`` allows. Returns (stream_id, version before, created)."""
-    row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
-    if row is None:
-        _check_expected(stream_uuid, expected, None)
-        stream_id = await conn.fetchval(_sql.create_stream(schema), stream_uuid, initial)
-        if stream_id is not None:
-            return int(stream_id), 0, True
-        # Created by a concurrent transaction that has committed by now.
-        row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
-        assert row is not None
-    if row["deleted_at"] is not None:
-        raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
-    _check_expected(stream_uuid, expected, int(row["stream_version"]))
-    return int(row["stream_id"]), int(row["stream_version"]), False
-
-
-def _chunks(n: int) -> Iterator[slice]:
-    for start in range(0, n, CHUNK):
-        yield slice(start, min(n, start + CHUNK))
-
-
-def _chunk_count(n: int) -> int:
-    return -(-n // CHUNK)
+    assert outcome == _sql.APPEND_DUPLICATE, outcome
+    return DuplicateEventError(f"an event id is already stored (append to {stream_uuid!r})")
 
 
 def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
@@ -239,104 +263,98 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
     return exc
 
 
-@attrs.frozen
-class Appended:
-    """What an append wrote: the stream's new version and the `$all` number of its
-    first event (numbers are dense: the others follow)."""
-
-    version: int
-    first_event_number: int
+#: SQLSTATEs after which a failed batch is written again one append at a time: a
+#: duplicate event id committed while the statement ran (its check did not see it), or
+#: data the database refused in one of the appends.
+_SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
 
 
-@attrs.frozen
-class AppendPlan:
-    """An append as units of work: `fast` (one statement, no transaction needed; None
-    when the stream is not an existing, live stream at the expected version) and `slow`
-    (run in a transaction; creates the stream, chunks big batches, says what is wrong)."""
-
-    fast: Callable[[Conn], Awaitable[Appended | None]] | None
-    slow: Callable[[Conn], Awaitable[Appended]]
-    created_at: datetime.datetime
-    #: about how many statements `slow` runs (it may take ``timeout`` for each)
-    statements: int
-
-
-def append_plan(
-    config: EventStoreConfig,
-    stream_uuid: str,
-    expected: ExpectedVersion | int,
-    events: list[EncodedEvent],
-) -> AppendPlan:
-    schema, n = config.schema, len(events)
+def batch_statement(
+    config: EventStoreConfig, requests: Sequence[AppendRequest]
+) -> tuple[str, tuple[object, ...], datetime.datetime]:
+    """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
+    give the events (no I/O)."""
+    sql = _sql.append_batch(config.schema, config.column_data_type)
     created_at = datetime.datetime.now(datetime.UTC)
-    expected_param = expected if isinstance(expected, int) else None
-    if expected is ExpectedVersion.NO_STREAM:
-        expected_param = 0
-
-    def columns(chunk: list[EncodedEvent]) -> tuple[object, ...]:
-        return (
-            [e.event_id for e in chunk],
-            [e.event_type for e in chunk],
-            [e.causation_id for e in chunk],
-            [e.correlation_id for e in chunk],
-            [e.data for e in chunk],
-            [e.metadata for e in chunk],
-            created_at,
-        )
-
-    fast_sql = _sql.append_to_existing_stream(schema, config.column_data_type)
-
-    async def fast(conn: Conn) -> Appended | None:
-        row = await conn.fetchrow(fast_sql, stream_uuid, n, expected_param, *columns(events))
-        if row is None:
-            return None
-        return Appended(int(row["stream_version"]), int(row["all_base"]) + 1)
-
-    insert_events = _sql.insert_events(schema, config.column_data_type)
-    add_to_all = _sql.add_to_all_stream(schema)
-
-    async def slow(conn: Conn) -> Appended:
-        stream_id, version, created = await _lock_or_create(conn, schema, stream_uuid, expected, n)
-        if not created:
-            await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
-        for part in _chunks(n):
-            await conn.execute(insert_events, *columns(events[part]))
-        # Last: the $all row lock, held only from here to commit.
-        first: int | None = None
-        for part in _chunks(n):
-            base = await conn.fetchval(
-                add_to_all, stream_id, version + part.start, [e.event_id for e in events[part]]
-            )
-            first = int(base) + 1 if first is None else first
-        assert first is not None
-        return Appended(version + n, first)
-
-    return AppendPlan(
-        fast=fast if n <= CHUNK else None,
-        slow=slow,
-        created_at=created_at,
-        statements=2 * _chunk_count(n) + 6,
+    events = [e for r in requests for e in r.events]
+    params = (
+        [r.stream_uuid for r in requests],
+        [len(r.events) for r in requests],
+        [r.kind for r in requests],
+        [r.version for r in requests],
+        [k for k, r in enumerate(requests, 1) for _ in r.events],
+        [p for r in requests for p in range(1, len(r.events) + 1)],
+        [e.event_id for e in events],
+        [e.event_type for e in events],
+        [e.causation_id for e in events],
+        [e.correlation_id for e in events],
+        [e.data for e in events],
+        [e.metadata for e in events],
+        created_at,
     )
+    return sql, params, created_at
 
 
-async def append(db: Database, plan: AppendPlan, stream_uuid: str) -> Appended:
-    """Append atomically. One statement (one round trip) for an existing stream at the
-    expected version; otherwise a transaction."""
+def batch_outcomes(
+    requests: Sequence[AppendRequest], rows: Sequence[Row], created_at: datetime.datetime
+) -> list[Outcome]:
+    """Each request's outcome, from the rows `batch_statement` returned."""
+    outcomes: list[Outcome] = []
+    for request, row in zip(requests, rows, strict=True):
+        outcome, before = int(row["outcome"]), int(row["before"])
+        if outcome == _sql.APPEND_OK:
+            n = len(request.events)
+            outcomes.append(Appended(before + n, int(row["all_base"]) + 1, created_at))
+        elif outcome == _sql.APPEND_RETRY:
+            outcomes.append(None)
+        else:
+            outcomes.append(_refusal(request, outcome, before))
+    return outcomes
+
+
+async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
+    """Write ``requests`` (distinct streams, distinct event ids) in one statement."""
+    sql, params, created_at = batch_statement(db.config, requests)
+    n_events = sum(len(r.events) for r in requests)
+
+    async def unit(conn: Conn) -> list[Row]:
+        return await conn.fetch(sql, *params)
+
+    rows = await db.run(unit, statements=1 + n_events // 1000)
+    return batch_outcomes(requests, rows, created_at)
+
+
+async def append_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
+    """Write appends to distinct streams, with distinct event ids, together: one
+    statement, one commit. Each gets its own outcome; a refused one wrote nothing.
+
+    Raises only what fails them all (StorageUnavailableError, ...)."""
     try:
-        if plan.fast is not None:
-            appended = await db.run(plan.fast)
-            if appended is not None:
-                return appended
-        return await db.transaction(plan.slow, statements=plan.statements)
+        return await _write_batch(db, requests)
     except DatabaseError as exc:
-        raise _translate_write_error(exc, stream_uuid) from exc
+        if exc.sqlstate not in _SPLIT_STATES:
+            raise
+        if len(requests) == 1:
+            return [_translate_write_error(exc, requests[0].stream_uuid)]
+    # Rare: write them one by one, so that only the culprit fails.
+    return [(await append_batch(db, [r]))[0] for r in requests]
+
+
+async def append(db: Database, request: AppendRequest) -> Appended:
+    """Append atomically, in one statement (one round trip)."""
+    for _ in range(10):
+        outcome = (await append_batch(db, [request]))[0]
+        if isinstance(outcome, EventStoreError):
+            raise outcome
+        if outcome is not None:
+            return outcome
+    raise StorageUnavailableError(f"stream {request.stream_uuid!r} is being created elsewhere")
 
 
 def recorded_from_append(
     config: EventStoreConfig,
     stream_uuid: str,
     appended: Appended,
-    plan: AppendPlan,
     events: list[EncodedEvent],
     *,
     all_numbers: bool,
@@ -359,7 +377,7 @@ def recorded_from_append(
             deserialize_metadata(e.metadata),
             e.causation_id,
             e.correlation_id,
-            plan.created_at,
+            appended.created_at,
         )
         for i, e in enumerate(events)
     ]
@@ -368,39 +386,30 @@ def recorded_from_append(
 async def link(
     db: Database, stream_uuid: str, expected: ExpectedVersion | int, event_ids: list[uuid.UUID]
 ) -> int:
-    """Link existing events into a stream; returns its new version."""
-    schema, n = db.config.schema, len(event_ids)
-    insert_links = _sql.insert_stream_events(schema)
+    """Link existing events into a stream, in one statement; returns its new version."""
+    sql = _sql.link_events(db.config.schema)
+    kind, version = _expectation(expected)
+    request = AppendRequest(stream_uuid, expected, [], kind, version, 0)
 
-    async def unit(conn: Conn) -> int:
-        stream_id, version, _ = await _lock_or_create(conn, schema, stream_uuid, expected, 0)
-        originals: dict[uuid.UUID, tuple[int, int]] = {}
-        for part in _chunks(n):
-            for row in await conn.fetch(_sql.find_originals(schema), event_ids[part]):
-                originals[row["event_id"]] = (
-                    int(row["original_stream_id"]),
-                    int(row["original_stream_version"]),
-                )
-        missing = [str(i) for i in event_ids if i not in originals]
-        if missing:
-            raise EventNotFoundError(f"no such event(s): {', '.join(missing[:5])}")
-        for part in _chunks(n):
-            ids = event_ids[part]
-            await conn.execute(
-                insert_links,
-                ids,
-                [stream_id] * len(ids),
-                list(range(version + 1 + part.start, version + 1 + part.stop)),
-                [originals[i][0] for i in ids],
-                [originals[i][1] for i in ids],
+    async def unit(conn: Conn) -> Row | None:
+        return await conn.fetchrow(sql, stream_uuid, kind, version, event_ids)
+
+    for _ in range(10):
+        try:
+            row = await db.run(unit, statements=1 + len(event_ids) // 1000)
+        except DatabaseError as exc:
+            raise _translate_write_error(exc, stream_uuid) from exc
+        assert row is not None
+        outcome, before = int(row["outcome"]), int(row["before"])
+        if outcome == _sql.APPEND_OK:
+            return before + len(event_ids)
+        if outcome == _sql.APPEND_DUPLICATE:
+            raise EventNotFoundError(
+                f"{int(row['missing'])} of the events to link into {stream_uuid!r} do not exist"
             )
-        await conn.execute(_sql.set_stream_version(schema), stream_id, version + n)
-        return version + n
-
-    try:
-        return await db.transaction(unit, statements=2 * _chunk_count(n) + 6)
-    except DatabaseError as exc:
-        raise _translate_write_error(exc, stream_uuid) from exc
+        if outcome != _sql.APPEND_RETRY:
+            raise _refusal(request, outcome, before)
+    raise StorageUnavailableError(f"stream {stream_uuid!r} is being created elsewhere")
 
 
 async def read(
@@ -454,6 +463,16 @@ def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
         )
         for r, data, metadata in zip(rows, datas, metadatas, strict=True)
     ]
+
+
+def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int) -> None:
+    """Raise unless ``expected`` admits an existing stream at ``current``."""
+    if expected is ExpectedVersion.NO_STREAM and current:
+        raise StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+    if isinstance(expected, int) and current != expected:
+        raise WrongExpectedVersionError(
+            f"stream {stream_uuid!r} is at version {current}, expected {expected}"
+        )
 
 
 async def delete_stream(

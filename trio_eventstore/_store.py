@@ -37,6 +37,7 @@ from ._types import (
     StartFrom,
     StreamInfo,
 )
+from ._writer import GroupCommitWriter, WriterStatistics
 
 __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
 
@@ -55,17 +56,24 @@ class EventStoreStatistics:
     lock_pid: int | None
     lock_reconnects: int
     subscriptions: int
+    #: the group-commit writer's counters (None without group commit)
+    writer: WriterStatistics | None = None
 
 
 class EventStore:
     """A store opened by `open_event_store`. Do not construct it yourself."""
 
     def __init__(
-        self, config: EventStoreConfig, database: Database, subscriptions: Subscriptions
+        self,
+        config: EventStoreConfig,
+        database: Database,
+        subscriptions: Subscriptions,
+        writer: GroupCommitWriter | None,
     ) -> None:
         self._config = config
         self._db = database
         self._subscriptions = subscriptions
+        self._writer = writer
 
     @property
     def config(self) -> EventStoreConfig:
@@ -91,8 +99,15 @@ class EventStore:
     ) -> int:
         """Append events to a stream, all or nothing; returns the stream's new version.
 
-        Ports ``EventStore.append_to_stream/4``. Batches over 1,000 events are written in
-        chunks inside one transaction.
+        Ports ``EventStore.append_to_stream/4``. One statement, one round trip, whatever
+        the expected version and however many events. With ``config.group_commit``
+        (the default), appends from concurrent callers are written together, one
+        commit for all; each caller gets its own outcome.
+
+        Cancellation: an append cancelled before it is sent writes nothing; one
+        cancelled while in flight may have committed (as with any driver's COMMIT).
+        To retry safely, reuse the same event ids: `DuplicateEventError` then means
+        the first attempt is there.
 
         Raises:
             WrongExpectedVersionError: the stream is not at ``expected_version``.
@@ -106,12 +121,17 @@ class EventStore:
         _check_expected_version(expected_version)
         event_list = _check_events(events, EventData, "events")
         encoded = _storage.encode_events(self._config.serializer, event_list)
-        plan = _storage.append_plan(self._config, stream_uuid, expected_version, encoded)
+        request = _storage.AppendRequest.build(stream_uuid, expected_version, encoded)
         subscriptions = self._subscriptions
         token = subscriptions.append_started(stream_uuid)
         try:
-            appended = await _storage.append(self._db, plan, stream_uuid)
-            subscriptions.appended(stream_uuid, appended, plan, encoded)
+            if self._writer is not None:
+                # The writer hands the events to this store's subscriptions itself, in
+                # commit order.
+                appended = await self._writer.append(request)
+            else:
+                appended = await _storage.append(self._db, request)
+                subscriptions.appended(request, appended)
         finally:
             subscriptions.append_finished(token)
         return appended.version
@@ -405,6 +425,7 @@ class EventStore:
             lock_pid=subs.locks.backend_pid,
             lock_reconnects=subs.locks.reconnects,
             subscriptions=len(subs.active()),
+            writer=self._writer.statistics() if self._writer is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -502,5 +523,9 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 subscriptions = Subscriptions(
                     config, database, notifier, locks, state.lock_key, nursery
                 )
-                yield EventStore(config, database, subscriptions)
+                writer = None
+                if config.group_commit:
+                    writer = GroupCommitWriter(database, subscriptions.appended)
+                    await nursery.start(writer.run)
+                yield EventStore(config, database, subscriptions, writer)
                 nursery.cancel_scope.cancel()

@@ -820,16 +820,11 @@ class Subscriptions:
             for token, stream in self._own_appends.items()
         )
 
-    def appended(
-        self,
-        stream_uuid: str,
-        appended: _storage.Appended,
-        plan: _storage.AppendPlan,
-        events: list[_storage.EncodedEvent],
-    ) -> None:
+    def appended(self, request: _storage.AppendRequest, appended: _storage.Appended) -> None:
         """This store just committed an append: hand its events straight to drivers
         that have read everything before them, sparing them a read (others read from
         the database when notified, as usual)."""
+        stream_uuid, events = request.stream_uuid, request.events
         n = len(events)
         for driver in list(self._drivers.values()):
             fsm = driver.fsm
@@ -844,7 +839,7 @@ class Subscriptions:
             try:
                 # Decoded for each driver, as a read would: consumers never share objects.
                 recorded = _storage.recorded_from_append(
-                    self.config, stream_uuid, appended, plan, events, all_numbers=all_numbers
+                    self.config, stream_uuid, appended, events, all_numbers=all_numbers
                 )
             except Exception:  # a serializer that cannot decode: the driver reads and says so
                 continue

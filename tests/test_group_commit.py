@@ -1,0 +1,228 @@
+"""Group commit: concurrent appends share one statement and one commit, each caller
+gets its own outcome, cancellation before the batch drops an append, and bursts wait
+for the writer instead of failing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from trio_eventstore import (
+    ANY_VERSION,
+    NO_STREAM,
+    STREAM_EXISTS,
+    DuplicateEventError,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    StreamExistsError,
+    StreamNotFoundError,
+    WrongExpectedVersionError,
+    open_event_store,
+)
+from trio_eventstore._pg import Connection, open_connection
+from trio_eventstore._sql import quote_ident
+
+
+def ev(n: int = 0, event_id: uuid.UUID | None = None) -> EventData:
+    return EventData({"n": n}, event_type="E", event_id=event_id)
+
+
+@pytest.fixture
+async def store(initialized: EventStoreConfig) -> AsyncIterator[EventStore]:
+    async with open_event_store(initialized.with_changes(group_commit=True)) as opened:
+        yield opened
+
+
+class AllLock:
+    """Holds the `$all` row lock from another connection, so that the writer's
+    current batch waits (and what is appended meanwhile queues up behind it)."""
+
+    def __init__(self, conn: Connection, schema: str) -> None:
+        self.conn = conn
+        self.schema = schema
+
+    async def take(self) -> None:
+        await self.conn.execute("BEGIN")
+        await self.conn.execute(
+            f"SELECT 1 FROM {quote_ident(self.schema)}.streams WHERE stream_id = 0 FOR UPDATE"
+        )
+
+    async def release(self) -> None:
+        await self.conn.execute("COMMIT")
+
+
+async def all_events(store: EventStore) -> list[tuple[str, int, uuid.UUID]]:
+    return [
+        (e.stream_uuid, e.stream_version, e.event_id)
+        for e in await store.read_all_streams_forward(0, 10_000)
+    ]
+
+
+async def test_concurrent_appends_share_batches(store: EventStore) -> None:
+    async with trio.open_nursery() as nursery:
+        for i in range(60):
+            nursery.start_soon(store.append_to_stream, f"s-{i}", NO_STREAM, [ev(i), ev(i)])
+    stats = store.statistics().writer
+    assert stats is not None
+    assert stats.appends == 60
+    assert stats.batches < 60  # some shared a commit
+    events = await all_events(store)
+    assert len(events) == 120
+    # Each append's events are contiguous in $all and in its stream.
+    for k in range(0, 120, 2):
+        assert events[k][0] == events[k + 1][0]
+        assert (events[k][1], events[k + 1][1]) == (1, 2)
+
+
+async def test_each_caller_gets_its_own_outcome(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    await store.append_to_stream("existing", NO_STREAM, [ev(1)])
+    taken = uuid.uuid4()
+    await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
+    outcomes: dict[str, object] = {}
+
+    async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
+        try:
+            outcomes[name] = await store.append_to_stream(stream, expected, events)  # type: ignore[arg-type]
+        except Exception as exc:
+            outcomes[name] = type(exc)
+
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            # The first append takes the writer; it waits for the $all lock ...
+            nursery.start_soon(append, "first", "s-first", NO_STREAM, [ev()])
+            await trio.testing.wait_all_tasks_blocked()
+            # ... while these queue up, in this order, for the next batch.
+            queued = [
+                ("x1", "x", NO_STREAM, [ev()]),
+                ("x2", "x", 1, [ev()]),  # checked after x1: succeeds
+                ("x3", "x", 1, [ev()]),  # after x2: wrong version
+                ("wrong", "existing", 5, [ev()]),
+                ("exists", "existing", NO_STREAM, [ev()]),
+                ("missing", "nowhere", STREAM_EXISTS, [ev()]),
+                ("dup", "d", ANY_VERSION, [ev(), ev(0, taken)]),
+                ("ok1", "y", ANY_VERSION, [ev(), ev()]),
+                ("ok2", "existing", 1, [ev()]),
+            ]
+            for args in queued:
+                nursery.start_soon(append, *args)
+                await trio.testing.wait_all_tasks_blocked()
+            assert store.statistics().writer.queued == len(queued)  # type: ignore[union-attr]
+            await lock.release()
+    assert outcomes == {
+        "first": 1,
+        "x1": 1,
+        "x2": 2,
+        "x3": WrongExpectedVersionError,
+        "wrong": WrongExpectedVersionError,
+        "exists": StreamExistsError,
+        "missing": StreamNotFoundError,
+        "dup": DuplicateEventError,
+        "ok1": 2,
+        "ok2": 2,
+    }
+    stats = store.statistics().writer
+    # The next batch takes the first append of each stream (x1, wrong, missing, dup,
+    # ok1); later appends to x and to existing wait for the batch after, in order.
+    assert stats is not None
+    assert stats.largest_batch == 5
+    # Refused appends wrote nothing; $all is dense and holds exactly the others.
+    events = await all_events(store)
+    streams = [s for s, _, _ in events]
+    assert streams.count("x") == 2
+    assert streams.count("existing") == 2
+    assert "d" not in streams
+    assert "nowhere" not in streams
+    assert len(events) == 2 + 1 + 2 + 2 + 1
+    info = await store.stream_info("$all")
+    assert info.stream_version == len(events)
+
+
+async def test_cancelled_before_its_batch_writes_nothing(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            in_flight = trio.CancelScope()
+            queued = trio.CancelScope()
+
+            async def append(scope: trio.CancelScope, stream: str) -> None:
+                with scope:
+                    await store.append_to_stream(stream, NO_STREAM, [ev()])
+
+            nursery.start_soon(append, in_flight, "in-flight")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(append, queued, "queued")
+            nursery.start_soon(store.append_to_stream, "kept", NO_STREAM, [ev()])
+            await trio.testing.wait_all_tasks_blocked()
+            in_flight.cancel()  # its batch has started: it may commit (here it does)
+            queued.cancel()  # still queued: dropped
+            await trio.testing.wait_all_tasks_blocked()
+            await lock.release()
+    streams = {s for s, _, _ in await all_events(store)}
+    assert streams == {"in-flight", "kept"}
+
+
+async def test_a_burst_waits_for_the_writer_instead_of_failing(
+    initialized: EventStoreConfig,
+) -> None:
+    config = initialized.with_changes(pool_size=2, queue_target=0.001, queue_interval=0.01)
+    async with open_event_store(config) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(store.append_to_stream, f"burst-{i}", NO_STREAM, [ev(i)])
+        assert (await store.stream_info("$all")).stream_version == 300
+
+
+async def test_stores_creating_the_same_streams_agree(initialized: EventStoreConfig) -> None:
+    """Two stores (two writers) race to create the same new streams: a creation that
+    lost the race is retried, never reported wrongly, and exactly one NO_STREAM wins."""
+    async with open_event_store(initialized) as a, open_event_store(initialized) as b:
+        results: list[object] = []
+
+        async def append(store: EventStore, stream: str, expected: object) -> None:
+            try:
+                results.append(await store.append_to_stream(stream, expected, [ev()]))  # type: ignore[arg-type]
+            except StreamExistsError as exc:
+                results.append(type(exc))
+
+        for i in range(40):
+            async with trio.open_nursery() as nursery:
+                for store in (a, b, a, b):
+                    nursery.start_soon(append, store, f"any-{i}", ANY_VERSION)
+                    nursery.start_soon(append, store, f"new-{i}", NO_STREAM)
+        for i in range(40):
+            assert (await a.stream_info(f"any-{i}")).stream_version == 4
+            assert (await a.stream_info(f"new-{i}")).stream_version == 1
+        assert results.count(StreamExistsError) == 40 * 3
+        numbers = [e.event_number for e in await a.read_all_streams_forward(0, 10_000)]
+        assert numbers == list(range(1, 40 * 5 + 1))
+
+
+async def test_stores_writing_overlapping_streams_never_deadlock(
+    initialized: EventStoreConfig,
+) -> None:
+    """Batches from two stores lock overlapping sets of streams, new and existing, that
+    arrive in opposite orders: no deadlock (which would fail appends), all written."""
+    async with open_event_store(initialized) as a, open_event_store(initialized) as b:
+        streams: list[str] = []
+        for round_ in range(20):
+            # Half new streams, half streams of the previous round.
+            streams = streams[::2] + [f"o-{round_}-{i:02}" for i in range(16)]
+            async with trio.open_nursery() as nursery:
+                for stream, reverse in zip(streams, streams[::-1], strict=True):
+                    nursery.start_soon(a.append_to_stream, stream, ANY_VERSION, [ev()])
+                    nursery.start_soon(b.append_to_stream, reverse, ANY_VERSION, [ev()])
+        info = await a.stream_info("$all")
+        numbers = [e.event_number for e in await a.read_all_streams_forward(0, 100_000)]
+        assert numbers == list(range(1, info.stream_version + 1))
