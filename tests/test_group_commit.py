@@ -226,3 +226,17 @@ async def test_stores_writing_overlapping_streams_never_deadlock(
         info = await a.stream_info("$all")
         numbers = [e.event_number for e in await a.read_all_streams_forward(0, 100_000)]
         assert numbers == list(range(1, info.stream_version + 1))
+
+
+async def test_appends_wait_while_readers_hold_every_connection(
+    initialized: EventStoreConfig,
+) -> None:
+    config = initialized.with_changes(pool_size=1, queue_target=0.001, queue_interval=0.01)
+    async with open_event_store(config) as store:
+        async with trio.open_nursery() as nursery:
+            # A slow query holds the only pooled connection past the overload limits.
+            nursery.start_soon(store._db.fetch, "SELECT pg_sleep(0.5)")
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(5):
+                nursery.start_soon(store.append_to_stream, f"wait-{i}", NO_STREAM, [ev(i)])
+        assert (await store.stream_info("$all")).stream_version == 5

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from . import _storage
-from ._errors import EventStoreError, StorageUnavailableError
+from ._errors import EventStoreError, PoolOverloadedError, StorageUnavailableError
 from ._pg import Database
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
@@ -175,12 +175,21 @@ class GroupCommitWriter:
             self._queue.clear()
 
     async def _write(self, batch: list[_Pending]) -> None:
-        try:
-            outcomes = await _storage.append_batch(self._db, [p.request for p in batch])
-        except Exception as exc:
-            for pending in batch:
-                pending.finish(_own_copy(exc))
-            return
+        requests = [p.request for p in batch]
+        pause = 0.005
+        while True:
+            try:
+                outcomes = await _storage.append_batch(self._db, requests)
+                break
+            except PoolOverloadedError:
+                # Readers hold every pooled connection: appends wait (back-pressure;
+                # callers own their timeouts), they do not fail.
+                await trio.sleep(pause)
+                pause = min(2 * pause, 0.1)
+            except Exception as exc:
+                for pending in batch:
+                    pending.finish(_own_copy(exc))
+                return
         self._batches += 1
         self._appends += len(batch)
         self._largest = max(self._largest, len(batch))
