@@ -59,3 +59,8 @@ async def raw_read_rate(config: EventStoreConfig, stream_id: int, total: int) ->
         return count / (time.perf_counter() - started)
     finally:
         await conn.close()
+
+
+async def keep_session(_conn: Any) -> None:
+    """The baseline pools' reset on release: nothing (as our own pool: units of work
+    never change session state), so both sides skip the RESET ALL round trip."""

@@ -77,10 +77,24 @@ def free_port() -> int:
 
 
 class TempCluster:
-    """A running throwaway cluster. ``url(database)`` connects as the superuser."""
+    """A running throwaway cluster. ``url(database)`` connects as the superuser.
 
-    def __init__(self, root: Path, bindir: Path, port: int, password: str, user: str | None):
+    Not durable by default (``fsync``, ``synchronous_commit`` and ``full_page_writes`` off:
+    fast tests); ``durable=True`` keeps PostgreSQL's defaults, for benchmarks of writes.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        bindir: Path,
+        port: int,
+        password: str,
+        user: str | None,
+        *,
+        durable: bool = False,
+    ):
         self.root = root
+        self.durable = durable
         self.bindir = bindir
         self.port = port
         self.password = password
@@ -109,14 +123,13 @@ class TempCluster:
 
     def start(self) -> None:
         """Start (or restart after `stop`) the server and wait until it accepts connections."""
+        unsafe = ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         options = " ".join(
             [
                 f"-p {self.port}",
                 f"-k {self.root}",
                 "-c listen_addresses=127.0.0.1",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
+                *([] if self.durable else unsafe),
                 "-c max_connections=300",
                 "-c shared_buffers=64MB",
             ]
@@ -151,8 +164,13 @@ def _unprivileged_user() -> str | None:
 
 
 @contextlib.contextmanager
-def temp_cluster() -> Iterator[TempCluster]:
-    """Create and start a throwaway cluster; stop and delete it on exit."""
+def temp_cluster(*, durable: bool = False) -> Iterator[TempCluster]:
+    """Create and start a throwaway cluster; stop and delete it on exit.
+
+    ``durable``: keep ``fsync``, ``synchronous_commit`` and ``full_page_writes`` on (the
+    server's defaults); otherwise they are off, which is faster but loses commits on a crash
+    of the machine.
+    """
     bindir = find_bindir()
     user = _unprivileged_user()
     root = Path(tempfile.mkdtemp(prefix="trio-eventstore-pg-"))
@@ -166,7 +184,7 @@ def temp_cluster() -> Iterator[TempCluster]:
         pwfile.write_text(password + "\n")
         if user is not None:
             os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        cluster = TempCluster(root, bindir, free_port(), password, user)
+        cluster = TempCluster(root, bindir, free_port(), password, user, durable=durable)
         cluster._run(
             "initdb",
             "-D",
