@@ -20,6 +20,7 @@ EXPECTED = {
     "EventStore",
     "EventStoreConfig",
     "EventStoreStatistics",
+    "WriterStatistics",
     "ExpectedVersion",
     "StartFrom",
     "StreamInfo",

@@ -58,6 +58,7 @@ from ._types import (
     StreamInfo,
     StreamStatus,
 )
+from ._writer import WriterStatistics
 
 __version__ = "0.1.0"
 
@@ -112,6 +113,7 @@ __all__ = [
     "TooManySubscribersError",
     "UnexpectedAckError",
     "UnknownEventTypeError",
+    "WriterStatistics",
     "WrongExpectedVersionError",
     "open_event_store",
 ]
