@@ -26,6 +26,7 @@ from trio_eventstore import (
 )
 from trio_eventstore._pg import Connection, open_connection
 from trio_eventstore._sql import quote_ident
+from trio_eventstore._writer import MAX_IN_FLIGHT
 
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> EventData:
@@ -97,9 +98,11 @@ async def test_each_caller_gets_its_own_outcome(
         lock = AllLock(conn, initialized.schema)
         await lock.take()
         async with trio.open_nursery() as nursery:
-            # The first append takes the writer; it waits for the $all lock ...
-            nursery.start_soon(append, "first", "s-first", NO_STREAM, [ev()])
-            await trio.testing.wait_all_tasks_blocked()
+            # The first appends take the writer's batches in flight; they wait for the
+            # $all lock ...
+            for i in range(MAX_IN_FLIGHT):
+                nursery.start_soon(append, f"first-{i}", f"s-first-{i}", NO_STREAM, [ev()])
+                await trio.testing.wait_all_tasks_blocked()
             # ... while these queue up, in this order, for the next batch.
             queued = [
                 ("x1", "x", NO_STREAM, [ev()]),
@@ -118,7 +121,7 @@ async def test_each_caller_gets_its_own_outcome(
             assert store.statistics().writer.queued == len(queued)  # type: ignore[union-attr]
             await lock.release()
     assert outcomes == {
-        "first": 1,
+        **{f"first-{i}": 1 for i in range(MAX_IN_FLIGHT)},
         "x1": 1,
         "x2": 2,
         "x3": WrongExpectedVersionError,
@@ -141,7 +144,7 @@ async def test_each_caller_gets_its_own_outcome(
     assert streams.count("existing") == 2
     assert "d" not in streams
     assert "nowhere" not in streams
-    assert len(events) == 2 + 1 + 2 + 2 + 1
+    assert len(events) == 2 + MAX_IN_FLIGHT + 2 + 2 + 1
     info = await store.stream_info("$all")
     assert info.stream_version == len(events)
 
@@ -160,8 +163,13 @@ async def test_cancelled_before_its_batch_writes_nothing(
                 with scope:
                     await store.append_to_stream(stream, NO_STREAM, [ev()])
 
+            # Every batch in flight waits for the $all lock (one append each) ...
             nursery.start_soon(append, in_flight, "in-flight")
             await trio.testing.wait_all_tasks_blocked()
+            for i in range(1, MAX_IN_FLIGHT):
+                nursery.start_soon(store.append_to_stream, f"in-flight-{i}", NO_STREAM, [ev()])
+                await trio.testing.wait_all_tasks_blocked()
+            # ... so these two stay queued.
             nursery.start_soon(append, queued, "queued")
             nursery.start_soon(store.append_to_stream, "kept", NO_STREAM, [ev()])
             await trio.testing.wait_all_tasks_blocked()
@@ -170,7 +178,7 @@ async def test_cancelled_before_its_batch_writes_nothing(
             await trio.testing.wait_all_tasks_blocked()
             await lock.release()
     streams = {s for s, _, _ in await all_events(store)}
-    assert streams == {"in-flight", "kept"}
+    assert streams == {"in-flight", "kept"} | {f"in-flight-{i}" for i in range(1, MAX_IN_FLIGHT)}
 
 
 async def test_a_burst_waits_for_the_writer_instead_of_failing(

@@ -26,6 +26,8 @@ __all__ = ["GroupCommitWriter", "WriterStatistics"]
 MAX_BATCH_APPENDS = 500
 #: ... and about this many bytes (one bigger append goes alone).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: Batches written at once (each on its own pooled connection).
+MAX_IN_FLIGHT = 2
 
 
 @attrs.frozen
@@ -79,6 +81,8 @@ class GroupCommitWriter:
         self._queue: deque[_Pending] = deque()
         self._wakeup = trio.Event()
         self._closed = False
+        self._streams_in_flight: set[str] = set()
+        self._ids_in_flight: set[object] = set()
         self._batches = 0
         self._appends = 0
         self._largest = 0
@@ -114,12 +118,12 @@ class GroupCommitWriter:
         return outcome
 
     def _take(self) -> list[_Pending]:
-        """The next batch, in queue order: at most one append per stream (later
-        appends to a stream wait for the next batch, so each is checked against the
-        ones before it) and no event id twice."""
+        """The next batch, in queue order: at most one append per stream, and none to
+        a stream a batch in flight writes to (later appends to a stream wait, so each
+        is checked against the ones before it, in order), and no event id twice."""
         batch: list[_Pending] = []
-        streams: set[str] = set()
-        ids: set[object] = set()
+        streams = set(self._streams_in_flight)
+        ids: set[object] = set(self._ids_in_flight)
         size = 0
         left: deque[_Pending] = deque()
         queue = self._queue
@@ -147,32 +151,55 @@ class GroupCommitWriter:
         return batch
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task: writes batches until cancelled (the store closes)."""
-        batch: list[_Pending] = []
-        task_status.started()
+        """The writer task: writes batches until cancelled (the store closes).
+
+        Up to `MAX_IN_FLIGHT` batches run at once, on their own connections: a batch
+        does its stream locks and event inserts while the one before it waits for its
+        commit to be flushed (the `$all` row lock orders their commits)."""
+        in_flight: set[tuple[_Pending, ...]] = set()
         try:
-            while True:
-                if not self._queue:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                batch = self._take()
-                if batch:
-                    await self._write(batch)
-                    batch = []
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    if not self._queue or len(in_flight) >= MAX_IN_FLIGHT:
+                        self._wakeup = trio.Event()
+                        await self._wakeup.wait()
+                        continue
+                    batch = self._take()
+                    if not batch:  # all blocked by batches in flight (or abandoned)
+                        self._wakeup = trio.Event()
+                        await self._wakeup.wait()
+                        continue
+                    key = tuple(batch)
+                    in_flight.add(key)
+                    for pending in batch:
+                        self._streams_in_flight.add(pending.request.stream_uuid)
+                        self._ids_in_flight.update(e.event_id for e in pending.request.events)
+                    nursery.start_soon(self._write_and_wake, key, in_flight)
         finally:
             self._closed = True
-            for pending in batch:
-                if not pending.done.is_set():
-                    pending.finish(
-                        StorageUnavailableError(
-                            "the store closed while the append was being written; "
-                            "it may have been committed"
+            for key in in_flight:
+                for pending in key:
+                    if not pending.done.is_set():
+                        pending.finish(
+                            StorageUnavailableError(
+                                "the store closed while the append was being written; "
+                                "it may have been committed"
+                            )
                         )
-                    )
             for pending in self._queue:
                 pending.finish(_closed_error())
             self._queue.clear()
+
+    async def _write_and_wake(
+        self, key: tuple[_Pending, ...], in_flight: set[tuple[_Pending, ...]]
+    ) -> None:
+        await self._write(list(key))
+        in_flight.discard(key)
+        for pending in key:
+            self._streams_in_flight.discard(pending.request.stream_uuid)
+            self._ids_in_flight.difference_update(e.event_id for e in pending.request.events)
+        self._wakeup.set()
 
     async def _write(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]
