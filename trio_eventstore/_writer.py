@@ -62,6 +62,10 @@ class _Pending:
         self.outcome = outcome
         self.done.set()
 
+    def taken_back(self) -> bool:
+        """Put back in the queue (to be retried), so not this batch's to fail."""
+        return not self.taken
+
 
 def _closed_error() -> StorageUnavailableError:
     return StorageUnavailableError("the store is closed")
@@ -79,7 +83,7 @@ class GroupCommitWriter:
         self._db = db
         self._on_written = on_written
         self._queue: deque[_Pending] = deque()
-        self._wakeup = trio.Event()
+        self._idle = trio.lowlevel.ParkingLot()
         self._closed = False
         self._streams_in_flight: set[str] = set()
         self._ids_in_flight: set[object] = set()
@@ -105,7 +109,7 @@ class GroupCommitWriter:
             raise _closed_error()
         pending = _Pending(request)
         self._queue.append(pending)
-        self._wakeup.set()
+        self._idle.unpark()
         try:
             await pending.done.wait()
         except BaseException:
@@ -151,55 +155,47 @@ class GroupCommitWriter:
         return batch
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task: writes batches until cancelled (the store closes).
-
-        Up to `MAX_IN_FLIGHT` batches run at once, on their own connections: a batch
+        """The writer: `MAX_IN_FLIGHT` worker tasks that write batches until cancelled
+        (the store closes). Each takes what is queued when it is free, so a batch
         does its stream locks and event inserts while the one before it waits for its
         commit to be flushed (the `$all` row lock orders their commits)."""
-        in_flight: set[tuple[_Pending, ...]] = set()
         try:
             async with trio.open_nursery() as nursery:
+                for _ in range(MAX_IN_FLIGHT):
+                    nursery.start_soon(self._worker)
                 task_status.started()
-                while True:
-                    if not self._queue or len(in_flight) >= MAX_IN_FLIGHT:
-                        self._wakeup = trio.Event()
-                        await self._wakeup.wait()
-                        continue
-                    batch = self._take()
-                    if not batch:  # all blocked by batches in flight (or abandoned)
-                        self._wakeup = trio.Event()
-                        await self._wakeup.wait()
-                        continue
-                    key = tuple(batch)
-                    in_flight.add(key)
-                    for pending in batch:
-                        self._streams_in_flight.add(pending.request.stream_uuid)
-                        self._ids_in_flight.update(e.event_id for e in pending.request.events)
-                    nursery.start_soon(self._write_and_wake, key, in_flight)
         finally:
             self._closed = True
-            for key in in_flight:
-                for pending in key:
-                    if not pending.done.is_set():
+            for pending in self._queue:
+                pending.finish(_closed_error())
+            self._queue.clear()
+
+    async def _worker(self) -> None:
+        while True:
+            batch = self._take() if self._queue else []
+            if not batch:  # nothing queued, or all of it waits for batches in flight
+                await self._idle.park()
+                continue
+            requests = [p.request for p in batch]
+            streams = {r.stream_uuid for r in requests}
+            ids = {e.event_id for r in requests for e in r.events}
+            self._streams_in_flight |= streams
+            self._ids_in_flight |= ids
+            try:
+                await self._write(batch)
+            finally:
+                self._streams_in_flight -= streams
+                self._ids_in_flight -= ids
+                for pending in batch:
+                    if not pending.done.is_set() and not pending.taken_back():
                         pending.finish(
                             StorageUnavailableError(
                                 "the store closed while the append was being written; "
                                 "it may have been committed"
                             )
                         )
-            for pending in self._queue:
-                pending.finish(_closed_error())
-            self._queue.clear()
-
-    async def _write_and_wake(
-        self, key: tuple[_Pending, ...], in_flight: set[tuple[_Pending, ...]]
-    ) -> None:
-        await self._write(list(key))
-        in_flight.discard(key)
-        for pending in key:
-            self._streams_in_flight.discard(pending.request.stream_uuid)
-            self._ids_in_flight.difference_update(e.event_id for e in pending.request.events)
-        self._wakeup.set()
+            if self._queue:
+                self._idle.unpark()  # what this batch held back may go now, in parallel
 
     async def _write(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]
