@@ -46,6 +46,7 @@ EXPECTED = {
     "SchemaMismatchError",
     "DatabaseError",
     "EventNotFoundError",
+    "EventTooLargeError",
     "EventData",
     "Page",
     "RecordedEvent",
