@@ -182,7 +182,7 @@ def _check_plain(value: object) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if type(key) is not str:
-                raise _NotJson(f"key {key!r} is a {type(key).__name__}, not a str")
+                raise _NotJson(f"key {key!r} ({type(key).__name__}) is not a str")
             if type(item) not in _JSON_LEAVES:
                 try:
                     _check_plain(item)
@@ -199,7 +199,7 @@ def _check_plain(value: object) -> None:
                     exc.path.append(index)
                     raise
         return
-    raise _NotJson(f"a {cls.__name__} is not a JSON value{_hint(value)}")
+    raise _NotJson(f"a {cls.__name__} value is not JSON{_hint(value)}")
 
 
 def _hint(value: object) -> str:
