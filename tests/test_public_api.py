@@ -47,6 +47,7 @@ EXPECTED = {
     "SchemaMismatchError",
     "DatabaseError",
     "EventNotFoundError",
+    "EventTooLargeError",
     "EventData",
     "Page",
     "RecordedEvent",

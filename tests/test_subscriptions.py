@@ -428,10 +428,15 @@ async def test_an_append_never_fails_because_a_subscriber_cannot_decode(
     fast: EventStoreConfig,
 ) -> None:
     """The append commits and returns; the subscription that cannot decode the event
-    (a strict serializer, an unknown type) fails on its own."""
-    strict = fast.with_changes(serializer=es.JsonSerializer(strict=True))
+    (here a serializer that decodes nothing) fails on its own."""
+
+    class Undecodable(es.JsonSerializer):
+        def deserialize(self, payload: bytes, event_type: str) -> object:
+            raise es.SerializationError(f"cannot decode {event_type!r}")
+
+    undecodable = fast.with_changes(serializer=Undecodable())
     async with (
-        open_event_store(strict) as store,
+        open_event_store(undecodable) as store,
         store.subscribe_to_stream("s", "p") as sub,
     ):
         await sub.wait_subscribed()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import attrs
 
 from ._serialization import JsonSerializer, Serializer
+from ._types import check_text
 
 __all__ = ["EventStoreConfig", "MAX_SCHEMA_BYTES"]
 
@@ -167,6 +168,7 @@ class EventStoreConfig:
             raise TypeError(f"schema: expected a str, got {type(self.schema).__name__}")
         if not self.schema or "\x00" in self.schema:
             raise ValueError("schema: must be a non-empty name without NUL characters")
+        check_text("schema", self.schema)
         if len(self.schema.encode()) > MAX_SCHEMA_BYTES:
             raise ValueError(
                 f"schema: at most {MAX_SCHEMA_BYTES} bytes, so that the notification channel "

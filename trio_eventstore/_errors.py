@@ -15,6 +15,7 @@ __all__ = [
     "DuplicateEventError",
     "EventNotFoundError",
     "EventStoreError",
+    "EventTooLargeError",
     "InvalidStartFromError",
     "NotSupportedError",
     "PoolOverloadedError",
@@ -76,7 +77,13 @@ class SerializationError(EventStoreError, ValueError):
 
 
 class UnknownEventTypeError(SerializationError):
-    """A stored event type has no registered class (strict serializers only)."""
+    """An event type has no registered class (strict serializers only): raised when
+    reading such an event, and when appending one (which is then not written)."""
+
+
+class EventTooLargeError(SerializationError):
+    """An event, an append or a snapshot is larger than PostgreSQL takes or returns in
+    one piece (nothing is written; retrying cannot help)."""
 
 
 class SubscriptionAlreadyExistsError(EventStoreError):

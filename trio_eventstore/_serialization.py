@@ -11,17 +11,28 @@ import dataclasses
 import datetime
 import decimal
 import json
+import math
+import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
-from ._errors import SerializationError, UnknownEventTypeError
+from ._errors import EventTooLargeError, SerializationError, UnknownEventTypeError
+from ._types import check_text
 
-__all__ = ["JsonSerializer", "Serializer"]
+__all__ = [
+    "MAX_APPEND_BYTES",
+    "MAX_JSONB_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "JsonSerializer",
+    "Serializer",
+    "check_storable",
+    "check_storable_snapshot",
+]
 
 C = TypeVar("C", bound=type)
 
@@ -143,6 +154,90 @@ def _dumps(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
+# -- plain JSON values -----------------------------------------------------------------------
+
+#: Values that are JSON as they are (bool is an int; floats are checked to be finite).
+_JSON_LEAVES = frozenset({str, int, bool, type(None)})
+
+
+class _NotJson(Exception):
+    """Raised by `_check_plain` with what is wrong; the path is collected on the way out."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.path: list[str | int] = []
+
+
+def _check_plain(value: object) -> None:
+    """Raise `_NotJson` unless ``value`` is made of JSON values only (dicts with str keys,
+    lists, str, int, finite float, bool, None): exactly what reads back."""
+    cls = type(value)
+    if cls in _JSON_LEAVES:
+        return
+    if isinstance(value, float) and cls is float:
+        if not math.isfinite(value):
+            raise _NotJson(f"{value!r} is not a JSON number")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotJson(f"key {key!r} ({type(key).__name__}) is not a str")
+            if type(item) not in _JSON_LEAVES:
+                try:
+                    _check_plain(item)
+                except _NotJson as exc:
+                    exc.path.append(key)
+                    raise
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if type(item) not in _JSON_LEAVES:
+                try:
+                    _check_plain(item)
+                except _NotJson as exc:
+                    exc.path.append(index)
+                    raise
+        return
+    raise _NotJson(f"a {cls.__name__} value is not JSON{_hint(value)}")
+
+
+def _hint(value: object) -> str:
+    if isinstance(value, bytes):
+        return " (it would read back as a str): decode it, or use a registered class"
+    if isinstance(value, (datetime.date, datetime.time, decimal.Decimal, uuid.UUID)):
+        return " (it would read back as a str): convert it, or use a registered class"
+    if isinstance(value, (tuple, set, frozenset)):
+        return " (it would read back as a list): use a list"
+    if _is_record_class(type(value)):
+        return " (it would read back as a dict): register its class and append it as the data"
+    return ""
+
+
+def _path_text(root: str, path: list[str | int]) -> str:
+    text = root
+    for part in reversed(path):
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.isidentifier():
+            text += f".{part}"
+        else:
+            text += f"[{part!r}]"
+    return text
+
+
+def _plain_json(value: object, root: str) -> object:
+    """``value`` itself, once checked to hold JSON values only (raise SerializationError
+    naming the first value that is not)."""
+    try:
+        _check_plain(value)
+    except _NotJson as exc:
+        raise SerializationError(f"{_path_text(root, exc.path)}: {exc.what}") from None
+    except RecursionError:
+        raise SerializationError(f"{root}: nested too deeply") from None
+    return value
+
+
 class JsonSerializer:
     """JSON through a private cattrs converter, with an event-type registry.
 
@@ -195,6 +290,7 @@ class JsonSerializer:
             name = event_type or f"{klass.__module__}.{klass.__qualname__}"
             if not isinstance(name, str) or not name:
                 raise TypeError("event_type: expected a non-empty str")
+            check_text("event_type", name)
             taken = self._by_type.get(name)
             if taken is not None and taken is not klass:
                 raise ValueError(f"event_type {name!r} is already registered for {taken!r}")
@@ -213,16 +309,64 @@ class JsonSerializer:
         if name is not None:
             return name
         if _is_record_class(cls):
+            if self.strict:
+                raise UnknownEventTypeError(
+                    f"{cls.__qualname__} is not registered: a strict serializer reads only "
+                    "registered event types, so it does not write others either"
+                )
             return f"{cls.__module__}.{cls.__qualname__}"
         raise SerializationError(
             f"cannot name the event type of a {cls.__name__}: register its class, or give "
             "EventData(event_type=...) for plain JSON values"
         )
 
-    def serialize(self, data: object) -> bytes:
+    def check_readable(self, data: object, event_type: str) -> None:
+        """Raise unless ``data`` stored as ``event_type`` reads back. Appends and snapshots
+        call it when the caller names the event type.
+
+        Raises:
+            UnknownEventTypeError: the serializer is strict and no class is registered
+                for ``event_type``.
+            SerializationError: ``data`` is not an instance of the class registered for
+                ``event_type`` and does not fit it either.
+        """
+        cls = self._by_type.get(event_type)
+        if cls is None:
+            if self.strict:
+                raise UnknownEventTypeError(
+                    f"no class registered for event type {event_type!r}: a strict serializer "
+                    "would not read it back"
+                )
+            return
+        if type(data) is cls:
+            return
+        value = _loads(self.serialize(data))
         try:
-            return _dumps(self.converter.unstructure(data))
-        except (TypeError, ValueError, cattrs.BaseValidationError) as exc:
+            self.converter.structure(value, cls)
+        except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
+            raise SerializationError(
+                f"{event_type!r} data does not fit {cls.__qualname__}, the class registered "
+                f"for it, so it would not read back: {exc}"
+            ) from exc
+
+    def serialize(self, data: object) -> bytes:
+        """Encode ``data``: an attrs/dataclass instance through the converter (its typed
+        fields round-trip); anything else must be plain JSON values.
+
+        Raises:
+            SerializationError: the data cannot be encoded, or holds a value that would
+                not read back as itself (in plain values: bytes, datetime, UUID, Decimal,
+                tuple, set, a key that is not a str...); the message says where.
+        """
+        if _is_record_class(type(data)):
+            try:
+                return _dumps(self.converter.unstructure(data))
+            except (TypeError, ValueError, RecursionError, cattrs.BaseValidationError) as exc:
+                raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
+        plain = _plain_json(data, "$")
+        try:
+            return _dumps(plain)
+        except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
             raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
 
     def deserialize(self, payload: bytes, event_type: str) -> object:
@@ -256,9 +400,13 @@ class JsonSerializer:
             ) from exc
 
     def serialize_metadata(self, metadata: Mapping[str, Any] | None) -> bytes:
+        """Encode metadata: plain JSON values, as for `serialize`."""
+        if metadata is None:
+            return b"null"
+        plain = _plain_json(dict(metadata), "metadata")
         try:
-            return _dumps(None if metadata is None else self.converter.unstructure(dict(metadata)))
-        except (TypeError, ValueError) as exc:
+            return _dumps(plain)
+        except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
             raise SerializationError(f"cannot serialize metadata: {exc}") from exc
 
     def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
@@ -289,3 +437,111 @@ class JsonSerializer:
 
     def __repr__(self) -> str:
         return f"JsonSerializer(strict={self.strict}, registered={sorted(self._by_type)})"
+
+
+# -- what PostgreSQL takes ---------------------------------------------------------------------
+
+#: PostgreSQL's limit on one message from a client (``PQ_LARGE_MESSAGE_LIMIT``, that is
+#: ``MaxAllocSize - 1``): the server drops the connection on a larger one.
+MAX_MESSAGE_BYTES = 0x3FFF_FFFE
+
+#: What the encoded events of one append, or one snapshot, may take: one message, less room
+#: for the rest of it (statement name, stream id...). Rows this small also come back from a
+#: read (one row travels in one message, under the same limit).
+MAX_APPEND_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+
+#: The largest JSON text a ``jsonb`` column is given (jsonb's own limit on a string or the
+#: contents of an array or object, ``JENTRY_OFFLENMASK``: 256 MiB less one byte).
+MAX_JSONB_BYTES = 0x0FFF_FFFF
+
+#: What an event takes in the message beyond its type, data and metadata: three ids and the
+#: length words of its six array elements.
+_EVENT_OVERHEAD = 3 * 16 + 6 * 4
+
+#: ``\u0000`` that is an escape (preceded by an even number of backslashes), not text.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class _Encoded(Protocol):
+    @property
+    def event_type(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def metadata(self) -> bytes: ...
+
+
+def _jsonb_refuses(payload: bytes) -> bool:
+    return (
+        len(payload) > MAX_JSONB_BYTES
+        or (b"\\u0000" in payload and _NUL_ESCAPE.search(payload) is not None)
+        or b"\x00" in payload
+    )
+
+
+def _check_jsonb(label: str, what: str, payload: bytes) -> None:
+    if len(payload) > MAX_JSONB_BYTES:
+        raise EventTooLargeError(
+            f"{label}: its {what} takes {len(payload):,} bytes of JSON; a jsonb column holds "
+            f"at most {MAX_JSONB_BYTES:,} (store less, or use a bytea store)"
+        )
+    if _jsonb_refuses(payload):
+        raise SerializationError(
+            f"{label}: its {what} holds a NUL character (\\u0000), which a jsonb column "
+            "cannot store (a bytea store can)"
+        )
+
+
+def _event_size(event_type: str, data: bytes, metadata: bytes) -> int:
+    return len(event_type.encode()) + len(data) + len(metadata) + _EVENT_OVERHEAD
+
+
+def check_storable(events: Sequence[_Encoded], column_data_type: str) -> None:
+    """Raise unless PostgreSQL takes these encoded events in one append and returns each
+    of them on read. Pure: appends call it after encoding, before any I/O.
+
+    Raises:
+        EventTooLargeError: the events take more than `MAX_APPEND_BYTES` together, or in a
+            jsonb store an event's data or metadata is over `MAX_JSONB_BYTES`.
+        SerializationError: in a jsonb store, data or metadata holds a NUL character.
+    """
+    jsonb = column_data_type == "jsonb"
+    total = 0
+    for number, event in enumerate(events, 1):
+        data, metadata = event.data, event.metadata
+        size = _event_size(event.event_type, data, metadata)
+        if size > MAX_APPEND_BYTES or (
+            jsonb and (_jsonb_refuses(data) or _jsonb_refuses(metadata))
+        ):
+            label = f"event {number} of the append (type {event.event_type!r})"
+            if size > MAX_APPEND_BYTES:
+                raise EventTooLargeError(
+                    f"{label} takes {size:,} bytes encoded; PostgreSQL takes at most "
+                    f"{MAX_APPEND_BYTES:,} in one append"
+                )
+            _check_jsonb(label, "data", data)
+            _check_jsonb(label, "metadata", metadata)
+        total += size
+    if total > MAX_APPEND_BYTES:
+        raise EventTooLargeError(
+            f"the append's {len(events)} events take {total:,} bytes encoded; PostgreSQL "
+            f"takes at most {MAX_APPEND_BYTES:,} in one append: append them in several"
+        )
+
+
+def check_storable_snapshot(
+    source_type: str, data: bytes, metadata: bytes, column_data_type: str
+) -> None:
+    """`check_storable` for a snapshot."""
+    label = f"the snapshot (type {source_type!r})"
+    size = _event_size(source_type, data, metadata)
+    if size > MAX_APPEND_BYTES:
+        raise EventTooLargeError(
+            f"{label} takes {size:,} bytes encoded; PostgreSQL takes at most "
+            f"{MAX_APPEND_BYTES:,} in one snapshot"
+        )
+    if column_data_type == "jsonb":
+        _check_jsonb(label, "data", data)
+        _check_jsonb(label, "metadata", metadata)

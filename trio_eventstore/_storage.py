@@ -17,6 +17,7 @@ from ._errors import (
     DuplicateEventError,
     EventNotFoundError,
     EventStoreError,
+    EventTooLargeError,
     SchemaMismatchError,
     SchemaNotInitializedError,
     SerializationError,
@@ -28,7 +29,7 @@ from ._errors import (
     WrongExpectedVersionError,
 )
 from ._pg import Conn, Database, Row
-from ._serialization import JsonSerializer, Serializer
+from ._serialization import JsonSerializer, Serializer, check_storable_snapshot
 from ._types import (
     EventData,
     ExpectedVersion,
@@ -260,6 +261,8 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
         return DuplicateEventError(f"an event id is already in stream {stream_uuid!r}: {exc}")
     if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
         return SerializationError(f"the database rejected the event data: {exc}")
+    if exc.sqlstate == "54000":  # program_limit_exceeded: e.g. a jsonb document too large
+        return EventTooLargeError(f"the database rejected the event data: {exc}")
     return exc
 
 
@@ -535,6 +538,7 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
     source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
     data = serializer.serialize(snapshot.data)
     metadata = serializer.serialize_metadata(snapshot.metadata)
+    check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)
     created_at = snapshot.created_at or datetime.datetime.now(datetime.UTC)
     sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type)
 
@@ -549,7 +553,10 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
             created_at,
         )
 
-    await db.transaction(unit)
+    try:
+        await db.transaction(unit)
+    except DatabaseError as exc:
+        raise _translate_write_error(exc, snapshot.source_uuid) from exc
 
 
 async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:

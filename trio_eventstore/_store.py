@@ -21,6 +21,7 @@ from ._errors import (
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
+from ._serialization import JsonSerializer, Serializer, check_storable
 from ._subscriptions import (
     Subscription,
     SubscriptionOptions,
@@ -29,6 +30,7 @@ from ._subscriptions import (
 )
 from ._types import (
     ALL_STREAMS,
+    MAX_BIGINT,
     EventData,
     ExpectedVersion,
     Page,
@@ -36,6 +38,7 @@ from ._types import (
     SnapshotData,
     StartFrom,
     StreamInfo,
+    check_text,
 )
 from ._writer import GroupCommitWriter, WriterStatistics
 
@@ -115,12 +118,18 @@ class EventStore:
             StreamNotFoundError: ``STREAM_EXISTS`` was expected but there is no stream.
             StreamDeletedError: the stream was soft-deleted.
             DuplicateEventError: an event id is already stored.
-            SerializationError: event data cannot be serialized (nothing is written).
+            SerializationError: event data cannot be serialized, or would not read back
+                as itself (nothing is written).
+            UnknownEventTypeError: a strict serializer has no class for an event's type.
+            EventTooLargeError: the events are larger than PostgreSQL takes in one append.
         """
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         event_list = _check_events(events, EventData, "events")
-        encoded = _storage.encode_events(self._config.serializer, event_list)
+        serializer = self._config.serializer
+        _check_readable(serializer, event_list)
+        encoded = _storage.encode_events(serializer, event_list)
+        check_storable(encoded, self._config.column_data_type)
         request = _storage.AppendRequest.build(stream_uuid, expected_version, encoded)
         subscriptions = self._subscriptions
         token = subscriptions.append_started(stream_uuid)
@@ -267,8 +276,12 @@ class EventStore:
         ``search``; sorted by ``stream_id``, ``stream_uuid`` or ``created_at``."""
         _check_int("page_size", page_size, minimum=1)
         _check_int("page_number", page_number, minimum=1)
-        if search is not None and not isinstance(search, str):
-            raise TypeError("search: expected a str or None")
+        if search is not None:
+            if not isinstance(search, str):
+                raise TypeError("search: expected a str or None")
+            check_text("search", search)
+        if (page_number - 1) * page_size > MAX_BIGINT:
+            raise ValueError("page_number: the page starts beyond the last possible stream")
         if sort_by not in ("stream_id", "stream_uuid", "created_at"):
             raise ValueError(
                 f"sort_by: expected stream_id, stream_uuid or created_at, got {sort_by!r}"
@@ -305,6 +318,9 @@ class EventStore:
         """Record (or replace) the snapshot of ``snapshot.source_uuid``."""
         if not isinstance(snapshot, SnapshotData):
             raise TypeError(f"snapshot: expected SnapshotData, got {type(snapshot).__name__}")
+        serializer = self._config.serializer
+        if isinstance(serializer, JsonSerializer) and snapshot.source_type:
+            serializer.check_readable(snapshot.data, snapshot.source_type)
         await _storage.record_snapshot(self._db, snapshot)
 
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:
@@ -443,8 +459,7 @@ def _check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
         raise TypeError(f"{name}: expected a str, got {type(stream_uuid).__name__}")
     if not stream_uuid:
         raise ValueError(f"{name}: must not be empty")
-    if "\x00" in stream_uuid:
-        raise ValueError(f"{name}: must not contain NUL characters")
+    check_text(name, stream_uuid)
     if len(stream_uuid.encode()) > MAX_STREAM_UUID_BYTES:
         raise ValueError(
             f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
@@ -462,6 +477,8 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    if value > MAX_BIGINT:
+        raise ValueError(f"{name}: must be < 2**63 (PostgreSQL's bigint), got {value}")
 
 
 def _check_expected_version(expected: object) -> None:
@@ -472,8 +489,16 @@ def _check_expected_version(expected: object) -> None:
             "expected_version: expected ANY_VERSION, NO_STREAM, STREAM_EXISTS or an int, "
             f"got {expected!r}"
         )
-    if expected < 0:
-        raise ValueError(f"expected_version: must be >= 0, got {expected}")
+    if not 0 <= expected <= MAX_BIGINT:
+        raise ValueError(f"expected_version: must be >= 0 and < 2**63, got {expected}")
+
+
+def _check_readable(serializer: Serializer, events: list[EventData]) -> None:
+    """Events given an explicit type must read back as written (`JsonSerializer` only)."""
+    if isinstance(serializer, JsonSerializer):
+        for event in events:
+            if event.event_type is not None:
+                serializer.check_readable(event.data, event.event_type)
 
 
 def _check_events(items: object, kinds: type | tuple[type, ...], name: str) -> list[Any]:

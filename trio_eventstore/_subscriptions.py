@@ -39,7 +39,7 @@ from ._fsm import SubscriptionFSM
 from ._locks import LockKeeper, lock_key2
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database, Row
-from ._types import ALL_STREAMS, RecordedEvent, StartFrom
+from ._types import ALL_STREAMS, MAX_BIGINT, RecordedEvent, StartFrom
 
 __all__ = [
     "EventBatch",
@@ -86,18 +86,20 @@ class SubscriptionOptions:
 
     def __attrs_post_init__(self) -> None:
         start = self.start_from
+        # Delivery reads from start_from + 1, which must be a bigint too.
         if not isinstance(start, StartFrom) and (
-            isinstance(start, bool) or not isinstance(start, int) or start < 0
+            isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < MAX_BIGINT
         ):
             raise InvalidStartFromError(
-                f"start_from: expected ORIGIN, CURRENT or an event number >= 0, got {start!r}"
+                "start_from: expected ORIGIN, CURRENT or an event number >= 0 and "
+                f"< 2**63 - 1, got {start!r}"
             )
         for name in ("buffer_size", "max_size", "checkpoint_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
+            if not 1 <= value <= MAX_BIGINT:
+                raise ValueError(f"{name}: must be >= 1 and < 2**63, got {value}")
         limit = self.concurrency_limit
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1

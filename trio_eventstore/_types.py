@@ -30,6 +30,23 @@ __all__ = [
 #: The stream of every event, in commit order.
 ALL_STREAMS = "$all"
 
+#: The largest version, event number or count PostgreSQL stores (``bigint``).
+MAX_BIGINT = 2**63 - 1
+
+
+def check_text(name: str, value: str) -> None:
+    """Raise `ValueError` unless PostgreSQL can store ``value`` as text: UTF-8 without NUL
+    characters (a lone surrogate has no UTF-8 form)."""
+    if "\x00" in value:
+        raise ValueError(f"{name}: must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{name}: not valid Unicode text ({exc.reason} at position {exc.start})"
+            ) from None
+
 
 class ExpectedVersion(enum.Enum):
     """Expected-version markers for appends (or pass an int >= 0)."""
@@ -101,8 +118,10 @@ def _new_event_id(value: object) -> uuid.UUID:
 
 
 def _check_event_type(_instance: object, _attribute: object, value: str | None) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise TypeError("event_type: expected a non-empty str or None")
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise TypeError("event_type: expected a non-empty str or None")
+        check_text("event_type", value)
 
 
 def _check_metadata(_instance: object, _attribute: object, value: Mapping[str, Any] | None) -> None:
@@ -183,10 +202,15 @@ class SnapshotData:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.source_uuid, str) or not self.source_uuid:
             raise ValueError("source_uuid: expected a non-empty str")
+        check_text("source_uuid", self.source_uuid)
         if isinstance(self.source_version, bool) or not isinstance(self.source_version, int):
             raise TypeError("source_version: expected an int")
-        if self.source_version < 0:
-            raise ValueError("source_version: must be >= 0")
+        if not 0 <= self.source_version <= MAX_BIGINT:
+            raise ValueError(f"source_version: must be >= 0 and < 2**63, got {self.source_version}")
+        if self.source_type is not None:
+            if not isinstance(self.source_type, str):
+                raise TypeError("source_type: expected a str or None")
+            check_text("source_type", self.source_type)
 
 
 @attrs.frozen
