@@ -63,6 +63,8 @@ EXPECTED = {
     "SubscriptionStatistics",
     "TransientSubscription",
     "Serializer",
+    "EventStoreClosedError",
+    "DatabaseNotFoundError",
 }
 
 

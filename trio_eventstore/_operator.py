@@ -96,13 +96,16 @@ async def _while_nobody_runs_it(
     async def unit(conn: Conn) -> None:
         row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
         if row is None:
-            raise SubscriptionNotFoundError(f"no subscription {name!r} on {stream_uuid!r}")
+            raise SubscriptionNotFoundError(stream_uuid=stream_uuid, subscription_name=name)
         state = await _storage.read_schema_state(conn, schema)
         assert state.lock_key is not None
         key = (state.lock_key, lock_key2(int(row["subscription_id"])))
         if not await conn.fetchval(_sql.TRY_LOCK, *key):
             raise SubscriptionAlreadyExistsError(
-                f"subscription {name!r} is active on some node: stop it first"
+                f"subscription {name!r} on {stream_uuid!r} is active on another node "
+                "(its lock is held); stop it first",
+                stream_uuid=stream_uuid,
+                subscription_name=name,
             )
         try:
             await conn.execute(statement, stream_uuid, name, *args)

@@ -5,6 +5,7 @@ Trio-flavoured."""
 from __future__ import annotations
 
 import datetime
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
@@ -132,7 +133,7 @@ async def stream_info(db: Database, stream_uuid: str) -> StreamInfo:
 
     row = await db.run(unit)
     if row is None:
-        raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        raise StreamNotFoundError(stream_uuid=stream_uuid)
     return _stream_info(row)
 
 
@@ -190,15 +191,15 @@ def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: 
         return
     if expected is ExpectedVersion.NO_STREAM:
         if current:
-            raise StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+            raise StreamExistsError(stream_uuid=stream_uuid, expected=expected, current=current)
         return
     if expected is ExpectedVersion.STREAM_EXISTS:
         if current is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+            raise StreamNotFoundError(stream_uuid=stream_uuid)
         return
     if (current or 0) != expected:
         raise WrongExpectedVersionError(
-            f"stream {stream_uuid!r} is at version {current or 0}, expected {expected}"
+            stream_uuid=stream_uuid, expected=expected, current=current or 0
         )
 
 
@@ -217,7 +218,7 @@ async def _lock_or_create(
         row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
         assert row is not None
     if row["deleted_at"] is not None:
-        raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+        raise StreamDeletedError(stream_uuid=stream_uuid)
     _check_expected(stream_uuid, expected, int(row["stream_version"]))
     return int(row["stream_id"]), int(row["stream_version"]), False
 
@@ -231,9 +232,23 @@ def _chunk_count(n: int) -> int:
     return -(-n // CHUNK)
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _key_event_id(detail: str | None) -> uuid.UUID | None:
+    """The event id in a unique violation's DETAIL ("Key (event_id)=(...) already
+    exists."; None when the server does not say)."""
+    found = _UUID.search(detail or "")
+    return uuid.UUID(found.group()) if found else None
+
+
 def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
     if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
-        return DuplicateEventError(f"an event id is already in stream {stream_uuid!r}: {exc}")
+        return DuplicateEventError(
+            f"an event id is already in stream {stream_uuid!r}: {exc}",
+            stream_uuid=stream_uuid,
+            event_id=_key_event_id(exc.detail),
+        )
     if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
         return SerializationError(f"the database rejected the event data: {exc}")
     return exc
@@ -381,9 +396,9 @@ async def link(
                     int(row["original_stream_id"]),
                     int(row["original_stream_version"]),
                 )
-        missing = [str(i) for i in event_ids if i not in originals]
+        missing = [i for i in event_ids if i not in originals]
         if missing:
-            raise EventNotFoundError(f"no such event(s): {', '.join(missing[:5])}")
+            raise EventNotFoundError(event_ids=missing)
         for part in _chunks(n):
             ids = event_ids[part]
             await conn.execute(
@@ -416,9 +431,9 @@ async def read(
     async def unit(conn: Conn) -> list[Row]:
         row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
         if row is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+            raise StreamNotFoundError(stream_uuid=stream_uuid)
         if row["deleted_at"] is not None:
-            raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+            raise StreamDeletedError(stream_uuid=stream_uuid)
         return await conn.fetch(query, row["stream_id"], start_version, count)
 
     return recorded(config, await db.run(unit))
@@ -464,9 +479,11 @@ async def delete_stream(
     async def unit(conn: Conn) -> None:
         row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
         if row is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+            raise StreamNotFoundError(stream_uuid=stream_uuid)
         if row["deleted_at"] is not None and not hard:
-            raise StreamDeletedError(f"stream {stream_uuid!r} has already been deleted")
+            raise StreamDeletedError(
+                f"stream {stream_uuid!r} has already been deleted", stream_uuid=stream_uuid
+            )
         _check_expected(stream_uuid, expected, int(row["stream_version"]))
         if hard:
             await conn.execute(_sql.hard_delete_stream(schema), row["stream_id"])
@@ -537,7 +554,7 @@ async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
     sql = _sql.read_snapshot(db.config.schema, db.config.column_data_type)
     rows = await db.fetch(sql, source_uuid)
     if not rows:
-        raise SnapshotNotFoundError(f"no snapshot of {source_uuid!r}")
+        raise SnapshotNotFoundError(source_uuid=source_uuid)
     r = rows[0]
     serializer = db.config.serializer
     return SnapshotData(

@@ -72,6 +72,10 @@ class EventStore:
         """The configuration the store was opened with (after ``init``)."""
         return self._config
 
+    def _check_open(self) -> None:
+        """Raise `EventStoreClosedError` once the store's block has exited."""
+        self._subscriptions.check_open()
+
     async def stream_info(self, stream_uuid: str) -> StreamInfo:
         """Information on one stream (``"$all"`` included).
 
@@ -80,6 +84,7 @@ class EventStore:
         Raises:
             StreamNotFoundError: no such stream.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         return await _storage.stream_info(self._db, stream_uuid)
 
@@ -102,6 +107,7 @@ class EventStore:
             DuplicateEventError: an event id is already stored.
             SerializationError: event data cannot be serialized (nothing is written).
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         event_list = _check_events(events, EventData, "events")
@@ -132,6 +138,7 @@ class EventStore:
             EventNotFoundError: an event does not exist.
             DuplicateEventError: an event is already in the stream.
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         items = _check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
@@ -159,6 +166,7 @@ class EventStore:
         Raises:
             StreamNotFoundError, StreamDeletedError.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=0)
         _check_int("count", count, minimum=1)
@@ -172,6 +180,7 @@ class EventStore:
         Raises:
             StreamNotFoundError, StreamDeletedError.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=-1)
         _check_int("count", count, minimum=1)
@@ -189,12 +198,20 @@ class EventStore:
         """Every event, newest first, from event number ``start_version`` (-1: the last)."""
         return await self.read_stream_backward(ALL_STREAMS, start_version, count)
 
-    async def stream_forward(
+    def stream_forward(
         self, stream_uuid: str, *, start_version: int = 0, read_batch_size: int = 1000
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate a stream oldest first, reading pages of ``read_batch_size``; no
         connection is held between pages."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=0)
         _check_int("read_batch_size", read_batch_size, minimum=1)
+        return self._stream_forward(stream_uuid, start_version, read_batch_size)
+
+    async def _stream_forward(
+        self, stream_uuid: str, start_version: int, read_batch_size: int
+    ) -> AsyncIterator[RecordedEvent]:
         position = start_version
         while True:
             page = await self.read_stream_forward(stream_uuid, position, read_batch_size)
@@ -204,11 +221,19 @@ class EventStore:
                 return
             position = page[-1].event_number + 1
 
-    async def stream_backward(
+    def stream_backward(
         self, stream_uuid: str, *, start_version: int = -1, read_batch_size: int = 1000
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate a stream newest first, in pages of ``read_batch_size``."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=-1)
         _check_int("read_batch_size", read_batch_size, minimum=1)
+        return self._stream_backward(stream_uuid, start_version, read_batch_size)
+
+    async def _stream_backward(
+        self, stream_uuid: str, start_version: int, read_batch_size: int
+    ) -> AsyncIterator[RecordedEvent]:
         position = start_version
         while True:
             page = await self.read_stream_backward(stream_uuid, position, read_batch_size)
@@ -245,6 +270,7 @@ class EventStore:
     ) -> Page:
         """A page of streams (``$all`` excluded), optionally those whose id contains
         ``search``; sorted by ``stream_id``, ``stream_uuid`` or ``created_at``."""
+        self._check_open()
         _check_int("page_size", page_size, minimum=1)
         _check_int("page_number", page_number, minimum=1)
         if search is not None and not isinstance(search, str):
@@ -275,6 +301,7 @@ class EventStore:
             NotSupportedError: ``hard=True`` without ``enable_hard_deletes``.
             StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         if hard and not self._config.enable_hard_deletes:
@@ -283,41 +310,52 @@ class EventStore:
 
     async def record_snapshot(self, snapshot: SnapshotData) -> None:
         """Record (or replace) the snapshot of ``snapshot.source_uuid``."""
+        self._check_open()
         if not isinstance(snapshot, SnapshotData):
             raise TypeError(f"snapshot: expected SnapshotData, got {type(snapshot).__name__}")
         await _storage.record_snapshot(self._db, snapshot)
 
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:
         """The snapshot of ``source_uuid``. Raises SnapshotNotFoundError."""
+        self._check_open()
         _check_stream(source_uuid, "source_uuid")
         return await _storage.read_snapshot(self._db, source_uuid)
 
     async def delete_snapshot(self, source_uuid: str) -> None:
         """Delete the snapshot of ``source_uuid`` (nothing happens if there is none)."""
+        self._check_open()
         _check_stream(source_uuid, "source_uuid")
         await _storage.delete_snapshot(self._db, source_uuid)
 
-    @contextlib.asynccontextmanager
-    async def subscribe(
+    def subscribe(
         self,
         stream_uuid: str,
         *,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
-    ) -> AsyncIterator[TransientSubscription]:
+    ) -> contextlib.AbstractAsyncContextManager[TransientSubscription]:
         """A transient subscription: iterate batches of the events appended to the stream
         (or ``"$all"``) after subscribing, until the block exits. No checkpoint, no lock.
 
         Ports ``EventStore.subscribe/2``.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         for name, fn in (("selector", selector), ("mapper", mapper)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable or None")
-        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+        return self._subscribe(stream_uuid, selector, mapper)
 
     @contextlib.asynccontextmanager
-    async def subscribe_to_stream(
+    async def _subscribe(
+        self,
+        stream_uuid: str,
+        selector: Callable[[RecordedEvent], bool] | None,
+        mapper: Callable[[RecordedEvent], Any] | None,
+    ) -> AsyncIterator[TransientSubscription]:
+        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+
+    def subscribe_to_stream(
         self,
         stream_uuid: str,
         subscription_name: str,
@@ -331,7 +369,7 @@ class EventStore:
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
-    ) -> AsyncIterator[Subscription]:
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """A persistent subscription: iterate batches, `Subscription.ack` them; the
         checkpoint survives restarts and one store at a time (cluster-wide, through
         Postgres advisory locks) delivers a given name. Leaving the block persists the
@@ -345,6 +383,7 @@ class EventStore:
             TooManySubscribersError: ``concurrency_limit`` consumers already share it.
             InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_stream(subscription_name, "subscription_name")
         options = SubscriptionOptions(
@@ -358,6 +397,12 @@ class EventStore:
             selector=selector,
             mapper=mapper,
         )
+        return self._subscribe_to_stream(stream_uuid, subscription_name, options)
+
+    @contextlib.asynccontextmanager
+    async def _subscribe_to_stream(
+        self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
+    ) -> AsyncIterator[Subscription]:
         driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
         try:
             yield Subscription(driver, consumer)
@@ -365,10 +410,37 @@ class EventStore:
             await self._subscriptions.leave(driver, consumer)
 
     def subscribe_to_all_streams(
-        self, subscription_name: str, **options: Any
+        self,
+        subscription_name: str,
+        *,
+        start_from: StartFrom | int = StartFrom.ORIGIN,
+        concurrency_limit: int | None = None,
+        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        buffer_size: int = 1,
+        max_size: int = 1000,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
-        """`subscribe_to_stream` on ``"$all"`` (event numbers are global)."""
-        return self.subscribe_to_stream(ALL_STREAMS, subscription_name, **options)
+        """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
+        options.
+
+        Ports ``EventStore.subscribe_to_all_streams/3``.
+        """
+        return self.subscribe_to_stream(
+            ALL_STREAMS,
+            subscription_name,
+            start_from=start_from,
+            concurrency_limit=concurrency_limit,
+            partition_by=partition_by,
+            buffer_size=buffer_size,
+            max_size=max_size,
+            checkpoint_threshold=checkpoint_threshold,
+            checkpoint_after=checkpoint_after,
+            selector=selector,
+            mapper=mapper,
+        )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
         """Delete a persistent subscription's row (its checkpoint).
@@ -377,6 +449,7 @@ class EventStore:
             SubscriptionAlreadyExistsError: it is active in this store: leave it first.
             SubscriptionNotFoundError: there is no such subscription.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_stream(subscription_name, "subscription_name")
         if any(
@@ -384,11 +457,13 @@ class EventStore:
             for d in self._subscriptions.active()
         ):
             raise SubscriptionAlreadyExistsError(
-                f"subscription {subscription_name!r} is active in this store; leave it first"
+                f"subscription {subscription_name!r} is active in this store; leave it first",
+                stream_uuid=stream_uuid,
+                subscription_name=subscription_name,
             )
         if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
             raise SubscriptionNotFoundError(
-                f"no subscription {subscription_name!r} on {stream_uuid!r}"
+                stream_uuid=stream_uuid, subscription_name=subscription_name
             )
 
     def statistics(self) -> EventStoreStatistics:
@@ -502,5 +577,8 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 subscriptions = Subscriptions(
                     config, database, notifier, locks, state.lock_key, nursery
                 )
-                yield EventStore(config, database, subscriptions)
+                try:
+                    yield EventStore(config, database, subscriptions)
+                finally:
+                    subscriptions.close()
                 nursery.cancel_scope.cancel()
