@@ -55,6 +55,21 @@ def drop_database(database: str) -> str:
 DATABASE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)"
 SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)"
 
+#: The size of the connected database, in bytes (what ``drop`` would destroy).
+DATABASE_SIZE = "SELECT pg_catalog.pg_database_size(pg_catalog.current_database())"
+
+#: Per user schema of the connected database: its tables and their total size in bytes
+#: (indexes and TOAST included), largest first.
+SCHEMA_SIZES = """
+SELECT n.nspname AS schema, count(c.oid) AS tables,
+       coalesce(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)::bigint AS bytes
+  FROM pg_catalog.pg_namespace n
+  LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'm')
+ WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+ GROUP BY n.nspname
+ ORDER BY bytes DESC, n.nspname
+"""
+
 
 def init_statements(schema: str, column_data_type: Literal["bytea", "jsonb"]) -> list[str]:
     """The statements of ``mix event_store.init``, in order, for one transaction."""
