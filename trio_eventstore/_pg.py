@@ -548,6 +548,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
     Raises:
         StorageUnavailableError: the server cannot be reached in ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        DatabaseNotFoundError: the database does not exist.
     """
     name = config.shared_connection_pool
     if name is not None:

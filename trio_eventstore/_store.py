@@ -58,7 +58,11 @@ class EventStoreStatistics:
 
 
 class EventStore:
-    """A store opened by `open_event_store`. Do not construct it yourself."""
+    """A store opened by `open_event_store`. Do not construct it yourself.
+
+    Once the store's ``async with`` block has exited, every method but `statistics`
+    raises `EventStoreClosedError` (a `trio.ClosedResourceError`) when called.
+    """
 
     def __init__(
         self, config: EventStoreConfig, database: Database, subscriptions: Subscriptions
@@ -551,6 +555,7 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
     Raises:
         StorageUnavailableError: the server cannot be reached within ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        DatabaseNotFoundError: the database does not exist (run ``create``).
         SchemaNotInitializedError: the schema holds no event store (run ``init``).
         SchemaMismatchError: the schema was initialised with another ``column_data_type``
             or is at another layout version.
