@@ -59,9 +59,13 @@ def check(c: Context) -> None:
     """Everything CI runs."""
 
 
-def _admin(c: Context, command: str, url: str, schema: str) -> None:
+def _admin(c: Context, command: str, url: str, schema: str, *, yes: bool = False) -> None:
     options = (f"--url {url!r} " if url else "") + (f"--schema {schema!r}" if schema else "")
-    c.run(f"{PY} -m trio_eventstore {command} {options}", echo=True, pty=False)
+    if yes:
+        options += " --yes"
+    # drop and reset ask for confirmation on a terminal: give them one.
+    pty = command in ("drop", "reset") and not yes and sys.stdin.isatty()
+    c.run(f"{PY} -m trio_eventstore {command} {options}", echo=True, pty=pty)
 
 
 _DB_HELP = {"url": "database URL (default: EVENTSTORE_URL)", "schema": "schema (default: public)"}
@@ -85,16 +89,19 @@ def migrate(c: Context, url: str = "", schema: str = "") -> None:
     _admin(c, "migrate", url, schema)
 
 
-@task(help=_DB_HELP)
-def drop(c: Context, url: str = "", schema: str = "") -> None:
-    """Drop the database (public) or the schema."""
-    _admin(c, "drop", url, schema)
+_DESTRUCTIVE_HELP = {**_DB_HELP, "yes": "do not ask for confirmation"}
 
 
-@task(help=_DB_HELP)
-def reset(c: Context, url: str = "", schema: str = "") -> None:
-    """Empty the store."""
-    _admin(c, "reset", url, schema)
+@task(help=_DESTRUCTIVE_HELP)
+def drop(c: Context, url: str = "", schema: str = "", yes: bool = False) -> None:
+    """Drop the database (public) or the schema (asks first, unless --yes)."""
+    _admin(c, "drop", url, schema, yes=yes)
+
+
+@task(help=_DESTRUCTIVE_HELP)
+def reset(c: Context, url: str = "", schema: str = "", yes: bool = False) -> None:
+    """Empty the store (asks first, unless --yes)."""
+    _admin(c, "reset", url, schema, yes=yes)
 
 
 db = Collection("db", create, init, migrate, drop, reset)

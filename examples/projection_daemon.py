@@ -69,7 +69,8 @@ async def main(config: EventStoreConfig) -> None:
             spec = SubscriberSpec(
                 name=f"balances-{run}",
                 handler=projection.handle,
-                options={"start_from": head, "buffer_size": 10},
+                start_from=head,
+                buffer_size=10,
             )
             async with open_subscriber_daemon(store, [spec]) as daemon:
                 for i in range(6):

@@ -221,7 +221,7 @@ def test_command_line_cycle(server_url: str) -> None:
             ("migrate", "up to date"),
             ("reset", "has been reset"),
         ):
-            result = run_cli(command, "--url", url)
+            result = run_cli(command, "--url", url, *(["--yes"] if command == "reset" else []))
             assert result.returncode == 0, result.stderr
             assert expected in result.stdout
         info = run_cli("info", "--json", env={"EVENTSTORE_URL": url})
@@ -230,11 +230,11 @@ def test_command_line_cycle(server_url: str) -> None:
         again = run_cli("init", "--json", env={"EVENTSTORE_URL": url})
         payload = json.loads(again.stdout)
         assert (payload["ok"], payload["task"], payload["changed"]) == (True, "init", False)
-        dropped = run_cli("drop", "--url", url)
+        dropped = run_cli("drop", "--url", url, "--yes")
         assert dropped.returncode == 0, dropped.stderr
         assert "has been dropped" in dropped.stdout
     finally:
-        run_cli("drop", "--url", url)
+        run_cli("drop", "--url", url, "--yes")
 
 
 def test_command_line_errors_hide_password(server_url: str) -> None:
@@ -246,3 +246,83 @@ def test_command_line_errors_hide_password(server_url: str) -> None:
     assert refused.returncode == 1
     assert "StorageUnavailableError" in refused.stderr
     assert secret not in refused.stderr + refused.stdout
+
+
+def run_cli_on_a_terminal(*args: str, answer: str) -> tuple[int, str]:
+    """Run the command with a terminal as stdin, type ``answer``; (status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trio_eventstore", *args],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        os.write(controller, answer.encode() + b"\n")
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    return process.returncode, stderr
+
+
+def test_command_line_drop_and_reset_ask_first(server_url: str) -> None:
+    url = url_for(server_url, f"cli_{uuid.uuid4().hex[:10]}")
+    config = EventStoreConfig(url=url)
+    schema = EventStoreConfig(url=url, schema="other")
+    exists = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)"
+    maintenance = EventStoreConfig(url=url_for(server_url, "postgres"))
+    try:
+        for c in (config, schema):
+            trio.run(admin.create, c)
+            trio.run(admin.init, c)
+        refused = run_cli("drop", "--url", url)  # stdin is not a terminal
+        assert refused.returncode == 2
+        assert f"would destroy the whole database {config.database_name!r} (" in refused.stderr
+        assert "in public" in refused.stderr
+        assert "in other" in refused.stderr  # the other schema goes too
+        assert "refusing without --yes" in refused.stderr
+        assert trio.run(scalar, maintenance, exists, config.database_name)
+        as_json = run_cli("reset", "--url", url, "--json")
+        assert as_json.returncode == 2
+        assert json.loads(as_json.stdout)["error"] == "NotConfirmed"
+        assert "every event (0), stream, subscription and snapshot" in as_json.stderr
+        refused_schema = run_cli("drop", "--url", url, "--schema", "other")
+        assert refused_schema.returncode == 2
+        assert "schema 'other' in database" in refused_schema.stderr
+        assert "tables)" in refused_schema.stderr
+
+        status, stderr = run_cli_on_a_terminal(
+            "drop", "--url", url, "--schema", "other", answer="no"
+        )
+        assert status == 1
+        assert "not confirmed; nothing changed" in stderr
+        assert trio.run(scalar, config, "SELECT to_regnamespace('other') IS NOT NULL")
+        status, stderr = run_cli_on_a_terminal(
+            "drop", "--url", url, "--schema", "other", answer="other"
+        )
+        assert status == 0, stderr
+        assert "Type 'other' to confirm" in stderr
+        assert trio.run(scalar, config, "SELECT to_regnamespace('other') IS NULL")
+
+        reset = run_cli("reset", "--url", url, "--yes")
+        assert reset.returncode == 0, reset.stderr
+        dropped = run_cli("drop", "--url", url, "-y")
+        assert dropped.returncode == 0, dropped.stderr
+        assert not trio.run(scalar, maintenance, exists, config.database_name)
+        nothing_left = run_cli("drop", "--url", url)  # nothing to destroy: no question
+        assert nothing_left.returncode == 0, nothing_left.stderr
+        assert "already been dropped" in nothing_left.stdout
+    finally:
+        run_cli("drop", "--url", url, "--yes")
+
+
+async def test_the_command_names_a_missing_database(server_url: str) -> None:
+    url = url_for(server_url, f"missing_{uuid.uuid4().hex[:8]}")
+    result = await trio.to_thread.run_sync(lambda: run_cli("info", "--url", url))
+    assert result.returncode == 1
+    assert "DatabaseNotFoundError" in result.stderr
+    assert "trio-eventstore create" in result.stderr

@@ -49,7 +49,7 @@ class Recorder:
 async def test_daemon_runs_handlers_and_stops_cleanly(initialized: EventStoreConfig) -> None:
     first, second = Recorder(), Recorder()
     specs = [
-        SubscriberSpec(name="one", handler=first, options={"buffer_size": 3}),
+        SubscriberSpec(name="one", handler=first, buffer_size=3),
         SubscriberSpec(name="two", handler=second, stream_uuid="s"),
     ]
     with trio.fail_after(HANG_GUARD):

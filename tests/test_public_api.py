@@ -65,6 +65,8 @@ EXPECTED = {
     "SubscriptionStatistics",
     "TransientSubscription",
     "Serializer",
+    "EventStoreClosedError",
+    "DatabaseNotFoundError",
 }
 
 

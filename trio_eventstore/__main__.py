@@ -3,6 +3,9 @@ reset) and inspection commands.
 
 Connection settings come from ``--url``/``--schema`` or the environment
 (``EVENTSTORE_URL``, ``EVENTSTORE_SCHEMA``, ... as in `EventStoreConfig.from_env`).
+Commands other than ``init`` use the column data type the schema was initialised with.
+``drop`` and ``reset`` say what they would destroy and ask for confirmation (``--yes``
+skips it; without a terminal they refuse unless given ``--yes``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,8 +25,14 @@ import trio
 from . import _operator, admin
 from ._config import EventStoreConfig
 from ._daemon import SubscriberSpec, load_handler, run_subscribers
-from ._errors import EventStoreError
-from ._store import open_event_store
+from ._errors import (
+    EventStoreError,
+    StreamDeletedError,
+    StreamNotFoundError,
+    SubscriptionAlreadyExistsError,
+)
+from ._store import EventStore, open_event_store
+from ._subscriptions import TransientSubscription
 
 __all__ = ["main"]
 
@@ -35,6 +45,10 @@ _TASKS: dict[str, tuple[Callable[[EventStoreConfig], Awaitable[admin.AdminResult
 }
 
 
+#: Tasks that destroy data: they ask for confirmation (or ``--yes``).
+_DESTRUCTIVE = ("drop", "reset")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-eventstore",
@@ -44,15 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="postgresql://user:password@host:port/database")
     common.add_argument("--schema", help="the store's schema (default: public)")
-    common.add_argument(
-        "--column-data-type",
-        choices=["bytea", "jsonb"],
-        help="data column type for init (default: bytea)",
-    )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in _TASKS.items():
-        sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        task = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        if name == "init":
+            task.add_argument(
+                "--column-data-type",
+                choices=["bytea", "jsonb"],
+                help="the type of the data and metadata columns (default: bytea)",
+            )
+        if name in _DESTRUCTIVE:
+            task.add_argument(
+                "--yes",
+                "-y",
+                action="store_true",
+                help="do not ask for confirmation (needed when stdin is not a terminal)",
+            )
     info = sub.add_parser(
         "info",
         parents=[common],
@@ -71,8 +93,19 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--count", type=int, default=100)
     event = sub.add_parser("event", parents=[common], help="show one event by id")
     event.add_argument("event_id")
-    tail = sub.add_parser("tail", parents=[common], help="follow a stream live (Ctrl-C stops)")
+    tail = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="follow a stream live (Ctrl-C stops)",
+        description="Follow a stream live (Ctrl-C stops). A stream that does not exist is "
+        "refused (a typo, most often) unless --allow-missing.",
+    )
     tail.add_argument("stream_uuid", nargs="?", default="$all")
+    tail.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="follow the stream even if it does not exist (yet) or has been deleted",
+    )
     reset_sub = sub.add_parser(
         "reset-subscription",
         parents=[common],
@@ -81,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     reset_sub.add_argument("stream_uuid")
     reset_sub.add_argument("subscription_name")
     reset_sub.add_argument("position", type=int, help="deliver events above this number")
+    reset_sub.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a position beyond the stream's head (events up to it will be skipped)",
+    )
     delete_sub = sub.add_parser(
         "delete-subscription",
         parents=[common],
@@ -125,11 +163,9 @@ def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
                 handler=load_handler(target),
                 stream_uuid=args.stream,
                 on_error=args.on_error,
-                options={
-                    "buffer_size": args.buffer_size,
-                    "checkpoint_threshold": args.checkpoint_threshold,
-                    "checkpoint_after": args.checkpoint_after,
-                },
+                buffer_size=args.buffer_size,
+                checkpoint_threshold=args.checkpoint_threshold,
+                checkpoint_after=args.checkpoint_after,
             )
         )
     return specs
@@ -141,12 +177,13 @@ def _config(args: argparse.Namespace) -> EventStoreConfig:
         overrides["url"] = args.url
     if args.schema:
         overrides["schema"] = args.schema
-    if args.column_data_type:
+    if getattr(args, "column_data_type", None):
         overrides["column_data_type"] = args.column_data_type
     return EventStoreConfig.from_env(**overrides)
 
 
 async def _info(config: EventStoreConfig, stream_uuid: str) -> dict[str, Any]:
+    config = await _operator.store_config(config)
     async with open_event_store(config) as store:
         info = await store.stream_info(stream_uuid)
     return {
@@ -209,12 +246,16 @@ async def _show(config: EventStoreConfig, args: argparse.Namespace) -> Any:
 async def _event(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     async with open_event_store(config) as store:
         event = await _operator.read_event(store, args.event_id)
-    return [_operator.event_dict(event)], ""
+    row = _operator.event_dict(event)
+    if args.json:
+        return [row], ""
+    _print_record(row)
+    return [], ""
 
 
 async def _reset_subscription(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     await _operator.reset_subscription(
-        config, args.stream_uuid, args.subscription_name, args.position
+        config, args.stream_uuid, args.subscription_name, args.position, force=args.force
     )
     return [], (f"subscription {args.subscription_name!r} will resume after event {args.position}")
 
@@ -225,12 +266,36 @@ async def _delete_subscription(config: EventStoreConfig, args: argparse.Namespac
 
 
 async def _tail(config: EventStoreConfig, args: argparse.Namespace) -> Any:
-    async with open_event_store(config) as store, store.subscribe(args.stream_uuid) as live:
-        print(f"following {args.stream_uuid} (Ctrl-C stops)", file=sys.stderr, flush=True)
-        async for batch in live:
-            for event in batch:
-                _print_rows([_operator.event_dict(event)], args.json, header=False)
+    async with open_event_store(config) as store:
+        if not args.allow_missing:
+            await _existing_stream(store, args.stream_uuid)
+        async with store.subscribe(args.stream_uuid) as live:
+            await _follow(live, args)
     return [], ""
+
+
+async def _existing_stream(store: EventStore, stream_uuid: str) -> None:
+    """Refuse to follow a stream that does not exist or was deleted (a typo, most often:
+    an operator would wait for nothing)."""
+    try:
+        info = await store.stream_info(stream_uuid)
+    except StreamNotFoundError:
+        raise StreamNotFoundError(
+            f"stream {stream_uuid!r} does not exist (--allow-missing follows it anyway)",
+            stream_uuid=stream_uuid,
+        ) from None
+    if info.deleted_at is not None:
+        raise StreamDeletedError(
+            f"stream {stream_uuid!r} has been deleted (--allow-missing follows it anyway)",
+            stream_uuid=stream_uuid,
+        )
+
+
+async def _follow(live: TransientSubscription, args: argparse.Namespace) -> None:
+    print(f"following {args.stream_uuid} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    async for batch in live:
+        for event in batch:
+            _print_rows([_operator.event_dict(event)], args.json, header=False)
 
 
 _INSPECT: dict[str, Callable[[EventStoreConfig, argparse.Namespace], Awaitable[Any]]] = {
@@ -260,26 +325,75 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, *, header: bool = Tru
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), flush=True)
 
 
+def _print_record(row: dict[str, Any]) -> None:
+    """One record as ``field: value`` lines, JSON values pretty-printed in full."""
+    width = max(len(key) for key in row) + 1
+    for key, value in row.items():
+        text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+        first, *rest = text.splitlines() or [""]
+        print(f"{key + ':':<{width}} {first}".rstrip())
+        for line in rest:
+            print(f"{'':<{width}} {line}".rstrip())
+
+
 def _cell(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _report(args: argparse.Namespace, config: EventStoreConfig, exc: Exception) -> int:
+    """Print a failed command's error (the type is named when it tells something)."""
+    message = config.redact(str(exc))
+    if args.json:
+        print(json.dumps({"ok": False, "error": type(exc).__name__, "message": message}))
+    if isinstance(exc, EventStoreError) and not isinstance(exc, SubscriptionAlreadyExistsError):
+        message = f"{type(exc).__name__}: {message}"
+    print(f"trio-eventstore {args.command}: {message}", file=sys.stderr)
+    return 1
+
+
+async def _inspect_command(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    return await _INSPECT[args.command](await _operator.store_config(config), args)
+
+
 def _inspect(args: argparse.Namespace, config: EventStoreConfig) -> int:
     try:
-        rows, footer = trio.run(_INSPECT[args.command], config, args)
+        rows, footer = trio.run(_inspect_command, config, args)
     except KeyboardInterrupt:
         return 0
     except (EventStoreError, LookupError, ValueError) as exc:
-        message = config.redact(str(exc))
-        if args.json:
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": message}))
-        print(f"trio-eventstore {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
-        return 1
+        return _report(args, config, exc)
     _print_rows(rows, args.json)
     if footer and not args.json:
         print(footer)
     return 0
+
+
+def _confirm(args: argparse.Namespace, config: EventStoreConfig) -> int | None:
+    """Ask before ``drop``/``reset`` destroys anything: None to go on, else the exit
+    status (2: no terminal to ask and no ``--yes``; 1: not confirmed)."""
+    target = trio.run(_operator.destruction, config, args.command)
+    if target is None:
+        return None  # nothing to destroy: the task says so
+    if not sys.stdin.isatty():
+        message = (
+            f"this would destroy {target.description}; refusing without --yes "
+            "(stdin is not a terminal to confirm on)"
+        )
+        if args.json:
+            print(json.dumps({"ok": False, "error": "NotConfirmed", "message": message}))
+        print(f"trio-eventstore {args.command}: {message}", file=sys.stderr)
+        return 2
+    print(f"This will destroy {target.description}.", file=sys.stderr)
+    print(f"Type {target.name!r} to confirm: ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+    if answer.strip() != target.name:
+        print(f"trio-eventstore {args.command}: not confirmed; nothing changed", file=sys.stderr)
+        return 1
+    return None
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -298,7 +412,28 @@ class _JsonLogFormatter(logging.Formatter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage)."""
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage or not
+    confirmed without a terminal, 141 output pipe closed early, as after SIGPIPE)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except BaseExceptionGroup as group:
+        if group.subgroup(lambda exc: not isinstance(exc, BrokenPipeError)) is not None:
+            raise
+        return _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output has gone (``... | head``): stop quietly, and keep the
+    interpreter from flushing into the closed pipe on exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -321,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         status = Path(args.status_file) if args.status_file else None
         try:
+            config = trio.run(_operator.store_config, config)
             trio.run(functools.partial(run_subscribers, config, specs, status_file=status))
         except EventStoreError as exc:
             print(
@@ -332,6 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in _INSPECT:
         return _inspect(args, config)
     try:
+        if args.command in _DESTRUCTIVE and not args.yes:
+            refused = _confirm(args, config)
+            if refused is not None:
+                return refused
+        if args.command == "reset":
+            config = trio.run(_operator.store_config, config)
         if args.command == "info":
             info = trio.run(_info, config, args.stream_uuid)
             if args.json:
@@ -343,11 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = _TASKS[args.command][0]
         result = trio.run(task, config)
     except EventStoreError as exc:
-        message = config.redact(str(exc))
-        if args.json:
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": message}))
-        print(f"trio-eventstore {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
-        return 1
+        return _report(args, config, exc)
     if args.json:
         print(
             json.dumps(

@@ -17,7 +17,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +27,8 @@ import trio
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, single_errors
 from ._store import EventStore, open_event_store
-from ._subscriptions import Subscription
-from ._types import ALL_STREAMS, RecordedEvent
+from ._subscriptions import Subscription, SubscriptionOptions
+from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
 __all__ = [
     "Handler",
@@ -56,7 +56,9 @@ class SubscriberSpec:
         stream_uuid: the stream, or ``"$all"``.
         on_error: ``"retry"`` (back-off from ``retry_delay`` doubling up to
             ``max_retry_delay``) or ``"stop"`` (the daemon stops and reports it).
-        options: more `EventStore.subscribe_to_stream` options (buffer_size, ...).
+        start_from, concurrency_limit, partition_by, buffer_size, max_size,
+            checkpoint_threshold, checkpoint_after, selector: the
+            `EventStore.subscribe_to_stream` options (validated here, before any I/O).
     """
 
     name: str
@@ -65,9 +67,26 @@ class SubscriberSpec:
     on_error: Literal["retry", "stop"] = "retry"
     retry_delay: float = 0.5
     max_retry_delay: float = 30.0
-    options: dict[str, Any] = attrs.field(factory=dict)
+    start_from: StartFrom | int = StartFrom.ORIGIN
+    concurrency_limit: int | None = None
+    partition_by: Callable[[RecordedEvent], Hashable] | None = None
+    buffer_size: int = 1
+    max_size: int = 1000
+    checkpoint_threshold: int = 1
+    checkpoint_after: float = 0.0
+    selector: Callable[[RecordedEvent], bool] | None = None
 
     def __attrs_post_init__(self) -> None:
+        SubscriptionOptions(  # raises on a bad option, before any I/O
+            start_from=self.start_from,
+            concurrency_limit=self.concurrency_limit,
+            partition_by=self.partition_by,
+            buffer_size=self.buffer_size,
+            max_size=self.max_size,
+            checkpoint_threshold=self.checkpoint_threshold,
+            checkpoint_after=self.checkpoint_after,
+            selector=self.selector,
+        )
         if not callable(self.handler):
             raise TypeError("handler: expected a callable taking a RecordedEvent")
         if self.on_error not in ("retry", "stop"):
@@ -139,7 +158,16 @@ class SubscriberDaemon:
     async def _run_one(self, spec: SubscriberSpec) -> None:
         stats = self._stats[spec.name]
         async with self.store.subscribe_to_stream(
-            spec.stream_uuid, spec.name, **spec.options
+            spec.stream_uuid,
+            spec.name,
+            start_from=spec.start_from,
+            concurrency_limit=spec.concurrency_limit,
+            partition_by=spec.partition_by,
+            buffer_size=spec.buffer_size,
+            max_size=spec.max_size,
+            checkpoint_threshold=spec.checkpoint_threshold,
+            checkpoint_after=spec.checkpoint_after,
+            selector=spec.selector,
         ) as sub:
             self._subs[spec.name] = sub
             stats.state = "waiting_for_lock"

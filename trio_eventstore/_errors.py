@@ -7,9 +7,12 @@ Leaves also subclass what callers already catch (`LookupError`, `ValueError`,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 
 import trio
+
+from ._types import ExpectedVersion
 
 __all__ = [
     "DuplicateEventError",
@@ -34,6 +37,8 @@ __all__ = [
     "UnknownEventTypeError",
     "WrongExpectedVersionError",
     "DatabaseError",
+    "DatabaseNotFoundError",
+    "EventStoreClosedError",
     "SchemaMismatchError",
     "AuthenticationError",
     "single_errors",
@@ -41,35 +46,135 @@ __all__ = [
 
 
 class EventStoreError(Exception):
-    """Root of every error raised by trio-eventstore."""
+    """Root of every error raised by trio-eventstore.
+
+    Errors carry their facts as attributes (``stream_uuid``, ``expected``, ...; None
+    when unknown) besides their message, and survive pickling.
+    """
+
+
+class EventStoreClosedError(EventStoreError, trio.ClosedResourceError):
+    """The store has been closed (its ``async with`` block has exited): nothing can be
+    done with it any more. Not a `StorageUnavailableError`: retrying will not help."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or "the event store is closed")
 
 
 class WrongExpectedVersionError(EventStoreError):
-    """The stream's current version is not the expected one (optimistic concurrency)."""
+    """The stream's current version is not the expected one (optimistic concurrency).
+
+    Attributes:
+        stream_uuid: the stream.
+        expected: the expected version given (an int or an `ExpectedVersion` marker).
+        current: the stream's version (0 when it does not exist).
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        expected: ExpectedVersion | int | None = None,
+        current: int | None = None,
+    ) -> None:
+        super().__init__(
+            message or f"stream {stream_uuid!r} is at version {current}, expected {expected}"
+        )
+        self.stream_uuid = stream_uuid
+        self.expected = expected
+        self.current = current
 
 
 class StreamExistsError(WrongExpectedVersionError):
-    """`NO_STREAM` was expected but the stream already has events."""
+    """`NO_STREAM` was expected but the stream already has events (``expected`` is
+    `NO_STREAM`)."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        expected: ExpectedVersion | int | None = ExpectedVersion.NO_STREAM,
+        current: int | None = None,
+    ) -> None:
+        super().__init__(
+            message or f"stream {stream_uuid!r} already exists (version {current})",
+            stream_uuid=stream_uuid,
+            expected=expected,
+            current=current,
+        )
 
 
 class StreamNotFoundError(EventStoreError, LookupError):
-    """The stream does not exist."""
+    """The stream does not exist.
+
+    Attributes:
+        stream_uuid: the stream.
+    """
+
+    def __init__(self, message: str | None = None, *, stream_uuid: str | None = None) -> None:
+        super().__init__(message or f"stream {stream_uuid!r} does not exist")
+        self.stream_uuid = stream_uuid
 
 
 class StreamDeletedError(EventStoreError):
-    """The stream has been (soft) deleted."""
+    """The stream has been (soft) deleted.
+
+    Attributes:
+        stream_uuid: the stream.
+    """
+
+    def __init__(self, message: str | None = None, *, stream_uuid: str | None = None) -> None:
+        super().__init__(message or f"stream {stream_uuid!r} has been deleted")
+        self.stream_uuid = stream_uuid
 
 
 class EventNotFoundError(EventStoreError, LookupError):
-    """An event to link does not exist."""
+    """An event to link does not exist.
+
+    Attributes:
+        event_ids: the ids that do not exist (a tuple of UUIDs).
+    """
+
+    def __init__(self, message: str | None = None, *, event_ids: Iterable[uuid.UUID] = ()) -> None:
+        ids = tuple(event_ids)
+        super().__init__(message or f"no such event(s): {', '.join(map(str, ids[:5]))}")
+        self.event_ids = ids
 
 
 class DuplicateEventError(EventStoreError):
-    """An event with the same id is already stored."""
+    """An event with the same id is already stored (or already in the stream, for a link).
+
+    Attributes:
+        stream_uuid: the stream written to.
+        event_id: the duplicate event's id, when the database named it.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> None:
+        super().__init__(
+            message or f"event {event_id} is already stored (writing to stream {stream_uuid!r})"
+        )
+        self.stream_uuid = stream_uuid
+        self.event_id = event_id
 
 
 class SnapshotNotFoundError(EventStoreError, LookupError):
-    """No snapshot is stored for the source."""
+    """No snapshot is stored for the source.
+
+    Attributes:
+        source_uuid: the snapshot's source.
+    """
+
+    def __init__(self, message: str | None = None, *, source_uuid: str | None = None) -> None:
+        super().__init__(message or f"no snapshot of {source_uuid!r}")
+        self.source_uuid = source_uuid
 
 
 class SerializationError(EventStoreError, ValueError):
@@ -78,7 +183,15 @@ class SerializationError(EventStoreError, ValueError):
 
 class UnknownEventTypeError(SerializationError):
     """An event type has no registered class (strict serializers only): raised when
-    reading such an event, and when appending one (which is then not written)."""
+    reading such an event, and when appending one (which is then not written).
+
+    Attributes:
+        event_type: the event type.
+    """
+
+    def __init__(self, message: str | None = None, *, event_type: str | None = None) -> None:
+        super().__init__(message or f"no class registered for event type {event_type!r}")
+        self.event_type = event_type
 
 
 class EventTooLargeError(SerializationError):
@@ -86,28 +199,112 @@ class EventTooLargeError(SerializationError):
     one piece (nothing is written; retrying cannot help)."""
 
 
-class SubscriptionAlreadyExistsError(EventStoreError):
-    """A subscription of that name is already active in this store."""
+class _SubscriptionError(EventStoreError):
+    """An error about one subscription: ``stream_uuid`` and ``subscription_name``."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        subscription_name: str | None = None,
+    ) -> None:
+        super().__init__(message or self._default(stream_uuid, subscription_name))
+        self.stream_uuid = stream_uuid
+        self.subscription_name = subscription_name
+
+    @staticmethod
+    def _default(stream_uuid: str | None, name: str | None) -> str:
+        return f"subscription {name!r} on {stream_uuid!r}"
 
 
-class SubscriptionNotFoundError(EventStoreError, LookupError):
-    """No subscription of that name exists."""
+class SubscriptionAlreadyExistsError(_SubscriptionError):
+    """A subscription of that name is already active: in this store, or (for the
+    operator commands) on some node, which holds its lock.
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+    """
+
+    @staticmethod
+    def _default(stream_uuid: str | None, name: str | None) -> str:
+        return f"subscription {name!r} on {stream_uuid!r} is already active in this store"
 
 
-class TooManySubscribersError(EventStoreError):
-    """A competing-consumer subscription is already at its `concurrency_limit`."""
+class SubscriptionNotFoundError(_SubscriptionError, LookupError):
+    """No subscription of that name exists.
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+    """
+
+    @staticmethod
+    def _default(stream_uuid: str | None, name: str | None) -> str:
+        return f"no subscription {name!r} on {stream_uuid!r}"
+
+
+class TooManySubscribersError(_SubscriptionError):
+    """A competing-consumer subscription is already at its `concurrency_limit`.
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+        concurrency_limit: its limit.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        subscription_name: str | None = None,
+        concurrency_limit: int | None = None,
+    ) -> None:
+        super().__init__(
+            message
+            or f"subscription {subscription_name!r} already has {concurrency_limit} subscriber(s)",
+            stream_uuid=stream_uuid,
+            subscription_name=subscription_name,
+        )
+        self.concurrency_limit = concurrency_limit
 
 
 class InvalidStartFromError(EventStoreError, ValueError):
-    """`start_from` is not ORIGIN, CURRENT or a non-negative event number."""
+    """`start_from` is not ORIGIN, CURRENT or a non-negative event number.
+
+    Attributes:
+        start_from: the value given.
+    """
+
+    def __init__(self, message: str | None = None, *, start_from: object = None) -> None:
+        super().__init__(
+            message
+            or f"start_from: expected ORIGIN, CURRENT or an event number >= 0, got {start_from!r}"
+        )
+        self.start_from = start_from
 
 
 class UnexpectedAckError(EventStoreError, ValueError):
-    """An ack names an event that is not in flight for this subscriber."""
+    """An ack names an event that is not in flight for this subscriber.
+
+    Attributes:
+        event_number: the acknowledged event number.
+    """
+
+    def __init__(self, message: str | None = None, *, event_number: int | None = None) -> None:
+        super().__init__(message or f"event {event_number} is not in flight for this subscriber")
+        self.event_number = event_number
 
 
-class SubscriptionFailedError(EventStoreError):
-    """The subscription stopped because of an error (its `__cause__` says which)."""
+class SubscriptionFailedError(_SubscriptionError):
+    """The subscription stopped because of an error (its `__cause__` says which).
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+    """
+
+    @staticmethod
+    def _default(stream_uuid: str | None, name: str | None) -> str:
+        return f"subscription {name!r} failed"
 
 
 class NotSupportedError(EventStoreError):
@@ -115,7 +312,8 @@ class NotSupportedError(EventStoreError):
 
 
 class StorageUnavailableError(EventStoreError, trio.BrokenResourceError):
-    """The database cannot be reached, or the connection to it broke."""
+    """The database cannot be reached, or the connection to it broke (retrying later
+    may succeed)."""
 
 
 class PoolOverloadedError(StorageUnavailableError):
@@ -142,14 +340,40 @@ class DatabaseError(EventStoreError):
     Attributes:
         sqlstate: the five-character SQLSTATE code.
         constraint_name: the violated constraint, when there is one.
+        detail: the server's DETAIL line, when there is one.
     """
 
     def __init__(
-        self, message: str, *, sqlstate: str | None = None, constraint_name: str | None = None
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        constraint_name: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.constraint_name = constraint_name
+        self.detail = detail
+
+
+class DatabaseNotFoundError(DatabaseError, LookupError):
+    """The database does not exist on the server (SQLSTATE 3D000): create it
+    (``trio-eventstore create``). Not a `StorageUnavailableError`: retrying will not help.
+
+    Attributes:
+        database: the database's name.
+    """
+
+    def __init__(
+        self, message: str | None = None, *, database: str | None = None, sqlstate: str = "3D000"
+    ) -> None:
+        super().__init__(
+            message
+            or f"database {database!r} does not exist: create it with `trio-eventstore create`",
+            sqlstate=sqlstate,
+        )
+        self.database = database
 
 
 @contextlib.contextmanager

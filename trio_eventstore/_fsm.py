@@ -248,7 +248,7 @@ class SubscriptionFSM(Generic[E]):
         """
         position = self._position(consumer_id, event_number)
         if position is None:
-            raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
+            raise UnexpectedAckError(event_number=event_number)
         in_flight = self.consumers[consumer_id].in_flight
         unacked = self._unacked
         for number, _, _ in in_flight[: position + 1]:

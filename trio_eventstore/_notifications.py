@@ -102,6 +102,10 @@ class Notifier:
 
     # -- writers --------------------------------------------------------------------------
 
+    def wake_all(self) -> None:
+        """Wake every reader, as a re-sync does (they read the database themselves)."""
+        self._wake(resynced=True)
+
     def _wake(self, *, resynced: bool, stream_uuid: str | None = None) -> None:
         wakeup, self._changed = self._changed, _Wakeup()
         wakeup.resynced = resynced

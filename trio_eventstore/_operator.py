@@ -1,27 +1,107 @@
 """Operator commands behind the ``trio-eventstore`` command line: list streams and
 subscriptions with their lag, show streams and events, reset or delete a subscription
-safely (refused while any node holds its lock)."""
+safely (refused while any node holds its lock), say what ``drop``/``reset`` would destroy."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+import attrs
+
 from . import _sql, _storage
 from ._config import EventStoreConfig
-from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
+from ._errors import (
+    DatabaseNotFoundError,
+    SubscriptionAlreadyExistsError,
+    SubscriptionNotFoundError,
+)
 from ._locks import lock_key2
 from ._pg import Conn, open_connection
 from ._store import EventStore
 from ._types import RecordedEvent
 
 __all__ = [
+    "Destruction",
     "delete_subscription",
+    "destruction",
     "event_dict",
     "read_event",
     "reset_subscription",
+    "store_config",
     "subscriptions_with_lag",
 ]
+
+
+async def store_config(config: EventStoreConfig) -> EventStoreConfig:
+    """``config`` with the column data type the schema was initialised with (the
+    commands read any store, whatever ``column_data_type`` the environment says)."""
+    try:
+        async with open_connection(config, role=f"operator {config.schema}") as conn:
+            state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
+    except DatabaseNotFoundError:
+        return config  # opening the store will say so
+    if state.data_type == "jsonb" and config.column_data_type != "jsonb":
+        return attrs.evolve(config, column_data_type="jsonb")
+    if state.data_type == "bytea" and config.column_data_type != "bytea":
+        return attrs.evolve(config, column_data_type="bytea")
+    return config
+
+
+@attrs.frozen
+class Destruction:
+    """What ``drop`` or ``reset`` would destroy: ``name`` (the database or schema, which
+    an operator types to confirm) and a description with sizes."""
+
+    name: str
+    description: str
+
+
+def size_text(size: int) -> str:
+    """Bytes for people, as ``pg_size_pretty`` writes them."""
+    value = float(size)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 10 * 1024 or unit == "TB":
+            return f"{value:.0f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def destruction(config: EventStoreConfig, task: str) -> Destruction | None:
+    """What ``task`` (``"drop"`` or ``"reset"``) would destroy, or None when there is
+    nothing (no such database or schema, or no store to reset: the task then says so)."""
+    database, schema = config.database_name, config.schema
+    try:
+        async with open_connection(config, role=f"operator {schema}") as conn:
+            sizes = {row["schema"]: row for row in await conn.fetch(_sql.SCHEMA_SIZES)}
+            if task == "drop" and schema == "public":
+                total = int(await conn.fetchval(_sql.DATABASE_SIZE))
+                tables = ", ".join(
+                    f"{row['tables']} in {name}" for name, row in sizes.items() if row["tables"]
+                )
+                return Destruction(
+                    database,
+                    f"the whole database {database!r} ({size_text(total)}; tables: "
+                    f"{tables or 'none'}), not only the event store",
+                )
+            if schema not in sizes:
+                return None
+            row = sizes[schema]
+            where = f"schema {schema!r} in database {database!r}"
+            size = f"{size_text(int(row['bytes']))} in {row['tables']} tables"
+            if task == "drop":
+                return Destruction(schema, f"{where} ({size})")
+            state = await conn.run(lambda c: _storage.read_schema_state(c, schema))
+            if not state.initialized:
+                return None  # reset refuses it
+            head = await conn.fetch(_sql.stream_info(schema), "$all")
+            events = int(head[0]["stream_version"]) if head else 0
+            return Destruction(
+                schema,
+                f"every event ({events}), stream, subscription and snapshot in {where} ({size})",
+            )
+    except DatabaseNotFoundError:
+        return None
 
 
 def event_dict(event: RecordedEvent) -> dict[str, Any]:
@@ -83,11 +163,19 @@ async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
 
 
 async def _while_nobody_runs_it(
-    config: EventStoreConfig, stream_uuid: str, name: str, statement: str, *args: object
+    config: EventStoreConfig,
+    stream_uuid: str,
+    name: str,
+    statement: str,
+    *args: object,
+    beyond_head_ok: bool = True,
 ) -> None:
     """Run ``statement`` holding the subscription's lock (so no node runs it).
+    Unless ``beyond_head_ok``, the first of ``args`` (a position) must not be beyond
+    the head of the stream (``$all``: the last event number).
 
     Raises:
+        ValueError: the position is beyond the head.
         SubscriptionNotFoundError: no such subscription.
         SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
     """
@@ -96,15 +184,29 @@ async def _while_nobody_runs_it(
     async def unit(conn: Conn) -> None:
         row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
         if row is None:
-            raise SubscriptionNotFoundError(f"no subscription {name!r} on {stream_uuid!r}")
+            raise SubscriptionNotFoundError(stream_uuid=stream_uuid, subscription_name=name)
         state = await _storage.read_schema_state(conn, schema)
         assert state.lock_key is not None
         key = (state.lock_key, lock_key2(int(row["subscription_id"])))
         if not await conn.fetchval(_sql.TRY_LOCK, *key):
             raise SubscriptionAlreadyExistsError(
-                f"subscription {name!r} is active on some node: stop it first"
+                f"subscription {name!r} on {stream_uuid!r} is active on another node "
+                "(its lock is held); stop it first",
+                stream_uuid=stream_uuid,
+                subscription_name=name,
             )
         try:
+            if not beyond_head_ok:
+                info = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
+                head = int(info["stream_version"]) if info is not None else 0
+                position = args[0]
+                assert isinstance(position, int)
+                if position > head:
+                    raise ValueError(
+                        f"position {position} is beyond the head of {stream_uuid!r} "
+                        f"({head}): subscription {name!r} would skip every event appended "
+                        f"up to {position}; give --force to set it anyway"
+                    )
             await conn.execute(statement, stream_uuid, name, *args)
         finally:
             await conn.fetchval(_sql.UNLOCK, *key)
@@ -119,16 +221,23 @@ async def delete_subscription(config: EventStoreConfig, stream_uuid: str, name: 
 
 
 async def reset_subscription(
-    config: EventStoreConfig, stream_uuid: str, name: str, position: int
+    config: EventStoreConfig, stream_uuid: str, name: str, position: int, *, force: bool = False
 ) -> None:
     """Set a subscription's checkpoint to ``position`` (its next event is position + 1).
 
     Raises:
+        ValueError: ``position`` is beyond the stream's head (the subscription would skip
+            every event appended up to it), unless ``force``.
         SubscriptionNotFoundError: no such subscription.
         SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
     """
     if position < 0:
         raise ValueError("position: must be >= 0")
     await _while_nobody_runs_it(
-        config, stream_uuid, name, _sql.reset_subscription(config.schema), position
+        config,
+        stream_uuid,
+        name,
+        _sql.reset_subscription(config.schema),
+        position,
+        beyond_head_ok=force,
     )

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import re
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -44,6 +45,8 @@ from ._config import EventStoreConfig
 from ._errors import (
     AuthenticationError,
     DatabaseError,
+    DatabaseNotFoundError,
+    EventStoreClosedError,
     EventStoreError,
     PoolOverloadedError,
     StorageUnavailableError,
@@ -85,6 +88,10 @@ class Row(Protocol):
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, resources, operator intervention
 
+#: The server's message for SQLSTATE 3D000 (a server that translates its messages
+#: gets the configured database's name instead).
+_MISSING_DATABASE = re.compile(r'database "(.*)" does not exist')
+
 
 def translate_error(exc: BaseException, config: EventStoreConfig | None = None) -> EventStoreError:
     """The `EventStoreError` for a driver or OS error (passwords scrubbed)."""
@@ -101,10 +108,16 @@ def translate_error(exc: BaseException, config: EventStoreConfig | None = None) 
         sqlstate = getattr(exc, "sqlstate", None)
         if sqlstate is not None and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             return StorageUnavailableError(f"database unavailable ({sqlstate}): {message}")
+        if sqlstate == "3D000":  # invalid_catalog_name
+            named = _MISSING_DATABASE.search(str(exc))
+            if named is not None:
+                return DatabaseNotFoundError(database=named.group(1))
+            return DatabaseNotFoundError(database=config.database_name if config else None)
         return DatabaseError(
             message,
             sqlstate=sqlstate,
             constraint_name=getattr(exc, "constraint_name", None),
+            detail=getattr(exc, "detail", None),
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return StorageUnavailableError("the database did not answer in time")
@@ -295,7 +308,7 @@ class _Pool:
 
     async def acquire(self) -> Any:
         if self.closed:
-            raise StorageUnavailableError("the store is closed")
+            raise EventStoreClosedError()
         admission = self.admission
         started = time.monotonic()
         deadline = started + admission.max_wait()
@@ -535,6 +548,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
     Raises:
         StorageUnavailableError: the server cannot be reached in ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        DatabaseNotFoundError: the database does not exist.
     """
     name = config.shared_connection_pool
     if name is not None:
@@ -560,7 +574,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
         try:
             try:
                 await pool.open()
-            except StorageUnavailableError:
+            except (StorageUnavailableError, DatabaseNotFoundError):
                 raise
             except EventStoreError as exc:
                 raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc

@@ -390,7 +390,7 @@ class JsonSerializer:
         cls = self._by_type.get(event_type)
         if cls is None:
             if self.strict:
-                raise UnknownEventTypeError(f"no class registered for event type {event_type!r}")
+                raise UnknownEventTypeError(event_type=event_type)
             return value
         try:
             return self.converter.structure(value, cls)

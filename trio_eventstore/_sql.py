@@ -55,6 +55,21 @@ def drop_database(database: str) -> str:
 DATABASE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)"
 SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)"
 
+#: The size of the connected database, in bytes (what ``drop`` would destroy).
+DATABASE_SIZE = "SELECT pg_catalog.pg_database_size(pg_catalog.current_database())"
+
+#: Per user schema of the connected database: its tables and their total size in bytes
+#: (indexes and TOAST included), largest first.
+SCHEMA_SIZES = """
+SELECT n.nspname AS schema, count(c.oid) AS tables,
+       coalesce(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)::bigint AS bytes
+  FROM pg_catalog.pg_namespace n
+  LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'm')
+ WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+ GROUP BY n.nspname
+ ORDER BY bytes DESC, n.nspname
+"""
+
 
 def init_statements(schema: str, column_data_type: Literal["bytea", "jsonb"]) -> list[str]:
     """The statements of ``mix event_store.init``, in order, for one transaction."""
@@ -333,7 +348,8 @@ def append_batch(schema: str, column_data_type: str) -> str:
 
     Returns one row per append, in order: ``outcome`` (``APPEND_*``), ``stream_id``,
     ``before`` (the stream's version before it, or its current version when refused)
-    and ``all_base`` (the `$all` number before its first event). An append that is
+    ``all_base`` (the `$all` number before its first event) and ``duplicate_id`` (for
+    ``APPEND_DUPLICATE``: an event id already stored). An append that is
     refused writes nothing; the others commit. ``APPEND_RETRY``: the stream was created
     by a concurrent transaction during the statement (nothing written; try again).
 
@@ -362,8 +378,9 @@ def append_batch(schema: str, column_data_type: str) -> str:
         f" FROM {s}.streams s WHERE s.stream_uuid = ANY($1::text[])"
         " ORDER BY s.stream_uuid FOR UPDATE"
         "), dup AS ("
-        " SELECT DISTINCT u.a FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
+        " SELECT u.a, (array_agg(u.id))[1] AS id FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
         f" JOIN {s}.events e ON e.event_id = u.id WHERE e.event_id = ANY($7::uuid[])"
+        " GROUP BY u.a"
         "), created AS ("
         f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
         " SELECT r.uuid, r.n FROM req r"
@@ -412,8 +429,10 @@ def append_batch(schema: str, column_data_type: str) -> str:
         " FROM a, unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
         " JOIN ok ON ok.k = u.a,"
         " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
-        ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base"
-        " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true ORDER BY st.k"
+        ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
+        " d.id AS duplicate_id"
+        " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true"
+        " LEFT JOIN dup d ON d.a = st.k ORDER BY st.k"
     )
 
 
@@ -422,8 +441,8 @@ def link_events(schema: str) -> str:
 
     Parameters: $1 stream_uuid, $2 kind (``EXPECT_*``), $3 expected version, $4 the
     event ids in order. Returns one row: ``outcome`` (``APPEND_*``; ``APPEND_DUPLICATE``
-    when an event is missing), ``stream_id``, ``before`` and ``missing`` (how many of
-    the events do not exist). Nothing is written unless the outcome is ``APPEND_OK``.
+    when an event is missing), ``stream_id``, ``before`` and ``missing`` (the ids of
+    the events that do not exist). Nothing is written unless the outcome is ``APPEND_OK``.
     An event already in the stream fails the statement (unique violation). Locks: the
     stream row only (as `append_batch` takes it); links never touch `$all`.
     """
@@ -439,7 +458,9 @@ def link_events(schema: str) -> str:
         f" JOIN {s}.stream_events se ON se.event_id = u.id"
         " AND se.stream_id = se.original_stream_id"
         "), m AS ("
-        " SELECT cardinality($4::uuid[]) - (SELECT count(*) FROM orig) AS missing"
+        " SELECT count(*) FILTER (WHERE o.k IS NULL) AS missing,"
+        " coalesce(array_agg(u.id ORDER BY u.k) FILTER (WHERE o.k IS NULL), '{}') AS missing_ids"
+        " FROM unnest($4::uuid[]) WITH ORDINALITY AS u(id, k) LEFT JOIN orig o ON o.k = u.k"
         "), created AS ("
         f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
         " SELECT $1, cardinality($4::uuid[]) FROM m"
@@ -464,7 +485,7 @@ def link_events(schema: str) -> str:
         " FROM st, unnest($4::uuid[]) WITH ORDINALITY AS u(id, k)"
         " JOIN orig o ON o.k = u.k"
         f" WHERE st.outcome = {APPEND_OK}"
-        ") SELECT st.outcome, st.stream_id, st.before, st.missing FROM st"
+        ") SELECT st.outcome, st.stream_id, st.before, m.missing_ids AS missing FROM st, m"
     )
 
 

@@ -5,6 +5,7 @@ Trio-flavoured."""
 from __future__ import annotations
 
 import datetime
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -134,7 +135,7 @@ async def stream_info(db: Database, stream_uuid: str) -> StreamInfo:
 
     row = await db.run(unit)
     if row is None:
-        raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        raise StreamNotFoundError(stream_uuid=stream_uuid)
     return _stream_info(row)
 
 
@@ -240,25 +241,41 @@ class Appended:
 Outcome = Appended | EventStoreError | None
 
 
-def _refusal(request: AppendRequest, outcome: int, current: int) -> EventStoreError:
+def _refusal(
+    request: AppendRequest, outcome: int, current: int, event_id: uuid.UUID | None = None
+) -> EventStoreError:
     stream_uuid, expected = request.stream_uuid, request.expected
     if outcome == _sql.APPEND_DELETED:
-        return StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+        return StreamDeletedError(stream_uuid=stream_uuid)
     if outcome == _sql.APPEND_EXISTS:
-        return StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+        return StreamExistsError(stream_uuid=stream_uuid, expected=expected, current=current)
     if outcome == _sql.APPEND_NOT_FOUND:
-        return StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+        return StreamNotFoundError(stream_uuid=stream_uuid)
     if outcome == _sql.APPEND_WRONG_VERSION:
         return WrongExpectedVersionError(
-            f"stream {stream_uuid!r} is at version {current}, expected {expected}"
+            stream_uuid=stream_uuid, expected=expected, current=current
         )
     assert outcome == _sql.APPEND_DUPLICATE, outcome
-    return DuplicateEventError(f"an event id is already stored (append to {stream_uuid!r})")
+    return DuplicateEventError(stream_uuid=stream_uuid, event_id=event_id)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _key_event_id(detail: str | None) -> uuid.UUID | None:
+    """The event id in a unique violation's DETAIL ("Key (event_id)=(...) already
+    exists."; None when the server does not say)."""
+    found = _UUID.search(detail or "")
+    return uuid.UUID(found.group()) if found else None
 
 
 def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
     if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
-        return DuplicateEventError(f"an event id is already in stream {stream_uuid!r}: {exc}")
+        return DuplicateEventError(
+            f"an event id is already in stream {stream_uuid!r}: {exc}",
+            stream_uuid=stream_uuid,
+            event_id=_key_event_id(exc.detail),
+        )
     if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
         return SerializationError(f"the database rejected the event data: {exc}")
     if exc.sqlstate == "54000":  # program_limit_exceeded: e.g. a jsonb document too large
@@ -311,7 +328,7 @@ def batch_outcomes(
         elif outcome == _sql.APPEND_RETRY:
             outcomes.append(None)
         else:
-            outcomes.append(_refusal(request, outcome, before))
+            outcomes.append(_refusal(request, outcome, before, row["duplicate_id"]))
     return outcomes
 
 
@@ -407,9 +424,7 @@ async def link(
         if outcome == _sql.APPEND_OK:
             return before + len(event_ids)
         if outcome == _sql.APPEND_DUPLICATE:
-            raise EventNotFoundError(
-                f"{int(row['missing'])} of the events to link into {stream_uuid!r} do not exist"
-            )
+            raise EventNotFoundError(event_ids=row["missing"])
         if outcome != _sql.APPEND_RETRY:
             raise _refusal(request, outcome, before)
     raise StorageUnavailableError(f"stream {stream_uuid!r} is being created elsewhere")
@@ -428,9 +443,9 @@ async def read(
     async def unit(conn: Conn) -> list[Row]:
         row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
         if row is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+            raise StreamNotFoundError(stream_uuid=stream_uuid)
         if row["deleted_at"] is not None:
-            raise StreamDeletedError(f"stream {stream_uuid!r} has been deleted")
+            raise StreamDeletedError(stream_uuid=stream_uuid)
         return await conn.fetch(query, row["stream_id"], start_version, count)
 
     return recorded(config, await db.run(unit))
@@ -471,11 +486,9 @@ def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
 def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int) -> None:
     """Raise unless ``expected`` admits an existing stream at ``current``."""
     if expected is ExpectedVersion.NO_STREAM and current:
-        raise StreamExistsError(f"stream {stream_uuid!r} already exists (version {current})")
+        raise StreamExistsError(stream_uuid=stream_uuid, expected=expected, current=current)
     if isinstance(expected, int) and current != expected:
-        raise WrongExpectedVersionError(
-            f"stream {stream_uuid!r} is at version {current}, expected {expected}"
-        )
+        raise WrongExpectedVersionError(stream_uuid=stream_uuid, expected=expected, current=current)
 
 
 async def delete_stream(
@@ -486,9 +499,11 @@ async def delete_stream(
     async def unit(conn: Conn) -> None:
         row = await conn.fetchrow(_sql.lock_stream(schema), stream_uuid)
         if row is None:
-            raise StreamNotFoundError(f"stream {stream_uuid!r} does not exist")
+            raise StreamNotFoundError(stream_uuid=stream_uuid)
         if row["deleted_at"] is not None and not hard:
-            raise StreamDeletedError(f"stream {stream_uuid!r} has already been deleted")
+            raise StreamDeletedError(
+                f"stream {stream_uuid!r} has already been deleted", stream_uuid=stream_uuid
+            )
         _check_expected(stream_uuid, expected, int(row["stream_version"]))
         if hard:
             await conn.execute(_sql.hard_delete_stream(schema), row["stream_id"])
@@ -563,7 +578,7 @@ async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
     sql = _sql.read_snapshot(db.config.schema, db.config.column_data_type)
     rows = await db.fetch(sql, source_uuid)
     if not rows:
-        raise SnapshotNotFoundError(f"no snapshot of {source_uuid!r}")
+        raise SnapshotNotFoundError(source_uuid=source_uuid)
     r = rows[0]
     serializer = db.config.serializer
     return SnapshotData(

@@ -64,7 +64,11 @@ class EventStoreStatistics:
 
 
 class EventStore:
-    """A store opened by `open_event_store`. Do not construct it yourself."""
+    """A store opened by `open_event_store`. Do not construct it yourself.
+
+    Once the store's ``async with`` block has exited, every method but `statistics`
+    raises `EventStoreClosedError` (a `trio.ClosedResourceError`) when called.
+    """
 
     def __init__(
         self,
@@ -83,6 +87,10 @@ class EventStore:
         """The configuration the store was opened with (after ``init``)."""
         return self._config
 
+    def _check_open(self) -> None:
+        """Raise `EventStoreClosedError` once the store's block has exited."""
+        self._subscriptions.check_open()
+
     async def stream_info(self, stream_uuid: str) -> StreamInfo:
         """Information on one stream (``"$all"`` included).
 
@@ -91,6 +99,7 @@ class EventStore:
         Raises:
             StreamNotFoundError: no such stream.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         return await _storage.stream_info(self._db, stream_uuid)
 
@@ -123,6 +132,7 @@ class EventStore:
             UnknownEventTypeError: a strict serializer has no class for an event's type.
             EventTooLargeError: the events are larger than PostgreSQL takes in one append.
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         event_list = _check_events(events, EventData, "events")
@@ -161,6 +171,7 @@ class EventStore:
             EventNotFoundError: an event does not exist.
             DuplicateEventError: an event is already in the stream.
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         items = _check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
@@ -188,6 +199,7 @@ class EventStore:
         Raises:
             StreamNotFoundError, StreamDeletedError.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=0)
         _check_int("count", count, minimum=1)
@@ -201,6 +213,7 @@ class EventStore:
         Raises:
             StreamNotFoundError, StreamDeletedError.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=-1)
         _check_int("count", count, minimum=1)
@@ -218,12 +231,20 @@ class EventStore:
         """Every event, newest first, from event number ``start_version`` (-1: the last)."""
         return await self.read_stream_backward(ALL_STREAMS, start_version, count)
 
-    async def stream_forward(
+    def stream_forward(
         self, stream_uuid: str, *, start_version: int = 0, read_batch_size: int = 1000
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate a stream oldest first, reading pages of ``read_batch_size``; no
         connection is held between pages."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=0)
         _check_int("read_batch_size", read_batch_size, minimum=1)
+        return self._stream_forward(stream_uuid, start_version, read_batch_size)
+
+    async def _stream_forward(
+        self, stream_uuid: str, start_version: int, read_batch_size: int
+    ) -> AsyncIterator[RecordedEvent]:
         position = start_version
         while True:
             page = await self.read_stream_forward(stream_uuid, position, read_batch_size)
@@ -233,11 +254,19 @@ class EventStore:
                 return
             position = page[-1].event_number + 1
 
-    async def stream_backward(
+    def stream_backward(
         self, stream_uuid: str, *, start_version: int = -1, read_batch_size: int = 1000
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate a stream newest first, in pages of ``read_batch_size``."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_int("start_version", start_version, minimum=-1)
         _check_int("read_batch_size", read_batch_size, minimum=1)
+        return self._stream_backward(stream_uuid, start_version, read_batch_size)
+
+    async def _stream_backward(
+        self, stream_uuid: str, start_version: int, read_batch_size: int
+    ) -> AsyncIterator[RecordedEvent]:
         position = start_version
         while True:
             page = await self.read_stream_backward(stream_uuid, position, read_batch_size)
@@ -274,6 +303,7 @@ class EventStore:
     ) -> Page:
         """A page of streams (``$all`` excluded), optionally those whose id contains
         ``search``; sorted by ``stream_id``, ``stream_uuid`` or ``created_at``."""
+        self._check_open()
         _check_int("page_size", page_size, minimum=1)
         _check_int("page_number", page_number, minimum=1)
         if search is not None:
@@ -308,6 +338,7 @@ class EventStore:
             NotSupportedError: ``hard=True`` without ``enable_hard_deletes``.
             StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
         """
+        self._check_open()
         _check_target(stream_uuid)
         _check_expected_version(expected_version)
         if hard and not self._config.enable_hard_deletes:
@@ -316,6 +347,7 @@ class EventStore:
 
     async def record_snapshot(self, snapshot: SnapshotData) -> None:
         """Record (or replace) the snapshot of ``snapshot.source_uuid``."""
+        self._check_open()
         if not isinstance(snapshot, SnapshotData):
             raise TypeError(f"snapshot: expected SnapshotData, got {type(snapshot).__name__}")
         serializer = self._config.serializer
@@ -325,35 +357,45 @@ class EventStore:
 
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:
         """The snapshot of ``source_uuid``. Raises SnapshotNotFoundError."""
+        self._check_open()
         _check_stream(source_uuid, "source_uuid")
         return await _storage.read_snapshot(self._db, source_uuid)
 
     async def delete_snapshot(self, source_uuid: str) -> None:
         """Delete the snapshot of ``source_uuid`` (nothing happens if there is none)."""
+        self._check_open()
         _check_stream(source_uuid, "source_uuid")
         await _storage.delete_snapshot(self._db, source_uuid)
 
-    @contextlib.asynccontextmanager
-    async def subscribe(
+    def subscribe(
         self,
         stream_uuid: str,
         *,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
-    ) -> AsyncIterator[TransientSubscription]:
+    ) -> contextlib.AbstractAsyncContextManager[TransientSubscription]:
         """A transient subscription: iterate batches of the events appended to the stream
         (or ``"$all"``) after subscribing, until the block exits. No checkpoint, no lock.
 
         Ports ``EventStore.subscribe/2``.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         for name, fn in (("selector", selector), ("mapper", mapper)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable or None")
-        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+        return self._subscribe(stream_uuid, selector, mapper)
 
     @contextlib.asynccontextmanager
-    async def subscribe_to_stream(
+    async def _subscribe(
+        self,
+        stream_uuid: str,
+        selector: Callable[[RecordedEvent], bool] | None,
+        mapper: Callable[[RecordedEvent], Any] | None,
+    ) -> AsyncIterator[TransientSubscription]:
+        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+
+    def subscribe_to_stream(
         self,
         stream_uuid: str,
         subscription_name: str,
@@ -367,7 +409,7 @@ class EventStore:
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
-    ) -> AsyncIterator[Subscription]:
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """A persistent subscription: iterate batches, `Subscription.ack` them; the
         checkpoint survives restarts and one store at a time (cluster-wide, through
         Postgres advisory locks) delivers a given name. Leaving the block persists the
@@ -381,6 +423,7 @@ class EventStore:
             TooManySubscribersError: ``concurrency_limit`` consumers already share it.
             InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_stream(subscription_name, "subscription_name")
         options = SubscriptionOptions(
@@ -394,6 +437,12 @@ class EventStore:
             selector=selector,
             mapper=mapper,
         )
+        return self._subscribe_to_stream(stream_uuid, subscription_name, options)
+
+    @contextlib.asynccontextmanager
+    async def _subscribe_to_stream(
+        self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
+    ) -> AsyncIterator[Subscription]:
         driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
         try:
             yield Subscription(driver, consumer)
@@ -401,10 +450,37 @@ class EventStore:
             await self._subscriptions.leave(driver, consumer)
 
     def subscribe_to_all_streams(
-        self, subscription_name: str, **options: Any
+        self,
+        subscription_name: str,
+        *,
+        start_from: StartFrom | int = StartFrom.ORIGIN,
+        concurrency_limit: int | None = None,
+        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        buffer_size: int = 1,
+        max_size: int = 1000,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
-        """`subscribe_to_stream` on ``"$all"`` (event numbers are global)."""
-        return self.subscribe_to_stream(ALL_STREAMS, subscription_name, **options)
+        """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
+        options.
+
+        Ports ``EventStore.subscribe_to_all_streams/3``.
+        """
+        return self.subscribe_to_stream(
+            ALL_STREAMS,
+            subscription_name,
+            start_from=start_from,
+            concurrency_limit=concurrency_limit,
+            partition_by=partition_by,
+            buffer_size=buffer_size,
+            max_size=max_size,
+            checkpoint_threshold=checkpoint_threshold,
+            checkpoint_after=checkpoint_after,
+            selector=selector,
+            mapper=mapper,
+        )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
         """Delete a persistent subscription's row (its checkpoint).
@@ -413,6 +489,7 @@ class EventStore:
             SubscriptionAlreadyExistsError: it is active in this store: leave it first.
             SubscriptionNotFoundError: there is no such subscription.
         """
+        self._check_open()
         _check_stream(stream_uuid)
         _check_stream(subscription_name, "subscription_name")
         if any(
@@ -420,11 +497,13 @@ class EventStore:
             for d in self._subscriptions.active()
         ):
             raise SubscriptionAlreadyExistsError(
-                f"subscription {subscription_name!r} is active in this store; leave it first"
+                f"subscription {subscription_name!r} is active in this store; leave it first",
+                stream_uuid=stream_uuid,
+                subscription_name=subscription_name,
             )
         if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
             raise SubscriptionNotFoundError(
-                f"no subscription {subscription_name!r} on {stream_uuid!r}"
+                stream_uuid=stream_uuid, subscription_name=subscription_name
             )
 
     def statistics(self) -> EventStoreStatistics:
@@ -522,6 +601,7 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
     Raises:
         StorageUnavailableError: the server cannot be reached within ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        DatabaseNotFoundError: the database does not exist (run ``create``).
         SchemaNotInitializedError: the schema holds no event store (run ``init``).
         SchemaMismatchError: the schema was initialised with another ``column_data_type``
             or is at another layout version.
@@ -552,5 +632,8 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 if config.group_commit:
                     writer = GroupCommitWriter(database, subscriptions.appended)
                     await nursery.start(writer.run)
-                yield EventStore(config, database, subscriptions, writer)
+                try:
+                    yield EventStore(config, database, subscriptions, writer)
+                finally:
+                    subscriptions.close()
                 nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ import trio
 from . import _storage
 from ._config import EventStoreConfig
 from ._errors import (
+    EventStoreClosedError,
     EventStoreError,
     InvalidStartFromError,
     PoolOverloadedError,
@@ -92,7 +93,8 @@ class SubscriptionOptions:
         ):
             raise InvalidStartFromError(
                 "start_from: expected ORIGIN, CURRENT or an event number >= 0 and "
-                f"< 2**63 - 1, got {start!r}"
+                f"< 2**63 - 1, got {start!r}",
+                start_from=start,
             )
         for name in ("buffer_size", "max_size", "checkpoint_threshold"):
             value = getattr(self, name)
@@ -240,7 +242,7 @@ class _Driver:
             fsm is None and event_number <= consumer.delivered_high
         ):
             return  # delivered by a session that lost its lock: it will come again
-        raise UnexpectedAckError(f"event {event_number} is not in flight for this subscriber")
+        raise UnexpectedAckError(event_number=event_number)
 
     # -- the task -------------------------------------------------------------------------
 
@@ -581,7 +583,9 @@ class Subscription:
                 failure = self._driver.failure
                 if failure is not None:
                     raise SubscriptionFailedError(
-                        f"subscription {self._driver.name!r} failed: {failure}"
+                        f"subscription {self._driver.name!r} failed: {failure}",
+                        stream_uuid=self._driver.stream_uuid,
+                        subscription_name=self._driver.name,
                     ) from failure
                 raise StopAsyncIteration from None
             if batch.session == self._driver.session and self._driver.fsm is not None:
@@ -601,7 +605,7 @@ class Subscription:
         while True:
             if self._driver.failure is not None:
                 raise SubscriptionFailedError(
-                    f"subscription {self._driver.name!r} failed"
+                    stream_uuid=self._driver.stream_uuid, subscription_name=self._driver.name
                 ) from self._driver.failure
             if self._driver.subscribed.is_set():
                 return
@@ -659,9 +663,15 @@ class Subscription:
 
 def _raise_if_stopped(driver: _Driver) -> None:
     if driver.failure is not None:
-        raise SubscriptionFailedError(f"subscription {driver.name!r} failed") from driver.failure
+        raise SubscriptionFailedError(
+            stream_uuid=driver.stream_uuid, subscription_name=driver.name
+        ) from driver.failure
     if driver.done.is_set():
-        raise SubscriptionFailedError(f"subscription {driver.name!r} has stopped")
+        raise SubscriptionFailedError(
+            f"subscription {driver.name!r} has stopped",
+            stream_uuid=driver.stream_uuid,
+            subscription_name=driver.name,
+        )
 
 
 def _ack_number(value: object) -> int:
@@ -704,6 +714,7 @@ class TransientSubscription:
     async def __anext__(self) -> list[Any]:
         owner = self._owner
         while True:
+            owner.check_open()
             events, _, self._stream_id = await _storage.read_page(
                 owner.db, self._stream_uuid, self.position, 1000, self._stream_id
             )
@@ -736,9 +747,22 @@ class Subscriptions:
         self.lock_key1 = lock_key1
         self.nursery = nursery
         self._drivers: dict[tuple[str, str], _Driver] = {}
+        #: the store has closed (its block has exited, or is exiting)
+        self.closed = False
         #: this store's appends in flight: token -> stream
         self._own_appends: dict[int, str] = {}
         self._last_token = 0
+
+    def check_open(self) -> None:
+        """Raise `EventStoreClosedError` once the store has closed."""
+        if self.closed:
+            raise EventStoreClosedError()
+
+    def close(self) -> None:
+        """The store is closing: refuse new work, and wake transient subscriptions
+        waiting for events (they then raise `EventStoreClosedError`)."""
+        self.closed = True
+        self.notifier.wake_all()
 
     async def transient(
         self,
@@ -746,6 +770,7 @@ class Subscriptions:
         selector: Callable[[RecordedEvent], bool] | None,
         mapper: Callable[[RecordedEvent], Any] | None,
     ) -> TransientSubscription:
+        self.check_open()
         self.notifier.watch(stream_uuid)
         try:
             info = await _storage.stream_info(self.db, stream_uuid)
@@ -757,6 +782,7 @@ class Subscriptions:
     async def join(
         self, stream_uuid: str, name: str, options: SubscriptionOptions
     ) -> tuple[_Driver, _Consumer]:
+        self.check_open()
         key = (stream_uuid, name)
         driver = self._drivers.get(key)
         if driver is not None and not driver.consumers and not driver.done.is_set():
@@ -768,11 +794,11 @@ class Subscriptions:
             limit = driver.options.concurrency_limit
             if limit is None or options.concurrency_limit is None:
                 raise SubscriptionAlreadyExistsError(
-                    f"subscription {name!r} on {stream_uuid!r} is already active in this store"
+                    stream_uuid=stream_uuid, subscription_name=name
                 )
             if len(driver.consumers) >= limit:
                 raise TooManySubscribersError(
-                    f"subscription {name!r} already has {limit} subscriber(s)"
+                    stream_uuid=stream_uuid, subscription_name=name, concurrency_limit=limit
                 )
             return driver, driver.add_consumer(options.buffer_size)
         driver = _Driver(self, stream_uuid, name, options)

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from . import _storage
-from ._errors import EventStoreError, PoolOverloadedError, StorageUnavailableError
+from ._errors import EventStoreClosedError, EventStoreError, PoolOverloadedError
 from ._pg import Database
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
@@ -67,8 +67,8 @@ class _Pending:
         return not self.taken
 
 
-def _closed_error() -> StorageUnavailableError:
-    return StorageUnavailableError("the store is closed")
+def _closed_error() -> EventStoreClosedError:
+    return EventStoreClosedError()
 
 
 class GroupCommitWriter:
@@ -189,9 +189,9 @@ class GroupCommitWriter:
                 for pending in batch:
                     if not pending.done.is_set() and not pending.taken_back():
                         pending.finish(
-                            StorageUnavailableError(
-                                "the store closed while the append was being written; "
-                                "it may have been committed"
+                            EventStoreClosedError(
+                                "the event store closed while the append was being "
+                                "written; it may have been committed"
                             )
                         )
             if self._queue:

@@ -1,0 +1,254 @@
+"""Errors that tell the truth: a closed store says so, a missing database says so, and
+errors carry their facts as attributes (and survive pickling)."""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import (
+    ANY_VERSION,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    SnapshotData,
+    admin,
+    open_event_store,
+)
+
+from .helpers import url_for
+
+
+def _event(n: int = 0, event_id: uuid.UUID | None = None) -> EventData:
+    return EventData({"n": n}, event_type="T", event_id=event_id)
+
+
+async def _iterate(iterator: Any) -> None:
+    async for _ in iterator:
+        pass
+
+
+async def _enter(cm: Any) -> None:
+    async with cm:
+        pass
+
+
+# Every public method of a store, called after the store has closed.
+CLOSED_CALLS: dict[str, Callable[[EventStore], Awaitable[object]]] = {
+    "append_to_stream": lambda s: s.append_to_stream("s", ANY_VERSION, [_event()]),
+    "link_to_stream": lambda s: s.link_to_stream("t", ANY_VERSION, [uuid.uuid4()]),
+    "read_stream_forward": lambda s: s.read_stream_forward("s"),
+    "read_stream_backward": lambda s: s.read_stream_backward("s"),
+    "read_all_streams_forward": lambda s: s.read_all_streams_forward(),
+    "read_all_streams_backward": lambda s: s.read_all_streams_backward(),
+    "stream_forward": lambda s: _iterate(s.stream_forward("s")),
+    "stream_backward": lambda s: _iterate(s.stream_backward("s")),
+    "stream_all_forward": lambda s: _iterate(s.stream_all_forward()),
+    "stream_all_backward": lambda s: _iterate(s.stream_all_backward()),
+    "stream_info": lambda s: s.stream_info("s"),
+    "paginate_streams": lambda s: s.paginate_streams(),
+    "delete_stream": lambda s: s.delete_stream("s", ANY_VERSION),
+    "record_snapshot": lambda s: s.record_snapshot(
+        SnapshotData(source_uuid="s", source_version=1, data={"a": 1})
+    ),
+    "read_snapshot": lambda s: s.read_snapshot("s"),
+    "delete_snapshot": lambda s: s.delete_snapshot("s"),
+    "subscribe": lambda s: _enter(s.subscribe("s")),
+    "subscribe_to_stream": lambda s: _enter(s.subscribe_to_stream("s", "sub")),
+    "subscribe_to_all_streams": lambda s: _enter(s.subscribe_to_all_streams("sub")),
+    "delete_subscription": lambda s: s.delete_subscription("s", "sub"),
+}
+
+# The methods that hand back an iterator or a context manager: the call itself raises.
+CLOSED_AT_CREATION: dict[str, Callable[[EventStore], object]] = {
+    "stream_forward": lambda s: s.stream_forward("s"),
+    "stream_backward": lambda s: s.stream_backward("s"),
+    "stream_all_forward": lambda s: s.stream_all_forward(),
+    "stream_all_backward": lambda s: s.stream_all_backward(),
+    "subscribe": lambda s: s.subscribe("s"),
+    "subscribe_to_stream": lambda s: s.subscribe_to_stream("s", "sub"),
+    "subscribe_to_all_streams": lambda s: s.subscribe_to_all_streams("sub"),
+}
+
+
+def test_closed_error_is_a_closed_resource_error_and_not_retryable() -> None:
+    assert issubclass(es.EventStoreClosedError, trio.ClosedResourceError)
+    assert issubclass(es.EventStoreClosedError, es.EventStoreError)
+    assert not issubclass(es.EventStoreClosedError, es.StorageUnavailableError)
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_CALLS))
+async def test_every_method_of_a_closed_store_raises_closed(
+    initialized: EventStoreConfig, name: str
+) -> None:
+    async with open_event_store(initialized) as store:
+        await store.append_to_stream("s", ANY_VERSION, [_event()])
+    with trio.fail_after(5), pytest.raises(es.EventStoreClosedError, match="closed"):
+        await CLOSED_CALLS[name](store)
+    store.statistics()  # still fine
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_AT_CREATION))
+async def test_iterators_and_subscriptions_of_a_closed_store_raise_at_creation(
+    initialized: EventStoreConfig, name: str
+) -> None:
+    async with open_event_store(initialized) as store:
+        pass
+    with pytest.raises(es.EventStoreClosedError):
+        CLOSED_AT_CREATION[name](store)
+
+
+async def test_an_iterator_made_while_open_raises_closed_when_used_after(
+    initialized: EventStoreConfig,
+) -> None:
+    async with open_event_store(initialized) as store:
+        await store.append_to_stream("s", ANY_VERSION, [_event(n) for n in range(3)])
+        iterator = store.stream_forward("s", read_batch_size=1)
+        assert (await iterator.__anext__()).stream_version == 1
+        cm = store.subscribe_to_stream("s", "late")
+    with pytest.raises(es.EventStoreClosedError):
+        await iterator.__anext__()
+    with pytest.raises(es.EventStoreClosedError):
+        await _enter(cm)
+
+
+async def test_a_transient_subscription_waiting_when_the_store_closes_raises_closed(
+    initialized: EventStoreConfig,
+) -> None:
+    outcome: list[BaseException] = []
+    done = trio.Event()
+
+    async def consume(live: es.TransientSubscription, task_status: Any) -> None:
+        task_status.started()
+        try:
+            await live.__anext__()
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        async with open_event_store(initialized) as store, store.subscribe("s") as live:
+            await nursery.start(consume, live)
+            await trio.sleep(0.1)  # waiting for events
+        with trio.fail_after(5):
+            await done.wait()
+    assert isinstance(outcome[0], es.EventStoreClosedError)
+
+
+async def test_missing_database_is_named_not_unavailable(server_url: str) -> None:
+    name = f"nodb_{uuid.uuid4().hex[:8]}"
+    config = EventStoreConfig(url=url_for(server_url, name), timeout=5.0)
+    with pytest.raises(es.DatabaseNotFoundError) as caught:
+        async with open_event_store(config):
+            pass  # pragma: no cover
+    error = caught.value
+    assert not isinstance(error, es.StorageUnavailableError)  # retrying will not help
+    assert isinstance(error, LookupError)
+    assert error.database == name
+    assert name in str(error)
+    assert "trio-eventstore create" in str(error)
+    with pytest.raises(es.DatabaseNotFoundError):
+        await admin.init(config)
+
+
+async def test_expected_version_errors_carry_their_facts(store: EventStore) -> None:
+    await store.append_to_stream("s", NO_STREAM, [_event(0), _event(1)])
+    with pytest.raises(es.WrongExpectedVersionError) as wrong:
+        await store.append_to_stream("s", 5, [_event()])
+    assert (wrong.value.stream_uuid, wrong.value.expected, wrong.value.current) == ("s", 5, 2)
+    assert str(wrong.value) == "stream 's' is at version 2, expected 5"
+    with pytest.raises(es.StreamExistsError) as exists:
+        await store.append_to_stream("s", NO_STREAM, [_event()])
+    assert (exists.value.stream_uuid, exists.value.expected, exists.value.current) == (
+        "s",
+        NO_STREAM,
+        2,
+    )
+    with pytest.raises(es.StreamNotFoundError) as missing:
+        await store.append_to_stream("none", STREAM_EXISTS, [_event()])
+    assert missing.value.stream_uuid == "none"
+    with pytest.raises(es.StreamNotFoundError) as unread:
+        await store.read_stream_forward("none")
+    assert unread.value.stream_uuid == "none"
+    with pytest.raises(es.WrongExpectedVersionError) as wrong_delete:
+        await store.delete_stream("s", 1)
+    assert (wrong_delete.value.expected, wrong_delete.value.current) == (1, 2)
+    await store.delete_stream("s", 2)
+    with pytest.raises(es.StreamDeletedError) as deleted:
+        await store.read_stream_forward("s")
+    assert deleted.value.stream_uuid == "s"
+    with pytest.raises(es.StreamDeletedError) as deleted_again:
+        await store.append_to_stream("s", ANY_VERSION, [_event()])
+    assert deleted_again.value.stream_uuid == "s"
+
+
+async def test_event_errors_carry_their_ids(store: EventStore) -> None:
+    event_id = uuid.uuid4()
+    await store.append_to_stream("a", ANY_VERSION, [_event(event_id=event_id)])
+    with pytest.raises(es.DuplicateEventError) as duplicate:
+        await store.append_to_stream("b", ANY_VERSION, [_event(event_id=event_id)])
+    assert duplicate.value.stream_uuid == "b"
+    assert duplicate.value.event_id == event_id
+    with pytest.raises(es.DuplicateEventError) as linked_twice:
+        await store.link_to_stream("a", ANY_VERSION, [event_id])
+    assert (linked_twice.value.stream_uuid, linked_twice.value.event_id) == ("a", event_id)
+    ghost = uuid.uuid4()
+    with pytest.raises(es.EventNotFoundError) as missing:
+        await store.link_to_stream("c", ANY_VERSION, [event_id, ghost])
+    assert missing.value.event_ids == (ghost,)
+    with pytest.raises(es.SnapshotNotFoundError) as no_snapshot:
+        await store.read_snapshot("a")
+    assert no_snapshot.value.source_uuid == "a"
+
+
+async def test_subscription_errors_carry_their_names(store: EventStore) -> None:
+    async with store.subscribe_to_all_streams("proj"):
+        with pytest.raises(es.SubscriptionAlreadyExistsError) as exists:
+            async with store.subscribe_to_all_streams("proj"):
+                pass  # pragma: no cover
+        assert (exists.value.stream_uuid, exists.value.subscription_name) == ("$all", "proj")
+        with pytest.raises(es.SubscriptionAlreadyExistsError) as active:
+            await store.delete_subscription("$all", "proj")
+        assert (active.value.stream_uuid, active.value.subscription_name) == ("$all", "proj")
+    async with store.subscribe_to_stream("s", "pool", concurrency_limit=1):
+        with pytest.raises(es.TooManySubscribersError) as too_many:
+            async with store.subscribe_to_stream("s", "pool", concurrency_limit=1):
+                pass  # pragma: no cover
+        assert (too_many.value.subscription_name, too_many.value.concurrency_limit) == ("pool", 1)
+    with pytest.raises(es.SubscriptionNotFoundError) as not_found:
+        await store.delete_subscription("s", "nope")
+    assert (not_found.value.stream_uuid, not_found.value.subscription_name) == ("s", "nope")
+
+
+ERRORS = [
+    es.WrongExpectedVersionError(stream_uuid="s", expected=ANY_VERSION, current=3),
+    es.StreamExistsError(stream_uuid="s", current=3),
+    es.StreamNotFoundError(stream_uuid="s"),
+    es.StreamDeletedError(stream_uuid="s"),
+    es.EventNotFoundError(event_ids=[uuid.UUID(int=1)]),
+    es.DuplicateEventError(stream_uuid="s", event_id=uuid.UUID(int=2)),
+    es.SnapshotNotFoundError(source_uuid="s"),
+    es.SubscriptionAlreadyExistsError(stream_uuid="$all", subscription_name="p"),
+    es.SubscriptionNotFoundError(stream_uuid="$all", subscription_name="p"),
+    es.TooManySubscribersError(stream_uuid="$all", subscription_name="p", concurrency_limit=2),
+    es.DatabaseNotFoundError(database="x"),
+    es.DatabaseError("boom", sqlstate="XX000", constraint_name="c"),
+    es.EventStoreClosedError(),
+    es.StreamNotFoundError("an old-style message"),
+]
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
+def test_errors_pickle_with_their_fields(error: es.EventStoreError) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
