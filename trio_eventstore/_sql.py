@@ -531,7 +531,7 @@ UNLOCK = "SELECT pg_catalog.pg_advisory_unlock($1::int, $2::int)"
 
 
 def create_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name, last_seen (NULL: from the origin)."""
+    """Parameters: stream_uuid, subscription_name, last_seen (0: from the origin)."""
     return (
         f"INSERT INTO {quote_ident(schema)}.subscriptions "
         "(stream_uuid, subscription_name, last_seen) VALUES ($1, $2, $3) "
@@ -549,7 +549,8 @@ def get_subscription(schema: str) -> str:
 
 
 def checkpoint_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards."""
+    """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards
+    (a NULL, which older rows may hold, is the origin)."""
     return (
         f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $3 "
         "WHERE stream_uuid = $1 AND subscription_name = $2 "
