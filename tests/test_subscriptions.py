@@ -15,10 +15,10 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     RecordedEvent,
+    _operator,
     admin,
     open_event_store,
 )
-from trio_eventstore import _operator
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import quote_ident
 
