@@ -62,9 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("stream_uuid", nargs="?", default="$all")
     streams = sub.add_parser("streams", parents=[common], help="list streams")
-    streams.add_argument(
-        "--search", help="only streams whose id contains this (case-sensitive)"
-    )
+    streams.add_argument("--search", help="only streams whose id contains this (case-sensitive)")
     streams.add_argument("--page", type=int, default=1)
     streams.add_argument("--page-size", type=int, default=50)
     streams.add_argument("--sort-by", choices=STREAM_SORT_COLUMNS, default="stream_id")
