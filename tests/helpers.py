@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import urllib.parse
 from pathlib import Path
 
-#: shared/reference beside the checkout (or TRIO_EVENTSTORE_REFERENCE).
-REFERENCE = Path(
-    os.environ.get("TRIO_EVENTSTORE_REFERENCE")
-    or Path(__file__).resolve().parents[2] / "shared" / "reference"
-)
+#: Data written by the real Elixir EventStore 1.4.8 (provenance: reference/README.md).
+REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
 def url_for(server_url: str, database: str) -> str:

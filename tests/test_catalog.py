@@ -1,6 +1,6 @@
 """Our `init` produces the Elixir EventStore 1.4 layout, object for object.
 
-Runs the catalog query stored in shared/reference/elixir-schema-catalog.json (read from
+Runs the catalog query stored in tests/reference/elixir-schema-catalog.json (read from
 a database the real Elixir library initialised) against schemas made by our `init`.
 """
 

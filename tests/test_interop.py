@@ -1,5 +1,5 @@
 """Data written by the real Elixir EventStore reads back as the Elixir library read it,
-and our appends continue it densely (shared/reference/elixir-sample-*)."""
+and our appends continue it densely (tests/reference/elixir-sample-*)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NOTIFY traffic equals the Elixir library's (shared/reference/elixir-notifications.txt)."""
+"""NOTIFY traffic equals the Elixir library's (tests/reference/elixir-notifications.txt)."""
 
 from __future__ import annotations
 

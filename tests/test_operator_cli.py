@@ -51,7 +51,15 @@ def test_listing_and_showing(eventstore_config: EventStoreConfig) -> None:
     streams = lines(cli(eventstore_config, "streams", "--json", "--search", "acct"))
     assert [(s["stream_uuid"], s["version"]) for s in streams] == [("acct-1", 3)]
     people = cli(eventstore_config, "streams")
-    assert "page 1 of 1, 2 streams" in people.stdout
+    assert "page 1 of 1, 3 streams" in people.stdout  # $all is listed, as in Elixir
+    by_version = lines(
+        cli(eventstore_config, "streams", "--json", "--sort-by", "stream_version", "--desc")
+    )
+    assert [(s["stream_uuid"], s["version"]) for s in by_version] == [
+        ("$all", 4),
+        ("acct-1", 3),
+        ("other", 1),
+    ]
     [proj] = lines(cli(eventstore_config, "subscriptions", "--json"))
     assert (proj["subscription_name"], proj["last_seen"], proj["head"], proj["lag"]) == (
         "proj",

@@ -6,6 +6,9 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +84,53 @@ def test_event_type_names_and_registry_rules() -> None:
         serializer.register(dict)
     with pytest.raises(es.SerializationError, match="event_type"):
         serializer.event_type_of({"plain": "json"})
+
+
+@pytest.mark.parametrize("module", ["__main__", "__mp_main__"])
+def test_a_class_of_a_script_needs_an_explicit_event_type(module: str) -> None:
+    """``__main__.X`` is a name no other program (Python or Elixir) can read back."""
+
+    @attrs.frozen
+    class Deposited:
+        amount: int
+
+    @dataclasses.dataclass
+    class Withdrawn:
+        amount: int
+
+    Deposited.__module__ = Withdrawn.__module__ = module
+    serializer = JsonSerializer()
+    with pytest.raises(ValueError, match=r"event_type=") as raised:
+        serializer.register(Deposited)
+    assert module in str(raised.value)
+    with pytest.raises(ValueError, match=r"event_type="):
+        serializer.register()(Withdrawn)
+    assert serializer.event_class(f"{module}.{Deposited.__qualname__}") is None
+    # Nor is an unregistered one named after the script when it is written.
+    with pytest.raises(es.SerializationError, match=r"event_type="):
+        serializer.event_type_of(Deposited(1))
+    assert serializer.register(Deposited, event_type="Elixir.Bank.Deposited") is Deposited
+    assert serializer.event_type_of(Deposited(1)) == "Elixir.Bank.Deposited"
+
+
+def test_a_script_registering_without_an_event_type_stops_at_once() -> None:
+    script = textwrap.dedent(
+        """
+        import attrs
+        from trio_eventstore import JsonSerializer
+
+        @JsonSerializer().register
+        @attrs.frozen
+        class Deposited:
+            amount: int
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 1
+    assert "ValueError" in result.stderr
+    assert "event_type=" in result.stderr
 
 
 def test_unknown_types_and_bad_data() -> None:

@@ -8,6 +8,7 @@ import decimal
 import enum
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import attrs
 import pytest
@@ -347,19 +348,46 @@ async def test_snapshots(store: EventStore) -> None:
 
 
 async def test_paginate_streams(store: EventStore) -> None:
-    for name in ("b-1", "a-2", "c_3", "a%4"):
+    """As in Elixir: ``$all`` (stream_id 0) is a stream like the others in entries and
+    totals, the search is case-sensitive, and five columns sort."""
+    for name in ("b-1", "a-2", "c_3", "a%4", "Acct-5", "back\\slash"):
         await store.append_to_stream(name, NO_STREAM, [deposit()])
+    await store.append_to_stream("c_3", ANY_VERSION, [deposit(), deposit()])
+    await store.delete_stream("b-1", ANY_VERSION)
+
+    async def uuids(**options: Any) -> list[str]:
+        return [s.stream_uuid for s in (await store.paginate_streams(**options)).entries]
+
     page = await store.paginate_streams(page_size=3)
-    assert [s.stream_uuid for s in page.entries] == ["b-1", "a-2", "c_3"]
-    assert (page.total_entries, page.total_pages) == (4, 2)
-    page2 = await store.paginate_streams(page_size=3, page_number=2)
-    assert [s.stream_uuid for s in page2.entries] == ["a%4"]
-    by_name = await store.paginate_streams(sort_by="stream_uuid", sort_dir="desc")
-    assert [s.stream_uuid for s in by_name.entries] == ["c_3", "b-1", "a-2", "a%4"]
-    assert [s.stream_uuid for s in (await store.paginate_streams(search="_")).entries] == ["c_3"]
-    assert [s.stream_uuid for s in (await store.paginate_streams(search="%")).entries] == ["a%4"]
+    assert [(s.stream_id, s.stream_uuid) for s in page.entries] == [
+        (0, "$all"),
+        (1, "b-1"),
+        (2, "a-2"),
+    ]
+    assert page.entries[0].stream_version == 8
+    assert (page.total_entries, page.total_pages) == (7, 3)
+    assert await uuids(page_size=3, page_number=3) == ["back\\slash"]
     empty = await store.paginate_streams(page_number=9)
-    assert (empty.entries, empty.total_entries) == ([], 4)
+    assert (empty.entries, empty.total_entries) == ([], 7)
+
+    assert await uuids(search="a") == ["$all", "a-2", "a%4", "back\\slash"]  # case-sensitive
+    assert await uuids(search="A") == ["Acct-5"]
+    assert (await store.paginate_streams(search="A")).total_entries == 1
+    assert await uuids(search="$") == ["$all"]
+    assert await uuids(search="_") == ["c_3"]  # %, _ and \ match themselves
+    assert await uuids(search="%") == ["a%4"]
+    assert await uuids(search="\\") == ["back\\slash"]
+    assert len(await uuids(search="")) == 7
+
+    assert await uuids(sort_by="stream_uuid", sort_dir="desc") == [
+        "c_3", "back\\slash", "b-1", "a-2", "a%4", "Acct-5", "$all"
+    ]  # fmt: skip
+    assert (await uuids(sort_by="stream_version", sort_dir="desc"))[:2] == ["$all", "c_3"]
+    assert (await uuids(sort_by="created_at"))[0] == "$all"
+    assert (await uuids(sort_by="deleted_at"))[0] == "b-1"  # NULLs last, as in Postgres
+    assert (await uuids(sort_by="deleted_at", sort_dir="desc"))[-1] == "b-1"
+    with pytest.raises(ValueError, match="sort_by"):
+        await store.paginate_streams(sort_by="status")
 
 
 @pytest.mark.parametrize(
@@ -396,7 +424,7 @@ async def test_bad_input_raises_before_io(store: EventStore, call: object, error
     with pytest.raises(error):
         await call(store)  # type: ignore[operator]
     assert (await store.stream_info("$all")).stream_version == 0
-    assert (await store.paginate_streams()).total_entries == 0
+    assert (await store.paginate_streams()).total_entries == 1  # $all
 
 
 def test_event_data_validation() -> None:

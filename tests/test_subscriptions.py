@@ -15,9 +15,12 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     RecordedEvent,
+    _operator,
     admin,
     open_event_store,
 )
+from trio_eventstore._pg import open_connection
+from trio_eventstore._sql import quote_ident
 
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
@@ -145,6 +148,57 @@ async def test_start_from_current_and_number(fast: EventStoreConfig) -> None:
         async with store.subscribe_to_stream("s", "num", start_from=0, buffer_size=5) as sub:
             await append(store, "s", 5)
             assert [e.stream_version for e in await take(sub, 1)] == [5]
+
+
+async def last_seen(config: EventStoreConfig, stream_uuid: str, name: str) -> object:
+    async with open_connection(config) as conn:
+        return await conn.fetchval(
+            f"SELECT last_seen FROM {quote_ident(config.schema)}.subscriptions "
+            "WHERE stream_uuid = $1 AND subscription_name = $2",
+            stream_uuid,
+            name,
+        )
+
+
+async def test_a_subscription_from_the_origin_stores_last_seen_0(fast: EventStoreConfig) -> None:
+    """As the Elixir library does (so ``stream_version - last_seen`` is the lag), and
+    delivery still starts at the first event."""
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "p", buffer_size=5) as sub:
+            await sub.wait_subscribed()
+            assert await last_seen(fast, "s", "p") == 0
+            got = await take(sub, 2, ack=False)
+        assert [e.stream_version for e in got] == [1, 2]
+        assert await last_seen(fast, "s", "p") == 0
+        async with store.subscribe_to_all_streams("all-p", buffer_size=5) as sub:
+            await sub.wait_subscribed()
+            assert await last_seen(fast, "$all", "all-p") == 0
+            assert [e.event_number for e in await take(sub, 2)] == [1, 2]
+        assert await last_seen(fast, "$all", "all-p") == 2
+        async with store.subscribe_to_stream("s", "p", buffer_size=5) as sub:
+            again = await take(sub, 2)  # nothing was acked: from the first event again
+        assert [e.stream_version for e in again] == [1, 2]
+
+
+async def test_a_subscription_row_with_last_seen_null_starts_at_the_first_event(
+    fast: EventStoreConfig,
+) -> None:
+    """Rows written before stores wrote 0 for the origin hold NULL: the same position."""
+    async with open_connection(fast) as conn:
+        await conn.execute(
+            f"INSERT INTO {quote_ident(fast.schema)}.subscriptions "
+            "(stream_uuid, subscription_name, last_seen) VALUES ('s', 'old', NULL)"
+        )
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1, 2, 3)
+        [row] = await _operator.subscriptions_with_lag(store)
+        assert (row["last_seen"], row["lag"]) == (0, 3)
+        async with store.subscribe_to_stream("s", "old", buffer_size=5) as sub:
+            got = await take(sub, 3, ack=False)
+            sub.ack(got[1])
+        assert [e.stream_version for e in got] == [1, 2, 3]
+    assert await last_seen(fast, "s", "old") == 2
 
 
 async def test_checkpoint_threshold(fast: EventStoreConfig) -> None:

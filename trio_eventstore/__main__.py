@@ -31,6 +31,7 @@ from ._errors import (
     StreamNotFoundError,
     SubscriptionAlreadyExistsError,
 )
+from ._sql import STREAM_SORT_COLUMNS
 from ._store import EventStore, open_event_store
 from ._subscriptions import TransientSubscription
 
@@ -83,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("stream_uuid", nargs="?", default="$all")
     streams = sub.add_parser("streams", parents=[common], help="list streams")
-    streams.add_argument("--search", help="only streams whose id contains this")
+    streams.add_argument("--search", help="only streams whose id contains this (case-sensitive)")
     streams.add_argument("--page", type=int, default=1)
     streams.add_argument("--page-size", type=int, default=50)
+    streams.add_argument("--sort-by", choices=STREAM_SORT_COLUMNS, default="stream_id")
+    streams.add_argument("--desc", action="store_true", help="sort in descending order")
     sub.add_parser("subscriptions", parents=[common], help="list subscriptions and their lag")
     show = sub.add_parser("show", parents=[common], help="show a stream's events")
     show.add_argument("stream_uuid")
@@ -199,7 +202,11 @@ async def _info(config: EventStoreConfig, stream_uuid: str) -> dict[str, Any]:
 async def _streams(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     async with open_event_store(config) as store:
         page = await store.paginate_streams(
-            page_size=args.page_size, page_number=args.page, search=args.search
+            page_size=args.page_size,
+            page_number=args.page,
+            search=args.search,
+            sort_by=args.sort_by,
+            sort_dir="desc" if args.desc else "asc",
         )
     rows = [
         {

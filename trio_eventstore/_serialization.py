@@ -66,6 +66,18 @@ def _is_record_class(cls: type) -> bool:
     return attrs.has(cls) or dataclasses.is_dataclass(cls)
 
 
+#: Modules whose name says nothing to another program: a script run as ``python x.py``
+#: (and its copy in multiprocessing's spawned children).
+_SCRIPT_MODULES = frozenset({"__main__", "__mp_main__"})
+
+
+def _default_event_type(cls: type) -> str | None:
+    """``"<module>.<qualname>"``, or None for a class defined in a script."""
+    if cls.__module__ in _SCRIPT_MODULES:
+        return None
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _structure_decimal(value: object, _: type) -> decimal.Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(f"expected a decimal string or number, got {type(value).__name__}")
@@ -255,9 +267,10 @@ class JsonSerializer:
         @attrs.frozen
         class Withdrawn: ...
 
-    Without a given name the type is ``"<module>.<qualname>"``. On read, a type with no
-    registered class comes back as plain JSON values, or raises `UnknownEventTypeError`
-    when ``strict=True``.
+    Without a given name the type is ``"<module>.<qualname>"``; a class defined in a
+    script (module ``__main__``) needs an explicit ``event_type``, since no other program
+    could read ``"__main__.X"`` back. On read, a type with no registered class comes back
+    as plain JSON values, or raises `UnknownEventTypeError` when ``strict=True``.
     """
 
     def __init__(self, *, strict: bool = False, converter: cattrs.Converter | None = None) -> None:
@@ -281,13 +294,22 @@ class JsonSerializer:
 
         Raises:
             TypeError: ``cls`` is not an attrs class or dataclass.
-            ValueError: the name is already taken by another class.
+            ValueError: the name is already taken by another class, or ``cls`` is defined
+                in a script (``__main__``) and no ``event_type`` is given.
         """
 
         def decorate(klass: C) -> C:
             if not isinstance(klass, type) or not _is_record_class(klass):
                 raise TypeError(f"register: {klass!r} is not an attrs class or a dataclass")
-            name = event_type or f"{klass.__module__}.{klass.__qualname__}"
+            name = event_type or _default_event_type(klass)
+            if name is None:
+                raise ValueError(
+                    f"register: {klass.__qualname__} is defined in {klass.__module__!r} (a "
+                    "script), a module name no other program can read back; pass "
+                    f"event_type=..., e.g. register(event_type={klass.__qualname__!r}) or "
+                    "an Elixir module name such as 'Elixir.MyApp.Events."
+                    f"{klass.__qualname__}'"
+                )
             if not isinstance(name, str) or not name:
                 raise TypeError("event_type: expected a non-empty str")
             check_text("event_type", name)
@@ -314,7 +336,13 @@ class JsonSerializer:
                     f"{cls.__qualname__} is not registered: a strict serializer reads only "
                     "registered event types, so it does not write others either"
                 )
-            return f"{cls.__module__}.{cls.__qualname__}"
+            default = _default_event_type(cls)
+            if default is not None:
+                return default
+            raise SerializationError(
+                f"cannot name the event type of a {cls.__qualname__} defined in "
+                f"{cls.__module__!r} (a script): register its class with event_type=..."
+            )
         raise SerializationError(
             f"cannot name the event type of a {cls.__name__}: register its class, or give "
             "EventData(event_type=...) for plain JSON values"

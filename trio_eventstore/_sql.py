@@ -543,25 +543,31 @@ def hard_delete_stream(schema: str) -> str:
     )
 
 
+#: The columns `paginate_streams` sorts by (Elixir's `query_streams`).
+STREAM_SORT_COLUMNS = ("stream_id", "stream_uuid", "stream_version", "created_at", "deleted_at")
+
+
 def paginate_streams(schema: str, sort_by: str, sort_dir: str) -> str:
-    """Parameters: search pattern (or NULL), limit, offset. `sort_by`/`sort_dir` must be
-    validated by the caller (they are column names)."""
-    assert sort_by in ("stream_id", "stream_uuid", "created_at")
+    """Parameters: LIKE pattern (or NULL), limit, offset. Every row, ``$all`` (stream_id 0)
+    included, as Elixir's `query_streams`; the search is case-sensitive (``LIKE``, whose
+    escape character is the backslash). `sort_by`/`sort_dir` must be validated by the
+    caller (they are a column name and a keyword); ties are broken by stream_id."""
+    assert sort_by in STREAM_SORT_COLUMNS
     assert sort_dir in ("ASC", "DESC")
     return (
         "SELECT stream_id, stream_uuid, stream_version, created_at, deleted_at, "
         "count(*) OVER () AS total "
         f"FROM {quote_ident(schema)}.streams "
-        "WHERE stream_id <> 0 AND ($1::text IS NULL OR stream_uuid ILIKE $1) "
+        "WHERE $1::text IS NULL OR stream_uuid LIKE $1 "
         f"ORDER BY {sort_by} {sort_dir}, stream_id {sort_dir} LIMIT $2 OFFSET $3"
     )
 
 
 def count_streams(schema: str) -> str:
-    """Parameter: search pattern (or NULL)."""
+    """Parameter: LIKE pattern (or NULL). Elixir's `count_streams`."""
     return (
         f"SELECT count(*) FROM {quote_ident(schema)}.streams "
-        "WHERE stream_id <> 0 AND ($1::text IS NULL OR stream_uuid ILIKE $1)"
+        "WHERE $1::text IS NULL OR stream_uuid LIKE $1"
     )
 
 
@@ -614,7 +620,7 @@ UNLOCK = "SELECT pg_catalog.pg_advisory_unlock($1::int, $2::int)"
 
 
 def create_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name, last_seen (NULL: from the origin)."""
+    """Parameters: stream_uuid, subscription_name, last_seen (0: from the origin)."""
     return (
         f"INSERT INTO {quote_ident(schema)}.subscriptions "
         "(stream_uuid, subscription_name, last_seen) VALUES ($1, $2, $3) "
@@ -632,7 +638,8 @@ def get_subscription(schema: str) -> str:
 
 
 def checkpoint_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards."""
+    """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards
+    (a NULL, which older rows may hold, is the origin)."""
     return (
         f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $3 "
         "WHERE stream_uuid = $1 AND subscription_name = $2 "

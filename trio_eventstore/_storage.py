@@ -602,12 +602,15 @@ async def create_subscription(
     db: Database, stream_uuid: str, name: str, start_from: StartFrom | int
 ) -> tuple[int, int]:
     """The subscription row, created with ``start_from`` when missing (start_from only
-    applies then). Returns (subscription_id, last_seen)."""
+    applies then). Returns (subscription_id, last_seen).
+
+    From the origin the row holds ``last_seen = 0``, as the Elixir library writes it; a
+    NULL (rows from older versions) reads as 0, the same position."""
     schema = db.config.schema
 
     async def unit(conn: Conn) -> tuple[int, int]:
         if start_from is StartFrom.ORIGIN:
-            initial: int | None = None
+            initial = 0
         elif start_from is StartFrom.CURRENT:
             row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
             initial = 0 if row is None else int(row["stream_version"])

@@ -22,6 +22,7 @@ from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
+from ._sql import STREAM_SORT_COLUMNS
 from ._subscriptions import (
     Subscription,
     SubscriptionOptions,
@@ -301,8 +302,19 @@ class EventStore:
         sort_by: str = "stream_id",
         sort_dir: str = "asc",
     ) -> Page:
-        """A page of streams (``$all`` excluded), optionally those whose id contains
-        ``search``; sorted by ``stream_id``, ``stream_uuid`` or ``created_at``."""
+        """A page of streams, ``$all`` (stream_id 0) included as in Elixir.
+
+        Args:
+            search: only streams whose id contains this text, case-sensitively (Elixir's
+                ``LIKE``); unlike Elixir, ``%``, ``_`` and ``\\`` match themselves, not
+                as wildcards. ``None`` or ``""``: every stream.
+            sort_by: ``stream_id``, ``stream_uuid``, ``stream_version``, ``created_at`` or
+                ``deleted_at`` (streams not deleted last when ascending, as in Postgres);
+                ties in stream_id order.
+            sort_dir: ``asc`` or ``desc``.
+
+        Ports ``EventStore.paginate_streams/1``.
+        """
         self._check_open()
         _check_int("page_size", page_size, minimum=1)
         _check_int("page_number", page_number, minimum=1)
@@ -312,9 +324,9 @@ class EventStore:
             check_text("search", search)
         if (page_number - 1) * page_size > MAX_BIGINT:
             raise ValueError("page_number: the page starts beyond the last possible stream")
-        if sort_by not in ("stream_id", "stream_uuid", "created_at"):
+        if sort_by not in STREAM_SORT_COLUMNS:
             raise ValueError(
-                f"sort_by: expected stream_id, stream_uuid or created_at, got {sort_by!r}"
+                f"sort_by: expected one of {', '.join(STREAM_SORT_COLUMNS)}, got {sort_by!r}"
             )
         if not isinstance(sort_dir, str) or sort_dir.lower() not in ("asc", "desc"):
             raise ValueError(f"sort_dir: expected 'asc' or 'desc', got {sort_dir!r}")
