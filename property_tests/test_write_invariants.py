@@ -38,14 +38,13 @@ import math
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import attrs
 import pytest
 import trio
 from hypothesis import event as statistic
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trio_eventstore as es
@@ -71,6 +70,9 @@ GROUP_COMMIT = (
     if "group_commit" in attrs.fields_dict(EventStoreConfig)
     else [pytest.param(None, id="default")]
 )
+
+# The profile's budget of examples, shared by the group-commit variants.
+EXAMPLES = max(10, settings().max_examples // len(GROUP_COMMIT))
 
 # -- programs --------------------------------------------------------------------------------
 
@@ -195,10 +197,10 @@ class Run:
     used_ids: list[uuid.UUID] = attrs.Factory(list)
     shared_ids: list[uuid.UUID] = attrs.Factory(lambda: [uuid.uuid4() for _ in range(SHARED_IDS)])
     latest: dict[str, int] = attrs.Factory(dict)  # newest version an append returned
-    clock: Any = attrs.Factory(lambda: itertools.count(1))
+    clock: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
 
     def tick(self) -> int:
-        return int(next(self.clock))
+        return next(self.clock)
 
 
 async def resolve_expected(store: EventStore, run: Run, op: Op) -> ExpectedVersion | int:
@@ -335,14 +337,14 @@ async def run_program(config: EventStoreConfig, program: Program, rnd: random.Ra
 
 
 @pytest.mark.parametrize("group_commit", GROUP_COMMIT)
+@settings(max_examples=EXAMPLES)
 @given(program=programs, rnd=st.randoms(use_true_random=False))
 def test_concurrent_appends_keep_the_write_invariants(
     store_config: EventStoreConfig, group_commit: bool | None, program: Program, rnd: random.Random
 ) -> None:
     config = store_config
     if group_commit is not None:
-        changes: dict[str, Any] = {"group_commit": group_commit}
-        config = attrs.evolve(store_config, **changes)
+        config = store_config.with_changes(group_commit=group_commit)
     trio.run(run_program, config, program, rnd)
 
 
@@ -449,12 +451,13 @@ def check_appends(run: Run, rows: dict[int, list[RecordedEvent]]) -> dict[str, l
         if attempt.succeeded:
             assert attempt.outcome == last_version, f"returned version is not where: {attempt}"
         expected = attempt.expected
+        where = f"not where its expected version says, at {first.stream_version}: {attempt}"
         if isinstance(expected, int):
-            assert first.stream_version == expected + 1, (attempt, first.stream_version)
+            assert first.stream_version == expected + 1, where
         elif expected is NO_STREAM:
-            assert first.stream_version == 1, (attempt, first.stream_version)
+            assert first.stream_version == 1, where
         elif expected is STREAM_EXISTS:
-            assert first.stream_version > 1, (attempt, first.stream_version)
+            assert first.stream_version > 1, where
         layout[attempt.op.stream].append(attempt)
     for attempts in layout.values():
         attempts.sort(key=lambda a: rows[a.number][0].stream_version)
