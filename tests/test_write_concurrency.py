@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, open_event_store
@@ -10,11 +9,6 @@ from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, open_event_s
 WRITERS = 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="appends take a pooled connection each, under the pool's admission control: "
-    "a burst fails with PoolOverloadedError instead of waiting for the writer",
-)
 async def test_a_burst_of_writers_on_a_small_pool_all_succeed(
     initialized: EventStoreConfig,
 ) -> None:
