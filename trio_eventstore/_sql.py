@@ -7,6 +7,7 @@ the function bodies are our own. Identifiers from users are always quoted with
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 __all__ = [
@@ -277,6 +278,7 @@ def reset_statements(schema: str) -> list[str]:
 # -- streams -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def stream_info(schema: str) -> str:
     """Parameter: stream_uuid."""
     return (
@@ -336,6 +338,7 @@ def _creatable(kind: str, expected: str) -> str:
     return f"({kind} <> {EXPECT_EXISTS} AND ({kind} <> {EXPECT_VERSION} OR {expected} = 0))"
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def append_batch(schema: str, column_data_type: str) -> str:
     """Any number of appends, each to its own stream, in ONE statement (atomic on its
     own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
@@ -436,6 +439,7 @@ def append_batch(schema: str, column_data_type: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def link_events(schema: str) -> str:
     """A link of existing events into one stream, in ONE statement.
 
@@ -511,6 +515,7 @@ def _select_events(schema: str, column_data_type: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
     """Parameters: stream_id, start version (inclusive), count."""
     op, order = (">=", "ASC") if forward else ("<=", "DESC")
@@ -637,6 +642,7 @@ def get_subscription(schema: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def checkpoint_subscription(schema: str) -> str:
     """Parameters: stream_uuid, subscription_name, last_seen. Never moves it backwards
     (a NULL, which older rows may hold, is the origin)."""
@@ -662,6 +668,7 @@ def list_subscriptions(schema: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def read_event(schema: str, column_data_type: str) -> str:
     """Parameter: event_id. The event, numbered as in ``$all``."""
     return _select_events(schema, column_data_type) + "WHERE se.event_id = $1 AND se.stream_id = 0"
