@@ -339,7 +339,7 @@ def _creatable(kind: str, expected: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)  # built once per schema: a hot path
-def append_batch(schema: str, column_data_type: str) -> str:
+def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> str:
     """Any number of appends, each to its own stream, in ONE statement (atomic on its
     own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
 
@@ -347,7 +347,9 @@ def append_batch(schema: str, column_data_type: str) -> str:
     (``EXPECT_*``), $4 expected version (for ``EXPECT_VERSION``); one per event, appends
     in order: $5 the append's index (1-based), $6 position in its append (1-based),
     $7 event id, $8 type, $9 causation id, $10 correlation id, $11 data, $12 metadata;
-    $13 created_at. No two appends may name the same stream or event id.
+    $13 created_at. No two appends may name the same stream or event id. ``lone``: the
+    statement for one append (a stored event id then fails it with a unique violation,
+    instead of being looked up first).
 
     Returns one row per append, in order: ``outcome`` (``APPEND_*``), ``stream_id``,
     ``before`` (the stream's version before it, or its current version when refused)
@@ -381,10 +383,17 @@ def append_batch(schema: str, column_data_type: str) -> str:
         f" FROM {s}.streams s WHERE s.stream_uuid = ANY($1::text[])"
         " ORDER BY s.stream_uuid FOR UPDATE"
         "), dup AS ("
-        " SELECT u.a, (array_agg(u.id))[1] AS id FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
-        f" JOIN {s}.events e ON e.event_id = u.id WHERE e.event_id = ANY($7::uuid[])"
-        " GROUP BY u.a"
-        "), created AS ("
+        + (
+            # Alone, a duplicate id fails the statement (unique violation), which fails
+            # only this append: no need to look the ids up first.
+            " SELECT NULL::int AS a, NULL::uuid AS id WHERE false"
+            if lone
+            else " SELECT u.a, (array_agg(u.id))[1] AS id"
+            " FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
+            f" JOIN {s}.events e ON e.event_id = u.id WHERE e.event_id = ANY($7::uuid[])"
+            " GROUP BY u.a"
+        )
+        + "), created AS ("
         f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
         " SELECT r.uuid, r.n FROM req r"
         " WHERE (SELECT count(*) FROM locked) >= 0"

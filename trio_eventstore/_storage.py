@@ -294,7 +294,7 @@ def batch_statement(
 ) -> tuple[str, tuple[object, ...], datetime.datetime]:
     """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
     give the events (no I/O)."""
-    sql = _sql.append_batch(config.schema, config.column_data_type)
+    sql = _sql.append_batch(config.schema, config.column_data_type, lone=len(requests) == 1)
     created_at = datetime.datetime.now(datetime.UTC)
     events = [e for r in requests for e in r.events]
     params = (
