@@ -656,26 +656,52 @@ def run(config: EventStoreConfig, quick: bool, *, json_out: str | None = None) -
     return report.data
 
 
+def alternate(measures: dict[str, Callable[[Timing], Run]], timing: Timing) -> dict[str, Run]:
+    """Measure each side in ``ROUNDS`` slices, taking turns (in a rotating order), and
+    merge each side's slices: on a shared machine the load drifts over a run, and
+    measuring one side after the other would hand the drift to the ratio."""
+    part = Timing(duration=timing.duration / ROUNDS, warmup=timing.warmup / 2)
+    runs: dict[str, list[Run]] = {name: [] for name in measures}
+    names = list(measures)
+    for round_ in range(ROUNDS):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            runs[name].append(measures[name](part))
+    return {name: _merge(parts) for name, parts in runs.items()}
+
+
+#: Slices per side in `alternate`.
+ROUNDS = 3
+
+
 def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) -> None:
     print(
-        f"\nWrite benchmarks ({timing.duration:g} s per measurement after a "
-        f"{timing.warmup:g} s warm-up; pool_size {config.pool_size}; B = the Elixir "
-        "library's statements, asyncpg on asyncio)"
+        f"\nWrite benchmarks ({timing.duration:g} s per measurement, in {ROUNDS} slices taken "
+        f"in turns with its baselines, each after a warm-up; pool_size {config.pool_size}; "
+        "B = the Elixir library's statements, asyncpg on asyncio)"
     )
 
     # Lone writers, 1-event appends. The floor (one autocommit INSERT per event) shows
     # what a commit flush alone costs on this server.
     vacuum(config)
-    floor = run_asyncio(baseline_floor(config, 1, timing))
     for title, fresh in (
         ("1 writer, 1-event appends, each to a new stream (NO_STREAM)", True),
         ("1 writer, 1-event appends to one existing stream (expected version)", False),
     ):
-        mine = trio.run(functools.partial(ours, config, 1, 1, timing, fresh=fresh))
-        base = run_asyncio(baseline_b(config, 1, 1, timing, fresh=fresh))
+        runs = alternate(
+            {
+                "ours": lambda t, fresh=fresh: trio.run(  # type: ignore[misc]
+                    functools.partial(ours, config, 1, 1, t, fresh=fresh)
+                ),
+                "B": lambda t, fresh=fresh: run_asyncio(  # type: ignore[misc]
+                    baseline_b(config, 1, 1, t, fresh=fresh)
+                ),
+                "floor": lambda t: run_asyncio(baseline_floor(config, 1, t)),
+            },
+            timing,
+        )
         report.table(
             title,
-            {"ours": mine, "B": base, "floor": floor},
+            runs,
             [
                 ("ev/s", "B", Goal("ev/s", "B", 1.5, at_least=True)),
                 ("p50 ms", "B", Goal("p50 ms", "B", 1.0, at_least=False)),
@@ -683,52 +709,56 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
             ],
         )
 
-    # Group commit on vs off for a lone writer (alternating halves: the load varies).
+    # Group commit on vs off for a lone writer.
     title = "lone writer p50 latency, group commit on vs off (existing stream)"
     if has_group_commit():
-        half = Timing(duration=timing.duration / 2, warmup=timing.warmup)
-        on: list[Run] = []
-        off: list[Run] = []
-        for _ in range(2):
-            for flag, into in ((False, off), (True, on)):
-                evolved = config.with_changes(group_commit=flag)
-                into.append(trio.run(ours, evolved, 1, 1, half))
-        report.table(
-            title,
-            {"ours": _merge(on), "off": _merge(off)},
-            [("p50 ms", "off", Goal("p50 ms", "off", 1.1, at_least=False))],
+        runs = alternate(
+            {
+                "ours": lambda t: trio.run(ours, config.with_changes(group_commit=True), 1, 1, t),
+                "off": lambda t: trio.run(ours, config.with_changes(group_commit=False), 1, 1, t),
+            },
+            timing,
         )
+        report.table(title, runs, [("p50 ms", "off", Goal("p50 ms", "off", 1.1, at_least=False))])
     else:
         report.note(title, "n/a (this EventStoreConfig has no group_commit option)")
 
     # Concurrent writers, 1-event appends, each writer its own stream.
     vacuum(config)
     for writers in (10, 50, 200):
-        mine = trio.run(ours, config, writers, 1, timing)
-        base = run_asyncio(baseline_b(config, writers, 1, timing))
-        floor = run_asyncio(baseline_floor(config, writers, timing))
+        runs = alternate(
+            {
+                "ours": lambda t, w=writers: trio.run(ours, config, w, 1, t),  # type: ignore[misc]
+                "B": lambda t, w=writers: run_asyncio(baseline_b(config, w, 1, t)),  # type: ignore[misc]
+                "floor": lambda t, w=writers: run_asyncio(baseline_floor(config, w, t)),  # type: ignore[misc]
+            },
+            timing,
+        )
         goals: list[tuple[str, str, Goal | None]] = [
             ("ev/s", "B", Goal("ev/s", "B", 5.0, at_least=True) if writers == 50 else None),
             ("ev/s", "floor", Goal("ev/s", "floor", 1.5, at_least=True) if writers == 50 else None),
         ]
-        report.table(
-            f"{writers} writers x 1-event appends, each to its own stream",
-            {"ours": mine, "B": base, "floor": floor},
-            goals,
-        )
-        if mine.errors:
-            report.note(f"{writers} writers: errors", f"MISSED: ours raised {mine.errors}")
+        report.table(f"{writers} writers x 1-event appends, each to its own stream", runs, goals)
+        if runs["ours"].errors:
+            report.note(f"{writers} writers: errors", f"MISSED: ours raised {runs['ours'].errors}")
 
     # Bulk appends.
     vacuum(config)
     for batch in (100, 1000) if quick else (100, 1000, 10_000):
         for writers in (1, 10):
-            mine = trio.run(ours, config, writers, batch, timing)
-            copy = run_asyncio(baseline_copy(config, writers, batch, timing))
-            base = run_asyncio(baseline_b(config, writers, batch, timing))
+            runs = alternate(
+                {
+                    "ours": lambda t, w=writers, b=batch: trio.run(ours, config, w, b, t),  # type: ignore[misc]
+                    "COPY": lambda t, w=writers, b=batch: run_asyncio(  # type: ignore[misc]
+                        baseline_copy(config, w, b, t)
+                    ),
+                    "B": lambda t, w=writers, b=batch: run_asyncio(baseline_b(config, w, b, t)),  # type: ignore[misc]
+                },
+                timing,
+            )
             report.table(
                 f"{batch:,}-event appends, {writers} writer{'s' if writers > 1 else ''}",
-                {"ours": mine, "COPY": copy, "B": base},
+                runs,
                 [
                     ("ev/s", "COPY", Goal("ev/s", "COPY", 0.7, at_least=True)),
                     ("ev/s", "B", None),

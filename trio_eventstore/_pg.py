@@ -478,43 +478,81 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
 
 
 def _run_ready_callbacks_together(loop: Any) -> None:
-    """Make a trio-asyncio loop run every ready asyncio callback in one pass.
+    """Make a trio-asyncio loop run every ready asyncio callback in one pass, and
+    cheaply.
 
     As shipped, trio-asyncio runs one callback per Trio scheduling pass, each behind a
-    fresh cancel scope: about 18 passes for one query. asyncio itself runs all ready
-    callbacks in one iteration; `_main_loop_one_batched` does that, which cuts the
-    bridge's CPU cost per query by about a sixth (`python -m bench`). Needs the loop
-    internals of trio-asyncio 0.15-0.16 (pinned in pyproject); without them, nothing
-    changes.
+    fresh cancel scope (even with no timer due: ``move_on_after(inf)``), and checks
+    every ``call_soon`` callback with `inspect` (asyncio's debug-style
+    ``_check_callback``): about 18 passes for one query. asyncio itself runs all ready
+    callbacks in one iteration; `_main_loop_one_batched` does that, with a cancel scope
+    only when a timer is pending, and `_call_soon` skips the check (the callbacks are
+    asyncpg's and asyncio's own). Needs the loop internals of trio-asyncio 0.15-0.16
+    (pinned in pyproject); without them, nothing changes.
     """
     if _AsyncHandle is not None and all(
-        hasattr(loop, name) for name in ("_main_loop_one", "_q_recv", "_timers", "_nursery")
+        hasattr(loop, name)
+        for name in ("_main_loop_one", "_q_recv", "_timers", "_nursery", "_queue_handle")
     ):
         loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
+        loop.call_soon = types.MethodType(_call_soon, loop)
+
+
+def _call_soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+    """trio-asyncio's ``call_soon`` without asyncio's callback check."""
+    self._check_closed()
+    return self._queue_handle(asyncio.Handle(callback, args, self, context=context))
+
+
+def _run_handle(self: Any, handle: Any) -> bool:
+    """Run a plain asyncio callback; False for a Trio task to start (the caller
+    awaits it, as shipped)."""
+    if isinstance(handle, _AsyncHandle):
+        return False
+    if not handle._cancelled:
+        previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+        try:
+            handle._run()
+        finally:
+            sniffio.thread_local.name = previous
+    return True
 
 
 async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
-    await type(self)._main_loop_one(self, no_wait)  # one callback, as shipped
+    timers = self._timers
+    handle = None
+    if timers:
+        timeout = timers[0]._when - self.time()
+        if timeout <= 0:
+            handle = heapq.heappop(timers)
+    if handle is None:
+        if no_wait:
+            handle = self._q_recv.receive_nowait()
+        elif not timers:
+            handle = await self._q_recv.receive()  # no timer: no cancel scope needed
+        else:
+            with trio.move_on_after(timeout):
+                handle = await self._q_recv.receive()
+            if handle is None:
+                return  # a timer is due: start over
+        if isinstance(handle, asyncio.TimerHandle):
+            heapq.heappush(timers, handle)
+            return
     receive = self._q_recv
     for _ in range(_BATCH):  # then what else is ready, without a Trio checkpoint each
-        if self._timers and self._timers[0]._when <= self.time():
-            return  # a timer is due: the shipped path orders it
+        if not _run_handle(self, handle):  # a Trio task to start: as shipped
+            handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
+            await handle._started.wait()
+            return
+        if timers and timers[0]._when <= self.time():
+            return  # a timer is due: the next pass orders it
         try:
             handle = receive.receive_nowait()
         except trio.WouldBlock:
             return
         if isinstance(handle, asyncio.TimerHandle):
-            heapq.heappush(self._timers, handle)
-        elif isinstance(handle, _AsyncHandle):  # a Trio task to start: as shipped
-            handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
-            await handle._started.wait()
+            heapq.heappush(timers, handle)
             return
-        elif not handle._cancelled:
-            previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
-            try:
-                handle._run()
-            finally:
-                sniffio.thread_local.name = previous
 
 
 #: Ready callbacks run in one pass at most (then Trio's other tasks get their turn).
