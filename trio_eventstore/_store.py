@@ -22,6 +22,7 @@ from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._subscriptions import (
+    DEFAULT_MAX_BUFFER_BYTES,
     Subscription,
     SubscriptionOptions,
     Subscriptions,
@@ -327,6 +328,7 @@ class EventStore:
         partition_by: Callable[[RecordedEvent], Hashable] | None = None,
         buffer_size: int = 1,
         max_size: int = 1000,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
         checkpoint_threshold: int = 1,
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
@@ -336,6 +338,11 @@ class EventStore:
         checkpoint survives restarts and one store at a time (cluster-wide, through
         Postgres advisory locks) delivers a given name. Leaving the block persists the
         last ack.
+
+        Reading ahead stops at ``max_size`` events or ``max_buffer_bytes`` bytes of event
+        data and metadata held (read and not acknowledged; None: no byte bound), and
+        resumes once half of both is free; a page always holds at least one event, so
+        the subscription may hold ``max_buffer_bytes`` plus one event.
 
         Ports ``EventStore.subscribe_to_stream/4``.
 
@@ -353,6 +360,7 @@ class EventStore:
             partition_by=partition_by,
             buffer_size=buffer_size,
             max_size=max_size,
+            max_buffer_bytes=max_buffer_bytes,
             checkpoint_threshold=checkpoint_threshold,
             checkpoint_after=checkpoint_after,
             selector=selector,
