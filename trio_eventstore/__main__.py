@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -20,8 +21,9 @@ import trio
 
 from . import _operator, admin
 from ._config import EventStoreConfig
-from ._daemon import SubscriberSpec, load_handler, run_subscribers
+from ._daemon import DEFAULT_SHUTDOWN_TIMEOUT, SubscriberSpec, load_handler, run_subscribers
 from ._errors import EventStoreError
+from ._serialization import load_serializer
 from ._store import open_event_store
 
 __all__ = ["main"]
@@ -92,14 +94,22 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         parents=[common],
         help="run subscriber handlers until SIGINT/SIGTERM",
-        description="Run handlers (module:function, called with each RecordedEvent) on "
-        "persistent subscriptions; SIGINT/SIGTERM stop them cleanly (exit 0).",
+        description="Run handlers on persistent subscriptions: MODULE:NAME is a function "
+        "called with each RecordedEvent, or an EventHandler (batches, setup and teardown). "
+        "Modules in the current directory are importable. SIGINT/SIGTERM stop them cleanly "
+        "(exit 0); a second signal cancels the handlers in hand.",
     )
     run.add_argument(
         "handlers",
         nargs="+",
-        metavar="MODULE:FUNCTION[=NAME]",
-        help="a handler; NAME is its subscription name (default: MODULE:FUNCTION)",
+        metavar="MODULE:NAME[=SUBSCRIPTION]",
+        help="a handler; SUBSCRIPTION is its subscription name (default: MODULE:NAME)",
+    )
+    run.add_argument(
+        "--serializer",
+        metavar="MODULE:NAME",
+        help="the store's serializer: a Serializer, or a class or function making one "
+        "(default: EVENTSTORE_SERIALIZER, else JsonSerializer(): unregistered types as dicts)",
     )
     run.add_argument("--stream", default="$all", help="the stream to follow (default: $all)")
     run.add_argument(
@@ -112,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-threshold", type=int, default=100)
     run.add_argument("--checkpoint-after", type=float, default=1.0)
     run.add_argument("--status-file", help="write a JSON health snapshot here every 5 s")
+    run.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="seconds the handlers in hand get to finish once stopping (default: "
+        f"{DEFAULT_SHUTDOWN_TIMEOUT:g}); then they are cancelled and what was handled is flushed",
+    )
+    run.add_argument("--retry-delay", type=float, default=0.5, help="first back-off (s)")
+    run.add_argument("--max-retry-delay", type=float, default=30.0, help="longest back-off (s)")
     return parser
 
 
@@ -125,6 +144,8 @@ def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
                 handler=load_handler(target),
                 stream_uuid=args.stream,
                 on_error=args.on_error,
+                retry_delay=args.retry_delay,
+                max_retry_delay=args.max_retry_delay,
                 options={
                     "buffer_size": args.buffer_size,
                     "checkpoint_threshold": args.checkpoint_threshold,
@@ -133,6 +154,51 @@ def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
             )
         )
     return specs
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``trio-eventstore run``: 0 after SIGINT/SIGTERM, 1 when a handler stops the daemon
+    (or the store fails), 2 for bad usage or configuration."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if args.json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, force=True, handlers=[handler])
+    # As `python -m` does: the handlers' modules may live in the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        config = _config(args)  # EVENTSTORE_SERIALIZER is honoured here
+        if args.serializer:
+            config = config.with_changes(serializer=load_serializer(args.serializer))
+        specs = _specs(args)
+    except (ValueError, TypeError) as exc:
+        print(f"trio-eventstore run: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("trio_eventstore.daemon").info("serializer: %r", config.serializer)
+    status = Path(args.status_file) if args.status_file else None
+    try:
+        trio.run(
+            functools.partial(
+                run_subscribers,
+                config,
+                specs,
+                status_file=status,
+                shutdown_timeout=args.shutdown_timeout,
+            )
+        )
+    except EventStoreError as exc:
+        print(
+            f"trio-eventstore run: {type(exc).__name__}: {config.redact(str(exc))}",
+            file=sys.stderr,
+        )
+        return 1
+    except (ValueError, TypeError) as exc:  # options refused before anything ran
+        print(f"trio-eventstore run: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _config(args: argparse.Namespace) -> EventStoreConfig:
@@ -300,35 +366,14 @@ class _JsonLogFormatter(logging.Formatter):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 usage)."""
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = _config(args)
     except (ValueError, TypeError) as exc:
         print(f"trio-eventstore: bad configuration: {exc}", file=sys.stderr)
         return 2
-    if args.command == "run":
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            _JsonLogFormatter()
-            if args.json
-            else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-        )
-        logging.basicConfig(level=logging.INFO, force=True, handlers=[handler])
-        try:
-            specs = _specs(args)
-        except (ValueError, TypeError) as exc:
-            print(f"trio-eventstore run: {exc}", file=sys.stderr)
-            return 2
-        status = Path(args.status_file) if args.status_file else None
-        try:
-            trio.run(functools.partial(run_subscribers, config, specs, status_file=status))
-        except EventStoreError as exc:
-            print(
-                f"trio-eventstore run: {type(exc).__name__}: {config.redact(str(exc))}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
     if args.command in _INSPECT:
         return _inspect(args, config)
     try:

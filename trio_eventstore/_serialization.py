@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import importlib
 import json
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from cattrs.preconf.json import make_converter
 
 from ._errors import SerializationError, UnknownEventTypeError
 
-__all__ = ["JsonSerializer", "Serializer"]
+__all__ = ["JsonSerializer", "Serializer", "load_serializer"]
 
 C = TypeVar("C", bound=type)
 
@@ -289,3 +290,32 @@ class JsonSerializer:
 
     def __repr__(self) -> str:
         return f"JsonSerializer(strict={self.strict}, registered={sorted(self._by_type)})"
+
+
+def load_serializer(target: str) -> Serializer:
+    """``"package.module:name"`` -> the serializer it names: a `Serializer`, or a class
+    or function that returns one when called without arguments (``EVENTSTORE_SERIALIZER``
+    and ``trio-eventstore run --serializer`` take this form).
+
+    Raises:
+        ValueError: not of that form, not importable, or not a serializer.
+    """
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"serializer {target!r}: expected 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"serializer {target!r}: cannot import {module_name!r}: {exc}") from exc
+    found = getattr(module, attr, None)
+    if isinstance(found, type) or (not isinstance(found, Serializer) and callable(found)):
+        try:
+            found = found()
+        except Exception as exc:
+            raise ValueError(f"serializer {target!r}: calling it failed: {exc!r}") from exc
+    if isinstance(found, type) or not isinstance(found, Serializer):
+        raise ValueError(
+            f"serializer {target!r}: expected a Serializer (or a class or function making "
+            f"one), got {type(found).__name__}"
+        )
+    return found

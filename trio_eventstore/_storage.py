@@ -671,3 +671,10 @@ def row_event_number(row: Row) -> int:
     """The event number of a row from `read_rows`."""
     number: int = row[0]
     return number
+
+
+async def subscription_checkpoint(db: Database, stream_uuid: str, name: str) -> int | None:
+    """The stored checkpoint (``last_seen``) of a subscription; None: there is no such
+    subscription."""
+    rows = await db.fetch(_sql.get_subscription(db.config.schema), stream_uuid, name)
+    return int(rows[0]["last_seen"] or 0) if rows else None
