@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -521,3 +523,124 @@ def test_event_handler_validation() -> None:
         EventHandler(handle=print, lifecycle=print)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         SubscriberSpec(name="x", handler=Recorder)  # type: ignore[arg-type]
+
+
+# -- the command line: a serializer, the current directory, the README's example -----------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("trio-eventstore"))
+
+
+def readme_python_block(first_line: str) -> str:
+    """The README's ```python block that starts with ``first_line``."""
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    [block] = [b for b in blocks if b.startswith(first_line)]
+    return block
+
+
+def _console_env(config: EventStoreConfig) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_") and k != "PYTHONPATH"
+    }
+    env.update(EVENTSTORE_URL=config.url or "", EVENTSTORE_SCHEMA=config.schema)
+    return env
+
+
+def _wait_for_status(process: subprocess.Popen[str], status: Path, handled: int) -> None:
+    deadline = time.monotonic() + HANG_GUARD
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            [sub] = json.loads(status.read_text())["subscribers"]
+            if sub["handled"] >= handled:
+                return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"the daemon did not handle {handled} events")
+
+
+@pytest.mark.parametrize("serializer_from", ["option", "environment"])
+def test_readme_daemon_example_runs_from_the_current_directory(
+    eventstore_config: EventStoreConfig, tmp_path: Path, serializer_from: str
+) -> None:
+    """The README's projections.py, run by the console script from its folder, with its
+    serializer given as --serializer or EVENTSTORE_SERIALIZER: batches of registered
+    classes, setup and teardown."""
+    source = tmp_path / "projections.py"
+    source.write_text(readme_python_block("# projections.py"))
+    spec = importlib.util.spec_from_file_location("readme_projections", source)
+    assert spec is not None
+    assert spec.loader is not None
+    projections = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(projections)
+
+    async def append() -> None:
+        config = eventstore_config.with_changes(serializer=projections.serializer)
+        async with open_event_store(config) as store:
+            deposits = [("acct-1", 5), ("acct-2", 7), ("acct-1", 10)]
+            await store.append_to_stream(
+                "bank",
+                ANY_VERSION,
+                [EventData(projections.Deposited(a, n)) for a, n in deposits],
+            )
+
+    trio.run(append)
+    status = tmp_path / "status.json"
+    command = [CONSOLE_SCRIPT, "run", "projections:balances", "--status-file", str(status)]
+    env = _console_env(eventstore_config)
+    if serializer_from == "option":
+        command += ["--serializer", "projections:serializer"]
+    else:
+        env["EVENTSTORE_SERIALIZER"] = "projections:serializer"
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_status(process, status, 3)
+    process.send_signal(signal.SIGTERM)
+    code, err = _exit_status(process, HANG_GUARD)
+    assert code == 0, err
+    assert "balances at exit: {'acct-1': 15, 'acct-2': 7}" in err
+
+
+def test_run_imports_handlers_from_the_current_directory(
+    eventstore_config: EventStoreConfig, tmp_path: Path
+) -> None:
+    log = tmp_path / "seen.log"
+    (tmp_path / "mine.py").write_text(
+        "import os\n\n\ndef handle(event):\n"
+        "    with open(os.environ['DAEMON_LOG'], 'a') as log:\n"
+        "        log.write(f'{event.event_number}\\n')\n"
+    )
+    trio.run(_append, eventstore_config, 1)
+    env = _console_env(eventstore_config)
+    env["DAEMON_LOG"] = str(log)
+    process = subprocess.Popen(
+        [CONSOLE_SCRIPT, "run", "mine:handle"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_log(process, log, 1)
+    process.send_signal(signal.SIGTERM)
+    code, err = _exit_status(process, HANG_GUARD)
+    assert code == 0, err
+
+
+def test_run_refuses_a_serializer_it_cannot_load(
+    eventstore_config: EventStoreConfig, tmp_path: Path
+) -> None:
+    env = _console_env(eventstore_config)
+    env["EVENTSTORE_SERIALIZER"] = "no_such_module:serializer"
+    result = subprocess.run(
+        [CONSOLE_SCRIPT, "run", "tests.daemon_handlers:record"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "EVENTSTORE_SERIALIZER" in result.stderr
+    assert "no_such_module" in result.stderr
