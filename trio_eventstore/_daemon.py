@@ -19,7 +19,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,7 +284,7 @@ class SubscriberDaemon:
                 stats.head = max(stats.head, head)
 
     @contextlib.contextmanager
-    def _wait_scope(self) -> Any:
+    def _wait_scope(self) -> Iterator[trio.CancelScope]:
         """A wait that `stop` ends (a delivery, the lock, a back-off)."""
         with trio.CancelScope() as scope:
             self._waits.add(scope)
