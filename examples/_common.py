@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from trio_eventstore._tempcluster import temp_cluster
+from trio_eventstore.testing import temporary_postgres
 
 
 @contextlib.contextmanager
@@ -16,5 +16,5 @@ def database_url(name: str) -> Iterator[str]:
         yield os.environ["EVENTSTORE_URL"]
         return
     print("EVENTSTORE_URL is not set: starting a throwaway PostgreSQL ...", flush=True)
-    with temp_cluster() as cluster:
-        yield cluster.url(name)
+    with temporary_postgres(name) as url:
+        yield url

@@ -134,3 +134,21 @@ def test_from_env_prefix_and_bad_value_names_variable() -> None:
         EventStoreConfig.from_env(
             "APP_", environ={"APP_DATABASE": "d", "APP_ENABLE_HARD_DELETES": "maybe"}
         )
+
+
+def test_from_env_loads_the_serializer_or_says_why_not() -> None:
+    from trio_eventstore import JsonSerializer
+
+    def env(target: str) -> dict[str, str]:
+        return {"EVENTSTORE_DATABASE": "d", "EVENTSTORE_SERIALIZER": target}
+
+    config = EventStoreConfig.from_env(environ=env("trio_eventstore:JsonSerializer"))
+    assert isinstance(config.serializer, JsonSerializer)
+    with pytest.raises(ValueError, match=r"EVENTSTORE_SERIALIZER.*no_such_module"):
+        EventStoreConfig.from_env(environ=env("no_such_module:x"))
+    with pytest.raises(ValueError, match=r"EVENTSTORE_SERIALIZER.*expected a Serializer"):
+        EventStoreConfig.from_env(environ=env("trio_eventstore:ALL_STREAMS"))
+    # An explicit serializer wins (and the variable is not even imported).
+    mine = JsonSerializer(strict=True)
+    config = EventStoreConfig.from_env(environ=env("no_such_module:x"), serializer=mine)
+    assert config.serializer is mine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,8 @@ def test_example_test_passes(example: Path, server_url: str) -> None:
         cwd=example.parent,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_examples_use_only_the_public_api() -> None:
+    for path in FOLDER.glob("*.py"):
+        assert not re.search(r"\btrio_eventstore\._", path.read_text()), path.name

@@ -25,6 +25,10 @@ class Ev:
     number: int
     key: str
     wanted: bool = True
+    size: int = 0  # bytes, counted against max_bytes
+
+
+MAX_EVENT_SIZE = 12
 
 
 def number_of(event: Ev) -> int:
@@ -40,15 +44,23 @@ class FSMMachine(RuleBasedStateMachine):
         threshold=st.integers(1, 4),
         partitioned=st.booleans(),
         filtering=st.booleans(),
+        max_bytes=st.none() | st.integers(1, 30),
     )
     def setup(
-        self, start: int, max_size: int, threshold: int, partitioned: bool, filtering: bool
+        self,
+        start: int,
+        max_size: int,
+        threshold: int,
+        partitioned: bool,
+        filtering: bool,
+        max_bytes: int | None,
     ) -> None:
         self.partitioned = partitioned
         self.fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
             last_seen=start,
             number_of=number_of,
             max_size=max_size,
+            max_bytes=max_bytes,
             checkpoint_threshold=threshold,
             partition_by=(lambda e: e.key) if partitioned else None,
             selector=(lambda e: e.wanted) if filtering else None,
@@ -70,21 +82,36 @@ class FSMMachine(RuleBasedStateMachine):
         gap=st.integers(0, 2),
         keys=st.lists(st.sampled_from("abc"), min_size=4, max_size=4),
         wanted=st.booleans(),
+        sizes=st.lists(st.integers(0, MAX_EVENT_SIZE), min_size=4, max_size=4),
     )
-    def append(self, count: int, gap: int, keys: list[str], wanted: bool) -> None:
+    def append(self, count: int, gap: int, keys: list[str], wanted: bool, sizes: list[int]) -> None:
         for i in range(count):
             self.head += 1 + (gap if i == 0 else 0)  # $all may have gaps (hard deletes)
-            self.store.append(Ev(self.head, keys[i], wanted or i % 2 == 0))
+            self.store.append(Ev(self.head, keys[i], wanted or i % 2 == 0, sizes[i]))
         self.fsm.on_new_events()
+
+    def page(self, after: int) -> tuple[list[Ev], bool]:
+        """What the store's read returns: events above ``after``, at most `read_limit`
+        of them, stopping at the first that reaches `read_budget` bytes; and at_head."""
+        limit, budget = self.fsm.read_limit(), self.fsm.read_budget()
+        page: list[Ev] = []
+        total = 0
+        for event in self.store:
+            if event.number <= after:
+                continue
+            if len(page) == limit or (budget is not None and total >= budget):
+                return page, False
+            page.append(event)
+            total += event.size
+        return page, len(page) < limit and (budget is None or total < budget)
 
     @rule()
     def read(self) -> None:
         after = self.fsm.wants_read()
         if after is None:
             return
-        limit = self.fsm.read_limit()
-        page = [e for e in self.store if e.number > after][:limit]
-        self.fsm.on_events(page, at_head=len(page) < limit)
+        page, at_head = self.page(after)
+        self.fsm.on_events(page, at_head=at_head, sizes=[e.size for e in page])
         self.collect()
 
     @rule(overlap=st.integers(1, 3))
@@ -93,9 +120,9 @@ class FSMMachine(RuleBasedStateMachine):
         after = self.fsm.wants_read()
         if after is None:
             return
-        limit = self.fsm.read_limit()
-        page = [e for e in self.store if e.number > after - overlap][: limit + overlap]
-        self.fsm.on_events(iter(page), at_head=len(page) < limit)
+        page, at_head = self.page(after)
+        page = [e for e in self.store if after - overlap < e.number <= after] + page
+        self.fsm.on_events(iter(page), at_head=at_head, sizes=[e.size for e in page])
         self.collect()
 
     # -- consumers ----------------------------------------------------------------------
@@ -206,6 +233,22 @@ class FSMMachine(RuleBasedStateMachine):
         assert fsm._order == sorted(fsm._unacked)
 
     @invariant()
+    def bytes_held_are_counted_and_bounded(self) -> None:
+        fsm = self.fsm
+        size = {e.number: e.size for e in self.store}
+        assert fsm.held_bytes == sum(size[n] for n in fsm._order)
+        if fsm.max_bytes is not None:
+            # A page may end with the event that crosses the bound: one event over.
+            assert fsm.held_bytes < fsm.max_bytes + MAX_EVENT_SIZE + 1
+
+    @invariant()
+    def an_empty_buffer_always_reads(self) -> None:
+        """At least one event always fits: a byte bound never stalls delivery."""
+        fsm = self.fsm
+        if fsm.consumers and not fsm.at_head and fsm.held == 0:
+            assert fsm.wants_read() is not None
+
+    @invariant()
     def nothing_lost(self) -> None:
         fsm = self.fsm
         # Every event read and not in the acknowledged prefix is pending, in flight, or
@@ -283,3 +326,31 @@ def test_crashed_consumer_events_go_to_the_next_in_order() -> None:
     other = 3 - a_owner
     redelivered = fsm.take_deliveries()[other]
     assert [e.number for e in redelivered if e.key == "a"] == [2, 4]
+
+
+def test_reading_pauses_on_bytes_held_and_resumes_at_half() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
+        last_seen=0, number_of=number_of, max_size=1000, max_bytes=100
+    )
+    fsm.add_consumer(1, 1)
+    assert fsm.read_budget() == 100
+    events = [Ev(n, "a", size=40) for n in (1, 2, 3)]  # the third crosses the bound
+    fsm.on_events(events, at_head=False, sizes=[e.size for e in events])
+    assert fsm.held_bytes == 120
+    assert fsm.wants_read() is None  # 997 events of room, but no bytes
+    [[first]] = fsm.take_deliveries().values()
+    fsm.ack(1, first.number)
+    assert (fsm.held_bytes, fsm.wants_read()) == (80, None)  # more than half held
+    [[second]] = fsm.take_deliveries().values()
+    fsm.ack(1, second.number)
+    assert (fsm.held_bytes, fsm.wants_read(), fsm.read_budget()) == (40, 3, 60)
+
+
+def test_one_event_always_fits() -> None:
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(last_seen=0, number_of=number_of, max_bytes=10)
+    fsm.add_consumer(1, 1)
+    assert (fsm.wants_read(), fsm.read_budget()) == (0, 10)
+    fsm.on_events([Ev(1, "a", size=1000)], at_head=False, sizes=[1000])
+    [[event]] = fsm.take_deliveries().values()
+    fsm.ack(1, event.number)
+    assert (fsm.held_bytes, fsm.wants_read()) == (0, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import uuid
 
 import pytest
@@ -498,3 +500,52 @@ async def test_an_append_never_fails_because_a_subscriber_cannot_decode(
         with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError):
             async for _ in sub:
                 pass
+
+
+@pytest.mark.parametrize("column_data_type", ["bytea", "jsonb"])
+async def test_read_ahead_is_bounded_in_bytes(
+    config: EventStoreConfig, column_data_type: str
+) -> None:
+    """Big events: the subscription holds at most max_buffer_bytes of them (plus the one
+    that crosses the bound), catching up, fetching ahead, and when its own appends are
+    handed over; and every event still arrives, in order."""
+    size = 256 * 1024
+    bound = 1024 * 1024
+
+    def big(n: int) -> EventData:
+        blob = base64.b64encode(os.urandom(size * 3 // 4)).decode()  # incompressible
+        return EventData({"n": n, "blob": blob}, event_type="Big")
+
+    cfg = config.with_changes(column_data_type=column_data_type, notification_poll_interval=60)
+    await admin.create(cfg)
+    await admin.init(cfg)
+    try:
+        async with open_event_store(cfg) as store:
+            for start in range(0, 40, 10):
+                await store.append_to_stream(
+                    "s", ANY_VERSION, [big(n) for n in range(start, start + 10)]
+                )
+            seen: list[int] = []
+            buffered: list[int] = []
+            async with store.subscribe_to_all_streams(
+                "p", buffer_size=100, max_size=1000, max_buffer_bytes=bound
+            ) as sub:
+                with trio.fail_after(HANG_GUARD):
+                    async for batch in sub:
+                        buffered.append(sub.statistics().buffered_bytes)
+                        seen.extend(n_of(e) for e in batch.events)
+                        sub.ack(batch)
+                        await trio.sleep(0.01)  # a consumer slower than reading
+                        if len(seen) == 40:
+                            # Live: one append bigger than the bound is read, not handed over.
+                            await store.append_to_stream(
+                                "s", ANY_VERSION, [big(n) for n in range(40, 50)]
+                            )
+                        if len(seen) >= 50:
+                            break
+                assert sub.statistics().buffered_bytes == 0
+    finally:
+        await admin.drop(cfg)
+    assert seen == list(range(50))
+    assert max(buffered) > bound // 2  # it did fill up ...
+    assert max(buffered) < bound + 2 * size  # ... to the bound, plus one event (and JSON)

@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import os
+import re
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import attrs
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from trio_eventstore import (
@@ -20,16 +27,22 @@ from trio_eventstore import (
     EventStoreConfig,
     JsonSerializer,
     RecordedEvent,
+    SnapshotData,
+    SnapshotNotFoundError,
+    admin,
     open_event_store,
 )
 from trio_eventstore.testing import (
     Delivery,
     RedeliveryError,
     check_redelivery,
+    check_redelivery_async,
     event_data,
+    money_decimals,
     recorded_histories,
     redeliveries,
     stream_ids,
+    temporary_postgres,
     wait_caught_up,
 )
 
@@ -150,7 +163,7 @@ def test_generated_streams_and_events_round_trip_through_a_store(
         async with open_event_store(config) as store:
             await store.append_to_stream(stream, ANY_VERSION, events)  # type: ignore[arg-type]
             read = await store.read_stream_forward(stream, count=10_000)
-            # Compare encoded forms: a Decimal NaN round-trips but is not equal to itself.
+            # Compare encoded forms (with decimals=st.decimals(), a NaN is not equal to itself).
             got = [serializer.serialize(e.data) for e in read[-len(events) :]]
             assert got == [serializer.serialize(e.data) for e in events]  # type: ignore[attr-defined]
 
@@ -173,3 +186,224 @@ async def test_wait_caught_up_and_the_fixtures(event_store: EventStore) -> None:
                 await wait_caught_up(event_store, sub)
             assert sub.statistics().last_ack == 5
             nursery.cancel_scope.cancel()
+
+
+# -- a consumer whose read model lives in a database, checked from an async test --------------
+
+
+class SnapshotBalances:
+    """Balances kept in the store's snapshots (a read model in the database), one per
+    account: idempotent through the last event number applied to each."""
+
+    def __init__(self, store: EventStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.accounts: set[str] = set()
+
+    async def handle(self, event: RecordedEvent) -> None:
+        if not isinstance(event.data, Deposited):
+            return
+        account = event.data.account_id
+        self.accounts.add(account)
+        key = f"{self.prefix}/{account}"
+        try:
+            snapshot = await self.store.read_snapshot(key)
+            balance, applied = snapshot.data["balance"], snapshot.source_version  # type: ignore[index]
+        except SnapshotNotFoundError:
+            balance, applied = 0, 0
+        if event.event_number <= applied:
+            return  # delivered again: already in the read model
+        await self.store.record_snapshot(
+            SnapshotData(
+                source_uuid=key,
+                source_version=event.event_number,
+                source_type="Balance",
+                data={"balance": balance + event.data.amount},
+            )
+        )
+
+    async def read_balances(self) -> dict[str, int]:
+        balances = {}
+        for account in sorted(self.accounts):
+            snapshot = await self.store.read_snapshot(f"{self.prefix}/{account}")
+            balances[account] = snapshot.data["balance"]  # type: ignore[index]
+        return balances
+
+
+class NaiveSnapshotBalances(SnapshotBalances):
+    async def handle(self, event: RecordedEvent) -> None:
+        if not isinstance(event.data, Deposited):
+            return
+        account = event.data.account_id
+        self.accounts.add(account)
+        key = f"{self.prefix}/{account}"
+        try:
+            balance = (await self.store.read_snapshot(key)).data["balance"]  # type: ignore[index]
+        except SnapshotNotFoundError:
+            balance = 0
+        await self.store.record_snapshot(
+            SnapshotData(
+                source_uuid=key,
+                source_version=event.event_number,
+                source_type="Balance",
+                data={"balance": balance + event.data.amount},
+            )
+        )
+
+
+@settings(max_examples=8, deadline=None, database=None)
+@given(history=recorded_histories(Deposited, streams=2, max_events=8), schedule=redeliveries())
+async def test_a_database_backed_consumer_from_an_async_test_with_a_fresh_store_per_example(
+    fresh_event_store: Callable[..., AbstractAsyncContextManager[EventStore]],
+    history: list[RecordedEvent],
+    schedule: list[Delivery],
+) -> None:
+    async with fresh_event_store(serializer=serializer) as store:
+        await store.append_to_stream("probe", ANY_VERSION, [EventData(Deposited("p", 1))])
+        await check_redelivery_async(
+            lambda: SnapshotBalances(store, uuid.uuid4().hex),  # a read model per pass
+            history,
+            schedule,
+            state=SnapshotBalances.read_balances,
+        )
+
+
+async def test_a_non_idempotent_database_backed_consumer_is_caught(
+    fresh_event_store: Callable[..., AbstractAsyncContextManager[EventStore]],
+) -> None:
+    at = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    history = [
+        RecordedEvent(n, uuid.uuid4(), "a", n, "Deposited", Deposited("a", n), None, None, None, at)
+        for n in range(1, 4)
+    ]
+    async with fresh_event_store() as store:
+
+        async def factory() -> NaiveSnapshotBalances:  # factories may be async
+            return NaiveSnapshotBalances(store, uuid.uuid4().hex)
+
+        with pytest.raises(RedeliveryError, match="twice"):
+            await check_redelivery_async(
+                factory,
+                history,
+                [Delivery(2, "duplicate")],
+                state=SnapshotBalances.read_balances,
+            )
+
+
+async def test_the_sync_check_inside_an_async_test_says_what_to_use() -> None:
+    with pytest.raises(RuntimeError, match="check_redelivery_async"):
+        check_redelivery(IdempotentBalances, [], [], state=lambda p: p.balances)
+
+
+# -- decimals --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Invoice:
+    lines: list[decimal.Decimal]
+    discount: decimal.Decimal | None
+    renamed: Renamed | None = None
+
+
+def test_decimal_fields_are_money_by_default() -> None:
+    """No NaN, infinities or sNaN unless asked, in fields, lists, optionals and nested
+    classes: exactly two places."""
+
+    def decimals_of(event: EventData) -> list[decimal.Decimal]:
+        data = event.data
+        if isinstance(data, Renamed):
+            return [data.fee]
+        assert isinstance(data, Invoice)
+        found = [*data.lines, *([data.discount] if data.discount is not None else [])]
+        return found + ([data.renamed.fee] if data.renamed is not None else [])
+
+    def money(value: decimal.Decimal) -> bool:
+        return value.is_finite() and value.as_tuple().exponent == -2
+
+    @settings(max_examples=300, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(event_data(Renamed, Invoice))
+    def check(event: EventData) -> None:
+        assert all(money(d) for d in decimals_of(event))
+
+    check()
+    # A knob for the rest: NaN, sNaN and infinities when asked for.
+    found = find(
+        event_data(Renamed, decimals=st.decimals()),
+        lambda e: e.data.fee.is_snan(),
+        settings=settings(database=None, max_examples=2000),
+    )
+    assert isinstance(found.data, Renamed)
+    assert found.data.fee.is_snan()
+    places = find(
+        recorded_histories(Renamed, decimals=money_decimals(places=4)),
+        lambda h: len(h) > 0,
+        settings=settings(database=None),
+    )
+    assert isinstance(places[0].data, Renamed)
+    assert places[0].data.fee.as_tuple().exponent == -4
+
+
+# -- a throwaway server ------------------------------------------------------------------------
+
+
+def test_temporary_postgres_gives_a_url_a_store_opens() -> None:
+    async def use(url: str) -> int:
+        config = EventStoreConfig(url=url)
+        await admin.create(config)
+        await admin.init(config)
+        async with open_event_store(config) as store:
+            await store.append_to_stream("s", ANY_VERSION, [EventData(Deposited("a", 1))])
+            return (await store.stream_info("s")).stream_version
+
+    with temporary_postgres("demo") as url:
+        assert url.startswith("postgresql://")
+        assert url.endswith("/demo")
+        assert trio.run(use, url) == 1
+
+
+# -- the README's async example -----------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python_block(first_line: str) -> str:
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    [block] = [b for b in blocks if b.startswith(first_line)]
+    return block
+
+
+def run_pytest(folder: Path, server_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env["TRIO_EVENTSTORE_TEST_URL"] = server_url
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+        cwd=folder,
+    )
+
+
+def test_readme_database_backed_consumer_test_passes_and_catches_a_bug(
+    server_url: str, tmp_path: Path
+) -> None:
+    """The README's test_projection.py passes with the kit's fixtures, and fails once
+    the consumer's idempotence check is deleted (as its comment says)."""
+    source = readme_python_block("# test_projection.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
+    (tmp_path / "test_projection.py").write_text(source)
+    result = run_pytest(tmp_path, server_url)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    check = "if event.event_number > applied:  # delete this check and the test fails"
+    assert check in source
+    broken = source.replace(check, "if True:").replace(
+        "@settings(max_examples=20, deadline=None)",
+        "@settings(max_examples=20, deadline=None, phases=[Phase.generate])",  # no shrinking
+    )
+    broken = "from hypothesis import Phase\n" + broken
+    (tmp_path / "test_projection.py").write_text(broken)
+    result = run_pytest(tmp_path, server_url)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "RedeliveryError" in result.stdout

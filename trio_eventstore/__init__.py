@@ -3,6 +3,10 @@ Elixir EventStore."""
 
 from ._config import EventStoreConfig
 from ._daemon import (
+    BatchHandler,
+    EventHandler,
+    Handler,
+    HandlerContext,
     HandlerFailedError,
     SubscriberSpec,
     SubscriberStatistics,
@@ -66,6 +70,10 @@ from ._writer import WriterStatistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchHandler",
+    "EventHandler",
+    "Handler",
+    "HandlerContext",
     "run_subscribers",
     "open_subscriber_daemon",
     "SubscriberStatistics",

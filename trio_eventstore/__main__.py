@@ -24,13 +24,14 @@ import trio
 
 from . import _operator, admin
 from ._config import EventStoreConfig
-from ._daemon import SubscriberSpec, load_handler, run_subscribers
+from ._daemon import DEFAULT_SHUTDOWN_TIMEOUT, SubscriberSpec, load_handler, run_subscribers
 from ._errors import (
     EventStoreError,
     StreamDeletedError,
     StreamNotFoundError,
     SubscriptionAlreadyExistsError,
 )
+from ._serialization import load_serializer
 from ._sql import STREAM_SORT_COLUMNS
 from ._store import EventStore, open_event_store
 from ._subscriptions import TransientSubscription
@@ -133,14 +134,22 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         parents=[common],
         help="run subscriber handlers until SIGINT/SIGTERM",
-        description="Run handlers (module:function, called with each RecordedEvent) on "
-        "persistent subscriptions; SIGINT/SIGTERM stop them cleanly (exit 0).",
+        description="Run handlers on persistent subscriptions: MODULE:NAME is a function "
+        "called with each RecordedEvent, or an EventHandler (batches, setup and teardown). "
+        "Modules in the current directory are importable. SIGINT/SIGTERM stop them cleanly "
+        "(exit 0); a second signal cancels the handlers in hand.",
     )
     run.add_argument(
         "handlers",
         nargs="+",
-        metavar="MODULE:FUNCTION[=NAME]",
-        help="a handler; NAME is its subscription name (default: MODULE:FUNCTION)",
+        metavar="MODULE:NAME[=SUBSCRIPTION]",
+        help="a handler; SUBSCRIPTION is its subscription name (default: MODULE:NAME)",
+    )
+    run.add_argument(
+        "--serializer",
+        metavar="MODULE:NAME",
+        help="the store's serializer: a Serializer, or a class or function making one "
+        "(default: EVENTSTORE_SERIALIZER, else JsonSerializer(): unregistered types as dicts)",
     )
     run.add_argument("--stream", default="$all", help="the stream to follow (default: $all)")
     run.add_argument(
@@ -153,6 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-threshold", type=int, default=100)
     run.add_argument("--checkpoint-after", type=float, default=1.0)
     run.add_argument("--status-file", help="write a JSON health snapshot here every 5 s")
+    run.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="seconds the handlers in hand get to finish once stopping (default: "
+        f"{DEFAULT_SHUTDOWN_TIMEOUT:g}); then they are cancelled and what was handled is flushed",
+    )
+    run.add_argument("--retry-delay", type=float, default=0.5, help="first back-off (s)")
+    run.add_argument("--max-retry-delay", type=float, default=30.0, help="longest back-off (s)")
     return parser
 
 
@@ -166,12 +184,60 @@ def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
                 handler=load_handler(target),
                 stream_uuid=args.stream,
                 on_error=args.on_error,
+                retry_delay=args.retry_delay,
+                max_retry_delay=args.max_retry_delay,
                 buffer_size=args.buffer_size,
                 checkpoint_threshold=args.checkpoint_threshold,
                 checkpoint_after=args.checkpoint_after,
             )
         )
     return specs
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``trio-eventstore run``: 0 after SIGINT/SIGTERM, 1 when a handler stops the daemon
+    (or the store fails), 2 for bad usage or configuration."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if args.json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, force=True, handlers=[handler])
+    # As `python -m` does: the handlers' modules may live in the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        config = _config(args)  # EVENTSTORE_SERIALIZER is honoured here
+        if args.serializer:
+            config = config.with_changes(serializer=load_serializer(args.serializer))
+        specs = _specs(args)
+    except (ValueError, TypeError) as exc:
+        print(f"trio-eventstore run: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("trio_eventstore.daemon").info("serializer: %r", config.serializer)
+    status = Path(args.status_file) if args.status_file else None
+    try:
+        config = trio.run(_operator.store_config, config)  # the schema's column type
+        trio.run(
+            functools.partial(
+                run_subscribers,
+                config,
+                specs,
+                status_file=status,
+                shutdown_timeout=args.shutdown_timeout,
+            )
+        )
+    except EventStoreError as exc:
+        print(
+            f"trio-eventstore run: {type(exc).__name__}: {config.redact(str(exc))}",
+            file=sys.stderr,
+        )
+        return 1
+    except (ValueError, TypeError) as exc:  # options refused before anything ran
+        print(f"trio-eventstore run: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _config(args: argparse.Namespace) -> EventStoreConfig:
@@ -442,36 +508,14 @@ def _quiet_broken_pipe() -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = _config(args)
     except (ValueError, TypeError) as exc:
         print(f"trio-eventstore: bad configuration: {exc}", file=sys.stderr)
         return 2
-    if args.command == "run":
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            _JsonLogFormatter()
-            if args.json
-            else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-        )
-        logging.basicConfig(level=logging.INFO, force=True, handlers=[handler])
-        try:
-            specs = _specs(args)
-        except (ValueError, TypeError) as exc:
-            print(f"trio-eventstore run: {exc}", file=sys.stderr)
-            return 2
-        status = Path(args.status_file) if args.status_file else None
-        try:
-            config = trio.run(_operator.store_config, config)
-            trio.run(functools.partial(run_subscribers, config, specs, status_file=status))
-        except EventStoreError as exc:
-            print(
-                f"trio-eventstore run: {type(exc).__name__}: {config.redact(str(exc))}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
     if args.command in _INSPECT:
         return _inspect(args, config)
     try:

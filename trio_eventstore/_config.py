@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._serialization import JsonSerializer, Serializer
+from ._serialization import JsonSerializer, Serializer, load_serializer
 from ._types import check_text
 
 __all__ = ["EventStoreConfig", "MAX_SCHEMA_BYTES"]
@@ -274,6 +274,8 @@ class EventStoreConfig:
 
         ``EVENTSTORE_URL``, ``EVENTSTORE_SCHEMA``, ``EVENTSTORE_POOL_SIZE``,
         ``EVENTSTORE_ENABLE_HARD_DELETES`` (true/false), ... ; keyword ``overrides`` win.
+        ``EVENTSTORE_SERIALIZER=package.module:name`` imports the serializer (see
+        `load_serializer`); ``init`` cannot come from the environment.
         Raises ValueError naming the variable when a value cannot be parsed.
         """
         env = os.environ if environ is None else environ
@@ -287,6 +289,12 @@ class EventStoreConfig:
             raw = env[var]
             try:
                 kwargs[field.name] = _parse_env_value(field.name, raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}: {exc}") from None
+        var = prefix + "SERIALIZER"
+        if var in env and "serializer" not in overrides:
+            try:
+                kwargs["serializer"] = load_serializer(env[var])
             except ValueError as exc:
                 raise ValueError(f"{var}: {exc}") from None
         kwargs.update(overrides)

@@ -2,9 +2,11 @@
 process lives, and stop cleanly.
 
 On SIGINT/SIGTERM (or `SubscriberDaemon.stop`) it stops taking new events, lets each
-handler finish the batch in hand, acknowledges it, flushes checkpoints and returns.
-A handler that raises is retried with back-off (the batch is handled again, never
-skipped) or stops the daemon, by option.
+handler finish the event (or, for a batch handler, the batch) in hand within
+``shutdown_timeout``, acknowledges what was handled, flushes checkpoints and returns. A
+second signal cancels the handlers in hand at once. A handler that raises is retried
+with back-off (the same events again, never skipped; stopping cancels the back-off) or
+stops the daemon, by option.
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 import trio
 
+from . import _storage
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, single_errors
 from ._store import EventStore, open_event_store
-from ._subscriptions import Subscription, SubscriptionOptions
+from ._subscriptions import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    EventBatch,
+    Subscription,
+    SubscriptionOptions,
+)
 from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
 __all__ = [
+    "BatchHandler",
+    "EventHandler",
     "Handler",
+    "HandlerContext",
     "HandlerFailedError",
     "SubscriberDaemon",
     "SubscriberSpec",
@@ -43,7 +54,61 @@ __all__ = [
 
 logger = logging.getLogger("trio_eventstore.daemon")
 
+#: Called with each event, in order (sync or async).
 Handler = Callable[[RecordedEvent], Awaitable[None] | None]
+#: Called with each delivered batch (a list of events, in order; up to ``buffer_size``).
+BatchHandler = Callable[[list[RecordedEvent]], Awaitable[None] | None]
+
+#: Seconds the handlers in hand get to finish once the daemon is asked to stop.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class HandlerContext:
+    """What an `EventHandler` lifecycle is given when its subscriber starts.
+
+    Attributes:
+        store: the open store (read streams, append, record snapshots ...).
+        subscription_name: the subscription the handler runs on.
+        stream_uuid: its stream, or ``"$all"``.
+        logger: a logger named after the subscription.
+    """
+
+    store: EventStore
+    subscription_name: str
+    stream_uuid: str
+    logger: logging.Logger
+
+
+@attrs.frozen(kw_only=True)
+class EventHandler:
+    """A handler with batches, or a lifecycle, or both (give exactly one of ``handle``
+    and ``lifecycle``).
+
+    Args:
+        handle: called with each event, or with ``batch=True`` with each delivered
+            batch as a list of events (sync or async).
+        lifecycle: called with a `HandlerContext` when the subscriber starts; returns
+            an async context manager whose value is the ``handle`` function. Setup
+            before it yields, teardown after the subscriber has stopped and flushed its
+            checkpoint (``contextlib.asynccontextmanager`` makes one from a generator).
+        batch: ``handle`` takes a list of events (up to the subscription's
+            ``buffer_size``); the batch is acknowledged once ``handle`` returns.
+    """
+
+    handle: Callable[[Any], Awaitable[None] | None] | None = None
+    lifecycle: Callable[[HandlerContext], contextlib.AbstractAsyncContextManager[Any]] | None = None
+    batch: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if (self.handle is None) == (self.lifecycle is None):
+            raise TypeError("EventHandler: give exactly one of handle= and lifecycle=")
+        for name in ("handle", "lifecycle"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"EventHandler.{name}: expected a callable")
+        if not isinstance(self.batch, bool):
+            raise TypeError("EventHandler.batch: expected a bool")
 
 
 @attrs.frozen(kw_only=True)
@@ -52,17 +117,18 @@ class SubscriberSpec:
 
     Args:
         name: the subscription name (its checkpoint and lock).
-        handler: called for every event, in order (sync or async).
+        handler: a function called with every event, in order (sync or async), or an
+            `EventHandler` (batches, setup and teardown, a `HandlerContext`).
         stream_uuid: the stream, or ``"$all"``.
         on_error: ``"retry"`` (back-off from ``retry_delay`` doubling up to
             ``max_retry_delay``) or ``"stop"`` (the daemon stops and reports it).
         start_from, concurrency_limit, partition_by, buffer_size, max_size,
-            checkpoint_threshold, checkpoint_after, selector: the
+            checkpoint_threshold, checkpoint_after, selector, max_buffer_bytes: the
             `EventStore.subscribe_to_stream` options (validated here, before any I/O).
     """
 
     name: str
-    handler: Handler
+    handler: Handler | EventHandler
     stream_uuid: str = ALL_STREAMS
     on_error: Literal["retry", "stop"] = "retry"
     retry_delay: float = 0.5
@@ -75,6 +141,7 @@ class SubscriberSpec:
     checkpoint_threshold: int = 1
     checkpoint_after: float = 0.0
     selector: Callable[[RecordedEvent], bool] | None = None
+    max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES
 
     def __attrs_post_init__(self) -> None:
         SubscriptionOptions(  # raises on a bad option, before any I/O
@@ -86,9 +153,14 @@ class SubscriberSpec:
             checkpoint_threshold=self.checkpoint_threshold,
             checkpoint_after=self.checkpoint_after,
             selector=self.selector,
+            max_buffer_bytes=self.max_buffer_bytes,
         )
-        if not callable(self.handler):
-            raise TypeError("handler: expected a callable taking a RecordedEvent")
+        if not isinstance(self.handler, EventHandler) and (
+            not callable(self.handler) or inspect.isclass(self.handler)
+        ):
+            raise TypeError(
+                "handler: expected a function taking a RecordedEvent, or an EventHandler"
+            )
         if self.on_error not in ("retry", "stop"):
             raise ValueError(f"on_error: expected 'retry' or 'stop', got {self.on_error!r}")
         if not (0 < self.retry_delay <= self.max_retry_delay < math.inf):
@@ -97,7 +169,15 @@ class SubscriberSpec:
 
 @attrs.define
 class SubscriberStatistics:
-    """What an operator reads about one subscriber (`SubscriberDaemon.statistics`)."""
+    """What an operator reads about one subscriber (`SubscriberDaemon.statistics`).
+
+    ``state`` is one of ``starting``, ``standby`` (another node holds the subscription),
+    ``catching_up``, ``running``, ``retrying`` (a handler failed; backing off),
+    ``reconnecting`` (the database connection or the lock was lost; retrying),
+    ``stopping``, ``stopped`` and ``failed``. ``last_checkpoint`` is the stored
+    checkpoint, ``head`` the stream's latest known version (event number for
+    ``$all``), ``lag`` the events in the stream not yet acknowledged.
+    """
 
     name: str
     stream_uuid: str
@@ -119,45 +199,188 @@ class SubscriberStatistics:
 
 
 class HandlerFailedError(EventStoreError):
-    """A handler raised and its spec says ``on_error="stop"`` (its error is the cause)."""
+    """A handler raised and its spec says ``on_error="stop"``, or its lifecycle's setup
+    or teardown raised (its error is the cause)."""
+
+
+#: The subscription's state -> the subscriber's, while the subscriber itself runs.
+_SUBSCRIPTION_STATES = {
+    "starting": "starting",
+    "subscribing": "starting",
+    "waiting_for_lock": "standby",
+    "disconnected": "reconnecting",
+    "catching_up": "catching_up",
+    "subscribed": "running",
+    "hibernating": "running",
+    "failed": "failed",
+    "stopped": "stopped",
+}
+
+
+class _Stopped(Exception):
+    """The daemon stopped while a handler was backing off, or the shutdown timeout
+    cancelled it: what it had in hand is not acknowledged."""
 
 
 class SubscriberDaemon:
     """Runs `SubscriberSpec` handlers; made by `open_subscriber_daemon`."""
 
-    def __init__(self, store: EventStore, specs: Sequence[SubscriberSpec]) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        specs: Sequence[SubscriberSpec],
+        *,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    ) -> None:
         self.store = store
         self.specs = list(specs)
+        self.shutdown_timeout = shutdown_timeout
         self._stats = {
             spec.name: SubscriberStatistics(spec.name, spec.stream_uuid) for spec in self.specs
         }
+        #: starting, subscribed (then the subscription's state tells), retrying,
+        #: stopping, stopped or failed
+        self._phase = {spec.name: "starting" for spec in self.specs}
         self._stopping = False
+        self._stop_requested = trio.Event()
         self._waits: set[trio.CancelScope] = set()
+        self._handler_scopes: set[trio.CancelScope] = set()
+        self._handler_deadline = math.inf
         self._subs: dict[str, Subscription] = {}
 
-    def stop(self) -> None:
-        """Stop taking new events; handlers finish the batch in hand."""
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` was called."""
+        return self._stopping
+
+    def stop(self, *, now: bool = False) -> None:
+        """Stop taking new events. Handlers finish the event (batch handlers: the batch)
+        in hand, within ``shutdown_timeout``; then, or at once with ``now=True``, they
+        are cancelled (what they had in hand is not acknowledged: it comes again).
+        Back-off waits end at once."""
         if not self._stopping:
-            logger.info("daemon stopping: finishing the batches in hand")
+            logger.info(
+                "daemon stopping: finishing the events in hand (at most %.1f s)",
+                self.shutdown_timeout,
+            )
+        elif now:
+            logger.warning("daemon stopping now: cancelling the handlers in hand")
         self._stopping = True
+        self._stop_requested.set()
+        deadline = trio.current_time() + (0.0 if now else self.shutdown_timeout)
+        self._handler_deadline = min(self._handler_deadline, deadline)
+        for scope in list(self._handler_scopes):
+            scope.deadline = min(scope.deadline, self._handler_deadline)
         for scope in list(self._waits):
             scope.cancel()
 
     def statistics(self) -> list[SubscriberStatistics]:
-        for name, sub in self._subs.items():
-            stats = sub.statistics()
-            self._stats[name].last_ack = stats.last_ack
-            self._stats[name].last_checkpoint = stats.last_persisted
+        """Each subscriber's state, counts and positions, as of now."""
+        for name, stats in self._stats.items():
+            phase = self._phase[name]
+            stats.state = phase
+            sub = self._subs.get(name)
+            if sub is None:
+                continue
+            now = sub.statistics()
+            if now.lock_attempts:  # it has read the stored checkpoint itself
+                stats.last_ack = now.last_ack
+                stats.last_checkpoint = now.last_persisted
+            stats.head = max(stats.head, now.head)
+            if phase == "subscribed":
+                stats.state = _SUBSCRIPTION_STATES.get(now.state, now.state)
         return list(self._stats.values())
+
+    async def _load_positions(self) -> None:
+        """The stored checkpoints and the heads, before anything runs (so the first
+        status already tells the truth)."""
+        for spec in self.specs:
+            stats = self._stats[spec.name]
+            with contextlib.suppress(LookupError):
+                stats.head = (await self.store.stream_info(spec.stream_uuid)).stream_version
+            checkpoint = await _storage.subscription_checkpoint(
+                self.store._db, spec.stream_uuid, spec.name
+            )
+            stats.last_ack = stats.last_checkpoint = checkpoint or 0
 
     async def _refresh_heads(self) -> None:
         for stats in self._stats.values():
             with contextlib.suppress(LookupError):
-                stats.head = (await self.store.stream_info(stats.stream_uuid)).stream_version
+                head = (await self.store.stream_info(stats.stream_uuid)).stream_version
+                stats.head = max(stats.head, head)
+
+    @contextlib.contextmanager
+    def _wait_scope(self) -> Iterator[trio.CancelScope]:
+        """A wait that `stop` ends (a delivery, the lock, a back-off)."""
+        with trio.CancelScope() as scope:
+            self._waits.add(scope)
+            if self._stopping:
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._waits.discard(scope)
 
     async def _run_one(self, spec: SubscriberSpec) -> None:
         stats = self._stats[spec.name]
-        async with self.store.subscribe_to_stream(
+        handler = spec.handler
+        try:
+            if not isinstance(handler, EventHandler):
+                await self._subscribe_and_handle(spec, stats, False, handler)
+                return
+            if handler.handle is not None:
+                await self._subscribe_and_handle(spec, stats, handler.batch, handler.handle)
+                return
+            assert handler.lifecycle is not None
+            await self._run_lifecycle(spec, stats, handler.lifecycle, handler.batch)
+        except Exception:
+            self._phase[spec.name] = "failed"
+            raise
+        finally:
+            if self._phase[spec.name] != "failed":
+                self._phase[spec.name] = "stopped"
+            logger.info("subscriber %s: stopped, checkpoint %s", spec.name, stats.last_checkpoint)
+
+    async def _run_lifecycle(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        lifecycle: Callable[[HandlerContext], contextlib.AbstractAsyncContextManager[Any]],
+        batch_mode: bool,
+    ) -> None:
+        """Setup, the subscriber, teardown: a setup or teardown error is a
+        `HandlerFailedError` saying which."""
+        context = HandlerContext(
+            self.store, spec.name, spec.stream_uuid, logger.getChild(spec.name)
+        )
+        step = "setup"
+        body_error: BaseException | None = None
+        try:
+            async with lifecycle(context) as handle:
+                step = "teardown"
+                if not callable(handle):
+                    raise HandlerFailedError(
+                        f"subscriber {spec.name!r}: the lifecycle yielded {handle!r}, "
+                        "not a handler function"
+                    )
+                try:
+                    await self._subscribe_and_handle(spec, stats, batch_mode, handle)
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+        except Exception as exc:
+            if exc is body_error or isinstance(exc, HandlerFailedError):
+                raise
+            raise HandlerFailedError(f"subscriber {spec.name!r}: {step} failed: {exc!r}") from exc
+
+    async def _subscribe_and_handle(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        batch_mode: bool,
+        handle: Callable[[Any], Awaitable[None] | None],
+    ) -> None:
+        subscription = self.store.subscribe_to_stream(
             spec.stream_uuid,
             spec.name,
             start_from=spec.start_from,
@@ -168,70 +391,142 @@ class SubscriberDaemon:
             checkpoint_threshold=spec.checkpoint_threshold,
             checkpoint_after=spec.checkpoint_after,
             selector=spec.selector,
-        ) as sub:
-            self._subs[spec.name] = sub
-            stats.state = "waiting_for_lock"
-            await sub.wait_subscribed()
-            stats.state = "running"
-            logger.info("subscriber %s: subscribed to %s", spec.name, spec.stream_uuid)
-            while not self._stopping:
-                with trio.CancelScope() as wait:
-                    self._waits.add(wait)
-                    if self._stopping:
-                        wait.cancel()
-                    try:
-                        batch = await sub.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        self._waits.discard(wait)
-                if wait.cancelled_caught:
-                    break
-                for event in batch.events:
-                    await self._handle(spec, stats, event)
-                sub.ack(batch)
-            stats.state = "stopping"
-        stats.state = "stopped"
-        logger.info("subscriber %s: stopped, checkpoint %s", spec.name, stats.last_checkpoint)
+            max_buffer_bytes=spec.max_buffer_bytes,
+        )
+        sub: Subscription | None = None
+        try:
+            async with subscription as sub:
+                self._subs[spec.name] = sub
+                self._phase[spec.name] = "subscribed"  # its state: standby, catching up, ...
+                try:
+                    await self._handle_batches(spec, stats, batch_mode, handle, sub)
+                finally:
+                    self._phase[spec.name] = "stopping"
+        finally:
+            if sub is not None:  # leaving the subscription persisted the last ack
+                final = sub.statistics()
+                stats.last_ack = final.last_ack
+                stats.last_checkpoint = final.last_persisted
 
-    async def _handle(
-        self, spec: SubscriberSpec, stats: SubscriberStatistics, event: RecordedEvent
+    async def _handle_batches(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        batch_mode: bool,
+        handle: Callable[[Any], Awaitable[None] | None],
+        sub: Subscription,
     ) -> None:
+        with self._wait_scope():
+            await sub.wait_subscribed()
+            logger.info("subscriber %s: subscribed to %s", spec.name, spec.stream_uuid)
+        while not self._stopping:
+            batch: EventBatch | None = None
+            with self._wait_scope():
+                try:
+                    batch = await sub.__anext__()
+                except StopAsyncIteration:
+                    break
+            if batch is None:  # stopped while waiting
+                break
+            try:
+                await self._handle_batch(spec, stats, batch_mode, handle, sub, batch)
+            except _Stopped:
+                break
+
+    async def _handle_batch(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        batch_mode: bool,
+        handle: Callable[[Any], Awaitable[None] | None],
+        sub: Subscription,
+        batch: EventBatch,
+    ) -> None:
+        events = batch.events
+        if batch_mode:
+            label = f"events {events[0].event_number}..{events[-1].event_number}"
+            await self._call(spec, stats, handle, list(events), label)
+            sub.ack(batch)
+            stats.handled += len(events)
+            return
+        for event in events:
+            await self._call(spec, stats, handle, event, f"event {event.event_number}")
+            sub.ack(event)  # acknowledged as handled: a stop flushes exactly this
+            stats.handled += 1
+            if self._stopping:
+                raise _Stopped
+
+    async def _call(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        handle: Callable[[Any], Awaitable[None] | None],
+        argument: object,
+        label: str,
+    ) -> None:
+        """Call the handler until it succeeds (back-off between attempts).
+
+        Raises:
+            _Stopped: the daemon stopped during the back-off, or the shutdown timeout
+                cancelled the handler.
+            HandlerFailedError: it raised and ``on_error="stop"``.
+        """
         delay = spec.retry_delay
         while True:
-            try:
-                result = spec.handler(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                stats.errors += 1
-                stats.last_error = f"{type(exc).__name__}: {exc}"
-                if spec.on_error == "stop":
-                    stats.state = "failed"
-                    logger.error(
-                        "subscriber %s: event %s failed, stopping: %s",
-                        spec.name,
-                        event.event_number,
-                        stats.last_error,
-                    )
-                    raise HandlerFailedError(
-                        f"subscriber {spec.name!r} failed on event {event.event_number}: "
-                        f"{stats.last_error}"
-                    ) from exc
-                stats.state = "retrying"
+            error: Exception | None = None
+            with trio.CancelScope(deadline=self._handler_deadline) as scope:
+                self._handler_scopes.add(scope)
+                try:
+                    result = handle(argument)
+                    if inspect.isawaitable(result):
+                        await result
+                    elif hasattr(result, "__aenter__"):
+                        raise HandlerFailedError(
+                            f"subscriber {spec.name!r}: the handler returned an async context "
+                            "manager: a lifecycle goes in EventHandler(lifecycle=...)"
+                        )
+                except HandlerFailedError:
+                    raise
+                except Exception as exc:
+                    error = exc
+                finally:
+                    self._handler_scopes.discard(scope)
+            if scope.cancelled_caught:
                 logger.warning(
-                    "subscriber %s: event %s failed (%s); retrying in %.2f s",
+                    "subscriber %s: %s cancelled after the shutdown timeout; "
+                    "it will be delivered again",
                     spec.name,
-                    event.event_number,
-                    stats.last_error,
-                    delay,
+                    label,
                 )
+                raise _Stopped
+            if error is None:
+                self._phase[spec.name] = "subscribed"
+                return
+            stats.errors += 1
+            stats.last_error = f"{type(error).__name__}: {error}"
+            if spec.on_error == "stop":
+                logger.error(
+                    "subscriber %s: %s failed, stopping: %s", spec.name, label, stats.last_error
+                )
+                raise HandlerFailedError(
+                    f"subscriber {spec.name!r} failed on {label}: {stats.last_error}"
+                ) from error
+            if self._stopping:
+                raise _Stopped
+            self._phase[spec.name] = "retrying"
+            logger.warning(
+                "subscriber %s: %s failed (%s); retrying in %.2f s",
+                spec.name,
+                label,
+                stats.last_error,
+                delay,
+            )
+            with self._wait_scope() as wait:
                 await trio.sleep(delay)
-                delay = min(delay * 2, spec.max_retry_delay)
-                continue
-            stats.handled += 1
-            stats.state = "running"
-            return
+            if wait.cancelled_caught:
+                logger.info("subscriber %s: stopped while backing off on %s", spec.name, label)
+                raise _Stopped
+            delay = min(delay * 2, spec.max_retry_delay)
 
 
 @contextlib.asynccontextmanager
@@ -241,13 +536,26 @@ async def open_subscriber_daemon(
     *,
     status_file: Path | None = None,
     status_interval: float = 5.0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> AsyncIterator[SubscriberDaemon]:
     """Run the subscribers until the block exits (which stops them cleanly) or one
-    fails with ``on_error="stop"`` (`HandlerFailedError` then comes out of the block)."""
+    fails with ``on_error="stop"`` (`HandlerFailedError` then comes out of the block).
+
+    Args:
+        status_file: write a JSON snapshot of `SubscriberDaemon.statistics` here every
+            ``status_interval`` seconds (atomically: a temporary file, then a rename).
+        shutdown_timeout: once stopping, how long the handlers in hand may run before
+            they are cancelled (what was acknowledged is flushed either way).
+    """
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError("specs: subscription names must be unique")
-    daemon = SubscriberDaemon(store, specs)
+    if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)):
+        raise TypeError("shutdown_timeout: expected a number of seconds")
+    if not 0 <= shutdown_timeout < math.inf:
+        raise ValueError("shutdown_timeout: must be a finite number of seconds >= 0")
+    daemon = SubscriberDaemon(store, specs, shutdown_timeout=shutdown_timeout)
+    await daemon._load_positions()
     status_scope = trio.CancelScope()
 
     async def write_status() -> None:
@@ -264,7 +572,7 @@ async def open_subscriber_daemon(
             try:
                 yield daemon
             finally:
-                daemon.stop()  # the subscribers finish the batch in hand, then return
+                daemon.stop()  # the subscribers finish what they have in hand, then return
                 status_scope.cancel()
     if status_file is not None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -292,27 +600,44 @@ async def run_subscribers(
     *,
     status_file: Path | None = None,
     handle_signals: bool = True,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
-    """Open the store and run the subscribers until SIGINT/SIGTERM, then stop cleanly."""
-    async with (
-        open_event_store(config) as store,
-        open_subscriber_daemon(store, specs, status_file=status_file) as daemon,
-    ):
-        if not handle_signals:
-            await trio.sleep_forever()
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                logger.info("received %s", signal.Signals(signum).name)
-                daemon.stop()
-                break
-        # Leaving the block waits for the subscribers to finish their batches.
+    """Open the store and run the subscribers until SIGINT/SIGTERM, then stop cleanly
+    (`SubscriberDaemon.stop`); a second signal cancels the handlers in hand at once.
+    Either way what was handled is acknowledged and flushed."""
+    receiver = (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        if handle_signals
+        else contextlib.nullcontext(None)
+    )
+    with receiver as signals, single_errors():
+        async with open_event_store(config) as store, trio.open_nursery() as nursery:
+            async with open_subscriber_daemon(
+                store, specs, status_file=status_file, shutdown_timeout=shutdown_timeout
+            ) as daemon:
+                if signals is not None:
+                    nursery.start_soon(_watch_signals, signals, daemon)
+                await daemon._stop_requested.wait()
+                # Leaving the block waits for the subscribers to finish what they hold.
+            nursery.cancel_scope.cancel()
 
 
-def load_handler(target: str) -> Handler:
-    """``"package.module:function"`` -> the function.
+async def _watch_signals(signals: AsyncIterator[int], daemon: SubscriberDaemon) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if daemon.stopping:
+            logger.warning("received %s again: stopping now", name)
+            daemon.stop(now=True)
+        else:
+            logger.info("received %s (send it again to stop at once)", name)
+            daemon.stop()
+
+
+def load_handler(target: str) -> Handler | EventHandler:
+    """``"package.module:name"`` -> the handler function or `EventHandler` it names.
 
     Raises:
-        ValueError: not of that form, or not found.
+        ValueError: not of that form, not found, or not a handler.
     """
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
@@ -322,7 +647,12 @@ def load_handler(target: str) -> Handler:
     except ImportError as exc:
         raise ValueError(f"handler {target!r}: cannot import {module_name!r}: {exc}") from exc
     handler = getattr(module, attr, None)
-    if handler is None or not callable(handler):
-        raise ValueError(f"handler {target!r}: {module_name!r} has no callable {attr!r}")
+    if isinstance(handler, EventHandler):
+        return handler
+    if handler is None or not callable(handler) or inspect.isclass(handler):
+        raise ValueError(
+            f"handler {target!r}: {module_name!r} has no handler function or EventHandler "
+            f"named {attr!r}"
+        )
     result: Handler = handler
     return result

@@ -19,7 +19,8 @@ Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Hashable, Iterable
+import math
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
@@ -61,6 +62,9 @@ class SubscriptionFSM(Generic[E]):
     Args:
         last_seen: the persisted checkpoint (deliver events numbered above it).
         max_size: events held (pending + in flight) at most before reading pauses.
+        max_bytes: bytes of events held (as ``on_events`` sizes them) at most before
+            reading pauses (None: no bound). A read never waits for room for one event:
+            the FSM may hold this plus one event.
         checkpoint_threshold: persist once this many events are acknowledged.
         checkpoint_after: also persist acknowledged events at least this often (seconds;
             0: only by threshold and on exit).
@@ -76,6 +80,7 @@ class SubscriptionFSM(Generic[E]):
         last_seen: int,
         number_of: Callable[[E], int],
         max_size: int = 1000,
+        max_bytes: int | None = None,
         checkpoint_threshold: int = 1,
         checkpoint_after: float = 0.0,
         partition_by: Callable[[E], Hashable] | None = None,
@@ -84,6 +89,11 @@ class SubscriptionFSM(Generic[E]):
         self.number_of = number_of
         self.max_size = max_size
         self._refill_at = (max_size + 1) // 2  # free room that makes a read worth it
+        self.max_bytes = max_bytes
+        #: read again only while at most this many bytes are held (half of max_bytes)
+        self._bytes_refill_at = math.inf if max_bytes is None else max_bytes // 2
+        #: bytes of the events held (those counted by `held`)
+        self.held_bytes = 0
         self.checkpoint_threshold = checkpoint_threshold
         self.checkpoint_after = checkpoint_after
         self.partition_by = partition_by
@@ -102,6 +112,7 @@ class SubscriptionFSM(Generic[E]):
         #: read and not yet in the acknowledged prefix: event_number -> acknowledged?
         self._unacked: dict[int, bool] = {}
         self._order: list[int] = []  # the keys of _unacked, ascending
+        self._sizes: list[int] = []  # the size of each event of _order, in that order
         self._n_acked = 0  # how many values of _unacked are True
         #: deliveries decided but not yet handed over by the driver
         self._outbox: dict[int, list[E]] = {}
@@ -125,14 +136,26 @@ class SubscriptionFSM(Generic[E]):
     def wants_read(self) -> int | None:
         """The number to read from (exclusive: events above it), or None: not now.
 
-        Reading resumes once half of ``max_size`` is free again, so a catch-up reads
-        pages, never one event per acknowledgement."""
-        if self.at_head or not self.consumers or self.max_size - self.held < self._refill_at:
+        Reading resumes once half of ``max_size`` (and half of ``max_bytes``) is free
+        again, so a catch-up reads pages, never one event per acknowledgement."""
+        if (
+            self.at_head
+            or not self.consumers
+            or self.max_size - self.held < self._refill_at
+            or self.held_bytes > self._bytes_refill_at
+        ):
             return None
         return self.last_read
 
     def read_limit(self) -> int:
         return max(1, self.max_size - self.held)
+
+    def read_budget(self) -> int | None:
+        """Bytes a read may bring (None: no bound). A page stops at the first event
+        that reaches it, so it always holds at least one event."""
+        if self.max_bytes is None:
+            return None
+        return max(1, self.max_bytes - self.held_bytes)
 
     def take_deliveries(self) -> dict[int, list[E]]:
         """Deliveries decided since the last call: consumer id -> events, in order."""
@@ -201,29 +224,42 @@ class SubscriptionFSM(Generic[E]):
             bisect.insort(self.pending, item, key=lambda it: it[0])
         self._dispatch()
 
-    def on_events(self, events: Iterable[E], *, at_head: bool) -> None:
+    def on_events(
+        self, events: Iterable[E], *, at_head: bool, sizes: Sequence[int] | None = None
+    ) -> None:
         """Events read from the store, in order, all above `last_read`. ``at_head``: the
-        read returned fewer than asked (nothing newer is known)."""
+        read returned fewer than asked (nothing newer is known). ``sizes``: the bytes
+        of each event (counted against ``max_bytes``; None: 0 each)."""
         number_of, selector, partition_by = self.number_of, self.selector, self.partition_by
         unacked, order, pending = self._unacked, self._order, self.pending
         events = events if isinstance(events, list) else list(events)
+        if sizes is not None and len(sizes) != len(events):
+            raise ValueError("sizes: one per event")
         if selector is None and partition_by is None and events:
             # The common case, in bulk: no user code per event.
             numbers = list(map(number_of, events))
             if numbers[0] > self.last_read and all(map(int.__lt__, numbers, numbers[1:])):
                 self.last_read = numbers[-1]
                 order.extend(numbers)
+                if sizes is None:
+                    self._sizes.extend(repeat(0, len(numbers)))
+                else:
+                    self._sizes.extend(sizes)
+                    self.held_bytes += sum(sizes)
                 unacked.update(zip(numbers, repeat(False)))
                 pending.extend(zip(numbers, repeat(_UNPARTITIONED), events))
                 self.at_head = at_head
                 self._dispatch()
                 return
-        for event in events:
+        for index, event in enumerate(events):
             number = number_of(event)
             if number <= self.last_read:
                 continue  # already read (a late or repeated read)
             self.last_read = number
             order.append(number)
+            size = 0 if sizes is None else sizes[index]
+            self._sizes.append(size)
+            self.held_bytes += size
             if selector is not None and not selector(event):
                 unacked[number] = True  # filtered: counts as acknowledged
                 self._n_acked += 1
@@ -275,6 +311,8 @@ class SubscriptionFSM(Generic[E]):
         self.pending.clear()
         self._unacked.clear()
         self._order.clear()
+        self._sizes.clear()
+        self.held_bytes = 0
         self._n_acked = 0
         return True
 
@@ -308,10 +346,14 @@ class SubscriptionFSM(Generic[E]):
             if i == count:
                 unacked.clear()
                 order.clear()
+                self._sizes.clear()
+                self.held_bytes = 0
             else:
                 for number in order[:i]:
                     del unacked[number]
                 del order[:i]
+                self.held_bytes -= sum(self._sizes[:i])
+                del self._sizes[:i]
             self._acked_total += i
 
     def _dispatch(self) -> None:

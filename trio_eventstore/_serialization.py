@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import importlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "Serializer",
     "check_storable",
     "check_storable_snapshot",
+    "load_serializer",
 ]
 
 C = TypeVar("C", bound=type)
@@ -573,3 +575,32 @@ def check_storable_snapshot(
     if column_data_type == "jsonb":
         _check_jsonb(label, "data", data)
         _check_jsonb(label, "metadata", metadata)
+
+
+def load_serializer(target: str) -> Serializer:
+    """``"package.module:name"`` -> the serializer it names: a `Serializer`, or a class
+    or function that returns one when called without arguments (``EVENTSTORE_SERIALIZER``
+    and ``trio-eventstore run --serializer`` take this form).
+
+    Raises:
+        ValueError: not of that form, not importable, or not a serializer.
+    """
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"serializer {target!r}: expected 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"serializer {target!r}: cannot import {module_name!r}: {exc}") from exc
+    found = getattr(module, attr, None)
+    if isinstance(found, type) or (not isinstance(found, Serializer) and callable(found)):
+        try:
+            found = found()
+        except Exception as exc:
+            raise ValueError(f"serializer {target!r}: calling it failed: {exc!r}") from exc
+    if isinstance(found, type) or not isinstance(found, Serializer):
+        raise ValueError(
+            f"serializer {target!r}: expected a Serializer (or a class or function making "
+            f"one), got {type(found).__name__}"
+        )
+    return found

@@ -502,11 +502,12 @@ def link_events(schema: str) -> str:
     )
 
 
-def _data_columns(column_data_type: str) -> str:
+def _data_columns(column_data_type: str, table: str = "e.") -> str:
     if column_data_type == "bytea":
-        return "e.data, e.metadata"
+        return f"{table}data, {table}metadata"
     return (
-        "convert_to(e.data::text, 'UTF8') AS data, convert_to(e.metadata::text, 'UTF8') AS metadata"
+        f"convert_to({table}data::text, 'UTF8') AS data, "
+        f"convert_to({table}metadata::text, 'UTF8') AS metadata"
     )
 
 
@@ -532,6 +533,39 @@ def read_stream(schema: str, column_data_type: str, *, forward: bool) -> str:
         _select_events(schema, column_data_type)
         + f"WHERE se.stream_id = $1 AND se.stream_version {op} $2 "
         f"ORDER BY se.stream_version {order} LIMIT $3"
+    )
+
+
+def _event_bytes(column_data_type: str) -> str:
+    """An event's stored size, without detoasting it (jsonb: its stored, possibly
+    compressed, size)."""
+    if column_data_type == "bytea":
+        return "octet_length(e.data) + coalesce(octet_length(e.metadata), 0)"
+    return "pg_column_size(e.data) + coalesce(pg_column_size(e.metadata), 0)"
+
+
+def read_stream_bounded(schema: str, column_data_type: str) -> str:
+    """Parameters: stream_id, start version (inclusive), count, bytes. A forward page
+    that stops at the first event whose running size reaches ``bytes`` (so it holds at
+    least one event): the `read_stream` columns, then ``running_bytes``. Events past
+    the cut are neither detoasted nor sent."""
+    s = quote_ident(schema)
+    size = _event_bytes(column_data_type)
+    data = _data_columns(column_data_type, table="")
+    return (
+        "SELECT event_number, event_id, stream_uuid, stream_version, event_type, "
+        f"causation_id, correlation_id, {data}, created_at, running_bytes FROM ("
+        "SELECT se.stream_version AS event_number, e.event_id, s.stream_uuid, "
+        "se.original_stream_version AS stream_version, e.event_type, e.causation_id, "
+        "e.correlation_id, e.data, e.metadata, e.created_at, "
+        f"sum({size}) OVER (ORDER BY se.stream_version ROWS UNBOUNDED PRECEDING) "
+        f"AS running_bytes, {size} AS event_bytes "
+        f"FROM {s}.stream_events se "
+        f"JOIN {s}.streams s ON s.stream_id = se.original_stream_id "
+        f"JOIN {s}.events e ON e.event_id = se.event_id "
+        "WHERE se.stream_id = $1 AND se.stream_version >= $2 "
+        "ORDER BY se.stream_version ASC LIMIT $3"
+        ") page WHERE running_bytes - event_bytes < $4 ORDER BY event_number ASC"
     )
 
 

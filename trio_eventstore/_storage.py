@@ -657,19 +657,68 @@ async def read_page(
     return events, len(events) < limit, stream_id
 
 
-async def read_rows(db: Database, stream_id: int, after: int, limit: int) -> list[Row]:
+async def read_rows(
+    db: Database, stream_id: int, after: int, limit: int, budget: int | None = None
+) -> list[Row]:
     """The rows of events above ``after`` (at most ``limit``) of the stream with this id
-    (0: ``$all``), not decoded yet (`recorded` decodes them)."""
+    (0: ``$all``), not decoded yet (`recorded` decodes them). ``budget``: the page also
+    stops at the first event whose running size reaches this many bytes (it always
+    holds one event); `more_rows` then says whether the page was cut."""
     config = db.config
+    if budget is None:
+        return await db.fetch(
+            _sql.read_stream(config.schema, config.column_data_type, forward=True),
+            stream_id,
+            after + 1,
+            limit,
+        )
     return await db.fetch(
-        _sql.read_stream(config.schema, config.column_data_type, forward=True),
+        _sql.read_stream_bounded(config.schema, config.column_data_type),
         stream_id,
         after + 1,
         limit,
+        budget,
     )
+
+
+def more_rows(rows: list[Row], limit: int, budget: int | None) -> bool:
+    """Whether events may follow a page of `read_rows` (it was cut by ``limit`` or by
+    ``budget``), or the page reached the head of the stream."""
+    if len(rows) >= limit:
+        return True
+    if budget is None or not rows:
+        return False
+    running: int = rows[-1][10]
+    return running >= budget
+
+
+def row_bytes(row: Row) -> int:
+    """The size of a `read_rows` row's data and metadata, as received."""
+    data: bytes = row[7]
+    metadata: bytes | None = row[8]
+    return len(data) + (0 if metadata is None else len(metadata))
+
+
+async def readable_stream_id(db: Database, stream_uuid: str) -> int | None:
+    """The id of the stream, to read it with `read_rows` (0 for ``$all``); None when it
+    does not exist (yet) or was deleted."""
+    if stream_uuid == "$all":
+        return 0
+    try:
+        info = await stream_info(db, stream_uuid)
+    except StreamNotFoundError:
+        return None
+    return None if info.deleted_at is not None else info.stream_id
 
 
 def row_event_number(row: Row) -> int:
     """The event number of a row from `read_rows`."""
     number: int = row[0]
     return number
+
+
+async def subscription_checkpoint(db: Database, stream_uuid: str, name: str) -> int | None:
+    """The stored checkpoint (``last_seen``) of a subscription; None: there is no such
+    subscription."""
+    rows = await db.fetch(_sql.get_subscription(db.config.schema), stream_uuid, name)
+    return int(rows[0]["last_seen"] or 0) if rows else None

@@ -24,6 +24,7 @@ from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
 from ._sql import STREAM_SORT_COLUMNS
 from ._subscriptions import (
+    DEFAULT_MAX_BUFFER_BYTES,
     Subscription,
     SubscriptionOptions,
     Subscriptions,
@@ -417,6 +418,7 @@ class EventStore:
         partition_by: Callable[[RecordedEvent], Hashable] | None = None,
         buffer_size: int = 1,
         max_size: int = 1000,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
         checkpoint_threshold: int = 1,
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
@@ -426,6 +428,11 @@ class EventStore:
         checkpoint survives restarts and one store at a time (cluster-wide, through
         Postgres advisory locks) delivers a given name. Leaving the block persists the
         last ack.
+
+        Reading ahead stops at ``max_size`` events or ``max_buffer_bytes`` bytes of event
+        data and metadata held (read and not acknowledged; None: no byte bound), and
+        resumes once half of both is free; a page always holds at least one event, so
+        the subscription may hold ``max_buffer_bytes`` plus one event.
 
         Ports ``EventStore.subscribe_to_stream/4``.
 
@@ -444,6 +451,7 @@ class EventStore:
             partition_by=partition_by,
             buffer_size=buffer_size,
             max_size=max_size,
+            max_buffer_bytes=max_buffer_bytes,
             checkpoint_threshold=checkpoint_threshold,
             checkpoint_after=checkpoint_after,
             selector=selector,
@@ -474,6 +482,7 @@ class EventStore:
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
         options.
@@ -492,6 +501,7 @@ class EventStore:
             checkpoint_after=checkpoint_after,
             selector=selector,
             mapper=mapper,
+            max_buffer_bytes=max_buffer_bytes,
         )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:

@@ -70,6 +70,9 @@ class EventBatch(list[Any]):
 
 _event_number: Callable[[RecordedEvent], int] = operator.attrgetter("event_number")
 
+#: ``max_buffer_bytes`` by default: 64 MiB of event data read ahead per subscription.
+DEFAULT_MAX_BUFFER_BYTES = 64 * 2**20
+
 
 @attrs.frozen(kw_only=True)
 class SubscriptionOptions:
@@ -80,6 +83,7 @@ class SubscriptionOptions:
     partition_by: Callable[[RecordedEvent], Hashable] | None = None
     buffer_size: int = 1
     max_size: int = 1000
+    max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES
     checkpoint_threshold: int = 1
     checkpoint_after: float = 0.0
     selector: Callable[[RecordedEvent], bool] | None = None
@@ -102,6 +106,11 @@ class SubscriptionOptions:
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
             if not 1 <= value <= MAX_BIGINT:
                 raise ValueError(f"{name}: must be >= 1 and < 2**63, got {value}")
+        max_bytes = self.max_buffer_bytes
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        ):
+            raise ValueError(f"max_buffer_bytes: expected None or an int >= 1, got {max_bytes!r}")
         limit = self.concurrency_limit
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
@@ -137,6 +146,12 @@ class SubscriptionStatistics:
     #: pages read from the database (events this store appended itself are handed
     #: over without a read)
     reads: int = 0
+    #: bytes of event data and metadata held: read and not yet acknowledged, and
+    #: fetched ahead (bounded by ``max_buffer_bytes``, plus at most one event)
+    buffered_bytes: int = 0
+    #: the stream's latest version known to this store (from notifications, polls and
+    #: reads): the event number of the newest event for ``$all``
+    head: int = 0
 
 
 @attrs.define(eq=False)
@@ -145,7 +160,9 @@ class _ReadAhead:
 
     after: int
     limit: int
+    budget: int | None
     rows: list[Row] | None = None
+    bytes: int = 0
     done: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
@@ -319,6 +336,7 @@ class _Driver:
         lease = await owner.locks.try_lock(owner.lock_key1, lock_key2(subscription_id))
         if lease is None:
             self.state = "waiting_for_lock"
+            self._last_persisted = last_seen  # what the holder has persisted so far
             return
         try:
             # Read the checkpoint again now that the lock is ours: a previous holder may
@@ -365,6 +383,7 @@ class _Driver:
             last_seen=last_seen,
             number_of=_event_number,
             max_size=options.max_size,
+            max_bytes=options.max_buffer_bytes,
             checkpoint_threshold=options.checkpoint_threshold,
             checkpoint_after=options.checkpoint_after,
             partition_by=options.partition_by,
@@ -395,8 +414,10 @@ class _Driver:
         while self.consumers:
             after = fsm.wants_read()
             if after is not None:
-                events, at_head = await self._read(after, fsm.read_limit(), nursery)
-                fsm.on_events(events, at_head=at_head)
+                events, sizes, at_head = await self._read(
+                    after, fsm.read_limit(), fsm.read_budget(), nursery
+                )
+                fsm.on_events(events, at_head=at_head, sizes=sizes)
                 if events:
                     self._last_activity = time.monotonic()
                     self._signal_progress()  # filtered events count as acknowledged
@@ -421,13 +442,15 @@ class _Driver:
                 self.state = "subscribed"  # woken by an ack, a consumer or new events
 
     async def _read(
-        self, after: int, limit: int, nursery: trio.Nursery
-    ) -> tuple[list[RecordedEvent], bool]:
-        """Events above ``after`` (at most ``limit``) and whether that reached the head.
+        self, after: int, limit: int, budget: int | None, nursery: trio.Nursery
+    ) -> tuple[list[RecordedEvent], list[int], bool]:
+        """Events above ``after`` (at most ``limit``, stopping at the first that reaches
+        ``budget`` bytes), their sizes, and whether that reached the head.
 
         While catching up, the next page is fetched ahead, in the background: the
         database works on it while this page is decoded and delivered (at most half
-        of ``max_size`` rows more in memory)."""
+        of ``max_size`` rows more in memory, and only the bytes this page left of
+        ``budget``)."""
         self.reads += 1
         db, config = self.owner.db, self.owner.config
         stream_id = self._stream_id
@@ -436,33 +459,40 @@ class _Driver:
         if ahead is not None and ahead.after == after:
             await ahead.done.wait()
             if ahead.rows is not None:  # else it failed: read as usual
-                rows, full = ahead.rows, len(ahead.rows) >= ahead.limit
+                rows = ahead.rows
+                full = _storage.more_rows(rows, ahead.limit, ahead.budget)
                 if len(rows) > limit:
                     rows, full = rows[:limit], True
         elif ahead is not None:
             ahead.scope.cancel()  # for a position we no longer read from
         if rows is None:
             if stream_id is None:  # the first read finds the stream's id
-                events, at_head, self._stream_id = await _storage.read_page(
-                    db, self.stream_uuid, after, limit, None
-                )
-                return events, at_head
-            rows = await _storage.read_rows(db, stream_id, after, limit)
-            full = len(rows) >= limit
-        if full and rows and stream_id is not None:
-            self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]))
-        return _storage.recorded(config, rows), not full
+                stream_id = await _storage.readable_stream_id(db, self.stream_uuid)
+                if stream_id is None:  # no such stream (yet), or deleted: nothing to read
+                    return [], [], True
+            rows = await _storage.read_rows(db, stream_id, after, limit, budget)
+            full = _storage.more_rows(rows, limit, budget)
+            if rows:
+                self._stream_id = stream_id
+        sizes = list(map(_storage.row_bytes, rows))
+        left = None if budget is None else budget - sum(sizes)
+        if rows and len(rows) >= limit and (left is None or left > 0) and stream_id is not None:
+            self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]), left)
+        return _storage.recorded(config, rows), sizes, not full
 
-    def _fetch_ahead(self, nursery: trio.Nursery, stream_id: int, after: int) -> None:
-        ahead = _ReadAhead(after, max(1, (self.options.max_size + 1) // 2))
+    def _fetch_ahead(
+        self, nursery: trio.Nursery, stream_id: int, after: int, budget: int | None
+    ) -> None:
+        ahead = _ReadAhead(after, max(1, (self.options.max_size + 1) // 2), budget)
         self._prefetch = ahead
 
         async def fetch() -> None:
             with ahead.scope:
                 try:
                     ahead.rows = await _storage.read_rows(
-                        self.owner.db, stream_id, ahead.after, ahead.limit
+                        self.owner.db, stream_id, ahead.after, ahead.limit, ahead.budget
                     )
+                    ahead.bytes = sum(map(_storage.row_bytes, ahead.rows))
                 except EventStoreError as exc:
                     logger.debug("subscription %r: read ahead failed: %s", self.name, exc)
                 finally:
@@ -546,10 +576,12 @@ class _Driver:
 
     def statistics(self) -> SubscriptionStatistics:
         fsm = self.fsm
+        ahead = self._prefetch
+        last_received = fsm.last_read if fsm else self._last_persisted
         return SubscriptionStatistics(
             state=self.state,
             subscribers=len(self.consumers),
-            last_received=fsm.last_read if fsm else self._last_persisted,
+            last_received=last_received,
             last_ack=fsm.last_ack if fsm else self._last_persisted,
             last_persisted=fsm.last_persisted if fsm else self._last_persisted,
             in_flight=sum(len(c.in_flight) for c in fsm.consumers.values()) if fsm else 0,
@@ -557,6 +589,8 @@ class _Driver:
             lock_attempts=self.lock_attempts,
             reads=self.reads,
             sessions=self.session,
+            buffered_bytes=(fsm.held_bytes if fsm else 0) + (ahead.bytes if ahead else 0),
+            head=max(self.owner.notifier.mark(self.stream_uuid), last_received),
         )
 
 
@@ -864,6 +898,9 @@ class Subscriptions:
             first = appended.first_event_number if all_numbers else appended.version - n + 1
             if fsm.last_read != first - 1 or fsm.held + n > fsm.max_size:
                 continue
+            sizes = [len(e.data) + len(e.metadata) for e in events]
+            if fsm.max_bytes is not None and fsm.held_bytes + sum(sizes) > fsm.max_bytes:
+                continue  # no room: the driver reads them when there is
             try:
                 # Decoded for each driver, as a read would: consumers never share objects.
                 recorded = _storage.recorded_from_append(
@@ -871,7 +908,7 @@ class Subscriptions:
                 )
             except Exception:  # a serializer that cannot decode: the driver reads and says so
                 continue
-            fsm.on_events(recorded, at_head=fsm.at_head)
+            fsm.on_events(recorded, at_head=fsm.at_head, sizes=sizes)
             driver._deliver()
             driver.wake()
 

@@ -10,14 +10,21 @@ async fixtures need pytest-trio (``trio_mode = true``).
 * ``eventstore_config`` (function): a config naming a fresh schema, created and
   initialised, dropped after the test. Override it to change settings.
 * ``event_store`` (function, async): an open store on that schema.
+* ``fresh_event_store`` (session): ``fresh_event_store(**changes)`` is an async context
+  manager: an open store on a new schema, dropped on exit. Use it in Hypothesis tests
+  (``@given``), one store per example: async fixtures are set up once per test, and a
+  store cannot outlive the example's Trio run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -26,12 +33,14 @@ from . import admin
 from ._config import EventStoreConfig
 from ._store import EventStore, open_event_store
 from ._tempcluster import temp_cluster
+from ._throwaway import open_fresh_event_store
 
 __all__ = [
     "event_store",
     "eventstore_config",
     "eventstore_database_url",
     "eventstore_server_url",
+    "fresh_event_store",
 ]
 
 SESSION_DATABASE = "trio_eventstore_tests"
@@ -80,3 +89,17 @@ async def event_store(eventstore_config: EventStoreConfig) -> AsyncIterator[Even
     """An open store on this test's schema."""
     async with open_event_store(eventstore_config) as store:
         yield store
+
+
+@pytest.fixture(scope="session")
+def fresh_event_store(
+    eventstore_database_url: str,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[EventStore]]:
+    """``async with fresh_event_store(**changes) as store:`` a store on a new schema of
+    the test database (dropped on exit); ``changes`` are `EventStoreConfig` fields."""
+    config = EventStoreConfig(url=eventstore_database_url, subscription_retry_interval=1.0)
+
+    def factory(**changes: Any) -> contextlib.AbstractAsyncContextManager[EventStore]:
+        return open_fresh_event_store(config, **changes)
+
+    return functools.update_wrapper(factory, open_fresh_event_store, updated=())
