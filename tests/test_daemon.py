@@ -318,7 +318,8 @@ async def test_shutdown_timeout_cancels_the_handler_in_hand(initialized: EventSt
     spec = SubscriberSpec(
         name="slow",
         handler=hang_on_3,
-        options={"buffer_size": 10, "checkpoint_threshold": 1000},
+        buffer_size=10,
+        checkpoint_threshold=1000,
     )
     async with open_event_store(initialized) as store:
         await store.append_to_stream("s", ANY_VERSION, [ev(i) for i in range(5)])
