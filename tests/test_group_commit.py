@@ -248,3 +248,56 @@ async def test_appends_wait_while_readers_hold_every_connection(
             for i in range(5):
                 nursery.start_soon(store.append_to_stream, f"wait-{i}", NO_STREAM, [ev(i)])
         assert (await store.stream_info("$all")).stream_version == 5
+
+
+async def test_a_link_and_a_batch_locking_its_original_stream_do_not_deadlock(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    """A link into t of an event from a-x checks its foreign key on a-x's row while
+    holding t; a batch appending to a-x and t holds a-x and waits for t. The batch's
+    lock on a-x must not block that check (else: a deadlock, one of them aborted)."""
+    from trio_eventstore import _storage
+
+    await store.append_to_stream("a-x", NO_STREAM, [ev()])
+    await store.append_to_stream("t", NO_STREAM, [ev()])
+    [original] = await store.read_stream_forward("a-x")
+    s = quote_ident(initialized.schema)
+    outcomes: list[object] = []
+
+    async def link() -> None:
+        outcomes.append(await store.link_to_stream("t", ANY_VERSION, [original]))
+
+    async def batch() -> None:
+        requests = [
+            _storage.AppendRequest.build(
+                name, ANY_VERSION, _storage.encode_events(initialized.serializer, [ev()])
+            )
+            for name in ("a-x", "t")
+        ]
+        outcomes.append(await _storage.append_batch(store._db, requests))
+
+    async def waiting(conn: Connection, n: int) -> None:
+        # Polls the server: nothing on this side knows when a backend starts waiting.
+        while (  # noqa: ASYNC110
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            < n
+        ):
+            await trio.sleep(0.01)
+
+    async with open_connection(initialized) as holder, open_connection(initialized) as probe:
+        await holder.execute("BEGIN")
+        await holder.execute(f"SELECT 1 FROM {s}.streams WHERE stream_uuid = 't' FOR UPDATE")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link)  # waits for t
+                await waiting(probe, 1)
+                nursery.start_soon(batch)  # takes a-x, then waits for t
+                await waiting(probe, 2)
+                await holder.execute("COMMIT")  # t goes to the link first
+    assert len(outcomes) == 2
+    assert 2 in outcomes  # the link: t at version 2
+    [batch_outcome] = [o for o in outcomes if isinstance(o, list)]
+    assert all(isinstance(o, _storage.Appended) for o in batch_outcome)

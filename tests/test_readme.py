@@ -13,11 +13,12 @@ delivers, fails the test, with a traceback into README.md.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import inspect
 import re
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hypothesis import settings
 
 from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import open_connection
+from trio_eventstore.testing import open_fresh_event_store
 
 from .helpers import url_for
 
@@ -121,21 +123,45 @@ async def keep_appending(store: Any, namespace: dict[str, Any]) -> None:
         await trio.sleep(0.05)
 
 
-def call_tests(namespace: dict[str, Any], code: str) -> int:
-    """Call the ``test_*`` functions the snippet defines (Hypothesis tests: fewer examples)."""
+def call_tests(namespace: dict[str, Any], code: str, url: str) -> int:
+    """Call the ``test_*`` functions the snippet defines (Hypothesis tests: fewer examples),
+    as pytest with pytest-trio would: the plugin's ``fresh_event_store`` fixture given, an
+    async Hypothesis test's examples each run in a Trio run."""
+    fixtures: dict[str, Any] = {
+        "fresh_event_store": functools.partial(
+            open_fresh_event_store, EventStoreConfig(url=url, subscription_retry_interval=1.0)
+        )
+    }
     called = 0
     for node in ast.parse(code).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
             "test_"
         ):
             function = namespace[node.name]
+            kwargs = {
+                name: fixtures[name]
+                for name in inspect.signature(function).parameters
+                if name in fixtures
+            }
             if hasattr(function, "hypothesis"):
-                function = settings(max_examples=10, deadline=None)(function)
-            result = function()
+                inner = function.hypothesis.inner_test
+                if inspect.iscoroutinefunction(inner):
+                    function.hypothesis.inner_test = _in_trio(inner)
+                if not hasattr(function, "_hypothesis_internal_use_settings"):
+                    function = settings(max_examples=10, deadline=None)(function)
+            result = function(**kwargs)
             if inspect.iscoroutine(result):
                 trio.run(_awaited, result)
             called += 1
     return called
+
+
+def _in_trio(inner: Callable[..., Awaitable[object]]) -> Callable[..., None]:
+    @functools.wraps(inner)
+    def run(*args: Any, **kwargs: Any) -> None:
+        trio.run(functools.partial(inner, *args, **kwargs))
+
+    return run
 
 
 async def _awaited(awaitable: Awaitable[object]) -> None:
@@ -167,7 +193,7 @@ def test_every_readme_snippet_runs(readme_url: str) -> None:
         if "def test_" in code:  # the testing kit's: in its example's namespace
             own = example_namespace()
             exec(compiled_code, own)  # the README's own code
-            assert call_tests(own, code), f"README.md:{line}: no test was called"
+            assert call_tests(own, code, readme_url), f"README.md:{line}: no test was called"
         elif compiled_code.co_flags & inspect.CO_COROUTINE:
             events = trio.run(run_async, compiled_code, namespace, code)
             if "selector=" in code and uses_name(code, "project"):

@@ -205,7 +205,7 @@ class SnapshotBalances:
             return
         account = event.data.account_id
         self.accounts.add(account)
-        key = f"{self.prefix}/{account}"
+        key = f"{self.prefix}/{account.encode().hex()}"  # any text: NUL too
         try:
             snapshot = await self.store.read_snapshot(key)
             balance, applied = snapshot.data["balance"], snapshot.source_version  # type: ignore[index]
@@ -225,7 +225,7 @@ class SnapshotBalances:
     async def read_balances(self) -> dict[str, int]:
         balances = {}
         for account in sorted(self.accounts):
-            snapshot = await self.store.read_snapshot(f"{self.prefix}/{account}")
+            snapshot = await self.store.read_snapshot(f"{self.prefix}/{account.encode().hex()}")
             balances[account] = snapshot.data["balance"]  # type: ignore[index]
         return balances
 
@@ -236,7 +236,7 @@ class NaiveSnapshotBalances(SnapshotBalances):
             return
         account = event.data.account_id
         self.accounts.add(account)
-        key = f"{self.prefix}/{account}"
+        key = f"{self.prefix}/{account.encode().hex()}"  # any text: NUL too
         try:
             balance = (await self.store.read_snapshot(key)).data["balance"]  # type: ignore[index]
         except SnapshotNotFoundError:

@@ -367,7 +367,10 @@ def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> s
     commit order and stay dense. Each step waits for the previous one through a
     one-time filter on it (``(SELECT count(*) FROM x) >= 0``: an init plan, evaluated
     before the step's first row). Stream notifications are queued before `$all`'s, as
-    the Elixir library sends them.
+    the Elixir library sends them. Rows are locked ``FOR NO KEY UPDATE`` (what an
+    UPDATE of stream_version takes), not ``FOR UPDATE``: a link elsewhere whose events
+    come from a locked stream checks its foreign key (``FOR KEY SHARE``) without waiting,
+    so it can never wait in a cycle with an append.
     """
     s = quote_ident(schema)
     data = _stored("u.d", column_data_type)
@@ -381,7 +384,7 @@ def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> s
         "), locked AS ("
         " SELECT s.stream_id, s.stream_uuid, s.stream_version, s.deleted_at"
         f" FROM {s}.streams s WHERE s.stream_uuid = ANY($1::text[])"
-        " ORDER BY s.stream_uuid FOR UPDATE"
+        " ORDER BY s.stream_uuid FOR NO KEY UPDATE"
         "), dup AS ("
         + (
             # Alone, a duplicate id fails the statement (unique violation), which fails
@@ -464,7 +467,7 @@ def link_events(schema: str) -> str:
     return (
         "WITH locked AS ("
         " SELECT stream_id, stream_uuid, stream_version, deleted_at"
-        f" FROM {s}.streams WHERE stream_uuid = $1 FOR UPDATE"
+        f" FROM {s}.streams WHERE stream_uuid = $1 FOR NO KEY UPDATE"
         "), orig AS ("
         " SELECT u.k, se.original_stream_id, se.original_stream_version"
         " FROM unnest($4::uuid[]) WITH ORDINALITY AS u(id, k)"

@@ -478,11 +478,11 @@ class EventStore:
         partition_by: Callable[[RecordedEvent], Hashable] | None = None,
         buffer_size: int = 1,
         max_size: int = 1000,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
         checkpoint_threshold: int = 1,
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
-        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
         options.
