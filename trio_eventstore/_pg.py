@@ -309,6 +309,28 @@ class _Pool:
     async def acquire(self) -> Any:
         if self.closed:
             raise EventStoreClosedError()
+        try:
+            # A free connection: no cancel scope and no scheduling pass (the crossing
+            # that follows checkpoints anyway).
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._wait_for_slot()
+        else:
+            self.admission.observe(0.0)
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            self.size -= 1
+        try:
+            conn = await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        self.size += 1
+        return conn
+
+    async def _wait_for_slot(self) -> None:
         admission = self.admission
         started = time.monotonic()
         deadline = started + admission.max_wait()
@@ -329,18 +351,6 @@ class _Pool:
                     f"({state}pool of {self.config.pool_size})"
                 )
         admission.observe(time.monotonic() - started)
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.is_closed():
-                return conn
-            self.size -= 1
-        try:
-            conn = await self._connect()
-        except BaseException:
-            self._slots.release()
-            raise
-        self.size += 1
-        return conn
 
     def release(self, conn: Any) -> None:
         if conn.is_closed() or self.closed:
@@ -482,13 +492,13 @@ def _run_ready_callbacks_together(loop: Any) -> None:
     cheaply.
 
     As shipped, trio-asyncio runs one callback per Trio scheduling pass, each behind a
-    fresh cancel scope (even with no timer due: ``move_on_after(inf)``), and checks
-    every ``call_soon`` callback with `inspect` (asyncio's debug-style
-    ``_check_callback``): about 18 passes for one query. asyncio itself runs all ready
-    callbacks in one iteration; `_main_loop_one_batched` does that, with a cancel scope
-    only when a timer is pending, and `_call_soon` skips the check (the callbacks are
-    asyncpg's and asyncio's own). Needs the loop internals of trio-asyncio 0.15-0.16
-    (pinned in pyproject); without them, nothing changes.
+    fresh cancel scope, and checks every ``call_soon`` callback with `inspect`
+    (asyncio's debug-style ``_check_callback``): about 18 passes for one query. asyncio
+    itself runs all ready callbacks in one iteration; `_main_loop_one_batched` does
+    that, and `_call_soon` skips the check (the callbacks are asyncpg's and asyncio's
+    own). (Waiting for the first callback without the shipped ``move_on_after`` was
+    tried: deliveries then stalled now and then.) Needs the loop internals of
+    trio-asyncio 0.15-0.16 (pinned in pyproject); without them, nothing changes.
     """
     if _AsyncHandle is not None and all(
         hasattr(loop, name)
@@ -519,39 +529,20 @@ def _run_handle(self: Any, handle: Any) -> bool:
 
 
 async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
-    timers = self._timers
-    handle = None
-    if timers:
-        timeout = timers[0]._when - self.time()
-        if timeout <= 0:
-            handle = heapq.heappop(timers)
-    if handle is None:
-        if no_wait:
-            handle = self._q_recv.receive_nowait()
-        elif not timers:
-            handle = await self._q_recv.receive()  # no timer: no cancel scope needed
-        else:
-            with trio.move_on_after(timeout):
-                handle = await self._q_recv.receive()
-            if handle is None:
-                return  # a timer is due: start over
-        if isinstance(handle, asyncio.TimerHandle):
-            heapq.heappush(timers, handle)
-            return
+    await type(self)._main_loop_one(self, no_wait)  # one callback, as shipped
     receive = self._q_recv
     for _ in range(_BATCH):  # then what else is ready, without a Trio checkpoint each
-        if not _run_handle(self, handle):  # a Trio task to start: as shipped
-            handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
-            await handle._started.wait()
-            return
-        if timers and timers[0]._when <= self.time():
-            return  # a timer is due: the next pass orders it
+        if self._timers and self._timers[0]._when <= self.time():
+            return  # a timer is due: the shipped path orders it
         try:
             handle = receive.receive_nowait()
         except trio.WouldBlock:
             return
         if isinstance(handle, asyncio.TimerHandle):
-            heapq.heappush(timers, handle)
+            heapq.heappush(self._timers, handle)
+        elif not _run_handle(self, handle):  # a Trio task to start: as shipped
+            handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
+            await handle._started.wait()
             return
 
 
