@@ -173,12 +173,13 @@ async def test_cancelled_before_its_batch_writes_nothing(
             nursery.start_soon(append, queued, "queued")
             nursery.start_soon(store.append_to_stream, "kept", NO_STREAM, [ev()])
             await trio.testing.wait_all_tasks_blocked()
-            in_flight.cancel()  # its batch has started: it may commit (here it does)
+            in_flight.cancel()  # its batch has started: it may commit
             queued.cancel()  # still queued: dropped
             await trio.testing.wait_all_tasks_blocked()
             await lock.release()
     streams = {s for s, _, _ in await all_events(store)}
-    assert streams == {"in-flight", "kept"} | {f"in-flight-{i}" for i in range(1, MAX_IN_FLIGHT)}
+    # "in-flight" may or may not have committed (its caller left while it was sent).
+    assert streams - {"in-flight"} == {"kept"} | {f"in-flight-{i}" for i in range(1, MAX_IN_FLIGHT)}
 
 
 async def test_a_burst_waits_for_the_writer_instead_of_failing(

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -339,11 +340,23 @@ async def _delete_subscription(config: EventStoreConfig, args: argparse.Namespac
 
 
 async def _tail(config: EventStoreConfig, args: argparse.Namespace) -> Any:
-    async with open_event_store(config) as store:
-        if not args.allow_missing:
-            await _existing_stream(store, args.stream_uuid)
-        async with store.subscribe(args.stream_uuid) as live:
-            await _follow(live, args)
+    # Ctrl-C (or SIGTERM) cancels the follow and closes the store cleanly, rather than
+    # a KeyboardInterrupt that may land inside the driver's callbacks.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            async with open_event_store(config) as store:
+                if not args.allow_missing:
+                    await _existing_stream(store, args.stream_uuid)
+                async with store.subscribe(args.stream_uuid) as live:
+                    await _follow(live, args)
+            nursery.cancel_scope.cancel()
     return [], ""
 
 
