@@ -145,6 +145,8 @@ class _ReadAhead:
 
     after: int
     limit: int
+    #: the notifier's generation of the stream before the read (`Notifier.settle`)
+    generation: int
     rows: list[Row] | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
@@ -429,14 +431,16 @@ class _Driver:
         database works on it while this page is decoded and delivered (at most half
         of ``max_size`` rows more in memory)."""
         self.reads += 1
-        db, config = self.owner.db, self.owner.config
+        db, config, notifier = self.owner.db, self.owner.config, self.owner.notifier
         stream_id = self._stream_id
         ahead, self._prefetch = self._prefetch, None
         rows: list[Row] | None = None
+        generation = notifier.generation(self.stream_uuid)
         if ahead is not None and ahead.after == after:
             await ahead.done.wait()
             if ahead.rows is not None:  # else it failed: read as usual
                 rows, full = ahead.rows, len(ahead.rows) >= ahead.limit
+                generation = ahead.generation
                 if len(rows) > limit:
                     rows, full = rows[:limit], True
         elif ahead is not None:
@@ -446,15 +450,25 @@ class _Driver:
                 events, at_head, self._stream_id = await _storage.read_page(
                     db, self.stream_uuid, after, limit, None
                 )
-                return events, at_head
-            rows = await _storage.read_rows(db, stream_id, after, limit)
-            full = len(rows) >= limit
-        if full and rows and stream_id is not None:
-            self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]))
-        return _storage.recorded(config, rows), not full
+            else:
+                rows = await _storage.read_rows(db, stream_id, after, limit)
+                full = len(rows) >= limit
+        if rows is not None:
+            if full and rows and stream_id is not None:
+                self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]))
+            events, at_head = _storage.recorded(config, rows), not full
+        if at_head:  # a notification of a version beyond this was stale
+            notifier.settle(
+                self.stream_uuid, events[-1].event_number if events else after, generation
+            )
+        return events, at_head
 
     def _fetch_ahead(self, nursery: trio.Nursery, stream_id: int, after: int) -> None:
-        ahead = _ReadAhead(after, max(1, (self.options.max_size + 1) // 2))
+        ahead = _ReadAhead(
+            after,
+            max(1, (self.options.max_size + 1) // 2),
+            self.owner.notifier.generation(self.stream_uuid),
+        )
         self._prefetch = ahead
 
         async def fetch() -> None:
@@ -715,9 +729,12 @@ class TransientSubscription:
         owner = self._owner
         while True:
             owner.check_open()
+            generation = owner.notifier.generation(self._stream_uuid)
             events, _, self._stream_id = await _storage.read_page(
                 owner.db, self._stream_uuid, self.position, 1000, self._stream_id
             )
+            if not events:  # a notification of a version beyond this was stale
+                owner.notifier.settle(self._stream_uuid, self.position, generation)
             if events:
                 self.position = events[-1].event_number
                 if self._selector is not None:
