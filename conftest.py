@@ -2,17 +2,32 @@
 
 Set ``TRIO_EVENTSTORE_TEST_URL`` (a superuser URL) to use an existing server;
 otherwise a throwaway cluster is started for the session.
+
+Hypothesis profiles (tests and property tests): ``quick`` (default, part of ``make
+test``), ``ci`` (longer, ``invoke proptest``) and ``long``. Choose with HYPOTHESIS_PROFILE.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from trio_eventstore import EventStore, EventStoreConfig, admin, open_event_store
+
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    "print_blob": True,
+}
+settings.register_profile("quick", max_examples=25, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("ci", max_examples=300, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("long", max_examples=3000, **_COMMON)  # type: ignore[arg-type]
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.fixture(scope="session")

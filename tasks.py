@@ -42,9 +42,13 @@ def test(c: Context, k: str = "", args: str = "") -> None:
 
 @task
 def proptest(c: Context, profile: str = "ci") -> None:
-    """Property tests with a longer Hypothesis profile (default: ci)."""
+    """Property tests and the hostile-input fuzzers with a longer Hypothesis profile
+    (default: ci)."""
     c.run(
-        f"{PY} -m pytest property_tests", env={"HYPOTHESIS_PROFILE": profile}, echo=True, pty=False
+        f"{PY} -m pytest property_tests tests/test_hostile_input.py",
+        env={"HYPOTHESIS_PROFILE": profile},
+        echo=True,
+        pty=False,
     )
 
 

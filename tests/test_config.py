@@ -44,11 +44,14 @@ def test_fields_without_url() -> None:
             url="postgresql://u:plainpw@h/d", session_mode_url="postgres://u:sesspw@h/d"
         ),
         EventStoreConfig(database="d", password="fieldpw"),
+        # The driver reads passwords from the query too.
+        EventStoreConfig(url="postgresql://u@h/d?sslmode=require&password=querypw"),
+        EventStoreConfig(url="postgresql://u@h/d?pass%77ord=querypw&sslpassword=keypw"),
     ],
 )
 def test_passwords_never_in_repr(config: EventStoreConfig) -> None:
     text = repr(config) + str(config)
-    for secret in ("s3cr", "plainpw", "sesspw", "fieldpw"):
+    for secret in ("s3cr", "plainpw", "sesspw", "fieldpw", "querypw", "keypw"):
         assert secret not in text
     assert "***" in text or "password" not in text
 
@@ -56,6 +59,44 @@ def test_passwords_never_in_repr(config: EventStoreConfig) -> None:
 def test_redact_scrubs_raw_and_quoted_password() -> None:
     config = EventStoreConfig(url=URL)
     assert config.redact("x s3cr@t y s3cr%40t") == "x *** y ***"
+
+
+def test_redact_scrubs_passwords_given_in_the_query() -> None:
+    config = EventStoreConfig(url="postgresql://u@h/d?password=q%2Bpw&sslpassword=k+pw")
+    assert config.redact("q+pw q%2Bpw k pw k+pw") == "*** *** *** ***"
+    assert repr(config).count("***") == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@h/d\x00",
+        "postgresql://u:pw@h/d%00",
+        "postgresql://u%00:pw@h/d",
+        "postgresql://u:pw@h/d?application_name=a%00",
+        "postgresql://u:pw\ud800@h/d",  # a lone surrogate: no UTF-8 for it
+    ],
+)
+def test_urls_postgres_cannot_take_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="url: ") as refused:
+        EventStoreConfig(url=url)
+    assert "pw" not in str(refused.value)
+
+
+def test_an_unencoded_at_sign_in_the_password_is_refused() -> None:
+    # The driver would connect to host "cret@h" with password "s".
+    with pytest.raises(ValueError, match="%40") as refused:
+        EventStoreConfig(url="postgresql://u:s@cret@h/d")
+    assert "cret" not in str(refused.value)
+    assert EventStoreConfig(url="postgresql://u:s%40cret@h/d").connect_params()["dsn"]
+
+
+@pytest.mark.parametrize("query", ["bad", "&password=pw", "a=1&&b=2"])
+def test_a_malformed_query_is_refused_when_configured(query: str) -> None:
+    # (The driver refuses it too, but only when connecting.)
+    with pytest.raises(ValueError, match="query") as refused:
+        EventStoreConfig(url=f"postgresql://u@h/d?{query}")
+    assert "pw" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -23,15 +23,42 @@ MAX_SCHEMA_BYTES = 63 - len(".events")
 ColumnDataType = Literal["bytea", "jsonb"]
 
 
+#: Query parameters that hold secrets (the driver reads both).
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def _secret_values(query: str) -> list[str]:
+    """The values of the query's secret parameters, as written."""
+    found = []
+    for field in query.split("&"):
+        name, sep, value = field.partition("=")
+        if sep and value and urllib.parse.unquote_plus(name) in _SECRET_PARAMETERS:
+            found.append(value)
+    return found
+
+
+def _redact_query(query: str) -> str:
+    fields = []
+    for field in query.split("&"):
+        name, sep, _ = field.partition("=")
+        if sep and urllib.parse.unquote_plus(name) in _SECRET_PARAMETERS:
+            field = f"{name}=***"
+        fields.append(field)
+    return "&".join(fields)
+
+
 def _redact_url(url: str | None) -> str | None:
     if url is None:
         return None
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    if parts.password is None and not _secret_values(parts.query):
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = _redact_query(parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _url_repr(url: str | None) -> str:
@@ -58,6 +85,7 @@ def _check_url(name: str, url: str | None) -> None:
         return
     if not isinstance(url, str):
         raise TypeError(f"{name}: expected a str, got {type(url).__name__}")
+    check_text(name, url)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError(
@@ -67,6 +95,18 @@ def _check_url(name: str, url: str | None) -> None:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise ValueError(f"{name}: the port is not a number between 0 and 65535") from None
+    if parts.netloc.count("@") > 1:
+        # The driver would take what follows the first "@" for the host.
+        raise ValueError(f"{name}: write an '@' in the user name or password as %40")
+    if parts.query:
+        try:
+            urllib.parse.parse_qsl(parts.query, strict_parsing=True)  # as the driver does
+        except ValueError:
+            raise ValueError(
+                f"{name}: the query is not name=value parameters joined by '&'"
+            ) from None
+    if "\x00" in urllib.parse.unquote(parts.netloc + parts.path + parts.query):
+        raise ValueError(f"{name}: holds a NUL character (%00), which PostgreSQL cannot take")
 
 
 _DURATIONS = (
@@ -251,9 +291,11 @@ class EventStoreConfig:
         found = [self.password] if self.password else []
         for url in (self.url, self.session_mode_url):
             if url:
-                pw = urllib.parse.urlsplit(url).password
-                if pw:
-                    found += [pw, urllib.parse.unquote(pw)]
+                parts = urllib.parse.urlsplit(url)
+                if parts.password:
+                    found += [parts.password, urllib.parse.unquote(parts.password)]
+                for value in _secret_values(parts.query):
+                    found += [value, urllib.parse.unquote_plus(value)]
         return sorted(set(found), key=len, reverse=True)
 
     def with_changes(self, **changes: Any) -> EventStoreConfig:

@@ -55,6 +55,8 @@ class Notifier:
         self._config = config
         self._db = database
         self._marks: dict[str, int] = {}
+        #: per stream, how many notifications and re-syncs have touched its mark
+        self._generations: dict[str, int] = {}
         self._watchers: dict[str, int] = {}
         self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._changed = _Wakeup()
@@ -68,6 +70,19 @@ class Notifier:
     def mark(self, stream_uuid: str) -> int:
         """The highest version known for the stream (0 when none is known)."""
         return self._marks.get(stream_uuid, 0)
+
+    def generation(self, stream_uuid: str) -> int:
+        """Take this before reading the stream; pass it to `settle` after."""
+        return self._generations.get(stream_uuid, 0)
+
+    def settle(self, stream_uuid: str, head: int, generation: int) -> None:
+        """A read of the stream that began at ``generation`` found nothing above
+        ``head``: a higher mark is stale unless a notification or re-sync came since
+        (a forged or foreign notification, a stream deleted and created again, a store
+        reset). Lower it, so that readers wait for news instead of reading again and
+        again."""
+        if self._generations.get(stream_uuid, 0) == generation and self.mark(stream_uuid) > head:
+            self._marks[stream_uuid] = head
 
     async def wait_beyond(self, stream_uuid: str, position: int) -> None:
         """Return once the stream's mark is above ``position``, or the marks were
@@ -125,6 +140,7 @@ class Notifier:
             return
         stream_uuid, _, _, last = parsed
         self.notifications += 1
+        self._generations[stream_uuid] = self._generations.get(stream_uuid, 0) + 1
         if last > self._marks.get(stream_uuid, -1):
             self._marks[stream_uuid] = last
         self._wake(resynced=False, stream_uuid=stream_uuid)
@@ -140,6 +156,7 @@ class Notifier:
         for name, version in (await self._db.run(unit)).items():
             if version > self._marks.get(name, -1):
                 self._marks[name] = version
+                self._generations[name] = self._generations.get(name, 0) + 1
         self._wake(resynced=True)
 
 

@@ -28,6 +28,7 @@ from ._types import check_text
 __all__ = [
     "MAX_APPEND_BYTES",
     "MAX_JSONB_BYTES",
+    "MAX_JSON_DEPTH",
     "MAX_MESSAGE_BYTES",
     "JsonSerializer",
     "Serializer",
@@ -174,6 +175,13 @@ def _dumps(value: object) -> bytes:
 _JSON_LEAVES = frozenset({str, int, bool, type(None)})
 
 
+#: How deeply plain JSON values may nest. Fixed, so that whether an append is taken does
+#: not depend on how deep the caller's stack is, and below what every reader decodes
+#: (the standard library's decoder recurses once a level, within Python's recursion
+#: limit, 1,000 by default, less the reader's own stack; orjson stops at 1,024).
+MAX_JSON_DEPTH = 500
+
+
 class _NotJson(Exception):
     """Raised by `_check_plain` with what is wrong; the path is collected on the way out."""
 
@@ -183,9 +191,10 @@ class _NotJson(Exception):
         self.path: list[str | int] = []
 
 
-def _check_plain(value: object) -> None:
+def _check_plain(value: object, depth: int = 1) -> None:
     """Raise `_NotJson` unless ``value`` is made of JSON values only (dicts with str keys,
-    lists, str, int, finite float, bool, None): exactly what reads back."""
+    lists, str, int, finite float, bool, None), nested at most `MAX_JSON_DEPTH` levels:
+    exactly what reads back."""
     cls = type(value)
     if cls in _JSON_LEAVES:
         return
@@ -193,13 +202,15 @@ def _check_plain(value: object) -> None:
         if not math.isfinite(value):
             raise _NotJson(f"{value!r} is not a JSON number")
         return
+    if depth > MAX_JSON_DEPTH and isinstance(value, dict | list):
+        raise _NotJson(f"nested more than {MAX_JSON_DEPTH} levels deep")
     if isinstance(value, dict):
         for key, item in value.items():
             if type(key) is not str:
                 raise _NotJson(f"key {key!r} ({type(key).__name__}) is not a str")
             if type(item) not in _JSON_LEAVES:
                 try:
-                    _check_plain(item)
+                    _check_plain(item, depth + 1)
                 except _NotJson as exc:
                     exc.path.append(key)
                     raise
@@ -208,7 +219,7 @@ def _check_plain(value: object) -> None:
         for index, item in enumerate(value):
             if type(item) not in _JSON_LEAVES:
                 try:
-                    _check_plain(item)
+                    _check_plain(item, depth + 1)
                 except _NotJson as exc:
                     exc.path.append(index)
                     raise
@@ -246,6 +257,8 @@ def _plain_json(value: object, root: str) -> object:
     try:
         _check_plain(value)
     except _NotJson as exc:
+        if len(exc.path) >= MAX_JSON_DEPTH:
+            raise SerializationError(f"{root}: {exc.what}") from None
         raise SerializationError(f"{_path_text(root, exc.path)}: {exc.what}") from None
     except RecursionError:
         raise SerializationError(f"{root}: nested too deeply") from None
@@ -370,10 +383,9 @@ class JsonSerializer:
             return
         if type(data) is cls:
             return
-        value = _loads(self.serialize(data))
         try:
-            self.converter.structure(value, cls)
-        except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
+            self.converter.structure(_loads(self.serialize(data)), cls)
+        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
             raise SerializationError(
                 f"{event_type!r} data does not fit {cls.__qualname__}, the class registered "
                 f"for it, so it would not read back: {exc}"
@@ -404,6 +416,10 @@ class JsonSerializer:
             value = _loads(payload)
         except ValueError as exc:
             raise SerializationError(f"stored {event_type!r} data is not JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise SerializationError(
+                f"stored {event_type!r} data is nested too deeply to decode"
+            ) from exc
         return self._structure(value, event_type)
 
     def deserialize_many(self, payloads: list[bytes], event_types: list[str]) -> list[object]:
@@ -424,7 +440,7 @@ class JsonSerializer:
             return value
         try:
             return self.converter.structure(value, cls)
-        except (TypeError, ValueError, KeyError, cattrs.BaseValidationError) as exc:
+        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
             raise SerializationError(
                 f"stored {event_type!r} data does not fit {cls.__qualname__}: {exc}"
             ) from exc
@@ -446,6 +462,8 @@ class JsonSerializer:
             value = _loads(payload)
         except ValueError as exc:
             raise SerializationError(f"stored metadata is not JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise SerializationError("stored metadata is nested too deeply to decode") from exc
         if value is not None and not isinstance(value, dict):
             return {"value": value}
         return value

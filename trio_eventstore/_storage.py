@@ -457,15 +457,21 @@ def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
         return []
     serializer = config.serializer
     utc = datetime.UTC
-    if type(serializer) is JsonSerializer:  # a page in one pass (not for subclasses)
-        datas = serializer.deserialize_many([r[7] for r in rows], [r[4] for r in rows])
-        metadatas = serializer.deserialize_metadata_many([r[8] for r in rows])
-    else:
-        deserialize_metadata = serializer.deserialize_metadata
-        datas = list(map(serializer.deserialize, [r[7] for r in rows], [r[4] for r in rows]))
-        metadatas = [
-            None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8]) for r in rows
-        ]
+    try:
+        if type(serializer) is JsonSerializer:  # a page in one pass (not for subclasses)
+            datas = serializer.deserialize_many([r[7] for r in rows], [r[4] for r in rows])
+            metadatas = serializer.deserialize_metadata_many([r[8] for r in rows])
+        else:
+            deserialize_metadata = serializer.deserialize_metadata
+            datas = list(map(serializer.deserialize, [r[7] for r in rows], [r[4] for r in rows]))
+            metadatas = [
+                None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8])
+                for r in rows
+            ]
+    except SerializationError as exc:
+        if type(exc) is not SerializationError:
+            raise  # UnknownEventTypeError and the like say what they need to
+        raise _naming_the_event(serializer, rows, exc) from exc
     return [
         RecordedEvent(
             r[0],  # event_number
@@ -481,6 +487,23 @@ def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
         )
         for r, data, metadata in zip(rows, datas, metadatas, strict=True)
     ]
+
+
+def _naming_the_event(
+    serializer: Serializer, rows: list[Row], exc: SerializationError
+) -> SerializationError:
+    """``exc``, with the first event of ``rows`` that does not decode named (rows are
+    decoded again one by one, only when a page failed)."""
+    for r in rows:
+        try:
+            serializer.deserialize(r[7], r[4])
+            if r[8] is not None and r[8] != b"null":
+                serializer.deserialize_metadata(r[8])
+        except SerializationError as found:
+            return SerializationError(
+                f"event {r[1]} (number {r[0]}, {r[2]!r} version {r[3]}) cannot be read: {found}"
+            )
+    return exc
 
 
 def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int) -> None:

@@ -161,6 +161,8 @@ class _ReadAhead:
     after: int
     limit: int
     budget: int | None
+    #: the notifier's generation of the stream before the read (`Notifier.settle`)
+    generation: int
     rows: list[Row] | None = None
     bytes: int = 0
     done: trio.Event = attrs.Factory(trio.Event)
@@ -452,15 +454,17 @@ class _Driver:
         of ``max_size`` rows more in memory, and only the bytes this page left of
         ``budget``)."""
         self.reads += 1
-        db, config = self.owner.db, self.owner.config
+        db, config, notifier = self.owner.db, self.owner.config, self.owner.notifier
         stream_id = self._stream_id
         ahead, self._prefetch = self._prefetch, None
         rows: list[Row] | None = None
+        generation = notifier.generation(self.stream_uuid)
         if ahead is not None and ahead.after == after:
             await ahead.done.wait()
             if ahead.rows is not None:  # else it failed: read as usual
                 rows = ahead.rows
                 full = _storage.more_rows(rows, ahead.limit, ahead.budget)
+                generation = ahead.generation
                 if len(rows) > limit:
                     rows, full = rows[:limit], True
         elif ahead is not None:
@@ -469,6 +473,7 @@ class _Driver:
             if stream_id is None:  # the first read finds the stream's id
                 stream_id = await _storage.readable_stream_id(db, self.stream_uuid)
                 if stream_id is None:  # no such stream (yet), or deleted: nothing to read
+                    notifier.settle(self.stream_uuid, after, generation)
                     return [], [], True
             rows = await _storage.read_rows(db, stream_id, after, limit, budget)
             full = _storage.more_rows(rows, limit, budget)
@@ -478,12 +483,20 @@ class _Driver:
         left = None if budget is None else budget - sum(sizes)
         if rows and len(rows) >= limit and (left is None or left > 0) and stream_id is not None:
             self._fetch_ahead(nursery, stream_id, _storage.row_event_number(rows[-1]), left)
+        if not full:  # at the head: a notification of a version beyond it was stale
+            head = _storage.row_event_number(rows[-1]) if rows else after
+            notifier.settle(self.stream_uuid, head, generation)
         return _storage.recorded(config, rows), sizes, not full
 
     def _fetch_ahead(
         self, nursery: trio.Nursery, stream_id: int, after: int, budget: int | None
     ) -> None:
-        ahead = _ReadAhead(after, max(1, (self.options.max_size + 1) // 2), budget)
+        ahead = _ReadAhead(
+            after,
+            max(1, (self.options.max_size + 1) // 2),
+            budget,
+            self.owner.notifier.generation(self.stream_uuid),
+        )
         self._prefetch = ahead
 
         async def fetch() -> None:
@@ -749,9 +762,12 @@ class TransientSubscription:
         owner = self._owner
         while True:
             owner.check_open()
+            generation = owner.notifier.generation(self._stream_uuid)
             events, _, self._stream_id = await _storage.read_page(
                 owner.db, self._stream_uuid, self.position, 1000, self._stream_id
             )
+            if not events:  # a notification of a version beyond this was stale
+                owner.notifier.settle(self._stream_uuid, self.position, generation)
             if events:
                 self.position = events[-1].event_number
                 if self._selector is not None:
