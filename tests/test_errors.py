@@ -240,6 +240,9 @@ ERRORS = [
     es.SubscriptionNotFoundError(stream_uuid="$all", subscription_name="p"),
     es.TooManySubscribersError(stream_uuid="$all", subscription_name="p", concurrency_limit=2),
     es.DatabaseNotFoundError(database="x"),
+    es.CheckpointFailedError(
+        stream_uuid="s", subscription_name="p", checkpoint=7, last_persisted=3
+    ),
     es.DatabaseError("boom", sqlstate="XX000", constraint_name="c"),
     es.EventStoreClosedError(),
     es.StreamNotFoundError("an old-style message"),

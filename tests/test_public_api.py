@@ -67,6 +67,7 @@ EXPECTED = {
     "Serializer",
     "EventStoreClosedError",
     "DatabaseNotFoundError",
+    "CheckpointFailedError",
 }
 
 

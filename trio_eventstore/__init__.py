@@ -11,6 +11,7 @@ from ._daemon import (
 )
 from ._errors import (
     AuthenticationError,
+    CheckpointFailedError,
     DatabaseError,
     DatabaseNotFoundError,
     DuplicateEventError,
@@ -91,6 +92,7 @@ __all__ = [
     "ORIGIN",
     "STREAM_EXISTS",
     "AuthenticationError",
+    "CheckpointFailedError",
     "DatabaseError",
     "DatabaseNotFoundError",
     "DuplicateEventError",

@@ -15,6 +15,7 @@ import trio
 from ._types import ExpectedVersion
 
 __all__ = [
+    "CheckpointFailedError",
     "DuplicateEventError",
     "EventNotFoundError",
     "EventStoreError",
@@ -305,6 +306,38 @@ class SubscriptionFailedError(_SubscriptionError):
     @staticmethod
     def _default(stream_uuid: str | None, name: str | None) -> str:
         return f"subscription {name!r} failed"
+
+
+class CheckpointFailedError(SubscriptionFailedError):
+    """The checkpoint could not be persisted when a subscription's ``async with`` block
+    exited (raised from the block's exit, unless another error is already leaving it,
+    which is then only logged). Nothing is lost: the events acknowledged after
+    ``last_persisted`` are delivered again when the subscription next starts.
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+        checkpoint: the event number that was to be persisted.
+        last_persisted: the checkpoint that is stored.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        subscription_name: str | None = None,
+        checkpoint: int | None = None,
+        last_persisted: int | None = None,
+    ) -> None:
+        super().__init__(
+            message
+            or f"subscription {subscription_name!r}: the checkpoint {checkpoint} could not be "
+            f"persisted; events after {last_persisted} will be delivered again",
+            stream_uuid=stream_uuid,
+            subscription_name=subscription_name,
+        )
+        self.checkpoint = checkpoint
+        self.last_persisted = last_persisted
 
 
 class NotSupportedError(EventStoreError):

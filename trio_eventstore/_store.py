@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any
@@ -44,6 +45,8 @@ from ._types import (
 from ._writer import GroupCommitWriter, WriterStatistics
 
 __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
+
+logger = logging.getLogger("trio_eventstore.subscriptions")
 
 
 @attrs.frozen
@@ -434,6 +437,8 @@ class EventStore:
                 ``concurrency_limit`` lets several consumers share it).
             TooManySubscribersError: ``concurrency_limit`` consumers already share it.
             InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
+            CheckpointFailedError: (from the block's exit) the last acknowledgements could
+                not be persisted; they are delivered again next time.
         """
         self._check_open()
         _check_stream(stream_uuid)
@@ -458,8 +463,14 @@ class EventStore:
         driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
         try:
             yield Subscription(driver, consumer)
-        finally:
-            await self._subscriptions.leave(driver, consumer)
+        except BaseException:
+            failure = await self._subscriptions.leave(driver, consumer)
+            if failure is not None:  # the error already leaving the block wins
+                logger.warning("%s", failure)
+            raise
+        failure = await self._subscriptions.leave(driver, consumer)
+        if failure is not None:
+            raise failure
 
     def subscribe_to_all_streams(
         self,
