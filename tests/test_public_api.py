@@ -68,6 +68,9 @@ EXPECTED = {
     "EventStoreClosedError",
     "DatabaseNotFoundError",
     "CheckpointFailedError",
+    "AccessRejectedError",
+    "InsufficientPrivilegeError",
+    "TLSError",
 }
 
 

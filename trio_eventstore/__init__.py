@@ -10,6 +10,7 @@ from ._daemon import (
     run_subscribers,
 )
 from ._errors import (
+    AccessRejectedError,
     AuthenticationError,
     CheckpointFailedError,
     DatabaseError,
@@ -19,6 +20,7 @@ from ._errors import (
     EventStoreClosedError,
     EventStoreError,
     EventTooLargeError,
+    InsufficientPrivilegeError,
     InvalidStartFromError,
     NotSupportedError,
     PoolOverloadedError,
@@ -33,6 +35,7 @@ from ._errors import (
     SubscriptionAlreadyExistsError,
     SubscriptionFailedError,
     SubscriptionNotFoundError,
+    TLSError,
     TooManySubscribersError,
     UnexpectedAckError,
     UnknownEventTypeError,
@@ -92,6 +95,9 @@ __all__ = [
     "ORIGIN",
     "STREAM_EXISTS",
     "AuthenticationError",
+    "AccessRejectedError",
+    "InsufficientPrivilegeError",
+    "TLSError",
     "CheckpointFailedError",
     "DatabaseError",
     "DatabaseNotFoundError",

@@ -624,6 +624,9 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
     Raises:
         StorageUnavailableError: the server cannot be reached within ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        AccessRejectedError: the server's pg_hba.conf admits no such connection.
+        TLSError: TLS could not be set up as ``ssl_mode`` requires.
+        InsufficientPrivilegeError: the role may not connect to the database (CONNECT).
         DatabaseNotFoundError: the database does not exist (run ``create``).
         SchemaNotInitializedError: the schema holds no event store (run ``init``).
         SchemaMismatchError: the schema was initialised with another ``column_data_type``
