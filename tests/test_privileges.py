@@ -27,7 +27,7 @@ from trio_eventstore import (
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import APPLICATION_GRANTS, quote_ident, quote_literal
 
-from .helpers import Role
+from .helpers import Role, url_for
 
 HANG_GUARD = 60  # seconds: a guard against hangs, never a speed assertion
 
@@ -283,3 +283,21 @@ def test_the_grant_command_prints_or_applies(
     for output in (printed, applied, refused):
         assert password not in output.stdout + output.stderr
         assert application_role.password not in output.stdout + output.stderr
+
+
+async def test_a_role_without_connect_is_told_so(server_url: str, application_role: Role) -> None:
+    database = f"noconnect_{uuid.uuid4().hex[:8]}"
+    owner = EventStoreConfig(url=url_for(server_url, database))
+    await admin.create(owner)
+    try:
+        await admin.init(owner)
+        app = await application_role.use(owner)
+        await as_superuser(owner, f"REVOKE CONNECT ON DATABASE {quote_ident(database)} FROM PUBLIC")
+        with trio.fail_after(HANG_GUARD), pytest.raises(es.InsufficientPrivilegeError) as info:
+            async with open_event_store(app):
+                pytest.fail("opened a store without CONNECT")
+        assert not isinstance(info.value, es.StorageUnavailableError)  # retrying cannot help
+        assert info.value.role == application_role.name
+        assert "CONNECT" in (info.value.detail or "")
+    finally:
+        await admin.drop(owner)
