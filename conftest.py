@@ -9,15 +9,20 @@ test``), ``ci`` (longer, ``invoke proptest``) and ``long``. Choose with HYPOTHES
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
 from hypothesis import HealthCheck, settings
 
-from trio_eventstore import EventStore, EventStoreConfig, admin, open_event_store
+from tests.helpers import Role
+from trio_eventstore import EventStore, EventStoreConfig, EventStoreError, admin, open_event_store
+from trio_eventstore._pg import open_connection
+from trio_eventstore._sql import quote_ident, quote_literal
 
 _COMMON = {
     "deadline": None,
@@ -64,3 +69,22 @@ async def store(initialized: EventStoreConfig) -> AsyncIterator[EventStore]:
     """An open store on a fresh schema."""
     async with open_event_store(initialized) as opened:
         yield opened
+
+
+async def _execute(url: str, *statements: str) -> None:
+    async with open_connection(EventStoreConfig(url=url)) as conn:
+        for statement in statements:
+            await conn.execute(statement)
+
+
+@pytest.fixture(scope="session")
+def application_role(server_url: str, test_database: str) -> Iterator[Role]:
+    """A role that may log in and nothing else: the stores under test get only what
+    `admin.grant` gives it."""
+    role = Role(f"app_{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(18))
+    create = f"CREATE ROLE {quote_ident(role.name)} LOGIN PASSWORD {quote_literal(role.password)}"
+    trio.run(_execute, server_url, create)
+    yield role
+    with contextlib.suppress(EventStoreError):
+        trio.run(_execute, test_database, f"DROP OWNED BY {quote_ident(role.name)}")
+        trio.run(_execute, server_url, f"DROP ROLE {quote_ident(role.name)}")

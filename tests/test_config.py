@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import pathlib
+import urllib.parse
+
 import pytest
 
 from trio_eventstore import EventStoreConfig
@@ -193,3 +196,75 @@ def test_from_env_loads_the_serializer_or_says_why_not() -> None:
     mine = JsonSerializer(strict=True)
     config = EventStoreConfig.from_env(environ=env("no_such_module:x"), serializer=mine)
     assert config.serializer is mine
+
+
+def test_tls_fields_reach_every_connection_and_override_the_urls() -> None:
+    config = EventStoreConfig(
+        url=URL + "?sslmode=prefer&sslrootcert=/old/ca.crt&application_name=x",
+        session_mode_url="postgresql://alice@db.example:5432/bank",
+        ssl_mode="verify-full",
+        ssl_root_cert=pathlib.Path("/etc/ca.crt"),
+        ssl_cert="/etc/client.crt",
+        ssl_key="/etc/client.key",
+    )
+    assert config.ssl_root_cert == "/etc/ca.crt"  # a Path is kept as its str
+    for session_mode in (False, True):
+        for database in (None, "postgres"):
+            params = config.connect_params(database=database, session_mode=session_mode)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(params["dsn"]).query)
+            assert query["sslmode"] == ["verify-full"]
+            assert query["sslrootcert"] == ["/etc/ca.crt"]
+            assert (query["sslcert"], query["sslkey"]) == (["/etc/client.crt"], ["/etc/client.key"])
+    pooled = config.connect_params()["dsn"]
+    assert "application_name=x" in pooled  # the URL's other parameters stay
+    assert pooled.startswith("postgresql://alice:s3cr%40t@db.example:6543/bank?")
+
+
+def test_tls_fields_without_url() -> None:
+    config = EventStoreConfig(host="h", database="d", ssl_mode="require")
+    assert config.connect_params()["dsn"] == "postgresql://?sslmode=require"
+    assert config.connect_params()["host"] == "h"
+    assert "dsn" not in EventStoreConfig(host="h", database="d").connect_params()
+
+
+def test_tls_fields_from_env() -> None:
+    env = {
+        "EVENTSTORE_URL": URL,
+        "EVENTSTORE_SSL_MODE": "verify-ca",
+        "EVENTSTORE_SSL_ROOT_CERT": "/etc/ca.crt",
+        "EVENTSTORE_SSL_CERT": "/etc/client.crt",
+        "EVENTSTORE_SSL_KEY": "/etc/client.key",
+    }
+    config = EventStoreConfig.from_env(environ=env)
+    assert (config.ssl_mode, config.ssl_root_cert) == ("verify-ca", "/etc/ca.crt")
+    assert (config.ssl_cert, config.ssl_key) == ("/etc/client.crt", "/etc/client.key")
+    with pytest.raises(ValueError, match="ssl_mode"):
+        EventStoreConfig.from_env(environ={**env, "EVENTSTORE_SSL_MODE": "verify"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"ssl_mode": "verify_full"}, ValueError),
+        ({"ssl_mode": "VERIFY-FULL"}, ValueError),
+        ({"ssl_root_cert": ""}, ValueError),
+        ({"ssl_cert": "a\x00b"}, ValueError),
+        ({"ssl_key": 3}, TypeError),
+        ({"ssl_mode": True}, TypeError),
+    ],
+)
+def test_bad_tls_values_name_the_field(kwargs: dict[str, object], error: type) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        EventStoreConfig(database="d", **kwargs)  # type: ignore[arg-type]
+
+
+def test_key_passwords_in_url_queries_are_never_shown() -> None:
+    config = EventStoreConfig(
+        url="postgresql://u@h/d?sslmode=require&sslpassword=k3y%2Fpw&password=qpw",
+        session_mode_url="postgresql://u@h/d?sslpassword=zq9x",
+    )
+    text = repr(config)
+    for secret in ("k3y", "qpw", "zq9x"):
+        assert secret not in text
+    assert "sslmode=require" in text
+    assert config.redact("bad k3y/pw and k3y%2Fpw and qpw") == "bad *** and *** and ***"

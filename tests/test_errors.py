@@ -240,6 +240,12 @@ ERRORS = [
     es.SubscriptionNotFoundError(stream_uuid="$all", subscription_name="p"),
     es.TooManySubscribersError(stream_uuid="$all", subscription_name="p", concurrency_limit=2),
     es.DatabaseNotFoundError(database="x"),
+    es.InsufficientPrivilegeError("denied", role="app", privilege="CREATE on schema 'x'"),
+    es.AccessRejectedError(host="127.0.0.1", user="u", database="d", encryption="no encryption"),
+    es.TLSError("the server's certificate was not accepted"),
+    es.CheckpointFailedError(
+        stream_uuid="s", subscription_name="p", checkpoint=7, last_persisted=3
+    ),
     es.DatabaseError("boom", sqlstate="XX000", constraint_name="c"),
     es.EventStoreClosedError(),
     es.StreamNotFoundError("an old-style message"),

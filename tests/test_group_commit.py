@@ -28,14 +28,22 @@ from trio_eventstore._pg import Connection, open_connection
 from trio_eventstore._sql import quote_ident
 from trio_eventstore._writer import MAX_IN_FLIGHT
 
+from .helpers import Role
+
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> EventData:
     return EventData({"n": n}, event_type="E", event_id=event_id)
 
 
-@pytest.fixture
-async def store(initialized: EventStoreConfig) -> AsyncIterator[EventStore]:
-    async with open_event_store(initialized.with_changes(group_commit=True)) as opened:
+@pytest.fixture(params=["owner", "application-role"])
+async def store(
+    request: pytest.FixtureRequest, initialized: EventStoreConfig, application_role: Role
+) -> AsyncIterator[EventStore]:
+    """The store's owner, and an application role with only what `admin.grant` gives."""
+    config = initialized.with_changes(group_commit=True)
+    if request.param == "application-role":
+        config = await application_role.use(config)
+    async with open_event_store(config) as opened:
         yield opened
 
 

@@ -71,6 +71,10 @@ EXPECTED = {
     "Serializer",
     "EventStoreClosedError",
     "DatabaseNotFoundError",
+    "CheckpointFailedError",
+    "AccessRejectedError",
+    "InsufficientPrivilegeError",
+    "TLSError",
 }
 
 

@@ -29,6 +29,8 @@ from trio_eventstore import (
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import quote_ident
 
+from .helpers import Role
+
 serializer = JsonSerializer()
 
 
@@ -68,14 +70,20 @@ def deposit(amount: int | str = 1, **kwargs: object) -> EventData:
 
 
 @pytest.fixture(
-    params=[("bytea", True), ("jsonb", True), ("bytea", False)],
-    ids=["bytea", "jsonb", "bytea-direct"],
+    params=[
+        ("bytea", True, False),
+        ("jsonb", True, False),
+        ("bytea", False, False),
+        ("jsonb", True, True),
+    ],
+    ids=["bytea", "jsonb", "bytea-direct", "jsonb-application-role"],
 )
 async def store(
-    request: pytest.FixtureRequest, config: EventStoreConfig
+    request: pytest.FixtureRequest, config: EventStoreConfig, application_role: Role
 ) -> AsyncIterator[EventStore]:
-    """Each test runs on both data types, and without group commit (same outcomes)."""
-    column_data_type, group_commit = request.param
+    """Each test runs on both data types, without group commit (same outcomes), and as
+    an application role with only what `admin.grant` gives it."""
+    column_data_type, group_commit, application = request.param
     cfg = config.with_changes(
         serializer=serializer,
         column_data_type=column_data_type,
@@ -84,8 +92,9 @@ async def store(
     )
     await admin.create(cfg)
     await admin.init(cfg)
+    opened_as = await application_role.use(cfg) if application else cfg
     try:
-        async with open_event_store(cfg) as opened:
+        async with open_event_store(opened_as) as opened:
             yield opened
     finally:
         with trio.CancelScope(shield=True):

@@ -24,6 +24,8 @@ from trio_eventstore import (
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import quote_ident
 
+from .helpers import Role
+
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
 
@@ -54,9 +56,18 @@ async def take(sub: es.Subscription, count: int, *, ack: bool = True) -> list[Re
     return got
 
 
-@pytest.fixture
-def fast(initialized: EventStoreConfig) -> EventStoreConfig:
-    return initialized.with_changes(subscription_retry_interval=0.2, notification_poll_interval=30)
+@pytest.fixture(params=["owner", "application-role"])
+async def fast(
+    request: pytest.FixtureRequest, initialized: EventStoreConfig, application_role: Role
+) -> EventStoreConfig:
+    """Quick retries; the store's owner, and an application role with only what
+    `admin.grant` gives it."""
+    config = initialized.with_changes(
+        subscription_retry_interval=0.2, notification_poll_interval=30
+    )
+    if request.param == "application-role":
+        config = await application_role.use(config)
+    return config
 
 
 # -- transient ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The ``trio-eventstore`` command line: the admin tasks (create, init, migrate, drop,
-reset) and inspection commands.
+reset, grant) and inspection commands.
 
 Connection settings come from ``--url``/``--schema`` or the environment
 (``EVENTSTORE_URL``, ``EVENTSTORE_SCHEMA``, ... as in `EventStoreConfig.from_env`).
@@ -78,6 +78,29 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="do not ask for confirmation (needed when stdin is not a terminal)",
             )
+    grant = sub.add_parser(
+        "grant",
+        parents=[common],
+        help="let an application role use the store (read and write rows, nothing more)",
+        description=(
+            "Grant ROLE what it needs to run the store (USAGE on the schema; SELECT, INSERT, "
+            "UPDATE, DELETE where needed on its tables; USAGE on its sequences), and nothing "
+            "more. Run it as the store's owner. The role must exist."
+        ),
+    )
+    grant.add_argument("role", help="the application role (it must exist)")
+    grant.add_argument(
+        "--print",
+        dest="print_only",
+        action="store_true",
+        help="print the GRANT statements (SQL) instead of running them; needs no connection",
+    )
+    grant.add_argument(
+        "--hard-deletes",
+        action="store_true",
+        default=None,
+        help="also grant DELETE for hard deletes (default: EVENTSTORE_ENABLE_HARD_DELETES)",
+    )
     info = sub.add_parser(
         "info",
         parents=[common],
@@ -546,9 +569,19 @@ def _main(argv: Sequence[str] | None) -> int:
                 for key, value in info.items():
                     print(f"{key:15} {value}")
             return 0
-        task = _TASKS[args.command][0]
-        result = trio.run(task, config)
-    except EventStoreError as exc:
+        if args.command == "grant":
+            result = trio.run(
+                functools.partial(
+                    admin.grant,
+                    config,
+                    args.role,
+                    apply=not args.print_only,
+                    hard_deletes=args.hard_deletes,
+                )
+            )
+        else:
+            result = trio.run(_TASKS[args.command][0], config)
+    except (EventStoreError, ValueError, TypeError) as exc:
         return _report(args, config, exc)
     if args.json:
         print(
@@ -558,11 +591,12 @@ def _main(argv: Sequence[str] | None) -> int:
                     "task": result.task,
                     "changed": result.changed,
                     "message": result.message,
+                    **({"statements": list(result.statements)} if result.statements else {}),
                 }
             )
         )
     else:
-        print(result.message)
+        print(result.message, end="" if result.message.endswith("\n") else "\n")
     return 0
 
 

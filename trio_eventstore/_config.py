@@ -14,7 +14,14 @@ import attrs
 from ._serialization import JsonSerializer, Serializer, load_serializer
 from ._types import check_text
 
-__all__ = ["EventStoreConfig", "MAX_SCHEMA_BYTES"]
+__all__ = [
+    "MAX_SCHEMA_BYTES",
+    "SSL_MODES",
+    "TLS_PARAMS",
+    "EventStoreConfig",
+    "tls_files",
+    "with_tls_params",
+]
 
 #: Postgres truncates identifiers at 63 bytes, and the NOTIFY channel is
 #: "<schema>.events", which must fit too.
@@ -47,6 +54,18 @@ def _redact_query(query: str) -> str:
     return "&".join(fields)
 
 
+#: The libpq TLS parameters, by the config field that overrides each.
+TLS_PARAMS = {
+    "ssl_mode": "sslmode",
+    "ssl_root_cert": "sslrootcert",
+    "ssl_cert": "sslcert",
+    "ssl_key": "sslkey",
+}
+
+#: libpq's sslmode values, weakest first.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def _redact_url(url: str | None) -> str | None:
     if url is None:
         return None
@@ -59,6 +78,41 @@ def _redact_url(url: str | None) -> str | None:
         netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
     query = _redact_query(parts.query)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
+    """A file name given as a str or a path (attrs converter)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value  # not a file name: __attrs_post_init__ names the field
+
+
+def with_tls_params(url: str | None, params: Mapping[str, str]) -> str | None:
+    """``url`` with the libpq TLS ``params`` set in its query (replacing its own values
+    of them); a URL of only those parameters when there is no ``url``."""
+    if not params:
+        return url
+    parts = urllib.parse.urlsplit(url or "postgresql://")
+    kept = [
+        (key, value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if key not in params
+    ]
+    query = urllib.parse.urlencode([*kept, *params.items()])
+    if url is None:
+        return f"postgresql://?{query}"
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def tls_files(url: str | None) -> list[tuple[str, str]]:
+    """The ``(parameter, file name)`` of each certificate or key file a URL names."""
+    if url is None:
+        return []
+    query = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+    wanted = ("sslrootcert", "sslcert", "sslkey")
+    return [(key, value) for key, value in query if key in wanted and value]
 
 
 def _url_repr(url: str | None) -> str:
@@ -159,6 +213,18 @@ class EventStoreConfig:
             append runs on its own pooled connection.
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
+        ssl_mode: libpq's ``sslmode``: ``"disable"``, ``"allow"``, ``"prefer"``,
+            ``"require"``, ``"verify-ca"`` or ``"verify-full"`` (check the server's
+            certificate and that it names the host).
+        ssl_root_cert: the CA certificate(s) that the server's certificate must chain to
+            (libpq's ``sslrootcert``).
+        ssl_cert, ssl_key: the client certificate and its private key, for servers that
+            authenticate clients by certificate (libpq's ``sslcert``, ``sslkey``).
+
+    The ``ssl_*`` fields apply to every connection (pool, LISTEN, locks, admin tasks,
+    ``session_mode_url``) and override the same parameters given in the URLs' query
+    (``?sslmode=verify-full&sslrootcert=...``), which work too. File names are read when
+    connecting.
     """
 
     url: str | None = attrs.field(default=None, repr=_url_repr)
@@ -185,6 +251,10 @@ class EventStoreConfig:
     init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
         default=None, repr=False
     )
+    ssl_mode: str | None = None
+    ssl_root_cert: str | None = attrs.field(default=None, converter=_optional_path)
+    ssl_cert: str | None = attrs.field(default=None, converter=_optional_path)
+    ssl_key: str | None = attrs.field(default=None, converter=_optional_path)
 
     def __attrs_post_init__(self) -> None:
         _check_url("url", self.url)
@@ -247,6 +317,18 @@ class EventStoreConfig:
                 raise TypeError(f"{flag}: expected a bool")
         if self.init is not None and not callable(self.init):
             raise TypeError("init: expected a callable taking and returning an EventStoreConfig")
+        for name in TLS_PARAMS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+            if not value or "\x00" in value:
+                raise ValueError(f"{name}: must be a non-empty name without NUL characters")
+        if self.ssl_mode is not None and self.ssl_mode not in SSL_MODES:
+            raise ValueError(
+                f"ssl_mode: must be one of {', '.join(SSL_MODES)}; got {self.ssl_mode!r}"
+            )
 
     # -- derived values --------------------------------------------------------------
 
@@ -258,11 +340,29 @@ class EventStoreConfig:
         assert self.url is not None  # checked in __attrs_post_init__
         return urllib.parse.unquote(urllib.parse.urlsplit(self.url).path.strip("/"))
 
+    @property
+    def effective_username(self) -> str | None:
+        """The role the store connects as (``username``, else the URL's user), when named."""
+        if self.username:
+            return self.username
+        if self.url is not None:
+            user = urllib.parse.urlsplit(self.url).username
+            return urllib.parse.unquote(user) if user else None
+        return None
+
     def connect_params(
         self, *, database: str | None = None, session_mode: bool = False
     ) -> dict[str, Any]:
         """Keyword arguments for the driver's connect (internal; holds the password)."""
         url = self.session_mode_url if session_mode and self.session_mode_url else self.url
+        url = with_tls_params(
+            url,
+            {
+                theirs: getattr(self, ours)
+                for ours, theirs in TLS_PARAMS.items()
+                if getattr(self, ours)
+            },
+        )
         params: dict[str, Any] = {}
         if url is not None:
             params["dsn"] = url

@@ -15,6 +15,10 @@ import trio
 from ._types import ExpectedVersion
 
 __all__ = [
+    "AccessRejectedError",
+    "InsufficientPrivilegeError",
+    "TLSError",
+    "CheckpointFailedError",
     "DuplicateEventError",
     "EventNotFoundError",
     "EventStoreError",
@@ -307,6 +311,38 @@ class SubscriptionFailedError(_SubscriptionError):
         return f"subscription {name!r} failed"
 
 
+class CheckpointFailedError(SubscriptionFailedError):
+    """The checkpoint could not be persisted when a subscription's ``async with`` block
+    exited (raised from the block's exit, unless another error is already leaving it,
+    which is then only logged). Nothing is lost: the events acknowledged after
+    ``last_persisted`` are delivered again when the subscription next starts.
+
+    Attributes:
+        stream_uuid, subscription_name: the subscription.
+        checkpoint: the event number that was to be persisted.
+        last_persisted: the checkpoint that is stored.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        stream_uuid: str | None = None,
+        subscription_name: str | None = None,
+        checkpoint: int | None = None,
+        last_persisted: int | None = None,
+    ) -> None:
+        super().__init__(
+            message
+            or f"subscription {subscription_name!r}: the checkpoint {checkpoint} could not be "
+            f"persisted; events after {last_persisted} will be delivered again",
+            stream_uuid=stream_uuid,
+            subscription_name=subscription_name,
+        )
+        self.checkpoint = checkpoint
+        self.last_persisted = last_persisted
+
+
 class NotSupportedError(EventStoreError):
     """The operation is disabled by configuration (e.g. hard deletes)."""
 
@@ -322,7 +358,49 @@ class PoolOverloadedError(StorageUnavailableError):
 
 
 class AuthenticationError(StorageUnavailableError):
-    """The database server rejected the credentials (the password is never shown)."""
+    """The database server refused to authenticate the connection: a wrong password
+    (SQLSTATE 28P01), or (28000) a role that does not exist or may not log in, or a
+    failed certificate or peer authentication. The password is never shown."""
+
+
+class AccessRejectedError(AuthenticationError):
+    """The server's ``pg_hba.conf`` refused the connection before any password was
+    checked: no line admits this host, user, database and encryption (TLS or not), or a
+    ``reject`` line matches. Not a wrong password: the server's administrator decides,
+    or a TLS connection (``ssl_mode``) may be admitted where a plain one is not.
+
+    Attributes:
+        host, user, database: as the server names them (None when it did not).
+        encryption: ``"SSL encryption"``, ``"GSS encryption"`` or ``"no encryption"``
+            (None when the server did not say).
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        host: str | None = None,
+        user: str | None = None,
+        database: str | None = None,
+        encryption: str | None = None,
+    ) -> None:
+        super().__init__(
+            message
+            or f"the server's pg_hba.conf refused the connection (host {host!r}, user {user!r}, "
+            f"database {database!r}, {encryption or 'encryption unknown'})"
+        )
+        self.host = host
+        self.user = user
+        self.database = database
+        self.encryption = encryption
+
+
+class TLSError(EventStoreError):
+    """A TLS connection could not be made: the server's certificate was not accepted (it
+    does not chain to ``ssl_root_cert``, or does not name the host under
+    ``verify-full``), the server refused the client certificate, the server does not
+    offer TLS where ``ssl_mode`` requires it, or a certificate or key file cannot be
+    read. Not a `StorageUnavailableError`: retrying will not help."""
 
 
 class SchemaNotInitializedError(EventStoreError):
@@ -355,6 +433,31 @@ class DatabaseError(EventStoreError):
         self.sqlstate = sqlstate
         self.constraint_name = constraint_name
         self.detail = detail
+
+
+class InsufficientPrivilegeError(DatabaseError):
+    """The connected role lacks a privilege the operation needs (SQLSTATE 42501): the
+    message names the privilege and, from the admin tasks, the role to run them as.
+
+    Attributes:
+        role: the connected role (None when unknown).
+        privilege: what was missing, e.g. ``"CREATE on database 'bank'"`` (None when
+            only the server's message says).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = "42501",
+        constraint_name: str | None = None,
+        detail: str | None = None,
+        role: str | None = None,
+        privilege: str | None = None,
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate, constraint_name=constraint_name, detail=detail)
+        self.role = role
+        self.privilege = privilege
 
 
 class DatabaseNotFoundError(DatabaseError, LookupError):

@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import re
+import ssl
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -41,15 +43,18 @@ try:  # the trio-asyncio internals `_run_ready_callbacks_together` relies on
 except ImportError:  # pragma: no cover - another trio-asyncio: its loop runs as shipped
     _AsyncHandle = None
 
-from ._config import EventStoreConfig
+from ._config import EventStoreConfig, tls_files
 from ._errors import (
+    AccessRejectedError,
     AuthenticationError,
     DatabaseError,
     DatabaseNotFoundError,
     EventStoreClosedError,
     EventStoreError,
+    InsufficientPrivilegeError,
     PoolOverloadedError,
     StorageUnavailableError,
+    TLSError,
     single_errors,
 )
 
@@ -92,6 +97,12 @@ _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, resources, ope
 #: gets the configured database's name instead).
 _MISSING_DATABASE = re.compile(r'database "(.*)" does not exist')
 
+#: The server's messages for a connection that pg_hba.conf refuses (SQLSTATE 28000).
+_PG_HBA = re.compile(
+    r'(?:no pg_hba\.conf entry|pg_hba\.conf rejects connection) for host "(?P<host>[^"]*)", '
+    r'user "(?P<user>[^"]*)", database "(?P<database>[^"]*)"(?:, (?P<enc>[^"]*encryption))?'
+)
+
 
 def translate_error(exc: BaseException, config: EventStoreConfig | None = None) -> EventStoreError:
     """The `EventStoreError` for a driver or OS error (passwords scrubbed)."""
@@ -100,12 +111,51 @@ def translate_error(exc: BaseException, config: EventStoreConfig | None = None) 
     message = str(exc) or type(exc).__name__
     if config is not None:
         message = config.redact(message)
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        hba = _PG_HBA.search(str(exc))
+        if hba is not None:
+            host, user, database, encryption = hba.group("host", "user", "database", "enc")
+            return AccessRejectedError(
+                f"the server's pg_hba.conf refused this connection before checking any "
+                f"password (host {host!r}, user {user!r}, database {database!r}, "
+                f"{encryption}): no line admits this host, user, database and encryption, "
+                f"or a reject line matches [{message}]",
+                host=host,
+                user=user,
+                database=database,
+                encryption=encryption,
+            )
+        if "pg_hba.conf" in message:
+            return AccessRejectedError(
+                f"the server's pg_hba.conf refused this connection: {message}"
+            )
     if isinstance(
         exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
     ):
         return AuthenticationError(f"authentication failed: {message}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError(
+            f"the server's certificate was not accepted ({exc.verify_message}): it must chain "
+            "to ssl_root_cert (sslrootcert) and, under verify-full, name the host connected to"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return TLSError(f"the TLS handshake failed: {message}")
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in message:
+        return TLSError(
+            f"the server does not accept TLS connections, which ssl_mode requires: {message}"
+        )
+    if isinstance(exc, asyncpg.ClientConfigurationError) and (
+        "ssl" in message.lower() or "certificate" in message.lower()
+    ):
+        return TLSError(message)
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate == "42501":  # insufficient_privilege
+            return InsufficientPrivilegeError(
+                message,
+                detail=getattr(exc, "detail", None),
+                role=config.effective_username if config is not None else None,
+            )
         if sqlstate is not None and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             return StorageUnavailableError(f"database unavailable ({sqlstate}): {message}")
         if sqlstate == "3D000":  # invalid_catalog_name
@@ -577,6 +627,9 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
     Raises:
         StorageUnavailableError: the server cannot be reached in ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        AccessRejectedError: the server's pg_hba.conf admits no such connection.
+        TLSError: TLS could not be set up as ``ssl_mode`` requires.
+        InsufficientPrivilegeError: the role may not connect to the database (CONNECT).
         DatabaseNotFoundError: the database does not exist.
     """
     name = config.shared_connection_pool
@@ -603,7 +656,12 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
         try:
             try:
                 await pool.open()
-            except (StorageUnavailableError, DatabaseNotFoundError):
+            except (
+                StorageUnavailableError,
+                DatabaseNotFoundError,
+                TLSError,
+                InsufficientPrivilegeError,
+            ):
                 raise
             except EventStoreError as exc:
                 raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc
@@ -717,13 +775,25 @@ async def _connect(
     *,
     command_timeout: float | None,
 ) -> Any:
+    params = config.connect_params(database=database, session_mode=session_mode)
+    _check_tls_files(params.get("dsn"))
     return await asyncpg.connect(
-        **config.connect_params(database=database, session_mode=session_mode),
+        **params,
         timeout=config.timeout,
         command_timeout=command_timeout,
         statement_cache_size=config.statement_cache_size,
         server_settings=_settings(role),
     )
+
+
+def _check_tls_files(dsn: str | None) -> None:
+    """Raise `TLSError` naming the parameter when a certificate or key file cannot be
+    read (the driver would report a bare OS error, as for an unreachable server)."""
+    for param, path in tls_files(dsn):
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            reason = "is not a readable file" if os.path.exists(path) else "does not exist"
+            field = {"sslrootcert": "ssl_root_cert", "sslcert": "ssl_cert", "sslkey": "ssl_key"}
+            raise TLSError(f"{field[param]} ({param}) {path!r} {reason}")
 
 
 async def _close(conn: Any) -> None:

@@ -221,6 +221,80 @@ def insert_migration(schema: str) -> str:
 MIGRATIONS: list[tuple[tuple[int, int, int], list[str]]] = []
 
 
+# -- privileges ----------------------------------------------------------------------------
+
+#: What an application role needs to run the store (appends, links, reads, soft deletes,
+#: subscriptions with their locks and checkpoints, snapshots), by object of the schema.
+#: Each one is needed (tests/test_privileges.py revokes them one at a time).
+APPLICATION_GRANTS: tuple[tuple[str, str, str], ...] = (
+    ("SCHEMA", "", "USAGE"),
+    ("TABLE", "streams", "SELECT, INSERT, UPDATE"),
+    ("TABLE", "events", "SELECT, INSERT"),
+    ("TABLE", "stream_events", "SELECT, INSERT"),
+    ("TABLE", "subscriptions", "SELECT, INSERT, UPDATE, DELETE"),
+    ("TABLE", "snapshots", "SELECT, INSERT, UPDATE, DELETE"),
+    ("TABLE", "schema_migrations", "SELECT"),
+    ("SEQUENCE", "streams_stream_id_seq", "USAGE"),
+    ("SEQUENCE", "subscriptions_subscription_id_seq", "USAGE"),
+)
+
+#: And for hard deletes (``enable_hard_deletes``).
+HARD_DELETE_GRANTS: tuple[tuple[str, str, str], ...] = (
+    ("TABLE", "streams", "DELETE"),
+    ("TABLE", "events", "DELETE"),
+    ("TABLE", "stream_events", "DELETE"),
+)
+
+
+def grant_statements(schema: str, role: str, *, hard_deletes: bool) -> list[str]:
+    """The GRANT statements that let ``role`` run the store in ``schema``."""
+    s = quote_ident(schema)
+    grants = APPLICATION_GRANTS + (HARD_DELETE_GRANTS if hard_deletes else ())
+    return [
+        f"GRANT {privileges} ON {kind} {s if kind == 'SCHEMA' else f'{s}.{quote_ident(name)}'} "
+        f"TO {quote_ident(role)}"
+        for kind, name, privileges in grants
+    ]
+
+
+#: Parameter: schema name. Whether the connected role may grant privileges on the schema
+#: and on every table and sequence in it: it owns them (or is a member of the owning
+#: role, or a superuser). A GRANT without that only warns "no privileges were granted".
+CAN_GRANT = """
+SELECT pg_catalog.pg_has_role(n.nspowner, 'USAGE')
+       AND coalesce((SELECT pg_catalog.bool_and(pg_catalog.pg_has_role(c.relowner, 'USAGE'))
+                       FROM pg_catalog.pg_class c
+                      WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'S')), true)
+  FROM pg_catalog.pg_namespace n WHERE n.nspname = $1
+"""
+
+#: Parameter: role name. Whether it exists.
+ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)"
+
+#: Parameters: schema name, database name. The connected role, the schema's owner (NULL
+#: when there is no such schema in the connected database) and the database's owner; for
+#: messages about missing privileges.
+OWNERS = """
+SELECT current_user::text AS current_role,
+       (SELECT nspowner::regrole::text FROM pg_catalog.pg_namespace WHERE nspname = $1)
+         AS schema_owner,
+       (SELECT datdba::regrole::text FROM pg_catalog.pg_database WHERE datname = $2)
+         AS database_owner
+"""
+
+#: Parameter: schema name. The access privileges of the schema and of its tables and
+#: sequences (what `grant` may change).
+SCHEMA_ACLS = """
+SELECT coalesce((SELECT nspacl::text FROM pg_catalog.pg_namespace WHERE nspname = $1), '')
+       || ' ' ||
+       coalesce((SELECT pg_catalog.array_agg(c.relname || ':' || coalesce(c.relacl::text, '')
+                                             ORDER BY c.relname)
+                   FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'S'))::text, '')
+"""
+
+
 # -- introspection ------------------------------------------------------------------------
 
 #: Parameter: schema name. One row: whether each table exists, and the data column type.

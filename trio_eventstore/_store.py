@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from ._types import (
 from ._writer import GroupCommitWriter, WriterStatistics
 
 __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
+
+logger = logging.getLogger("trio_eventstore.subscriptions")
 
 
 @attrs.frozen
@@ -441,6 +444,8 @@ class EventStore:
                 ``concurrency_limit`` lets several consumers share it).
             TooManySubscribersError: ``concurrency_limit`` consumers already share it.
             InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
+            CheckpointFailedError: (from the block's exit) the last acknowledgements could
+                not be persisted; they are delivered again next time.
         """
         self._check_open()
         _check_stream(stream_uuid)
@@ -466,8 +471,14 @@ class EventStore:
         driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
         try:
             yield Subscription(driver, consumer)
-        finally:
-            await self._subscriptions.leave(driver, consumer)
+        except BaseException:
+            failure = await self._subscriptions.leave(driver, consumer)
+            if failure is not None:  # the error already leaving the block wins
+                logger.warning("%s", failure)
+            raise
+        failure = await self._subscriptions.leave(driver, consumer)
+        if failure is not None:
+            raise failure
 
     def subscribe_to_all_streams(
         self,
@@ -623,6 +634,9 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
     Raises:
         StorageUnavailableError: the server cannot be reached within ``config.timeout``.
         AuthenticationError: the server rejected the credentials.
+        AccessRejectedError: the server's pg_hba.conf admits no such connection.
+        TLSError: TLS could not be set up as ``ssl_mode`` requires.
+        InsufficientPrivilegeError: the role may not connect to the database (CONNECT).
         DatabaseNotFoundError: the database does not exist (run ``create``).
         SchemaNotInitializedError: the schema holds no event store (run ``init``).
         SchemaMismatchError: the schema was initialised with another ``column_data_type``

@@ -25,6 +25,7 @@ import trio
 from . import _storage
 from ._config import EventStoreConfig
 from ._errors import (
+    CheckpointFailedError,
     EventStoreClosedError,
     EventStoreError,
     InvalidStartFromError,
@@ -584,8 +585,30 @@ class _Driver:
             logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
 
     async def flush(self) -> None:
-        """Persist the acknowledged prefix now (a consumer is leaving)."""
-        await self._final_checkpoint()
+        """Persist the acknowledged prefix now (a consumer is leaving).
+
+        Raises:
+            CheckpointFailedError: it could not be persisted (its cause says why).
+        """
+        fsm = self.fsm
+        try:
+            await self._checkpoint_if_due(final=True)
+        except EventStoreError as exc:
+            raise self._checkpoint_failed(fsm, str(exc)) from exc
+
+    def _checkpoint_failed(
+        self, fsm: SubscriptionFSM[RecordedEvent] | None, why: str
+    ) -> CheckpointFailedError:
+        last_persisted = fsm.last_persisted if fsm is not None else self._last_persisted
+        checkpoint = fsm.last_ack if fsm is not None else None
+        return CheckpointFailedError(
+            f"subscription {self.name!r}: the checkpoint {checkpoint} could not be persisted "
+            f"({why}); events after {last_persisted} will be delivered again",
+            stream_uuid=self.stream_uuid,
+            subscription_name=self.name,
+            checkpoint=checkpoint,
+            last_persisted=last_persisted,
+        )
 
     def statistics(self) -> SubscriptionStatistics:
         fsm = self.fsm
@@ -650,12 +673,9 @@ class Subscription:
             SubscriptionFailedError: the subscription failed.
         """
         while True:
-            if self._driver.failure is not None:
-                raise SubscriptionFailedError(
-                    stream_uuid=self._driver.stream_uuid, subscription_name=self._driver.name
-                ) from self._driver.failure
-            if self._driver.subscribed.is_set():
+            if self._driver.subscribed.is_set() and self._driver.failure is None:
                 return
+            _raise_if_stopped(self._driver)
             async with trio.open_nursery() as nursery:
 
                 async def subscribed() -> None:
@@ -709,10 +729,13 @@ class Subscription:
 
 
 def _raise_if_stopped(driver: _Driver) -> None:
-    if driver.failure is not None:
+    failure = driver.failure
+    if failure is not None:
         raise SubscriptionFailedError(
-            stream_uuid=driver.stream_uuid, subscription_name=driver.name
-        ) from driver.failure
+            f"subscription {driver.name!r} failed: {type(failure).__name__}: {failure}",
+            stream_uuid=driver.stream_uuid,
+            subscription_name=driver.name,
+        ) from failure
     if driver.done.is_set():
         raise SubscriptionFailedError(
             f"subscription {driver.name!r} has stopped",
@@ -857,12 +880,24 @@ class Subscriptions:
         await self.nursery.start(driver.run)
         return driver, consumer
 
-    async def leave(self, driver: _Driver, consumer: _Consumer) -> None:
+    async def leave(self, driver: _Driver, consumer: _Consumer) -> CheckpointFailedError | None:
+        """A consumer leaves: persist the acknowledged prefix (shielded, bounded). Returns
+        the error when that checkpoint could not be persisted (the caller reports it)."""
+        fsm = driver.fsm
         driver.remove_consumer(consumer)
+        failure: CheckpointFailedError | None = None
+        flushed = False
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            await driver.flush()
+            try:
+                await driver.flush()
+            except CheckpointFailedError as exc:
+                failure = exc
+            flushed = True
             if not driver.consumers:
                 await driver.done.wait()
+        if not flushed and fsm is not None and fsm.last_ack > fsm.last_persisted:
+            failure = driver._checkpoint_failed(fsm, f"no answer within {CLEANUP_TIMEOUT:g} s")
+        return failure
 
     def append_started(self, stream_uuid: str) -> int:
         """This store begins an append (pair with `append_finished`)."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["PostgresNotFoundError", "TempCluster", "find_bindir", "free_port", "temp_cluster"]
@@ -163,13 +164,29 @@ def _unprivileged_user() -> str | None:
     raise PostgresNotFoundError("running as root and no unprivileged user to run Postgres as")
 
 
+def _setting(name: str, value: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_.]*", name):
+        raise ValueError(f"settings: {name!r} is not a server setting's name")
+    return f"{name} = '" + value.replace("\\", "\\\\").replace("'", "''") + "'\n"
+
+
 @contextlib.contextmanager
-def temp_cluster(*, durable: bool = False) -> Iterator[TempCluster]:
+def temp_cluster(
+    *,
+    durable: bool = False,
+    settings: Mapping[str, str] | None = None,
+    hba: Sequence[str] | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> Iterator[TempCluster]:
     """Create and start a throwaway cluster; stop and delete it on exit.
 
     ``durable``: keep ``fsync``, ``synchronous_commit`` and ``full_page_writes`` on (the
     server's defaults); otherwise they are off, which is faster but loses commits on a crash
-    of the machine.
+    of the machine. ``settings``: more server settings (added to ``postgresql.conf``;
+    e.g. ``{"ssl": "on", "ssl_cert_file": "server.crt"}``). ``hba``: the lines of
+    ``pg_hba.conf``, replacing initdb's (e.g. ``hostssl all all 127.0.0.1/32
+    scram-sha-256``). ``files``: written into the data directory (readable by the server
+    only), for the names that ``settings`` give (certificates, keys).
     """
     bindir = find_bindir()
     user = _unprivileged_user()
@@ -200,6 +217,19 @@ def temp_cluster(*, durable: bool = False) -> Iterator[TempCluster]:
             "--no-sync",
         )
         pwfile.unlink()
+        for name, content in (files or {}).items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"files: {name!r} must be a plain file name")
+            path = cluster.datadir / name
+            path.write_bytes(content)
+            os.chmod(path, 0o600)
+            if user is not None:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        if settings:
+            with (cluster.datadir / "postgresql.conf").open("a") as conf:
+                conf.writelines(_setting(k, v) for k, v in settings.items())
+        if hba is not None:
+            (cluster.datadir / "pg_hba.conf").write_text("".join(f"{line}\n" for line in hba))
         for attempt in range(5):
             try:
                 cluster.start()

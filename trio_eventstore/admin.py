@@ -1,9 +1,14 @@
 """Create, initialise, migrate, reset and drop an event store: the Elixir mix tasks
-(`mix event_store.create`, `.init`, `.migrate`, `.drop`, and the test-only reset).
+(`mix event_store.create`, `.init`, `.migrate`, `.drop`, and the test-only reset); and
+`grant`, which lets an application role use the store.
 
 Each is ``async def f(config) -> AdminResult``, usable from a release without the
 source tree; ``trio-eventstore <task>`` runs them from a shell. They are idempotent:
 running one twice reports that nothing was left to do.
+
+They run as the store's owner (the role that owns the schema, or the database for
+schema ``public``), not as an application role: a privilege they lack raises
+`InsufficientPrivilegeError` naming the privilege and the role to run them as.
 """
 
 from __future__ import annotations
@@ -14,10 +19,16 @@ import attrs
 
 from . import _sql, _storage
 from ._config import EventStoreConfig
-from ._errors import DatabaseError, EventStoreError, SchemaMismatchError, StorageUnavailableError
+from ._errors import (
+    DatabaseError,
+    EventStoreError,
+    InsufficientPrivilegeError,
+    SchemaMismatchError,
+    StorageUnavailableError,
+)
 from ._pg import Conn, Connection, open_connection
 
-__all__ = ["AdminResult", "create", "drop", "init", "migrate", "reset"]
+__all__ = ["AdminResult", "create", "drop", "grant", "init", "migrate", "reset"]
 
 logger = logging.getLogger("trio_eventstore.admin")
 
@@ -32,14 +43,71 @@ class AdminResult:
     task: str
     changed: bool
     message: str
+    #: the SQL statements the task ran, or (``grant(apply=False)``) would run
+    statements: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.message
 
 
-def _result(task: str, changed: bool, message: str) -> AdminResult:
+def _result(
+    task: str, changed: bool, message: str, statements: tuple[str, ...] = ()
+) -> AdminResult:
     logger.info("%s: %s", task, message)
-    return AdminResult(task, changed, message)
+    return AdminResult(task, changed, message, statements)
+
+
+@attrs.frozen
+class _Owners:
+    current: str | None = None
+    schema: str | None = None
+    database: str | None = None
+
+
+async def _owners(config: EventStoreConfig) -> _Owners:
+    """Who is connected and who owns the schema and the database (best effort: for
+    messages only)."""
+    for database in (None, *MAINTENANCE_DATABASES):
+        try:
+            async with open_connection(config, database=database) as conn:
+                row = (await conn.fetch(_sql.OWNERS, config.schema, config.database_name))[0]
+        except EventStoreError:
+            continue
+        schema_owner = row["schema_owner"] if database is None else None
+        return _Owners(row["current_role"], schema_owner, row["database_owner"])
+    return _Owners(config.effective_username)
+
+
+async def _denied(
+    config: EventStoreConfig,
+    task: str,
+    exc: InsufficientPrivilegeError,
+    privilege: str,
+    owner: str | None,
+) -> InsufficientPrivilegeError:
+    """The error for a privilege ``task`` lacks: what it needs, and whom to run it as
+    (``owner``: ``"schema"`` or ``"database"``, whose owner has it; None: a superuser)."""
+    found = await _owners(config)
+    current = found.current or exc.role
+    use = None
+    if owner == "schema":
+        use, what = found.schema or found.database, "the schema's owner"
+        if found.schema is None:
+            what = "the database's owner"
+    elif owner == "database":
+        use, what = found.database, "the database's owner"
+    if use is not None and use != current:
+        hint = f"run it as {use!r} ({what}) or a superuser"
+    else:
+        hint = "run it as a superuser, or as a role that has it"
+    return InsufficientPrivilegeError(
+        f"{task}: the role {current!r} lacks {privilege} ({exc}): {hint}. Application "
+        "roles (`trio-eventstore grant`) use the store; its owner administers it",
+        sqlstate=exc.sqlstate,
+        detail=exc.detail,
+        role=current,
+        privilege=privilege,
+    )
 
 
 async def _with_maintenance_connection(
@@ -77,17 +145,24 @@ async def create(config: EventStoreConfig) -> AdminResult:
             await _with_maintenance_connection(config, _sql.create_database(database), execute=True)
             messages.append(f"The EventStore database {database!r} has been created.")
             changed = True
+        except InsufficientPrivilegeError as exc:
+            privilege = f"CREATEDB (to create database {database!r})"
+            raise await _denied(config, "create", exc, privilege, None) from exc
         except DatabaseError as exc:
             if exc.sqlstate != "42P04":  # duplicate_database: created concurrently
                 raise
             messages.append(f"The EventStore database {database!r} already exists.")
-    async with open_connection(config) as conn:
-        if await conn.fetchval(_sql.SCHEMA_EXISTS, config.schema):
-            messages.append(f"The EventStore schema {config.schema!r} already exists.")
-        else:
-            await conn.execute(_sql.create_schema(config.schema))
-            messages.append(f"The EventStore schema {config.schema!r} has been created.")
-            changed = True
+    try:
+        async with open_connection(config) as conn:
+            if await conn.fetchval(_sql.SCHEMA_EXISTS, config.schema):
+                messages.append(f"The EventStore schema {config.schema!r} already exists.")
+            else:
+                await conn.execute(_sql.create_schema(config.schema))
+                messages.append(f"The EventStore schema {config.schema!r} has been created.")
+                changed = True
+    except InsufficientPrivilegeError as exc:
+        privilege = f"CREATE on database {database!r} (to create schema {config.schema!r})"
+        raise await _denied(config, "create", exc, privilege, "database") from exc
     return _result("create", changed, " ".join(messages))
 
 
@@ -102,9 +177,15 @@ async def init(config: EventStoreConfig) -> AdminResult:
             or a store with another ``column_data_type``.
     """
     statements = _sql.init_statements(config.schema, config.column_data_type)
+    schema_existed = True
 
     async def unit(conn: Conn) -> _storage.SchemaState | None:
-        await conn.execute(_sql.create_schema(config.schema))
+        nonlocal schema_existed
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+        # exists: the schema's owner need not have it.
+        schema_existed = bool(await conn.fetchval(_sql.SCHEMA_EXISTS, config.schema))
+        if not schema_existed:
+            await conn.execute(_sql.create_schema(config.schema))
         await conn.execute(_sql.INIT_LOCK, config.schema)
         state = await _storage.read_schema_state(conn, config.schema)
         if not state.empty:
@@ -113,9 +194,16 @@ async def init(config: EventStoreConfig) -> AdminResult:
             await conn.execute(statement)
         return None
 
-    async with open_connection(config) as conn:
-        state = await conn.transaction(unit)
     where = f"schema {config.schema!r} of database {config.database_name!r}"
+    try:
+        async with open_connection(config) as conn:
+            state = await conn.transaction(unit)
+    except InsufficientPrivilegeError as exc:
+        if schema_existed:
+            privilege = f"CREATE on schema {config.schema!r} (to create the store's tables)"
+            raise await _denied(config, "init", exc, privilege, "schema") from exc
+        privilege = f"CREATE on database {config.database_name!r} (to create the schema)"
+        raise await _denied(config, "init", exc, privilege, "database") from exc
     if state is None:
         return _result("init", True, f"The EventStore {where} has been initialized.")
     if not state.initialized:
@@ -143,16 +231,20 @@ async def migrate(config: EventStoreConfig) -> AdminResult:
         SchemaMismatchError: the schema is newer than this library, or older than 1.3.2
             (migrate those with the Elixir library first).
     """
-    async with open_connection(config, session_mode=True) as conn:
-        state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
-        if not state.initialized:
-            _storage.check_schema(state, config)  # raises SchemaNotInitializedError
-        assert state.lock_key is not None
-        await conn.fetchval(_sql.MIGRATION_LOCK, state.lock_key)
-        try:
-            applied = await _apply_migrations(conn, config)
-        finally:
-            await conn.fetchval(_sql.MIGRATION_UNLOCK, state.lock_key)
+    try:
+        async with open_connection(config, session_mode=True) as conn:
+            state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
+            if not state.initialized:
+                _storage.check_schema(state, config)  # raises SchemaNotInitializedError
+            assert state.lock_key is not None
+            await conn.fetchval(_sql.MIGRATION_LOCK, state.lock_key)
+            try:
+                applied = await _apply_migrations(conn, config)
+            finally:
+                await conn.fetchval(_sql.MIGRATION_UNLOCK, state.lock_key)
+    except InsufficientPrivilegeError as exc:
+        privilege = f"ownership of the store's tables in schema {config.schema!r}"
+        raise await _denied(config, "migrate", exc, privilege, "schema") from exc
     where = f"schema {config.schema!r} of database {config.database_name!r}"
     if not applied:
         return _result("migrate", False, f"The EventStore {where} is already up to date.")
@@ -203,8 +295,12 @@ async def reset(config: EventStoreConfig) -> AdminResult:
         for statement in statements:
             await conn.execute(statement)
 
-    async with open_connection(config) as conn:
-        await conn.transaction(unit, settings={"eventstore.reset": "on"})
+    try:
+        async with open_connection(config) as conn:
+            await conn.transaction(unit, settings={"eventstore.reset": "on"})
+    except InsufficientPrivilegeError as exc:
+        privilege = f"TRUNCATE on the store's tables in schema {config.schema!r}"
+        raise await _denied(config, "reset", exc, privilege, "schema") from exc
     return _result(
         "reset",
         True,
@@ -230,6 +326,9 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                         f"The EventStore schema {config.schema!r} has already been dropped.",
                     )
                 await conn.execute(_sql.drop_schema(config.schema))
+        except InsufficientPrivilegeError as exc:
+            privilege = f"ownership of schema {config.schema!r} (to drop it)"
+            raise await _denied(config, "drop", exc, privilege, "schema") from exc
         except DatabaseError as exc:
             if exc.sqlstate != "3D000":
                 raise
@@ -241,6 +340,9 @@ async def drop(config: EventStoreConfig) -> AdminResult:
         )
     try:
         await _with_maintenance_connection(config, _sql.drop_database(database), execute=True)
+    except InsufficientPrivilegeError as exc:
+        privilege = f"ownership of database {database!r} (to drop it)"
+        raise await _denied(config, "drop", exc, privilege, "database") from exc
     except DatabaseError as exc:
         if exc.sqlstate == "55006":  # object_in_use
             raise StorageUnavailableError(
@@ -248,3 +350,90 @@ async def drop(config: EventStoreConfig) -> AdminResult:
             ) from exc
         raise
     return _result("drop", True, f"The EventStore database {database!r} has been dropped.")
+
+
+async def grant(
+    config: EventStoreConfig,
+    role: str,
+    *,
+    apply: bool = True,
+    hard_deletes: bool | None = None,
+) -> AdminResult:
+    """Let ``role`` (an application role) run the store: read, append, link, soft-delete,
+    subscribe (locks, checkpoints) and keep snapshots, and nothing more: no DDL, no
+    TRUNCATE, no other schema. The role must exist (create it, with its password, as you
+    create roles) and may connect to the database (PUBLIC may, by default).
+
+    Grants: USAGE on the schema; SELECT, INSERT, UPDATE on ``streams``; SELECT, INSERT on
+    ``events`` and ``stream_events``; SELECT, INSERT, UPDATE, DELETE on ``subscriptions``
+    and ``snapshots``; SELECT on ``schema_migrations``; USAGE on the sequences
+    ``streams_stream_id_seq`` and ``subscriptions_subscription_id_seq``; and, for hard
+    deletes, DELETE on ``streams``, ``events`` and ``stream_events``.
+
+    Args:
+        role: the role to grant to.
+        apply: run the statements (as the store's owner); False: only return them, without
+            connecting (for a database administrator to run).
+        hard_deletes: grant what hard deletes need too (default: the config's
+            ``enable_hard_deletes``).
+
+    Returns:
+        An `AdminResult` whose ``statements`` are the GRANT statements.
+
+    Raises:
+        ValueError: ``role`` is not a role name.
+        SchemaNotInitializedError: the schema holds no event store.
+        DatabaseError: the role does not exist (SQLSTATE 42704).
+        InsufficientPrivilegeError: the connected role may not grant these (run it as
+            the store's owner).
+    """
+    if not isinstance(role, str):
+        raise TypeError(f"role: expected a str, got {type(role).__name__}")
+    if not role or "\x00" in role or len(role.encode()) > 63:
+        raise ValueError("role: must be a role name of 1 to 63 bytes without NUL characters")
+    if hard_deletes is None:
+        hard_deletes = config.enable_hard_deletes
+    statements = tuple(_sql.grant_statements(config.schema, role, hard_deletes=hard_deletes))
+    where = f"schema {config.schema!r} of database {config.database_name!r}"
+    if not apply:
+        return AdminResult(
+            "grant",
+            False,
+            f"-- run as the owner of {where}\n" + "".join(f"{sql};\n" for sql in statements),
+            statements,
+        )
+
+    async def unit(conn: Conn) -> bool:
+        state = await _storage.read_schema_state(conn, config.schema)
+        data_type = state.data_type if state.data_type in ("bytea", "jsonb") else None
+        _storage.check_schema(state, config.with_changes(column_data_type=data_type or "bytea"))
+        if not await conn.fetchval(_sql.CAN_GRANT, config.schema):
+            raise InsufficientPrivilegeError(
+                "permission denied: only the owner of the schema and its tables may grant "
+                "privileges on them",
+                role=config.effective_username,
+            )
+        if not await conn.fetchval(_sql.ROLE_EXISTS, role):
+            raise DatabaseError(
+                f"role {role!r} does not exist: create it first (CREATE ROLE ... LOGIN "
+                "PASSWORD ...), then grant it the store",
+                sqlstate="42704",
+            )
+        before = await conn.fetchval(_sql.SCHEMA_ACLS, config.schema)
+        for statement in statements:
+            await conn.execute(statement)
+        return bool(before != await conn.fetchval(_sql.SCHEMA_ACLS, config.schema))
+
+    try:
+        async with open_connection(config) as conn:
+            changed = await conn.transaction(unit)
+    except InsufficientPrivilegeError as exc:
+        privilege = (
+            f"ownership of the store's tables in schema {config.schema!r} (to grant on them)"
+        )
+        raise await _denied(config, "grant", exc, privilege, "schema") from exc
+    if changed:
+        message = f"The role {role!r} may now use the EventStore in {where}."
+    else:
+        message = f"The role {role!r} already had every privilege it needs in {where}."
+    return _result("grant", changed, message, statements)
