@@ -67,6 +67,8 @@ EXPECTED = {
     "Serializer",
     "EventStoreClosedError",
     "DatabaseNotFoundError",
+    "Projection",
+    "TransactionConnection",
 }
 
 

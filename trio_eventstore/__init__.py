@@ -37,6 +37,8 @@ from ._errors import (
     UnknownEventTypeError,
     WrongExpectedVersionError,
 )
+from ._pg import TransactionConnection
+from ._projection import Projection
 from ._serialization import JsonSerializer, Serializer
 from ._store import EventStore, EventStoreStatistics, open_event_store
 from ._subscriptions import (
@@ -66,6 +68,8 @@ from ._writer import WriterStatistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "Projection",
+    "TransactionConnection",
     "run_subscribers",
     "open_subscriber_daemon",
     "SubscriberStatistics",
