@@ -272,7 +272,7 @@ async def test_an_error_caught_inside_the_handler_does_not_commit(
 ) -> None:
     """PostgreSQL answers ROLLBACK to the COMMIT of an aborted transaction: the batch
     must not count as applied (its ack would lose it)."""
-    await append_keys(store, ["a", "b"])
+    await append_keys(store, ["a"])  # one event: nothing runs after the caught error
 
     caught_inside: list[str | None] = []
 
@@ -423,6 +423,16 @@ async def test_run_on_a_subscription_skips_redelivered_events(store: EventStore,
     assert handler.seen == list(range(1, 32))  # 1..30 again: skipped, acked
     assert await _checkpoint(store, "counts") == 31
     assert await counts(store, rm) == dict(Counter([*keys, "k0"]))
+
+
+async def test_run_acknowledges_only_what_committed(store: EventStore, rm: str) -> None:
+    await append_keys(store, ["a", "b", "c"])
+    projection = Projection("p", Counting(rm, fail_on=3), schema=rm)
+    with trio.fail_after(HANG_GUARD), pytest.raises(RuntimeError, match="failed on 3"):
+        async with store.subscribe_to_all_streams("p", checkpoint_threshold=100) as sub:
+            await projection.run(store, sub)
+    assert await projection.position(store) == 2
+    assert await _checkpoint(store, "p") == 2  # persisted on leaving: 3 comes again
 
 
 async def test_run_refuses_competing_consumers(store: EventStore, rm: str) -> None:

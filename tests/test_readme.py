@@ -5,7 +5,8 @@ what the text says they assume: database URLs (``"postgresql://..."``) point at 
 database; a snippet that uses ``store`` without opening one gets a store opened with the
 README's ``config``; ``project`` ("your own code") records what it is given and ends the
 subscription loop that called it (by cancelling it, as a service's shutdown would); a snippet
-defining ``test_*`` functions (the testing kit's) runs in the namespace of the example it
+that runs a projection (``<projection>.run(store, ...)``) is cancelled likewise once the
+projection has applied events; a snippet defining ``test_*`` functions (the testing kit's) runs in the namespace of the example it
 comes from, and those functions are called. A snippet that raises, or whose subscription never
 delivers, fails the test, with a traceback into README.md.
 """
@@ -25,6 +26,7 @@ import pytest
 import trio
 from hypothesis import settings
 
+import trio_eventstore as es
 from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import open_connection
 
@@ -35,6 +37,7 @@ README = ROOT / "README.md"
 EXAMPLE = ROOT / "examples" / "test_balances_consumer.py"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 URL = re.compile(r"""(["'])postgres(?:ql)?://[^"']*\1""")
+PROJECTION_RUN = re.compile(r"\b(\w+)\.run\(store\b")
 HANG_GUARD = 60  # seconds: a guard against hangs, never a speed assertion
 
 
@@ -89,6 +92,8 @@ async def run_async(code: Any, namespace: dict[str, Any], source: str) -> list[A
             async with open_event_store(namespace["config"]) as store, trio.open_nursery() as n:
                 namespace["store"] = store
                 n.start_soon(keep_appending, store, namespace)
+                for name in PROJECTION_RUN.findall(source):
+                    n.start_soon(stop_once_applied, store, namespace, name, projection)
                 await run_until_projected(code, namespace, projection)
                 n.cancel_scope.cancel()
         else:
@@ -103,6 +108,19 @@ async def run_until_projected(code: Any, namespace: dict[str, Any], projection: 
         coroutine = eval(code, namespace)  # the README's own code
         if coroutine is not None:
             await coroutine
+
+
+async def stop_once_applied(
+    store: Any, namespace: dict[str, Any], name: str, projection: Projection
+) -> None:
+    """End a snippet running the projection ``name`` once it has applied events."""
+    while True:
+        running = namespace.get(name)
+        if isinstance(running, es.Projection) and await running.position(store) > 0:
+            assert projection.stop is not None
+            projection.stop.cancel()
+            return
+        await trio.sleep(0.05)
 
 
 async def keep_appending(store: Any, namespace: dict[str, Any]) -> None:
