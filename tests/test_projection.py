@@ -11,6 +11,7 @@ import attrs
 import pytest
 import trio
 
+import trio_eventstore as es
 from trio_eventstore import (
     ANY_VERSION,
     DatabaseError,
@@ -26,7 +27,7 @@ from trio_eventstore import (
 )
 from trio_eventstore._sql import quote_ident
 
-HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
+HANG_GUARD = 10  # seconds: a guard against hangs, never a speed assertion
 
 
 @pytest.fixture
@@ -425,6 +426,21 @@ async def test_run_on_a_subscription_skips_redelivered_events(store: EventStore,
     assert await counts(store, rm) == dict(Counter([*keys, "k0"]))
 
 
+async def test_wait_acked_sees_a_stored_checkpoint(store: EventStore) -> None:
+    """A process that resumes at a checkpoint already past what it waits for (the
+    workers and the example wait for their last event this way)."""
+    await append_keys(store, ["a", "b"])
+    async with store.subscribe_to_all_streams("w") as sub:
+        async for batch in sub:
+            sub.ack(batch)
+            if batch.last_event_number == 2:
+                break
+    assert await _checkpoint(store, "w") == 2
+    with trio.fail_after(HANG_GUARD):
+        async with store.subscribe_to_all_streams("w") as sub:
+            await sub.wait_acked(2)
+
+
 async def test_run_acknowledges_only_what_committed(store: EventStore, rm: str) -> None:
     await append_keys(store, ["a", "b", "c"])
     projection = Projection("p", Counting(rm, fail_on=3), schema=rm)
@@ -483,3 +499,33 @@ async def test_lifecycle_prepares_then_handles_events_and_lists(store: EventStor
         await handle(events)
     assert handler.seen == [1, 2, 3]
     assert prepared == [1]
+
+
+async def test_under_the_daemon_with_a_lifecycle_and_batches(store: EventStore, rm: str) -> None:
+    """One transaction per delivered batch, where the daemon's handlers have batches and a
+    lifecycle (an `EventHandler` given ``lifecycle=`` and ``batch=True``)."""
+    event_handler = getattr(es, "EventHandler", None)
+    if event_handler is None:
+        pytest.skip("this daemon's handlers have no lifecycle")
+    await append_keys(store, ["a", "b", "a", "c", "a"])
+    txids: dict[int, int] = {}
+
+    async def per_event(conn: TransactionConnection, event: RecordedEvent) -> None:
+        await conn.execute(upsert(rm), event.data["key"])  # type: ignore[index]
+        txids[event.event_number] = await conn.fetchval("SELECT txid_current()")
+
+    projection = Projection("batched", per_event, schema=rm)
+    spec = SubscriberSpec(
+        name="batched",
+        handler=event_handler(lifecycle=projection.lifecycle, batch=True),
+        buffer_size=5,
+    )
+    with trio.fail_after(HANG_GUARD):
+        async with open_subscriber_daemon(store, [spec]):
+            while True:
+                if await _checkpoint(store, "batched") >= 5:
+                    break
+                await trio.sleep(0.02)
+    assert sorted(txids) == [1, 2, 3, 4, 5]
+    assert len(set(txids.values())) < 5  # batches of several events, one transaction each
+    assert await counts(store, rm) == {"a": 3, "b": 1, "c": 1}

@@ -1,8 +1,8 @@
 """kill -9 loop: a projection process killed at random moments and restarted applies
 every event exactly once; a read model with its own checkpoint does not.
 
-``PROJECTION_KILLS`` (default 6) and ``PROJECTION_KILL_SEED`` make a longer or a
-repeated run (``invoke projection-kill-loop``).
+``PROJECTION_KILLS`` (default 6), ``PROJECTION_KILL_EVENTS`` (default 2000) and
+``PROJECTION_KILL_SEED`` make a longer or a repeated run (``invoke projection-kill-loop``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD = 120  # seconds: a guard against hangs, never a speed assertion
-EVENTS = 2000
+EVENTS = int(os.environ.get("PROJECTION_KILL_EVENTS") or 2000)
 KEYS = [f"k{i}" for i in range(13)]
 #: checkpoint_threshold of a run: every ack, every 50 (replays after a kill), never
 #: before a clean exit (every restart replays from the start)

@@ -6,9 +6,10 @@ database; a snippet that uses ``store`` without opening one gets a store opened 
 README's ``config``; ``project`` ("your own code") records what it is given and ends the
 subscription loop that called it (by cancelling it, as a service's shutdown would); a snippet
 that runs a projection (``<projection>.run(store, ...)``) is cancelled likewise once the
-projection has applied events; a snippet defining ``test_*`` functions (the testing kit's) runs in the namespace of the example it
-comes from, and those functions are called. A snippet that raises, or whose subscription never
-delivers, fails the test, with a traceback into README.md.
+projection has applied events; a snippet defining ``test_*`` functions (the testing kit's)
+runs in the namespace of the example it comes from, and those functions are called. A
+snippet that raises, or whose subscription never delivers, fails the test, with a traceback
+into README.md.
 """
 
 from __future__ import annotations
@@ -197,6 +198,15 @@ def test_every_readme_snippet_runs(readme_url: str) -> None:
     assert ran == len(snippets())
     checkpoint = _checkpoint(readme_url, "balances")
     assert checkpoint >= 1, "the persistent snippet's ack was persisted when it was left"
+    assert _deposits(readme_url) > 0, "the projection snippet's read model has its deposits"
+
+
+def _deposits(url: str) -> int:
+    async def read() -> int:
+        async with open_connection(EventStoreConfig(url=url)) as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM read_model.deposits"))
+
+    return trio.run(read)
 
 
 def _checkpoint(url: str, name: str) -> int:

@@ -68,8 +68,6 @@ from ._writer import WriterStatistics
 __version__ = "0.1.0"
 
 __all__ = [
-    "Projection",
-    "TransactionConnection",
     "run_subscribers",
     "open_subscriber_daemon",
     "SubscriberStatistics",
@@ -85,6 +83,8 @@ __all__ = [
     "JsonSerializer",
     "SnapshotData",
     "RecordedEvent",
+    "Projection",
+    "TransactionConnection",
     "Page",
     "EventData",
     "EventNotFoundError",
