@@ -305,8 +305,7 @@ async def test_a_handler_ending_the_transaction_itself_is_refused(
         await Projection("p", committing, schema=rm).apply(
             store, await store.read_all_streams_forward()
         )
-    assert store._db.pool_statistics()["size"] >= 0  # the pool goes on
-    assert await store.read_all_streams_forward() != []
+    assert await store.read_all_streams_forward() != []  # the pool goes on
 
 
 async def test_a_sync_handler_is_refused_and_rolled_back(store: EventStore, rm: str) -> None:
@@ -454,7 +453,7 @@ async def test_run_acknowledges_only_what_committed(store: EventStore, rm: str) 
 async def test_run_refuses_competing_consumers(store: EventStore, rm: str) -> None:
     projection = Projection("p", _noop, schema=rm)
     async with store.subscribe_to_all_streams("p", concurrency_limit=2) as sub:
-        with pytest.raises(ValueError, match="competing consumers"):
+        with trio.fail_after(HANG_GUARD), pytest.raises(ValueError, match="competing consumers"):
             await projection.run(store, sub)
 
 

@@ -487,11 +487,12 @@ class Database:
 class TransactionConnection:
     """A connection inside a transaction, for Trio code (`Database.open_transaction`).
 
-    Each call is one round trip. Errors come out as `EventStoreError`s: a statement
-    the server refused raises `DatabaseError` (with its ``sqlstate``) and aborts the
-    transaction; a statement that takes longer than the store's ``timeout``, or is
-    cancelled, drops the connection (`StorageUnavailableError`). Do not end the
-    transaction yourself (no COMMIT or ROLLBACK): its owner does.
+    Each call is one round trip; one statement at a time (not from several tasks at
+    once). Errors come out as `EventStoreError`s: a statement the server refused
+    raises `DatabaseError` (with its ``sqlstate``) and aborts the transaction; a
+    statement that takes longer than the store's ``timeout``, or is cancelled, drops
+    the connection (`StorageUnavailableError`). Do not end the transaction yourself
+    (no COMMIT or ROLLBACK): its owner does.
     """
 
     __slots__ = ("_config", "_conn", "_ended", "_loop")
