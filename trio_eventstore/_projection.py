@@ -11,10 +11,12 @@ and nothing acknowledged (the events come again); a crash after it leaves the ev
 applied and the position past them (when they come again they are skipped). The
 subscription's checkpoint is then only an optimisation: it saves re-reading events.
 
-The transaction runs on a connection of the store's pool: it reconnects after a
-database restart like every other use of the pool, costs no extra server connection
-per projection, and lets a read model in any schema of the store's database take part
-in the same transaction as the position.
+The transaction runs on a connection of the store's pool, not on one of its own: the
+pool reconnects after a database restart with nothing more (a dedicated connection
+would need its own reconnect loop and a task to own it), a daemon running many
+projections costs no extra server connection each, and the pool's admission rules and
+timeouts apply. The price: the read model lives in the store's database (in any
+schema), and a batch holds one pooled connection while its handler runs.
 """
 
 from __future__ import annotations
