@@ -58,6 +58,25 @@ def bench(c: Context) -> None:
     c.run(f"{PY} -m bench", echo=True, pty=False)
 
 
+@task(
+    help={
+        "kills": "SIGKILLs of the projection process",
+        "events": "events to project",
+        "seed": "repeat a run (its seed)",
+    }
+)
+def projection_kill_loop(c: Context, kills: int = 50, events: int = 20000, seed: str = "") -> None:
+    """The exactly-once projection under a long kill -9 loop (the suite: 6 kills, 2000 events)."""
+    env = {
+        "PROJECTION_KILLS": str(kills),
+        "PROJECTION_KILL_EVENTS": str(events),
+        "PROJECTION_KILL_SEED": seed,
+    }
+    c.run(
+        f"{PY} -m pytest -s tests/test_projection_kill.py -k neither", env=env, echo=True, pty=False
+    )
+
+
 @task(pre=[lint, typecheck, layers, test])
 def check(c: Context) -> None:
     """Everything CI runs."""
@@ -109,4 +128,4 @@ def reset(c: Context, url: str = "", schema: str = "", yes: bool = False) -> Non
 
 
 db = Collection("db", create, init, migrate, drop, reset)
-ns = Collection(lint, typecheck, layers, test, proptest, bench, check, db)
+ns = Collection(lint, typecheck, layers, test, proptest, bench, check, projection_kill_loop, db)

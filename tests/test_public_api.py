@@ -75,6 +75,8 @@ EXPECTED = {
     "AccessRejectedError",
     "InsufficientPrivilegeError",
     "TLSError",
+    "Projection",
+    "TransactionConnection",
 }
 
 

@@ -5,9 +5,11 @@ what the text says they assume: database URLs (``"postgresql://..."``) point at 
 database; a snippet that uses ``store`` without opening one gets a store opened with the
 README's ``config``; ``project`` ("your own code") records what it is given and ends the
 subscription loop that called it (by cancelling it, as a service's shutdown would); a snippet
-defining ``test_*`` functions (the testing kit's) runs in the namespace of the example it
-comes from, and those functions are called. A snippet that raises, or whose subscription never
-delivers, fails the test, with a traceback into README.md.
+that runs a projection (``<projection>.run(store, ...)``) is cancelled likewise once the
+projection has applied events; a snippet defining ``test_*`` functions (the testing kit's)
+runs in the namespace of the example it comes from, and those functions are called. A
+snippet that raises, or whose subscription never delivers, fails the test, with a traceback
+into README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pytest
 import trio
 from hypothesis import settings
 
+import trio_eventstore as es
 from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import open_connection
 from trio_eventstore.testing import open_fresh_event_store
@@ -37,6 +40,7 @@ README = ROOT / "README.md"
 EXAMPLE = ROOT / "examples" / "test_balances_consumer.py"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 URL = re.compile(r"""(["'])postgres(?:ql)?://[^"']*\1""")
+PROJECTION_RUN = re.compile(r"\b(\w+)\.run\(store\b")
 HANG_GUARD = 60  # seconds: a guard against hangs, never a speed assertion
 
 
@@ -91,6 +95,8 @@ async def run_async(code: Any, namespace: dict[str, Any], source: str) -> list[A
             async with open_event_store(namespace["config"]) as store, trio.open_nursery() as n:
                 namespace["store"] = store
                 n.start_soon(keep_appending, store, namespace)
+                for name in PROJECTION_RUN.findall(source):
+                    n.start_soon(stop_once_applied, store, namespace, name, projection)
                 await run_until_projected(code, namespace, projection)
                 n.cancel_scope.cancel()
         else:
@@ -105,6 +111,19 @@ async def run_until_projected(code: Any, namespace: dict[str, Any], projection: 
         coroutine = eval(code, namespace)  # the README's own code
         if coroutine is not None:
             await coroutine
+
+
+async def stop_once_applied(
+    store: Any, namespace: dict[str, Any], name: str, projection: Projection
+) -> None:
+    """End a snippet running the projection ``name`` once it has applied events."""
+    while True:
+        running = namespace.get(name)
+        if isinstance(running, es.Projection) and await running.position(store) > 0:
+            assert projection.stop is not None
+            projection.stop.cancel()
+            return
+        await trio.sleep(0.05)
 
 
 async def keep_appending(store: Any, namespace: dict[str, Any]) -> None:
@@ -205,6 +224,15 @@ def test_every_readme_snippet_runs(readme_url: str) -> None:
     assert ran == len(snippets())
     checkpoint = _checkpoint(readme_url, "balances")
     assert checkpoint >= 1, "the persistent snippet's ack was persisted when it was left"
+    assert _deposits(readme_url) > 0, "the projection snippet's read model has its deposits"
+
+
+def _deposits(url: str) -> int:
+    async def read() -> int:
+        async with open_connection(EventStoreConfig(url=url)) as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM read_model.deposits"))
+
+    return trio.run(read)
 
 
 def _checkpoint(url: str, name: str) -> int:

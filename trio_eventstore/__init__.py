@@ -45,6 +45,8 @@ from ._errors import (
     UnknownEventTypeError,
     WrongExpectedVersionError,
 )
+from ._pg import TransactionConnection
+from ._projection import Projection
 from ._serialization import JsonSerializer, Serializer
 from ._store import EventStore, EventStoreStatistics, open_event_store
 from ._subscriptions import (
@@ -93,6 +95,8 @@ __all__ = [
     "JsonSerializer",
     "SnapshotData",
     "RecordedEvent",
+    "Projection",
+    "TransactionConnection",
     "Page",
     "EventData",
     "EventNotFoundError",

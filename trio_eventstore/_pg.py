@@ -7,6 +7,9 @@ talks to Postgres through three things defined here:
 * `Database`: the pool, seen from Trio; `Database.transaction(fn)` runs a whole unit
   of work ``fn(conn)`` in one crossing of the Trio/asyncio bridge (a crossing costs
   ~170 µs, so never one per statement or per row);
+* `TransactionConnection`: a pooled connection inside a transaction, driven from Trio
+  one statement per crossing (`Database.open_transaction`: for code that is not ours,
+  such as a projection's handler);
 * `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks).
 
 Every asyncpg / OS error is translated here, once, into the `EventStoreError`
@@ -30,7 +33,7 @@ import re
 import ssl
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -64,6 +67,7 @@ __all__ = [
     "Connection",
     "Database",
     "Row",
+    "TransactionConnection",
     "open_connection",
     "open_database",
     "translate_error",
@@ -500,6 +504,36 @@ class Database:
 
         return await self.run(unit)
 
+    @contextlib.asynccontextmanager
+    async def open_transaction(self) -> AsyncIterator[TransactionConnection]:
+        """A pooled connection inside a transaction, for Trio-side code (one crossing
+        per statement): committed when the block exits normally, rolled back (shielded,
+        bounded) when it raises or is cancelled.
+
+        The block holds one of the pool's connections until it exits.
+
+        Raises:
+            PoolOverloadedError: no connection free in time.
+            DatabaseError: the commit failed, or the transaction was aborted by an
+                earlier error that the block caught (SQLSTATE 25P02): nothing of it
+                was committed.
+        """
+        pool = self._pool
+        conn = await pool.acquire()
+        try:
+            tx = TransactionConnection(pool.loop, conn, self._config)
+            await tx._begin()
+            try:
+                yield tx
+            except BaseException:
+                await tx._rollback()
+                raise
+            await tx._commit()
+        finally:
+            if not conn.is_closed() and conn.is_in_transaction():
+                conn.terminate()  # never back to the pool inside a transaction
+            pool.release(conn)
+
     def pool_statistics(self) -> dict[str, int | bool]:
         pool = self._pool
         return {
@@ -508,6 +542,119 @@ class Database:
             "max_size": pool.config.pool_size,
             "overloaded": pool.admission.overloaded,
         }
+
+
+class TransactionConnection:
+    """A connection inside a transaction, for Trio code (`Database.open_transaction`).
+
+    Each call is one round trip; one statement at a time (not from several tasks at
+    once). Errors come out as `EventStoreError`s: a statement the server refused
+    raises `DatabaseError` (with its ``sqlstate``) and aborts the transaction; a
+    statement that takes longer than the store's ``timeout``, or is cancelled, drops
+    the connection (`StorageUnavailableError`). Do not end the transaction yourself
+    (no COMMIT or ROLLBACK): its owner does.
+    """
+
+    __slots__ = ("_config", "_conn", "_ended", "_loop")
+
+    def __init__(self, loop: Any, conn: Any, config: EventStoreConfig) -> None:
+        self._loop = loop
+        self._conn = conn
+        self._config = config
+        self._ended = False
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement; returns its status (``"INSERT 0 1"``)."""
+        status: str = await self._call(lambda: self._conn.execute(sql, *args))
+        return status
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple, in one round trip."""
+        rows = [tuple(row) for row in args]
+        if rows:
+            await self._call(lambda: self._conn.executemany(sql, rows))
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """The rows of a query."""
+        rows: list[Row] = await self._call(lambda: self._conn.fetch(sql, *args))
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        """The first row of a query, or None."""
+        row: Row | None = await self._call(lambda: self._conn.fetchrow(sql, *args))
+        return row
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """The first column of the first row of a query, or None."""
+        return await self._call(lambda: self._conn.fetchval(sql, *args))
+
+    async def _call(self, statement: Callable[[], Awaitable[T]]) -> T:
+        if self._ended:
+            raise RuntimeError("this transaction has ended: use the connection inside its block")
+        return await self._run(statement)
+
+    async def _run(self, statement: Callable[[], Awaitable[T]]) -> T:
+        with trio.move_on_after(self._config.timeout):
+            return await _cross(
+                self._loop, _statement(self._conn, statement, self._config), self._config
+            )
+        # Cancelled mid-statement: `_statement` has terminated the connection.
+        raise StorageUnavailableError("the database did not answer in time")
+
+    async def _begin(self) -> None:
+        await self._run(lambda: self._conn.execute("BEGIN"))
+
+    async def _rollback(self) -> None:
+        """Shielded and bounded; a connection whose rollback fails is terminated."""
+        self._ended = True
+        conn = self._conn
+        if not conn.is_closed():
+            with trio.CancelScope(shield=True):
+                await self._loop.run_aio_coroutine(_rollback(conn))
+
+    async def _commit(self) -> None:
+        self._ended = True
+        conn = self._conn
+        if conn.is_closed():
+            raise StorageUnavailableError("the connection was lost before the commit")
+        if not conn.is_in_transaction():
+            conn.terminate()  # what the block did outside the transaction is not ours
+            raise DatabaseError(
+                "the transaction was ended inside its block (COMMIT or ROLLBACK): "
+                "leave that to its owner",
+                sqlstate="25000",
+            )
+        status = await self._run(lambda: conn.execute("COMMIT"))
+        if status != "COMMIT":  # PostgreSQL answers ROLLBACK to an aborted transaction
+            raise DatabaseError(
+                "the transaction was rolled back: a statement in it had failed "
+                "(and the error was caught inside the block)",
+                sqlstate="25P02",
+            )
+
+
+async def _rollback(conn: Any) -> None:
+    await _bounded_cleanup(conn.execute("ROLLBACK"), conn)
+
+
+async def _statement(
+    conn: Any, statement: Callable[[], Awaitable[T]], config: EventStoreConfig | None
+) -> T:
+    """(asyncio) One statement of a `TransactionConnection`. Cancelled or timed out
+    mid-query, or a broken socket: the connection is in an unknown state, terminate it."""
+    try:
+        return await _translated(statement(), config)
+    except BaseException as exc:
+        if isinstance(
+            exc,
+            asyncio.CancelledError
+            | TimeoutError
+            | StorageUnavailableError
+            | OSError
+            | asyncpg.InterfaceError,
+        ):
+            conn.terminate()
+        raise
 
 
 def _log_asyncio_error(_loop: Any, context: dict[str, Any]) -> None:

@@ -399,6 +399,7 @@ class _Driver:
         self._deferred = None
         self.state = "catching_up"
         self.subscribed.set()
+        self._signal_progress()  # waiters see the stored checkpoint (it may be enough)
         owner.notifier.add_listener(self.stream_uuid, self.wake)
         try:
             with single_errors():
