@@ -362,9 +362,10 @@ class _Driver:
     async def _one_session(self) -> None:
         owner = self.owner
         self.state = "subscribing"
-        subscription_id, _ = await _storage.create_subscription(
+        subscription_id, last_seen = await _storage.create_subscription(
             owner.db, self.stream_uuid, self.name, self.options.start_from
         )
+        self._last_persisted = last_seen  # what the holder has persisted so far
         lease = await self._wait_for_lock(subscription_id)
         if lease is None:
             return  # every consumer has left
