@@ -2,7 +2,8 @@
 over (from the last checkpoint) when the first one dies.
 
 Run without arguments: it starts two node processes, kills the active one, appends
-more events and shows that the standby delivered them.
+more events and shows that the standby delivered them (it takes over about a second
+after the kill, with the default settings).
 """
 
 from __future__ import annotations
@@ -63,12 +64,7 @@ def main(url: str) -> None:
     config = EventStoreConfig.from_env(url=url, schema=schema)
     trio.run(admin.create, config)
     trio.run(admin.init, config)
-    env = {
-        **os.environ,
-        "EVENTSTORE_URL": url,
-        "EVENTSTORE_SCHEMA": schema,
-        "EVENTSTORE_SUBSCRIPTION_RETRY_INTERVAL": "0.5",
-    }
+    env = {**os.environ, "EVENTSTORE_URL": url, "EVENTSTORE_SCHEMA": schema}
     first = start("node-a", env)
     wait_for_line(first, "holds the subscription")
     second = start("node-b", env)  # stands by: the lock is taken
@@ -76,9 +72,11 @@ def main(url: str) -> None:
     wait_for_line(first, "event 2")
     print("killing node-a ...")
     first.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     first.wait()
     trio.run(append, config, 3)
     wait_for_line(second, "holds the subscription")
+    print(f"node-b took over {time.monotonic() - killed:.1f} s after the kill (default settings)")
     wait_for_line(second, "event 3")
     second.terminate()
     second.wait()

@@ -58,7 +58,9 @@ def test_at_least_once_in_order_under_faults(
     buffer_size: int,
 ) -> None:
     config = store_config.with_changes(
-        subscription_retry_interval=0.1, notification_poll_interval=2.0
+        subscription_retry_interval=0.1,
+        subscription_standby_interval=0.2,
+        notification_poll_interval=2.0,
     )
     # (incarnation, driver session) -> event numbers delivered, in order
     sessions: dict[tuple[int, int], list[int]] = {}

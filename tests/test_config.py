@@ -6,6 +6,7 @@ import urllib.parse
 import pytest
 
 from trio_eventstore import EventStoreConfig
+from trio_eventstore._config import SessionKeepalive, session_keepalive
 
 URL = "postgresql://alice:s3cr%40t@db.example:6543/bank"
 
@@ -119,6 +120,8 @@ def test_a_malformed_query_is_refused_when_configured(query: str) -> None:
         ({"database": "d", "queue_target": -1}, "queue_target"),
         ({"database": "d", "queue_interval": float("inf")}, "queue_interval"),
         ({"database": "d", "subscription_retry_interval": 0}, "subscription_retry_interval"),
+        ({"database": "d", "subscription_standby_interval": 0}, "subscription_standby_interval"),
+        ({"database": "d", "subscription_lease_timeout": -1}, "subscription_lease_timeout"),
         ({"database": "d", "subscription_hibernate_after": -0.1}, "subscription_hibernate_after"),
     ],
 )
@@ -147,6 +150,33 @@ def test_hibernate_zero_allowed_and_ints_become_floats() -> None:
     config = EventStoreConfig(database="d", subscription_hibernate_after=0, timeout=3)
     assert config.subscription_hibernate_after == 0.0
     assert isinstance(config.timeout, float)
+
+
+def test_failover_defaults_and_the_keepalives_they_imply() -> None:
+    """Standbys try every second; a holder stops within 1 + 5 s of silence; the server
+    drops a silent session after 6 + 5 x 1 s (later, so never two holders at once)."""
+    config = EventStoreConfig(database="d")
+    assert (config.subscription_standby_interval, config.subscription_lease_timeout) == (1, 5)
+    assert session_keepalive(config) == SessionKeepalive(
+        idle=6, interval=1, count=5, user_timeout_ms=11_000
+    )
+    slow = EventStoreConfig(
+        database="d", subscription_standby_interval=2.5, subscription_lease_timeout=0.5
+    )
+    keepalive = session_keepalive(slow)
+    assert (keepalive.idle, keepalive.count) == (3, 1)
+    assert keepalive.idle + keepalive.count * keepalive.interval > 2.5 + 0.5
+    from_env = EventStoreConfig.from_env(
+        environ={
+            "EVENTSTORE_DATABASE": "d",
+            "EVENTSTORE_SUBSCRIPTION_STANDBY_INTERVAL": "0.5",
+            "EVENTSTORE_SUBSCRIPTION_LEASE_TIMEOUT": "3",
+        }
+    )
+    assert (from_env.subscription_standby_interval, from_env.subscription_lease_timeout) == (
+        0.5,
+        3.0,
+    )
 
 
 def test_frozen() -> None:

@@ -19,6 +19,8 @@ __all__ = [
     "SSL_MODES",
     "TLS_PARAMS",
     "EventStoreConfig",
+    "SessionKeepalive",
+    "session_keepalive",
     "tls_files",
     "with_tls_params",
 ]
@@ -169,6 +171,8 @@ _DURATIONS = (
     "queue_interval",
     "timeout",
     "subscription_retry_interval",
+    "subscription_standby_interval",
+    "subscription_lease_timeout",
 )
 
 
@@ -195,8 +199,18 @@ class EventStoreConfig:
         timeout: the default timeout of each query (a unit of several statements gets
             this much per statement), and of connecting.
         shared_connection_pool: stores opened with the same name share one pool.
-        subscription_retry_interval: how long a subscription waits before retrying
-            its lock or a lost database connection.
+        subscription_retry_interval: the longest a subscription waits before it tries
+            again after a database error (retries back off from 0.1 s up to this, and
+            come at once when the store's lock connection reconnects).
+        subscription_standby_interval: how often subscriptions whose lock another node
+            holds try it again: all of a store's standbys in one query. It is also how
+            often the lock connection of a store holding subscriptions is checked.
+        subscription_lease_timeout: how long the lock connection may stay silent: when
+            it does not answer a query in this time, the store drops it and its
+            subscriptions stop delivering at once (so a holder cut off from the database
+            stops within ``subscription_standby_interval + subscription_lease_timeout``).
+            The server is told (TCP keepalives) to drop a silent lock or LISTEN session,
+            releasing its locks, only after ``subscription_lease_timeout`` more.
         subscription_hibernate_after: idle time after which a subscription drops its
             buffers (0 disables hibernation).
         session_mode_url: a URL for connections that need session semantics (LISTEN,
@@ -242,6 +256,8 @@ class EventStoreConfig:
     timeout: float = 15.0
     shared_connection_pool: str | None = None
     subscription_retry_interval: float = 60.0
+    subscription_standby_interval: float = 1.0
+    subscription_lease_timeout: float = 5.0
     subscription_hibernate_after: float = 15.0
     session_mode_url: str | None = attrs.field(default=None, repr=_url_repr)
     enable_hard_deletes: bool = False
@@ -441,6 +457,32 @@ class EventStoreConfig:
                 raise ValueError(f"{var}: {exc}") from None
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+@attrs.frozen
+class SessionKeepalive:
+    """TCP keepalive settings of the lock and LISTEN sessions (both ends)."""
+
+    idle: int  # seconds of silence before the first probe
+    interval: int  # seconds between probes
+    count: int  # unanswered probes before the session is dropped
+    user_timeout_ms: int  # sent data unacknowledged this long drops the session too
+
+
+def session_keepalive(config: EventStoreConfig) -> SessionKeepalive:
+    """The keepalive settings derived from the lease settings.
+
+    A holder stops delivering at most ``standby_interval + lease_timeout`` after its lock
+    connection last got an answer (its next check is sent within ``standby_interval``
+    and waits ``lease_timeout``); a server drops a silent session after ``idle + count *
+    interval`` seconds, ``lease_timeout`` later at the earliest, so that a standby can
+    never take a lock while the cut-off holder still delivers.
+    """
+    idle = math.ceil(config.subscription_standby_interval + config.subscription_lease_timeout)
+    count = max(1, math.ceil(config.subscription_lease_timeout))
+    return SessionKeepalive(
+        idle=idle, interval=1, count=count, user_timeout_ms=(idle + count) * 1000
+    )
 
 
 _INT_FIELDS = {"port", "pool_size", "statement_cache_size"}

@@ -1,9 +1,10 @@
 """The notifier: LISTEN on the store's channel and keep per-stream high-water marks.
 
 Notifications are hints; whoever waits reads from the database. The notifier task
-owns one dedicated connection (``session_mode_url`` when set). When that connection
-drops it reconnects with back-off and then re-reads the marks of every watched stream
-from the database, so nothing committed while it was deaf is missed (Elixir #205).
+owns one dedicated connection (``session_mode_url`` when set), with TCP keepalives.
+When that connection drops it reconnects (after `reconnect_delays`: short at first) and
+then re-reads the marks of every watched stream from the database, so nothing committed
+while it was deaf is missed (Elixir #205).
 A poll of the same marks every ``notification_poll_interval`` wakes readers even where
 LISTEN cannot work (PgBouncer in transaction mode).
 """
@@ -19,14 +20,11 @@ import trio
 from . import _sql
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, StorageUnavailableError
-from ._pg import Conn, Database, open_connection
+from ._pg import Conn, Database, open_connection, reconnect_delays
 
 __all__ = ["Notifier", "parse_payload", "run_notifier"]
 
 logger = logging.getLogger("trio_eventstore.notifications")
-
-#: Reconnect back-off: first delay, factor, ceiling (seconds).
-BACKOFF = (0.05, 2.0, 5.0)
 
 
 def parse_payload(payload: str) -> tuple[str, int, int, int] | None:
@@ -168,12 +166,12 @@ async def run_notifier(
     config = notifier._config
     channel = _sql.notification_channel(config.schema)
     poll = config.notification_poll_interval
-    delay = BACKOFF[0]
+    delays = reconnect_delays()
     started = False
     while True:
         try:
             async with open_connection(
-                config, session_mode=True, role=f"listener {config.schema}"
+                config, session_mode=True, role=f"listener {config.schema}", keepalive=True
             ) as conn:
                 lost = trio.Event()
                 conn.on_termination(lost.set)
@@ -186,7 +184,7 @@ async def run_notifier(
                     task_status.started()
                 else:
                     logger.info("notifier reconnected; marks re-synced")
-                delay = BACKOFF[0]
+                delays = reconnect_delays()
                 while not lost.is_set():
                     with trio.move_on_after(poll if poll > 0 else math.inf):
                         await lost.wait()
@@ -195,11 +193,10 @@ async def run_notifier(
         except EventStoreError as exc:
             if not started:
                 raise
-            logger.warning("notifier connection lost (%s); reconnecting in %.2f s", exc, delay)
+            logger.warning("notifier connection lost (%s); reconnecting", exc)
         notifier.connected = False
         if not started:
             raise StorageUnavailableError("the notification connection closed during startup")
         notifier.reconnects += 1
         notifier._wake(resynced=True)  # readers re-read the database themselves
-        await trio.sleep(delay)
-        delay = min(delay * BACKOFF[1], BACKOFF[2])
+        await trio.sleep(next(delays))

@@ -10,7 +10,9 @@ talks to Postgres through three things defined here:
 * `TransactionConnection`: a pooled connection inside a transaction, driven from Trio
   one statement per crossing (`Database.open_transaction`: for code that is not ours,
   such as a projection's handler);
-* `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks).
+* `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks);
+  those that live as long as the store keep TCP keepalives on both ends, and reconnect
+  after `reconnect_delays`.
 
 Every asyncpg / OS error is translated here, once, into the `EventStoreError`
 hierarchy (`translate_error`), with passwords scrubbed from messages.
@@ -29,11 +31,21 @@ import contextlib
 import heapq
 import logging
 import os
+import random
 import re
+import socket
 import ssl
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -46,7 +58,8 @@ try:  # the trio-asyncio internals `_run_ready_callbacks_together` relies on
 except ImportError:  # pragma: no cover - another trio-asyncio: its loop runs as shipped
     _AsyncHandle = None
 
-from ._config import EventStoreConfig, tls_files
+from . import _sql
+from ._config import EventStoreConfig, SessionKeepalive, session_keepalive, tls_files
 from ._errors import (
     AccessRejectedError,
     AuthenticationError,
@@ -70,6 +83,7 @@ __all__ = [
     "TransactionConnection",
     "open_connection",
     "open_database",
+    "reconnect_delays",
     "translate_error",
 ]
 
@@ -79,6 +93,26 @@ logger = logging.getLogger("trio_eventstore.pg")
 
 #: Upper bound for rollback / release / close after an error or cancellation.
 CLEANUP_TIMEOUT = 5.0
+
+#: Reconnect back-off of the dedicated connections (seconds): the first delay, the
+#: factor, the ceiling during the first `RECONNECT_FAST_FOR` seconds of an outage, and
+#: the ceiling after that.
+RECONNECT_BACKOFF = (0.05, 2.0, 1.0, 5.0)
+RECONNECT_FAST_FOR = 30.0
+
+
+def reconnect_delays() -> Iterator[float]:
+    """Delays between the attempts to reconnect a dedicated connection (LISTEN, locks):
+    short at first, so that a restarted server is found within about a second; at most
+    every 5 s once the outage has lasted `RECONNECT_FAST_FOR`. With jitter, so that the
+    nodes of a cluster do not reconnect in step."""
+    first, factor, fast_ceiling, slow_ceiling = RECONNECT_BACKOFF
+    started = time.monotonic()
+    delay = first
+    while True:
+        fast = time.monotonic() - started < RECONNECT_FAST_FOR
+        yield min(delay, fast_ceiling if fast else slow_ceiling) * random.uniform(0.5, 1.0)
+        delay = min(delay * factor, slow_ceiling)
 
 
 class Row(Protocol):
@@ -921,16 +955,65 @@ async def _connect(
     role: str,
     *,
     command_timeout: float | None,
+    keepalive: bool = False,
 ) -> Any:
     params = config.connect_params(database=database, session_mode=session_mode)
     _check_tls_files(params.get("dsn"))
-    return await asyncpg.connect(
+    conn = await asyncpg.connect(
         **params,
         timeout=config.timeout,
         command_timeout=command_timeout,
         statement_cache_size=config.statement_cache_size,
         server_settings=_settings(role),
     )
+    if keepalive:
+        try:
+            await _keep_alive(conn, session_keepalive(config))
+        except BaseException:
+            conn.terminate()
+            raise
+    return conn
+
+
+_TCP_OPTIONS = (
+    ("TCP_KEEPIDLE", "idle"),
+    ("TCP_KEEPINTVL", "interval"),
+    ("TCP_KEEPCNT", "count"),
+    ("TCP_USER_TIMEOUT", "user_timeout_ms"),
+)
+
+
+async def _keep_alive(conn: Any, keepalive: SessionKeepalive) -> None:
+    """TCP keepalives on both ends of a session that lives long: the server drops the
+    session (and so releases its advisory locks) once the client has been unreachable
+    for ``idle + count * interval`` seconds, instead of after hours with the system's
+    defaults; the client's socket notices a server gone silent alike.
+
+    The server's side is set with ``set_config`` rather than startup parameters, which
+    PgBouncer refuses; on a Unix socket the server ignores them."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+            (socket.IPPROTO_TCP, getattr(socket, name), getattr(keepalive, field))
+            for name, field in _TCP_OPTIONS
+            if hasattr(socket, name)
+        ]
+        for level, option, value in options:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError as exc:  # pragma: no cover - a platform without the option
+                logger.debug("socket option %s not set: %s", option, exc)
+    settings = {
+        "tcp_keepalives_idle": str(keepalive.idle),
+        "tcp_keepalives_interval": str(keepalive.interval),
+        "tcp_keepalives_count": str(keepalive.count),
+        "tcp_user_timeout": str(keepalive.user_timeout_ms),
+    }
+    try:
+        await conn.fetchval(_sql.SET_SESSION_SETTINGS, list(settings), list(settings.values()))
+    except asyncpg.PostgresError as exc:  # e.g. a proxy that refuses them: not fatal
+        logger.warning("TCP keepalive settings not applied: %s", exc)
 
 
 def _check_tls_files(dsn: str | None) -> None:
@@ -957,16 +1040,25 @@ async def open_connection(
     database: str | None = None,
     session_mode: bool = False,
     role: str = "admin",
+    keepalive: bool = False,
 ) -> AsyncIterator[Connection]:
     """One dedicated connection to ``database`` (default: the store's database).
 
     ``session_mode`` uses ``config.session_mode_url`` when it is set; ``role`` names
-    the connection in ``application_name``.
+    the connection in ``application_name``; ``keepalive`` sets TCP keepalives on both
+    ends (`session_keepalive`), for the sessions that live as long as the store.
     """
     async with _asyncio_loop() as loop:
         conn = await _cross(
             loop,
-            _connect(config, database, session_mode, role, command_timeout=config.timeout),
+            _connect(
+                config,
+                database,
+                session_mode,
+                role,
+                command_timeout=config.timeout,
+                keepalive=keepalive,
+            ),
             config,
         )
         try:

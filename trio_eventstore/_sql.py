@@ -743,6 +743,24 @@ def notification_channel(schema: str) -> str:
 TRY_LOCK = "SELECT pg_catalog.pg_try_advisory_lock($1::int, $2::int)"
 UNLOCK = "SELECT pg_catalog.pg_advisory_unlock($1::int, $2::int)"
 
+#: Parameters: key1s, key2s (int arrays, pairwise). Tries every lock in one round trip;
+#: one row (key1, key2, locked) per pair. Same two-int keys as `TRY_LOCK` (Elixir's).
+TRY_LOCKS = (
+    "SELECT k.key1, k.key2, pg_catalog.pg_try_advisory_lock(k.key1, k.key2) "
+    "FROM unnest($1::int[], $2::int[]) AS k(key1, key2)"
+)
+
+#: The lock connection's liveness check (a round trip, nothing else).
+PING = "SELECT 1"
+
+#: Parameters: names, values (text arrays, pairwise). Sets session settings, skipping
+#: those the server does not know (``tcp_user_timeout`` came with PostgreSQL 12).
+SET_SESSION_SETTINGS = (
+    "SELECT count(pg_catalog.set_config(s.name, s.setting, false)) "
+    "FROM unnest($1::text[], $2::text[]) AS s(name, setting) "
+    "WHERE s.name IN (SELECT name FROM pg_catalog.pg_settings)"
+)
+
 
 def create_subscription(schema: str) -> str:
     """Parameters: stream_uuid, subscription_name, last_seen (0: from the origin)."""

@@ -5,8 +5,11 @@ decisions).
 A persistent subscription's driver: create (or find) the subscription row, take the
 Elixir advisory lock on the store's lock connection, then run a *session*: read, deliver,
 take acks, persist checkpoints. The session ends at once when the lease is lost; the
-driver retries the lock every ``subscription_retry_interval``. Consumers are the
-callers' own tasks, iterating `Subscription` batches.
+driver then waits for the lock again as a standby (the lock keeper tries all of a store's
+standbys in one query every ``subscription_standby_interval``). After a database error it
+retries with back-off up to ``subscription_retry_interval``, or at once when the lock
+connection reconnects. Consumers are the callers' own tasks, iterating `Subscription`
+batches.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ._errors import (
     single_errors,
 )
 from ._fsm import SubscriptionFSM
-from ._locks import LockKeeper, lock_key2
+from ._locks import Lease, LockKeeper, lock_key2
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database, Row
 from ._types import ALL_STREAMS, MAX_BIGINT, RecordedEvent, StartFrom
@@ -212,6 +215,8 @@ class _Driver:
         #: waiting for this store's own appends up to a token, and last_read then
         #: (see `_behind`)
         self._deferred: tuple[int, int] | None = None
+        #: while waiting for the lock or to retry: cancelled when the last consumer leaves
+        self._waiting: trio.CancelScope | None = None
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -236,6 +241,8 @@ class _Driver:
             self.fsm.remove_consumer(consumer.consumer_id)
             self._deliver()
         consumer.send.close()
+        if not self.consumers and self._waiting is not None:
+            self._waiting.cancel()
         self.wake()
 
     def ack(self, consumer: _Consumer, event_number: int) -> None:
@@ -287,26 +294,33 @@ class _Driver:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         config = self.owner.config
+        failures = 0
         try:
             while self.consumers:
-                retry_after = config.subscription_retry_interval
+                retry_after, early = 0.0, False
                 try:
                     await self._one_session()
+                    failures = 0
+                    if self.state == "disconnected":
+                        # It lost its lease (its lock connection dropped): give the
+                        # standbys of other nodes one round first (this node may be the
+                        # one with a problem), then stand by too.
+                        retry_after = config.subscription_standby_interval
                 except PoolOverloadedError as exc:
                     # A local, passing condition (e.g. many subscriptions starting at
                     # once): retry soon, spread out, not after the full interval.
                     logger.debug("subscription %r: %s; retrying soon", self.name, exc)
-                    retry_after = min(retry_after, random.uniform(0.05, 0.5))
+                    retry_after = min(config.subscription_retry_interval, random.uniform(0.05, 0.5))
                 except StorageUnavailableError as exc:
-                    logger.warning("subscription %r: %s; retrying", self.name, exc)
+                    failures += 1
+                    retry_after = _retry_delay(failures, config.subscription_retry_interval)
+                    logger.warning(
+                        "subscription %r: %s; retrying within %.1f s", self.name, exc, retry_after
+                    )
                     self.state = "disconnected"
-                if not self.consumers:
-                    break
-                with trio.move_on_after(retry_after):
-                    while self.consumers:
-                        await self._wait_wake()
-                        if not self.consumers:
-                            break
+                    early = True
+                if self.consumers and retry_after > 0:
+                    await self._pause(retry_after, until_reconnected=early)
         except Exception as exc:  # a failure of this subscription reaches its consumers
             logger.exception("subscription %r failed", self.name)
             self.failure = exc
@@ -329,24 +343,60 @@ class _Driver:
         await self._wake.wait()
         self._wake = trio.Event()
 
+    async def _pause(self, seconds: float, *, until_reconnected: bool) -> None:
+        """Wait ``seconds`` before trying again, or until the last consumer leaves;
+        ``until_reconnected``: less when the store's lock connection reconnects
+        meanwhile (after a database error: the database is back)."""
+        reconnected = self.owner.locks.connected
+        with trio.move_on_after(seconds), trio.CancelScope() as self._waiting:
+            if not self.consumers:
+                self._waiting.cancel()
+            if reconnected.is_set() or not until_reconnected:
+                await trio.sleep_forever()
+            else:
+                await reconnected.wait()
+        self._waiting = None
+
+    async def _wait_for_lock(self, subscription_id: int) -> Lease | None:
+        """Wait until this store holds the subscription's lock (None once every consumer
+        has left). While another session holds it, this is a standby: the lock keeper
+        tries it with the store's other standbys, in one query, every
+        ``subscription_standby_interval``."""
+        owner = self.owner
+
+        def attempted(granted: bool) -> None:
+            self.lock_attempts += 1
+            if not granted:
+                self.state = "waiting_for_lock"
+
+        lease = None
+        with trio.CancelScope() as self._waiting:
+            if not self.consumers:
+                self._waiting.cancel()
+            lease = await owner.locks.acquire(
+                owner.lock_key1, lock_key2(subscription_id), on_attempt=attempted
+            )
+        self._waiting = None
+        return lease
+
     async def _one_session(self) -> None:
         owner = self.owner
         self.state = "subscribing"
         subscription_id, last_seen = await _storage.create_subscription(
             owner.db, self.stream_uuid, self.name, self.options.start_from
         )
-        self.lock_attempts += 1
-        lease = await owner.locks.try_lock(owner.lock_key1, lock_key2(subscription_id))
+        self._last_persisted = last_seen  # what the holder has persisted so far
+        lease = await self._wait_for_lock(subscription_id)
         if lease is None:
-            self.state = "waiting_for_lock"
-            self._last_persisted = last_seen  # what the holder has persisted so far
-            return
+            return  # every consumer has left
         try:
             # Read the checkpoint again now that the lock is ours: a previous holder may
-            # have moved it after we read it.
-            _, last_seen = await _storage.create_subscription(
+            # have moved it after we read it (or deleted the row: then lock the new one).
+            locked_id, last_seen = await _storage.create_subscription(
                 owner.db, self.stream_uuid, self.name, self.options.start_from
             )
+            if locked_id != subscription_id:
+                return
             with trio.CancelScope() as session_scope, single_errors():
                 async with trio.open_nursery() as nursery:
 
@@ -629,6 +679,12 @@ class _Driver:
             buffered_bytes=(fsm.held_bytes if fsm else 0) + (ahead.bytes if ahead else 0),
             head=max(self.owner.notifier.mark(self.stream_uuid), last_received),
         )
+
+
+def _retry_delay(failures: int, ceiling: float) -> float:
+    """The wait after the n-th database error in a row: 0.1 s, doubling, up to
+    ``ceiling`` (``subscription_retry_interval``), with jitter."""
+    return min(ceiling, 0.1 * 2.0 ** min(failures - 1, 30)) * random.uniform(0.75, 1.0)
 
 
 class Subscription:

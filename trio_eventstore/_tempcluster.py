@@ -102,6 +102,8 @@ class TempCluster:
         self.user = user
         self.datadir = root / "data"
         self.logfile = root / "postgres.log"
+        #: the server's ``listen_addresses`` from the next `start` on
+        self.listen_addresses = "127.0.0.1"
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{database}"
@@ -129,7 +131,7 @@ class TempCluster:
             [
                 f"-p {self.port}",
                 f"-k {self.root}",
-                "-c listen_addresses=127.0.0.1",
+                f"-c listen_addresses={self.listen_addresses}",
                 *([] if self.durable else unsafe),
                 "-c max_connections=300",
                 "-c shared_buffers=64MB",
