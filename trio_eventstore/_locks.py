@@ -225,6 +225,15 @@ async def run_lock_keeper(
                             nursery.start_soon(keeper._rounds, conn)
                             await lost.wait()
                             nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # The store closes (Cancelled) just as a lock query fails: that
+                    # error means nothing any more; only the cancellation goes on.
+                    cancelled, rest = group.split(trio.Cancelled)
+                    if cancelled is not None and rest is not None:
+                        _, other = rest.split(EventStoreError)
+                        if other is None:
+                            raise cancelled from None
+                    raise
                 finally:
                     keeper._conn = None
                     keeper.connected = trio.Event()

@@ -400,16 +400,46 @@ class JsonSerializer:
                 not read back as itself (in plain values: bytes, datetime, UUID, Decimal,
                 tuple, set, a key that is not a str...); the message says where.
         """
-        if _is_record_class(type(data)):
+        cls = type(data)
+        if _is_record_class(cls):
             try:
-                return _dumps(self.converter.unstructure(data))
+                payload = _dumps(self.converter.unstructure(data))
             except (TypeError, ValueError, RecursionError, cattrs.BaseValidationError) as exc:
-                raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
+                raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
+            if cls in self._by_class:
+                self._check_round_trip(data, cls, payload)
+            return payload
         plain = _plain_json(data, "$")
         try:
             return _dumps(plain)
         except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
             raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
+
+    def _check_round_trip(self, data: object, cls: type, payload: bytes) -> None:
+        """A registered class's instance must read back as itself: cattrs writes a field
+        whatever its value, so ``qty="ten"`` in an ``int`` field would be stored and then
+        fail every read of its stream (and ``qty=1.7`` would read back as ``1``)."""
+        try:
+            back: object = self.converter.structure(_loads(payload), cls)
+        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
+            why = (
+                "; ".join(cattrs.transform_error(exc))
+                if isinstance(exc, cattrs.BaseValidationError)
+                else str(exc)
+            )
+            raise SerializationError(
+                f"{data!r} would not read back (a field does not hold its declared type): {why}"
+            ) from exc
+        if getattr(cls, "__eq__", None) is not object.__eq__:  # attrs/dataclasses' default
+            try:
+                same = bool(back == data)
+            except Exception:  # an exotic __eq__: the structuring above is the check
+                same = True
+            if not same:
+                raise SerializationError(
+                    f"{data!r} would read back as {back!r} (a field does not hold its "
+                    "declared type)"
+                )
 
     def deserialize(self, payload: bytes, event_type: str) -> object:
         try:
