@@ -111,9 +111,9 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def node(config: EventStoreConfig, count: int, *, prefix: tuple[str, ...] = ()) -> (
-    AsyncIterator[Node]
-):
+async def node(
+    config: EventStoreConfig, count: int, *, prefix: tuple[str, ...] = ()
+) -> AsyncIterator[Node]:
     """A node process holding subscriptions ``p0`` .. ``p<count-1>`` of $all."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
     env.update(
@@ -358,9 +358,7 @@ def network_namespace() -> Iterator[tuple[str, str, str, str]]:
     namespace, here, there = f"tes-{tag}", f"te{tag}h", f"te{tag}n"
     used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
     subnet = next(
-        f"10.213.{n}"
-        for n in random.sample(range(256), 256)
-        if f"10.213.{n}." not in used
+        f"10.213.{n}" for n in random.sample(range(256), 256) if f"10.213.{n}." not in used
     )
     try:
         _ip("netns", "add", namespace)

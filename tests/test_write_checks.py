@@ -460,3 +460,37 @@ def test_program_limits_the_server_reports_are_too_large_errors() -> None:
 
     error = es.DatabaseError("total size of jsonb array elements exceeds ...", sqlstate="54000")
     assert isinstance(_storage._translate_write_error(error, "s"), es.EventTooLargeError)
+
+
+@attrs.frozen
+class Counted:
+    qty: int
+
+
+@attrs.define(eq=False)
+class NoEquality:
+    qty: int
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_registered_class_with_a_field_of_another_type_is_refused(
+    config: EventStoreConfig, strict: bool
+) -> None:
+    """cattrs writes a field whatever its value: ``qty="ten"`` in an ``int`` field would be
+    stored and then fail every read of the stream and of $all; ``qty=1.7`` would read back
+    as 1. Both are refused before any I/O; the stream stays readable."""
+    serializer = JsonSerializer(strict=strict)
+    serializer.register(Counted, event_type="Counted")
+    serializer.register(NoEquality, event_type="NoEquality")
+    async with open_store(config, serializer=serializer) as store:
+        with pytest.raises(es.SerializationError, match=r"expected int @ \$\.qty"):
+            await store.append_to_stream("o", es.ANY_VERSION, [EventData(Counted(qty="ten"))])  # type: ignore[arg-type]
+        for wrong in (1.7, "12"):
+            with pytest.raises(es.SerializationError, match="would read back as"):
+                await store.append_to_stream("o", es.ANY_VERSION, [EventData(Counted(qty=wrong))])  # type: ignore[arg-type]
+        await assert_nothing_written(store, "o")
+        # A class without value equality is checked by reading it back only.
+        await store.append_to_stream("o", es.ANY_VERSION, [EventData(NoEquality(qty=3))])
+        await store.append_to_stream("o", es.ANY_VERSION, [EventData(Counted(qty=1))])
+        events = await store.read_all_streams_forward()
+        assert [e.data for e in events][1] == Counted(qty=1)
