@@ -150,10 +150,10 @@ async def test_overloaded_pool_fails_fast(initialized: EventStoreConfig) -> None
 async def test_the_bridge_runs_ready_asyncio_callbacks_together(db: Database) -> None:
     """The trio-asyncio loop runs every ready callback in one pass (pinned trio-asyncio
     internals: an upgrade that changes them must be noticed here, not as a slowdown)."""
-    from trio_eventstore import _pg
+    from trio_eventstore._pg import _bridge
 
     loop = db._pool.loop
-    assert loop._main_loop_one.__func__ is _pg._main_loop_one_batched
+    assert loop._main_loop_one.__func__ is _bridge._main_loop_one_batched
 
     async def many(conn: Conn) -> list[int]:
         # Statements pipelined on several connections' worth of asyncio callbacks.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import tomllib
+from pathlib import Path
 
 import trio
 
@@ -114,6 +116,17 @@ def test_only_pg_imports_the_asyncio_world() -> None:
         for attr in vars(module).values():
             owner = getattr(attr, "__name__", "")
             assert owner not in ("asyncpg", "trio_asyncio"), info.name
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """A subpackage missing from pyproject's package list is missing from the wheel
+    (the editable install used by the tests would not notice)."""
+    root = Path(es.__file__).parent
+    on_disk = {
+        ".".join(init.parent.relative_to(root.parent).parts) for init in root.rglob("__init__.py")
+    }
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert set(pyproject["tool"]["setuptools"]["packages"]) == on_disk
 
 
 def test_markers() -> None:

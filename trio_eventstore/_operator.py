@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from . import _sql, _storage
+from . import _schema_state, _sql, _storage
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseNotFoundError,
@@ -38,7 +38,7 @@ async def store_config(config: EventStoreConfig) -> EventStoreConfig:
     commands read any store, whatever ``column_data_type`` the environment says)."""
     try:
         async with open_connection(config, role=f"operator {config.schema}") as conn:
-            state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
+            state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
     except DatabaseNotFoundError:
         return config  # opening the store will say so
     if state.data_type == "jsonb" and config.column_data_type != "jsonb":
@@ -91,7 +91,7 @@ async def destruction(config: EventStoreConfig, task: str) -> Destruction | None
             size = f"{size_text(int(row['bytes']))} in {row['tables']} tables"
             if task == "drop":
                 return Destruction(schema, f"{where} ({size})")
-            state = await conn.run(lambda c: _storage.read_schema_state(c, schema))
+            state = await conn.run(lambda c: _schema_state.read_schema_state(c, schema))
             if not state.initialized:
                 return None  # reset refuses it
             head = await conn.fetch(_sql.stream_info(schema), "$all")
@@ -185,7 +185,7 @@ async def _while_nobody_runs_it(
         row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
         if row is None:
             raise SubscriptionNotFoundError(stream_uuid=stream_uuid, subscription_name=name)
-        state = await _storage.read_schema_state(conn, schema)
+        state = await _schema_state.read_schema_state(conn, schema)
         assert state.lock_key is not None
         key = (state.lock_key, lock_key2(int(row["subscription_id"])))
         if not await conn.fetchval(_sql.TRY_LOCK, *key):

@@ -1,6 +1,8 @@
-"""Storage operations on rows. Units of work here are asyncio-flavoured functions of a
-`Conn`, run by `_pg` in one bridge crossing; the `async def`s taking a `Database` are
-Trio-flavoured."""
+"""Storage operations on the rows of streams, events and subscriptions: the write path
+(encode, append, link), reads (stream pages, the subscription drivers' paged reads),
+delete, paginate, subscription rows. Units of work here are asyncio-flavoured functions
+of a `Conn`, run by `_pg` in one bridge crossing; the `async def`s taking a `Database`
+are Trio-flavoured (schema state: `_schema_state`; snapshots: `_snapshots`)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,7 @@ from ._errors import (
     EventNotFoundError,
     EventStoreError,
     EventTooLargeError,
-    SchemaMismatchError,
-    SchemaNotInitializedError,
     SerializationError,
-    SnapshotNotFoundError,
     StorageUnavailableError,
     StreamDeletedError,
     StreamExistsError,
@@ -30,96 +29,17 @@ from ._errors import (
     WrongExpectedVersionError,
 )
 from ._pg import Conn, Database, Row
-from ._serialization import JsonSerializer, Serializer, check_storable_snapshot
+from ._serialization import JsonSerializer, Serializer
 from ._types import (
     EventData,
     ExpectedVersion,
     Page,
     RecordedEvent,
-    SnapshotData,
     StartFrom,
     StreamInfo,
 )
 
-__all__ = ["SchemaState", "check_schema", "read_schema_state", "stream_info"]
-
-_TABLES = 6
-
-
-@attrs.frozen
-class SchemaState:
-    """What `init` left in a schema."""
-
-    schema: str
-    table_count: int
-    data_type: str | None
-    version: tuple[int, int, int] | None
-    lock_key: int | None
-
-    @property
-    def initialized(self) -> bool:
-        return self.version is not None
-
-    @property
-    def empty(self) -> bool:
-        return self.table_count == 0
-
-
-async def read_schema_state(conn: Conn, schema: str) -> SchemaState:
-    """(asyncio-flavoured) Inspect ``schema``."""
-    row = await conn.fetchrow(_sql.SCHEMA_STATE, schema)
-    assert row is not None
-    version: tuple[int, int, int] | None = None
-    if row["has_migrations"]:
-        vrow = await conn.fetchrow(_sql.schema_version(schema))
-        if vrow is not None:
-            version = (int(vrow[0]), int(vrow[1]), int(vrow[2]))
-    return SchemaState(
-        schema=schema,
-        table_count=int(row["table_count"]),
-        data_type=row["data_type"],
-        version=version,
-        lock_key=row["lock_key"],
-    )
-
-
-def latest_version() -> tuple[int, int, int]:
-    return _sql.MIGRATIONS[-1][0] if _sql.MIGRATIONS else _sql.SCHEMA_VERSION
-
-
-def check_schema(state: SchemaState, config: EventStoreConfig) -> None:
-    """Raise unless ``state`` is a store this config can open.
-
-    Raises:
-        SchemaNotInitializedError: no event store in the schema.
-        SchemaMismatchError: another column_data_type, or a layout this library does not know.
-    """
-    if not state.initialized or state.table_count < _TABLES:
-        hint = "run `trio-eventstore init`" if state.empty else "the schema is partly initialised"
-        raise SchemaNotInitializedError(
-            f"schema {state.schema!r} of database {config.database_name!r} holds no event "
-            f"store: {hint}"
-        )
-    if state.data_type != config.column_data_type:
-        raise SchemaMismatchError(
-            f"schema {state.schema!r} was initialised with column_data_type "
-            f"{state.data_type!r}, but the config says {config.column_data_type!r}"
-        )
-    assert state.version is not None
-    if state.version > latest_version():
-        raise SchemaMismatchError(
-            f"schema {state.schema!r} is at version {_dotted(state.version)}, newer than this "
-            f"library knows ({_dotted(latest_version())})"
-        )
-    if state.version < latest_version():
-        raise SchemaMismatchError(
-            f"schema {state.schema!r} is at version {_dotted(state.version)}: run "
-            f"`trio-eventstore migrate` to bring it to {_dotted(latest_version())}"
-        )
-
-
-def _dotted(version: tuple[int, int, int]) -> str:
-    return ".".join(map(str, version))
+__all__ = ["stream_info"]
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -566,56 +486,6 @@ async def paginate_streams(
         page_size=page_size,
         total_entries=total,
     )
-
-
-# -- snapshots -------------------------------------------------------------------------------
-
-
-async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
-    serializer = db.config.serializer
-    source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
-    data = serializer.serialize(snapshot.data)
-    metadata = serializer.serialize_metadata(snapshot.metadata)
-    check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)
-    created_at = snapshot.created_at or datetime.datetime.now(datetime.UTC)
-    sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type)
-
-    async def unit(conn: Conn) -> None:
-        await conn.execute(
-            sql,
-            snapshot.source_uuid,
-            snapshot.source_version,
-            source_type,
-            data,
-            metadata,
-            created_at,
-        )
-
-    try:
-        await db.transaction(unit)
-    except DatabaseError as exc:
-        raise _translate_write_error(exc, snapshot.source_uuid) from exc
-
-
-async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
-    sql = _sql.read_snapshot(db.config.schema, db.config.column_data_type)
-    rows = await db.fetch(sql, source_uuid)
-    if not rows:
-        raise SnapshotNotFoundError(source_uuid=source_uuid)
-    r = rows[0]
-    serializer = db.config.serializer
-    return SnapshotData(
-        source_uuid=r["source_uuid"],
-        source_version=r["source_version"],
-        source_type=r["source_type"],
-        data=serializer.deserialize(r["data"], r["source_type"]),
-        metadata=serializer.deserialize_metadata(r["metadata"]),
-        created_at=r["created_at"].astimezone(datetime.UTC),
-    )
-
-
-async def delete_snapshot(db: Database, source_uuid: str) -> None:
-    await db.execute(_sql.delete_snapshot(db.config.schema), source_uuid)
 
 
 # -- subscriptions ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import _storage
+from . import _schema_state, _snapshots, _storage
 from ._config import EventStoreConfig
 from ._errors import (
     NotSupportedError,
@@ -369,19 +369,19 @@ class EventStore:
         serializer = self._config.serializer
         if isinstance(serializer, JsonSerializer) and snapshot.source_type:
             serializer.check_readable(snapshot.data, snapshot.source_type)
-        await _storage.record_snapshot(self._db, snapshot)
+        await _snapshots.record_snapshot(self._db, snapshot)
 
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:
         """The snapshot of ``source_uuid``. Raises SnapshotNotFoundError."""
         self._check_open()
         _check_stream(source_uuid, "source_uuid")
-        return await _storage.read_snapshot(self._db, source_uuid)
+        return await _snapshots.read_snapshot(self._db, source_uuid)
 
     async def delete_snapshot(self, source_uuid: str) -> None:
         """Delete the snapshot of ``source_uuid`` (nothing happens if there is none)."""
         self._check_open()
         _check_stream(source_uuid, "source_uuid")
-        await _storage.delete_snapshot(self._db, source_uuid)
+        await _snapshots.delete_snapshot(self._db, source_uuid)
 
     def subscribe(
         self,
@@ -653,8 +653,10 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
         config = configured
     with single_errors():
         async with open_database(config) as database:
-            state = await database.run(lambda conn: _storage.read_schema_state(conn, config.schema))
-            _storage.check_schema(state, config)
+            state = await database.run(
+                lambda conn: _schema_state.read_schema_state(conn, config.schema)
+            )
+            _schema_state.check_schema(state, config)
             assert state.lock_key is not None
             async with trio.open_nursery() as nursery:
                 notifier = Notifier(config, database)

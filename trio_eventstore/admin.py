@@ -17,7 +17,7 @@ import logging
 
 import attrs
 
-from . import _sql, _storage
+from . import _schema_state, _sql
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseError,
@@ -179,7 +179,7 @@ async def init(config: EventStoreConfig) -> AdminResult:
     statements = _sql.init_statements(config.schema, config.column_data_type)
     schema_existed = True
 
-    async def unit(conn: Conn) -> _storage.SchemaState | None:
+    async def unit(conn: Conn) -> _schema_state.SchemaState | None:
         nonlocal schema_existed
         # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
         # exists: the schema's owner need not have it.
@@ -187,7 +187,7 @@ async def init(config: EventStoreConfig) -> AdminResult:
         if not schema_existed:
             await conn.execute(_sql.create_schema(config.schema))
         await conn.execute(_sql.INIT_LOCK, config.schema)
-        state = await _storage.read_schema_state(conn, config.schema)
+        state = await _schema_state.read_schema_state(conn, config.schema)
         if not state.empty:
             return state
         for statement in statements:
@@ -233,9 +233,9 @@ async def migrate(config: EventStoreConfig) -> AdminResult:
     """
     try:
         async with open_connection(config, session_mode=True) as conn:
-            state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
+            state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
             if not state.initialized:
-                _storage.check_schema(state, config)  # raises SchemaNotInitializedError
+                _schema_state.check_schema(state, config)  # raises SchemaNotInitializedError
             assert state.lock_key is not None
             await conn.fetchval(_sql.MIGRATION_LOCK, state.lock_key)
             try:
@@ -255,10 +255,10 @@ async def migrate(config: EventStoreConfig) -> AdminResult:
 async def _apply_migrations(
     conn: Connection, config: EventStoreConfig
 ) -> list[tuple[int, int, int]]:
-    state = await conn.run(lambda c: _storage.read_schema_state(c, config.schema))
+    state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
     assert state.version is not None
-    if state.version > _storage.latest_version():
-        _storage.check_schema(state, config)  # raises: newer than we know
+    if state.version > _schema_state.latest_version():
+        _schema_state.check_schema(state, config)  # raises: newer than we know
     if state.version < _sql.SCHEMA_VERSION:
         raise SchemaMismatchError(
             f"schema {config.schema!r} is at version {'.'.join(map(str, state.version))}, "
@@ -290,8 +290,8 @@ async def reset(config: EventStoreConfig) -> AdminResult:
     statements = _sql.reset_statements(config.schema)
 
     async def unit(conn: Conn) -> None:
-        state = await _storage.read_schema_state(conn, config.schema)
-        _storage.check_schema(state, config)
+        state = await _schema_state.read_schema_state(conn, config.schema)
+        _schema_state.check_schema(state, config)
         for statement in statements:
             await conn.execute(statement)
 
@@ -404,9 +404,11 @@ async def grant(
         )
 
     async def unit(conn: Conn) -> bool:
-        state = await _storage.read_schema_state(conn, config.schema)
+        state = await _schema_state.read_schema_state(conn, config.schema)
         data_type = state.data_type if state.data_type in ("bytea", "jsonb") else None
-        _storage.check_schema(state, config.with_changes(column_data_type=data_type or "bytea"))
+        _schema_state.check_schema(
+            state, config.with_changes(column_data_type=data_type or "bytea")
+        )
         if not await conn.fetchval(_sql.CAN_GRANT, config.schema):
             raise InsufficientPrivilegeError(
                 "permission denied: only the owner of the schema and its tables may grant "

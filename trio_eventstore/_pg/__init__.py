@@ -1,0 +1,51 @@
+"""The one asyncio boundary: asyncpg on a trio-asyncio loop, seen from Trio.
+
+Nothing else in the package imports asyncpg or trio_asyncio (import-linter checks
+it). The rest of the package talks to Postgres through what this package exports:
+
+* `Conn`: an asyncio-flavoured view of one connection, used *inside* a unit of work;
+* `Database`: the pool, seen from Trio; `Database.transaction(fn)` runs a whole unit
+  of work ``fn(conn)`` in one crossing of the Trio/asyncio bridge (a crossing costs
+  ~170 µs, so never one per statement or per row);
+* `TransactionConnection`: a pooled connection inside a transaction, driven from Trio
+  one statement per crossing (`Database.open_transaction`: for code that is not ours,
+  such as a projection's handler);
+* `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks);
+  those that live as long as the store keep TCP keepalives on both ends, and reconnect
+  after `reconnect_delays`.
+
+Every asyncpg / OS error is translated here, once, into the `EventStoreError`
+hierarchy (`translate_error`), with passwords scrubbed from messages.
+
+Cancellation: cancelling the Trio caller cancels the asyncio task once; the task then
+rolls back and releases its connection with a bounded deadline (the cleanup cannot
+be cancelled again, and a connection whose cleanup fails or times out is terminated,
+never returned to the pool in an unknown transaction state). The Trio caller waits
+for that cleanup before `trio.Cancelled` propagates.
+
+Modules, each importing only those below it:
+
+* `_pool`: the Trio-side pool, admission, `Database`, `TransactionConnection`;
+* `_connection`: dedicated connections, connecting (TLS files, keepalives), LISTEN;
+* `_bridge`: the trio-asyncio loop, its batching overrides, crossing into it;
+  `_units`: the asyncio side of a unit of work on one connection (`Conn`);
+* `_translate`: driver error translation.
+"""
+
+from ._connection import Connection, open_connection, reconnect_delays
+from ._pool import Database, TransactionConnection, open_database
+from ._translate import translate_error
+from ._units import CLEANUP_TIMEOUT, Conn, Row
+
+__all__ = [
+    "CLEANUP_TIMEOUT",
+    "Conn",
+    "Connection",
+    "Database",
+    "Row",
+    "TransactionConnection",
+    "open_connection",
+    "open_database",
+    "reconnect_delays",
+    "translate_error",
+]

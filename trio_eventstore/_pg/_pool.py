@@ -1,0 +1,447 @@
+"""The store's connection pool, seen from Trio: connections owned on the Trio side
+(`_Pool`) with DBConnection's admission rules (`_Admission`), units of work in one
+crossing (`Database`), Trio-driven transactions (`TransactionConnection`), and pools
+shared between stores (`open_database`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from .._config import EventStoreConfig
+from .._errors import (
+    DatabaseError,
+    DatabaseNotFoundError,
+    EventStoreClosedError,
+    EventStoreError,
+    InsufficientPrivilegeError,
+    PoolOverloadedError,
+    StorageUnavailableError,
+    TLSError,
+)
+from ._bridge import _asyncio_loop, _cross
+from ._connection import _connect
+from ._units import Conn, Row, _close, _rollback, _statement, _unit_of_work
+
+__all__ = ["Database", "TransactionConnection", "open_database"]
+
+T = TypeVar("T")
+
+
+class _Admission:
+    """DBConnection's queue_target / queue_interval, for `_Pool`.
+
+    A caller normally waits up to ``timeout`` for a connection. When during a whole
+    ``queue_interval`` no caller got a connection within ``queue_target``, the pool is
+    overloaded, and callers wait at most ``2 * queue_target`` until one is served
+    within ``queue_target`` again.
+    """
+
+    def __init__(self, config: EventStoreConfig) -> None:
+        self.target = config.queue_target
+        self.interval = config.queue_interval
+        self.default_wait = config.timeout
+        self._slow_since: float | None = None
+
+    def max_wait(self) -> float:
+        if self._slow_since is not None and time.monotonic() - self._slow_since >= self.interval:
+            return 2 * self.target
+        return self.default_wait
+
+    def observe(self, waited: float) -> None:
+        if waited <= self.target:
+            self._slow_since = None
+        elif self._slow_since is None:
+            self._slow_since = time.monotonic() - waited
+
+    @property
+    def overloaded(self) -> bool:
+        return self._slow_since is not None and time.monotonic() - self._slow_since >= self.interval
+
+
+class _Pool:
+    """Connections owned on the Trio side: waiting for one is a Trio wait (cancellable,
+    with the admission rules of `_Admission`), and a unit of work costs one bridge
+    crossing, without asyncpg's pool bookkeeping on the (costly) asyncio side."""
+
+    def __init__(self, loop: Any, config: EventStoreConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self.admission = _Admission(config)
+        self._slots = trio.Semaphore(config.pool_size)
+        self._idle: list[Any] = []
+        self.size = 0
+        self.closed = False
+
+    async def _connect(self) -> Any:
+        # No asyncpg command_timeout on pooled connections: `Database` bounds each
+        # unit of work on the Trio side (an asyncio timer per statement costs a
+        # trip through the trio-asyncio loop each).
+        role = f"pool {self.config.schema}"
+        return await _cross(
+            self.loop, _connect(self.config, None, False, role, command_timeout=None), self.config
+        )
+
+    async def acquire(self) -> Any:
+        if self.closed:
+            raise EventStoreClosedError()
+        try:
+            # A free connection: no cancel scope and no scheduling pass (the crossing
+            # that follows checkpoints anyway).
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._wait_for_slot()
+        else:
+            self.admission.observe(0.0)
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            self.size -= 1
+        try:
+            conn = await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        self.size += 1
+        return conn
+
+    async def _wait_for_slot(self) -> None:
+        admission = self.admission
+        started = time.monotonic()
+        deadline = started + admission.max_wait()
+        while True:
+            # Wait in slices of queue_interval, so that a caller already waiting is
+            # refused as soon as the pool counts as overloaded (as DBConnection drops
+            # queued requests).
+            wait = max(0.0, min(deadline - time.monotonic(), admission.interval))
+            with trio.move_on_after(wait):
+                await self._slots.acquire()
+                break
+            now = time.monotonic()
+            admission.observe(now - started)
+            if now >= deadline or admission.overloaded:
+                state = "overloaded " if admission.overloaded else ""
+                raise PoolOverloadedError(
+                    f"no database connection free within {now - started:.3g} s "
+                    f"({state}pool of {self.config.pool_size})"
+                )
+        admission.observe(time.monotonic() - started)
+
+    def release(self, conn: Any) -> None:
+        if conn.is_closed() or self.closed:
+            self.size -= 1
+            if not conn.is_closed():
+                conn.terminate()
+        else:
+            self._idle.append(conn)
+        self._slots.release()
+
+    async def open(self) -> None:
+        """Connect the first connection (so that startup errors surface at once)."""
+        self.release(await self.acquire())
+
+    async def close(self) -> None:
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with trio.CancelScope(shield=True):
+                await self.loop.run_aio_coroutine(_close(conn))
+            self.size -= 1
+
+
+class Database:
+    """The store's connection pool, seen from Trio.
+
+    Every method is one crossing of the bridge: a whole unit of work runs on one
+    pooled connection on the asyncio side.
+    """
+
+    def __init__(self, pool: _Pool, config: EventStoreConfig) -> None:
+        self._pool = pool
+        self._config = config
+
+    @property
+    def config(self) -> EventStoreConfig:
+        return self._config
+
+    async def _run(
+        self,
+        fn: Callable[[Conn], Awaitable[T]],
+        transactional: bool,
+        settings: Mapping[str, str],
+        statements: int,
+    ) -> T:
+        pool = self._pool
+        conn = await pool.acquire()
+        try:
+            # As asyncpg's command_timeout would: `timeout` per statement of the unit.
+            with trio.move_on_after(self._config.timeout * statements):
+                return await _cross(
+                    pool.loop,
+                    _unit_of_work(conn, fn, self._config, transactional, settings),
+                    self._config,
+                )
+            # Cancelled mid-query: `_unit_of_work` has terminated the connection.
+            raise StorageUnavailableError("the database did not answer in time")
+        finally:
+            pool.release(conn)
+
+    async def transaction(
+        self,
+        fn: Callable[[Conn], Awaitable[T]],
+        *,
+        settings: Mapping[str, str] | None = None,
+        statements: int = 4,
+    ) -> T:
+        """Run ``await fn(conn)`` in one transaction (asyncio-flavoured `fn`).
+
+        ``settings`` are set with ``set_config(name, value, true)``: they last for this
+        transaction only and never stay on a pooled connection. The unit may take
+        ``config.timeout`` per statement (``statements``: about how many it runs,
+        begin and commit included).
+        """
+        return await self._run(fn, True, settings or {}, statements)
+
+    async def run(self, fn: Callable[[Conn], Awaitable[T]], *, statements: int = 2) -> T:
+        """Run ``await fn(conn)`` on one pooled connection, outside a transaction
+        (bounded as `transaction`)."""
+        return await self._run(fn, False, {}, statements)
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        async def unit(conn: Conn) -> list[Row]:
+            return await conn.fetch(sql, *args)
+
+        return await self.run(unit)
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        async def unit(conn: Conn) -> Any:
+            return await conn.fetchval(sql, *args)
+
+        return await self.run(unit)
+
+    async def execute(self, sql: str, *args: object) -> str:
+        async def unit(conn: Conn) -> str:
+            return await conn.execute(sql, *args)
+
+        return await self.run(unit)
+
+    @contextlib.asynccontextmanager
+    async def open_transaction(self) -> AsyncIterator[TransactionConnection]:
+        """A pooled connection inside a transaction, for Trio-side code (one crossing
+        per statement): committed when the block exits normally, rolled back (shielded,
+        bounded) when it raises or is cancelled.
+
+        The block holds one of the pool's connections until it exits.
+
+        Raises:
+            PoolOverloadedError: no connection free in time.
+            DatabaseError: the commit failed, or the transaction was aborted by an
+                earlier error that the block caught (SQLSTATE 25P02): nothing of it
+                was committed.
+        """
+        pool = self._pool
+        conn = await pool.acquire()
+        try:
+            tx = TransactionConnection(pool.loop, conn, self._config)
+            await tx._begin()
+            try:
+                yield tx
+            except BaseException:
+                await tx._rollback()
+                raise
+            await tx._commit()
+        finally:
+            if not conn.is_closed() and conn.is_in_transaction():
+                conn.terminate()  # never back to the pool inside a transaction
+            pool.release(conn)
+
+    def pool_statistics(self) -> dict[str, int | bool]:
+        pool = self._pool
+        return {
+            "size": pool.size,
+            "idle": len(pool._idle),
+            "max_size": pool.config.pool_size,
+            "overloaded": pool.admission.overloaded,
+        }
+
+
+class TransactionConnection:
+    """A connection inside a transaction, for Trio code (`Database.open_transaction`).
+
+    Each call is one round trip; one statement at a time (not from several tasks at
+    once). Errors come out as `EventStoreError`s: a statement the server refused
+    raises `DatabaseError` (with its ``sqlstate``) and aborts the transaction; a
+    statement that takes longer than the store's ``timeout``, or is cancelled, drops
+    the connection (`StorageUnavailableError`). Do not end the transaction yourself
+    (no COMMIT or ROLLBACK): its owner does.
+    """
+
+    __slots__ = ("_config", "_conn", "_ended", "_loop")
+
+    def __init__(self, loop: Any, conn: Any, config: EventStoreConfig) -> None:
+        self._loop = loop
+        self._conn = conn
+        self._config = config
+        self._ended = False
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement; returns its status (``"INSERT 0 1"``)."""
+        status: str = await self._call(lambda: self._conn.execute(sql, *args))
+        return status
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple, in one round trip."""
+        rows = [tuple(row) for row in args]
+        if rows:
+            await self._call(lambda: self._conn.executemany(sql, rows))
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """The rows of a query."""
+        rows: list[Row] = await self._call(lambda: self._conn.fetch(sql, *args))
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        """The first row of a query, or None."""
+        row: Row | None = await self._call(lambda: self._conn.fetchrow(sql, *args))
+        return row
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """The first column of the first row of a query, or None."""
+        return await self._call(lambda: self._conn.fetchval(sql, *args))
+
+    async def _call(self, statement: Callable[[], Awaitable[T]]) -> T:
+        if self._ended:
+            raise RuntimeError("this transaction has ended: use the connection inside its block")
+        return await self._run(statement)
+
+    async def _run(self, statement: Callable[[], Awaitable[T]]) -> T:
+        with trio.move_on_after(self._config.timeout):
+            return await _cross(
+                self._loop, _statement(self._conn, statement, self._config), self._config
+            )
+        # Cancelled mid-statement: `_statement` has terminated the connection.
+        raise StorageUnavailableError("the database did not answer in time")
+
+    async def _begin(self) -> None:
+        await self._run(lambda: self._conn.execute("BEGIN"))
+
+    async def _rollback(self) -> None:
+        """Shielded and bounded; a connection whose rollback fails is terminated."""
+        self._ended = True
+        conn = self._conn
+        if not conn.is_closed():
+            with trio.CancelScope(shield=True):
+                await self._loop.run_aio_coroutine(_rollback(conn))
+
+    async def _commit(self) -> None:
+        self._ended = True
+        conn = self._conn
+        if conn.is_closed():
+            raise StorageUnavailableError("the connection was lost before the commit")
+        if not conn.is_in_transaction():
+            conn.terminate()  # what the block did outside the transaction is not ours
+            raise DatabaseError(
+                "the transaction was ended inside its block (COMMIT or ROLLBACK): "
+                "leave that to its owner",
+                sqlstate="25000",
+            )
+        status = await self._run(lambda: conn.execute("COMMIT"))
+        if status != "COMMIT":  # PostgreSQL answers ROLLBACK to an aborted transaction
+            raise DatabaseError(
+                "the transaction was rolled back: a statement in it had failed "
+                "(and the error was caught inside the block)",
+                sqlstate="25P02",
+            )
+
+
+class _SharedPool:
+    def __init__(self, database: Database, key: tuple[object, ...]) -> None:
+        self.database = database
+        self.key = key
+        self.users = 0
+        self.idle = trio.Event()
+
+
+_SHARED: dict[tuple[object, str], _SharedPool] = {}
+
+
+def _shared_key(config: EventStoreConfig) -> tuple[object, ...]:
+    params = config.connect_params()
+    return (
+        tuple(sorted((k, repr(v)) for k, v in params.items())),
+        config.pool_size,
+        config.timeout,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
+    """Open the pool (or join the shared pool named by ``shared_connection_pool``).
+
+    Raises:
+        StorageUnavailableError: the server cannot be reached in ``config.timeout``.
+        AuthenticationError: the server rejected the credentials.
+        AccessRejectedError: the server's pg_hba.conf admits no such connection.
+        TLSError: TLS could not be set up as ``ssl_mode`` requires.
+        InsufficientPrivilegeError: the role may not connect to the database (CONNECT).
+        DatabaseNotFoundError: the database does not exist.
+    """
+    name = config.shared_connection_pool
+    if name is not None:
+        registry_key = (trio.lowlevel.current_root_task(), name)
+        shared = _SHARED.get(registry_key)
+        if shared is not None:
+            if shared.key != _shared_key(config):
+                raise ValueError(
+                    f"shared_connection_pool: pool {name!r} is already open with other "
+                    "connection settings"
+                )
+            shared.users += 1
+            try:
+                yield Database(shared.database._pool, config)
+            finally:
+                shared.users -= 1
+                if shared.users == 0:
+                    shared.idle.set()
+            return
+
+    async with _asyncio_loop() as loop:
+        pool = _Pool(loop, config)
+        try:
+            try:
+                await pool.open()
+            except (
+                StorageUnavailableError,
+                DatabaseNotFoundError,
+                TLSError,
+                InsufficientPrivilegeError,
+            ):
+                raise
+            except EventStoreError as exc:
+                raise StorageUnavailableError(f"cannot open the connection pool: {exc}") from exc
+            database = Database(pool, config)
+            if name is None:
+                yield database
+                return
+            shared = _SharedPool(database, _shared_key(config))
+            shared.users = 1
+            _SHARED[registry_key] = shared
+            try:
+                yield database
+            finally:
+                shared.users -= 1
+                if shared.users == 0:
+                    shared.idle.set()
+                # The pool lives on the loop this block owns: it stays open until
+                # every store sharing it has closed.
+                with trio.CancelScope(shield=True):
+                    await shared.idle.wait()
+                del _SHARED[registry_key]
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await pool.close()

@@ -1,0 +1,93 @@
+"""What a schema holds: whether `init` made an event store there, with which
+column_data_type and at which version (`read_schema_state`), and whether a config can
+open it (`check_schema`)."""
+
+from __future__ import annotations
+
+import attrs
+
+from . import _sql
+from ._config import EventStoreConfig
+from ._errors import SchemaMismatchError, SchemaNotInitializedError
+from ._pg import Conn
+
+__all__ = ["SchemaState", "check_schema", "latest_version", "read_schema_state"]
+
+
+_TABLES = 6
+
+
+@attrs.frozen
+class SchemaState:
+    """What `init` left in a schema."""
+
+    schema: str
+    table_count: int
+    data_type: str | None
+    version: tuple[int, int, int] | None
+    lock_key: int | None
+
+    @property
+    def initialized(self) -> bool:
+        return self.version is not None
+
+    @property
+    def empty(self) -> bool:
+        return self.table_count == 0
+
+
+async def read_schema_state(conn: Conn, schema: str) -> SchemaState:
+    """(asyncio-flavoured) Inspect ``schema``."""
+    row = await conn.fetchrow(_sql.SCHEMA_STATE, schema)
+    assert row is not None
+    version: tuple[int, int, int] | None = None
+    if row["has_migrations"]:
+        vrow = await conn.fetchrow(_sql.schema_version(schema))
+        if vrow is not None:
+            version = (int(vrow[0]), int(vrow[1]), int(vrow[2]))
+    return SchemaState(
+        schema=schema,
+        table_count=int(row["table_count"]),
+        data_type=row["data_type"],
+        version=version,
+        lock_key=row["lock_key"],
+    )
+
+
+def latest_version() -> tuple[int, int, int]:
+    return _sql.MIGRATIONS[-1][0] if _sql.MIGRATIONS else _sql.SCHEMA_VERSION
+
+
+def check_schema(state: SchemaState, config: EventStoreConfig) -> None:
+    """Raise unless ``state`` is a store this config can open.
+
+    Raises:
+        SchemaNotInitializedError: no event store in the schema.
+        SchemaMismatchError: another column_data_type, or a layout this library does not know.
+    """
+    if not state.initialized or state.table_count < _TABLES:
+        hint = "run `trio-eventstore init`" if state.empty else "the schema is partly initialised"
+        raise SchemaNotInitializedError(
+            f"schema {state.schema!r} of database {config.database_name!r} holds no event "
+            f"store: {hint}"
+        )
+    if state.data_type != config.column_data_type:
+        raise SchemaMismatchError(
+            f"schema {state.schema!r} was initialised with column_data_type "
+            f"{state.data_type!r}, but the config says {config.column_data_type!r}"
+        )
+    assert state.version is not None
+    if state.version > latest_version():
+        raise SchemaMismatchError(
+            f"schema {state.schema!r} is at version {_dotted(state.version)}, newer than this "
+            f"library knows ({_dotted(latest_version())})"
+        )
+    if state.version < latest_version():
+        raise SchemaMismatchError(
+            f"schema {state.schema!r} is at version {_dotted(state.version)}: run "
+            f"`trio-eventstore migrate` to bring it to {_dotted(latest_version())}"
+        )
+
+
+def _dotted(version: tuple[int, int, int]) -> str:
+    return ".".join(map(str, version))

@@ -1,0 +1,62 @@
+"""Snapshots: the snapshots table's rows (record, read, delete), serialized with the
+store's serializer and checked before any I/O."""
+
+from __future__ import annotations
+
+import datetime
+
+from . import _sql
+from ._errors import DatabaseError, SnapshotNotFoundError
+from ._pg import Conn, Database
+from ._serialization import check_storable_snapshot
+from ._storage import _translate_write_error
+from ._types import SnapshotData
+
+__all__ = ["delete_snapshot", "read_snapshot", "record_snapshot"]
+
+
+async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
+    serializer = db.config.serializer
+    source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
+    data = serializer.serialize(snapshot.data)
+    metadata = serializer.serialize_metadata(snapshot.metadata)
+    check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)
+    created_at = snapshot.created_at or datetime.datetime.now(datetime.UTC)
+    sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type)
+
+    async def unit(conn: Conn) -> None:
+        await conn.execute(
+            sql,
+            snapshot.source_uuid,
+            snapshot.source_version,
+            source_type,
+            data,
+            metadata,
+            created_at,
+        )
+
+    try:
+        await db.transaction(unit)
+    except DatabaseError as exc:
+        raise _translate_write_error(exc, snapshot.source_uuid) from exc
+
+
+async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:
+    sql = _sql.read_snapshot(db.config.schema, db.config.column_data_type)
+    rows = await db.fetch(sql, source_uuid)
+    if not rows:
+        raise SnapshotNotFoundError(source_uuid=source_uuid)
+    r = rows[0]
+    serializer = db.config.serializer
+    return SnapshotData(
+        source_uuid=r["source_uuid"],
+        source_version=r["source_version"],
+        source_type=r["source_type"],
+        data=serializer.deserialize(r["data"], r["source_type"]),
+        metadata=serializer.deserialize_metadata(r["metadata"]),
+        created_at=r["created_at"].astimezone(datetime.UTC),
+    )
+
+
+async def delete_snapshot(db: Database, source_uuid: str) -> None:
+    await db.execute(_sql.delete_snapshot(db.config.schema), source_uuid)
