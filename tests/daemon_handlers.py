@@ -28,13 +28,3 @@ async def hang_on_2(event: RecordedEvent) -> None:
     record(event)
     if event.event_number == 2:
         await trio.sleep_forever()
-
-
-def block_on_2(event: RecordedEvent) -> None:
-    """Record the event number; event 2 blocks its thread for a long time (a blocking
-    database driver, time.sleep)."""
-    record(event)
-    if event.event_number == 2:
-        import time
-
-        time.sleep(60)

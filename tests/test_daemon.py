@@ -303,34 +303,6 @@ def test_second_sigterm_cancels_the_handler_in_hand_flushes_and_exits_0(
     assert trio.run(_checkpoint, eventstore_config, "h") == 1
 
 
-def test_a_blocking_sync_handler_leaves_sigterm_and_the_shutdown_timeout_working(
-    eventstore_config: EventStoreConfig, tmp_path: Path
-) -> None:
-    """A sync handler that blocks (time.sleep, a blocking driver) runs in a worker
-    thread: SIGTERM is handled at once, and the shutdown timeout abandons the handler;
-    what was handled before is flushed, the blocked event comes again."""
-    log = tmp_path / "seen.log"
-    trio.run(_append, eventstore_config, 1, 2, 3)
-    process = _start(
-        eventstore_config,
-        log,
-        "tests.daemon_handlers:block_on_2=b",
-        "--checkpoint-threshold",
-        "1000",
-        "--checkpoint-after",
-        "600",
-        "--shutdown-timeout",
-        "1",
-    )
-    _wait_for_log(process, log, 2)  # event 2's handler blocks its thread for a minute
-    time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    status, err = _exit_status(process, 10)
-    assert status == 0, err
-    assert "cancelled after the shutdown timeout" in err
-    assert trio.run(_checkpoint, eventstore_config, "b") == 1
-
-
 async def test_shutdown_timeout_cancels_the_handler_in_hand(initialized: EventStoreConfig) -> None:
     """Stopping waits for the event in hand (not for the rest of the batch), at most
     shutdown_timeout; what was handled before is acknowledged and flushed."""

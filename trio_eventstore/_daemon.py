@@ -167,13 +167,6 @@ class SubscriberSpec:
             raise ValueError("retry_delay, max_retry_delay: need 0 < retry_delay <= max")
 
 
-def _is_async(handle: Callable[..., object]) -> bool:
-    """An ``async def`` (or a partial of one, or an object whose ``__call__`` is one)."""
-    return inspect.iscoroutinefunction(handle) or inspect.iscoroutinefunction(
-        type(handle).__call__
-    )
-
-
 @attrs.define
 class SubscriberStatistics:
     """What an operator reads about one subscriber (`SubscriberDaemon.statistics`).
@@ -253,8 +246,6 @@ class SubscriberDaemon:
         self._waits: set[trio.CancelScope] = set()
         self._handler_scopes: set[trio.CancelScope] = set()
         self._handler_deadline = math.inf
-        #: sync handlers run in worker threads, one at a time
-        self._sync_limiter = trio.CapacityLimiter(1)
         self._subs: dict[str, Subscription] = {}
 
     @property
@@ -486,16 +477,7 @@ class SubscriberDaemon:
             with trio.CancelScope(deadline=self._handler_deadline) as scope:
                 self._handler_scopes.add(scope)
                 try:
-                    if _is_async(handle):
-                        result = handle(argument)
-                    else:
-                        # A sync handler runs in a worker thread (one at a time in the
-                        # daemon, as on the event loop): a blocking one (time.sleep, a
-                        # blocking database driver) leaves signals, statistics and the
-                        # shutdown timeout working; cancelled, it is abandoned to finish.
-                        result = await trio.to_thread.run_sync(
-                            handle, argument, abandon_on_cancel=True, limiter=self._sync_limiter
-                        )
+                    result = handle(argument)
                     if inspect.isawaitable(result):
                         await result
                     elif hasattr(result, "__aenter__"):
