@@ -49,12 +49,9 @@ from ._pg import TransactionConnection
 from ._projection import Projection
 from ._serialization import JsonSerializer, Serializer
 from ._store import EventStore, EventStoreStatistics, open_event_store
-from ._subscriptions import (
-    EventBatch,
-    Subscription,
-    SubscriptionStatistics,
-    TransientSubscription,
-)
+from ._subscription_types import EventBatch, SubscriptionStatistics
+from ._subscriptions import Subscription
+from ._transient import TransientSubscription
 from ._types import (
     ALL_STREAMS,
     ANY_VERSION,

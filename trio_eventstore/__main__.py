@@ -35,7 +35,7 @@ from ._errors import (
 from ._serialization import load_serializer
 from ._sql import STREAM_SORT_COLUMNS
 from ._store import EventStore, open_event_store
-from ._subscriptions import TransientSubscription
+from ._transient import TransientSubscription
 
 __all__ = ["main"]
 

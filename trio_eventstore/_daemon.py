@@ -30,12 +30,8 @@ from . import _storage
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, single_errors
 from ._store import EventStore, open_event_store
-from ._subscriptions import (
-    DEFAULT_MAX_BUFFER_BYTES,
-    EventBatch,
-    Subscription,
-    SubscriptionOptions,
-)
+from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, EventBatch, SubscriptionOptions
+from ._subscriptions import Subscription
 from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The persistent-subscription state machine, sans I/O.
 
 It decides what to read, which consumer gets which event, what is acknowledged and
-what checkpoint to persist; the driver task in `_subscriptions` only carries out its
+what checkpoint to persist; the driver task in `_driver` only carries out its
 decisions (reads, deliveries, checkpoint writes) and feeds results back. A Hypothesis
 stateful test drives it without a database.
 

@@ -35,7 +35,8 @@ from . import _sql
 from ._errors import DatabaseError
 from ._pg import TransactionConnection
 from ._store import EventStore
-from ._subscriptions import EventBatch, Subscription
+from ._subscription_types import EventBatch
+from ._subscriptions import Subscription
 from ._types import RecordedEvent, check_text
 
 __all__ = ["Projection", "ProjectionHandler"]

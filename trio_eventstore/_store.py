@@ -24,13 +24,9 @@ from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
 from ._sql import STREAM_SORT_COLUMNS
-from ._subscriptions import (
-    DEFAULT_MAX_BUFFER_BYTES,
-    Subscription,
-    SubscriptionOptions,
-    Subscriptions,
-    TransientSubscription,
-)
+from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, SubscriptionOptions
+from ._subscriptions import Subscription, Subscriptions
+from ._transient import TransientSubscription
 from ._types import (
     ALL_STREAMS,
     MAX_BIGINT,

@@ -1,0 +1,547 @@
+"""The driver of one persistent subscription of this store, per (stream, name): one task,
+owned by the store's nursery, carrying out `SubscriptionFSM`'s decisions.
+
+The driver creates (or finds) the subscription row, takes the Elixir advisory lock on the
+store's lock connection, then runs a *session*: read (`PageReader`), deliver, take acks,
+persist checkpoints, and take this store's own appends handed over without a read. The
+session ends at once when the lease is lost; the driver then waits for the lock again as
+a standby (the lock keeper tries all of a store's standbys in one query every
+``subscription_standby_interval``). After a database error it retries with back-off up
+to ``subscription_retry_interval``, or at once when the lock connection reconnects.
+Consumers are the callers' own tasks (`Subscription`), reading batches from their
+`Consumer` channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import trio
+
+from . import _storage
+from ._config import EventStoreConfig
+from ._errors import (
+    CheckpointFailedError,
+    EventStoreError,
+    PoolOverloadedError,
+    StorageUnavailableError,
+    UnexpectedAckError,
+    single_errors,
+)
+from ._fsm import SubscriptionFSM
+from ._locks import Lease, LockKeeper, lock_key2
+from ._notifications import Notifier
+from ._pg import CLEANUP_TIMEOUT, Database
+from ._readahead import PageReader
+from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
+from ._types import ALL_STREAMS, RecordedEvent
+
+__all__ = ["Consumer", "Driver", "DriverHost"]
+
+logger = logging.getLogger("trio_eventstore.subscriptions")
+
+
+class DriverHost(Protocol):
+    """What a driver needs from the registry that runs it (`Subscriptions`)."""
+
+    config: EventStoreConfig
+    db: Database
+    notifier: Notifier
+    locks: LockKeeper
+    lock_key1: int
+
+    def discard(self, driver: Driver) -> None:
+        """The driver has stopped: forget it (a later join starts a new one)."""
+
+    def newest_own_append(self, stream_uuid: str) -> int | None:
+        """The newest of this store's appends in flight that writes to ``stream_uuid``."""
+
+    def own_appends_done(self, stream_uuid: str, up_to: int) -> bool:
+        """Whether this store's appends to ``stream_uuid`` up to ``up_to`` have ended."""
+
+
+_event_number: Callable[[RecordedEvent], int] = operator.attrgetter("event_number")
+
+
+@attrs.define(eq=False)
+class Consumer:
+    """One consumer of a driver: the channel its batches go to."""
+
+    consumer_id: int
+    buffer_size: int
+    send: trio.MemorySendChannel[EventBatch]
+    receive: trio.MemoryReceiveChannel[EventBatch]
+    #: highest event number delivered in earlier sessions (their acks are stale)
+    stale_up_to: int = -1
+    delivered_high: int = -1
+
+
+class Driver:
+    """One persistent subscription of this store: its consumers, its FSM, its task."""
+
+    def __init__(
+        self, owner: DriverHost, stream_uuid: str, name: str, options: SubscriptionOptions
+    ) -> None:
+        self.owner = owner
+        self.stream_uuid = stream_uuid
+        self.name = name
+        self.options = options
+        self.consumers: dict[int, Consumer] = {}
+        self.fsm: SubscriptionFSM[RecordedEvent] | None = None
+        self.session = 0
+        self.state = "starting"
+        self.subscribed = trio.Event()
+        self.failure: BaseException | None = None
+        self.done = trio.Event()
+        self.lock_attempts = 0
+        #: the persisted checkpoint, as this store last read or wrote it
+        self.last_persisted = 0
+        self.checkpointed = trio.Event()  # replaced after every checkpoint write
+        self.progress = trio.Event()  # replaced whenever last_ack advances
+        self._wake = trio.Event()
+        self._checkpoint_lock = trio.Lock()
+        self._last_activity = time.monotonic()
+        self._next_consumer = 0
+        self._reader = PageReader(
+            owner.db, owner.config, owner.notifier, stream_uuid, name, options.max_size
+        )
+        #: waiting for this store's own appends up to a token, and last_read then
+        #: (see `_behind`)
+        self._deferred: tuple[int, int] | None = None
+        #: while waiting for the lock or to retry: cancelled when the last consumer leaves
+        self._waiting: trio.CancelScope | None = None
+
+    # -- consumer side (sync, called from consumers' tasks) ------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add_consumer(self, buffer_size: int) -> Consumer:
+        self._next_consumer += 1
+        send, receive = trio.open_memory_channel[EventBatch](math.inf)
+        consumer = Consumer(self._next_consumer, buffer_size, send, receive)
+        self.consumers[consumer.consumer_id] = consumer
+        self._last_activity = time.monotonic()
+        if self.fsm is not None:
+            self.fsm.add_consumer(consumer.consumer_id, buffer_size)
+            self._deliver()
+        self.wake()
+        return consumer
+
+    def remove_consumer(self, consumer: Consumer) -> None:
+        self.consumers.pop(consumer.consumer_id, None)
+        if self.fsm is not None:
+            self.fsm.remove_consumer(consumer.consumer_id)
+            self._deliver()
+        consumer.send.close()
+        if not self.consumers and self._waiting is not None:
+            self._waiting.cancel()
+        self.wake()
+
+    def ack(self, consumer: Consumer, event_number: int) -> None:
+        fsm = self.fsm
+        cid = consumer.consumer_id
+        if fsm is not None and fsm.is_in_flight(cid, event_number):
+            before = fsm.last_ack
+            fsm.ack(cid, event_number)
+            self._last_activity = time.monotonic()
+            self._deliver()
+            self._signal_progress()
+            # Wake the task only when it has something to do: read (room came free),
+            # persist (the threshold is reached), or arm the checkpoint_after timer
+            # (the first acknowledgement since the last checkpoint). Waking it for
+            # every ack of a one-event buffer costs more than the ack itself.
+            if (
+                fsm.wants_read() is not None
+                or fsm.checkpoint_wanted()
+                or (fsm.checkpoint_after > 0 and before <= fsm.last_persisted < fsm.last_ack)
+            ):
+                self.wake()
+            return
+        if event_number <= consumer.stale_up_to or (
+            fsm is None and event_number <= consumer.delivered_high
+        ):
+            return  # delivered by a session that lost its lock: it will come again
+        raise UnexpectedAckError(event_number=event_number)
+
+    # -- this store's own appends (sync, called from appenders' tasks) --------------------
+
+    def hand_over(self, request: _storage.AppendRequest, appended: _storage.Appended) -> None:
+        """This store just committed ``request``: take its events without a read if
+        everything before them has been read and they fit (else it reads them when
+        notified, as usual)."""
+        stream_uuid, events = request.stream_uuid, request.events
+        n = len(events)
+        fsm = self.fsm
+        all_numbers = self.stream_uuid == ALL_STREAMS
+        if fsm is None or not (all_numbers or self.stream_uuid == stream_uuid):
+            return
+        if self.options.selector is not None or self.options.partition_by is not None:
+            return  # user code: run it in the driver, never in the appender's task
+        first = appended.first_event_number if all_numbers else appended.version - n + 1
+        if fsm.last_read != first - 1 or fsm.held + n > fsm.max_size:
+            return
+        sizes = [len(e.data) + len(e.metadata) for e in events]
+        if fsm.max_bytes is not None and fsm.held_bytes + sum(sizes) > fsm.max_bytes:
+            return  # no room: the driver reads them when there is
+        try:
+            # Decoded for each driver, as a read would: consumers never share objects.
+            recorded = _storage.recorded_from_append(
+                self.owner.config, stream_uuid, appended, events, all_numbers=all_numbers
+            )
+        except Exception:  # a serializer that cannot decode: the driver reads and says so
+            return
+        fsm.on_events(recorded, at_head=fsm.at_head, sizes=sizes)
+        self._deliver()
+        self.wake()
+
+    def own_append_finished(self, stream_uuid: str) -> None:
+        """One of this store's appends to ``stream_uuid`` ended (committed, refused or
+        cancelled): wake the task if it deferred a read for it (see `_behind`)."""
+        if self._deferred is not None and self.stream_uuid in (stream_uuid, ALL_STREAMS):
+            self.wake()
+
+    # -- the task -------------------------------------------------------------------------
+
+    def _signal_progress(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
+
+    def last_ack(self) -> int:
+        return self.fsm.last_ack if self.fsm is not None else self.last_persisted
+
+    def _deliver(self) -> None:
+        fsm = self.fsm
+        if fsm is None:
+            return
+        for consumer_id, events in fsm.take_deliveries().items():
+            consumer = self.consumers.get(consumer_id)
+            if consumer is None:
+                continue
+            consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
+            consumer.send.send_nowait(EventBatch(events, events, self.session))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        config = self.owner.config
+        failures = 0
+        try:
+            while self.consumers:
+                retry_after, early = 0.0, False
+                try:
+                    await self._one_session()
+                    failures = 0
+                    if self.state == "disconnected":
+                        # It lost its lease (its lock connection dropped): give the
+                        # standbys of other nodes one round first (this node may be the
+                        # one with a problem), then stand by too.
+                        retry_after = config.subscription_standby_interval
+                except PoolOverloadedError as exc:
+                    # A local, passing condition (e.g. many subscriptions starting at
+                    # once): retry soon, spread out, not after the full interval.
+                    logger.debug("subscription %r: %s; retrying soon", self.name, exc)
+                    retry_after = min(config.subscription_retry_interval, random.uniform(0.05, 0.5))
+                except StorageUnavailableError as exc:
+                    failures += 1
+                    retry_after = _retry_delay(failures, config.subscription_retry_interval)
+                    logger.warning(
+                        "subscription %r: %s; retrying within %.1f s", self.name, exc, retry_after
+                    )
+                    self.state = "disconnected"
+                    early = True
+                if self.consumers and retry_after > 0:
+                    await self._pause(retry_after, until_reconnected=early)
+        except Exception as exc:  # a failure of this subscription reaches its consumers
+            logger.exception("subscription %r failed", self.name)
+            self.failure = exc
+            self.state = "failed"
+            for consumer in list(self.consumers.values()):
+                consumer.send.close()
+        finally:
+            self.state = "stopped" if self.failure is None else "failed"
+            self.owner.discard(self)
+            for consumer in list(self.consumers.values()):
+                consumer.send.close()  # the store is closing: iteration ends
+            self.done.set()
+            self._signal_progress()  # waiters see that it stopped
+            self.checkpointed.set()
+
+    async def _wait_wake(self) -> None:
+        # Consume the wakeup after waiting: a wake() that came while we were busy is
+        # not lost (the loop then re-checks its state and may find nothing to do).
+        await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def _pause(self, seconds: float, *, until_reconnected: bool) -> None:
+        """Wait ``seconds`` before trying again, or until the last consumer leaves;
+        ``until_reconnected``: less when the store's lock connection reconnects
+        meanwhile (after a database error: the database is back)."""
+        reconnected = self.owner.locks.connected
+        with trio.move_on_after(seconds), trio.CancelScope() as self._waiting:
+            if not self.consumers:
+                self._waiting.cancel()
+            if reconnected.is_set() or not until_reconnected:
+                await trio.sleep_forever()
+            else:
+                await reconnected.wait()
+        self._waiting = None
+
+    async def _wait_for_lock(self, subscription_id: int) -> Lease | None:
+        """Wait until this store holds the subscription's lock (None once every consumer
+        has left). While another session holds it, this is a standby: the lock keeper
+        tries it with the store's other standbys, in one query, every
+        ``subscription_standby_interval``."""
+        owner = self.owner
+
+        def attempted(granted: bool) -> None:
+            self.lock_attempts += 1
+            if not granted:
+                self.state = "waiting_for_lock"
+
+        lease = None
+        with trio.CancelScope() as self._waiting:
+            if not self.consumers:
+                self._waiting.cancel()
+            lease = await owner.locks.acquire(
+                owner.lock_key1, lock_key2(subscription_id), on_attempt=attempted
+            )
+        self._waiting = None
+        return lease
+
+    async def _one_session(self) -> None:
+        owner = self.owner
+        self.state = "subscribing"
+        subscription_id, last_seen = await _storage.create_subscription(
+            owner.db, self.stream_uuid, self.name, self.options.start_from
+        )
+        self.last_persisted = last_seen  # what the holder has persisted so far
+        lease = await self._wait_for_lock(subscription_id)
+        if lease is None:
+            return  # every consumer has left
+        try:
+            # Read the checkpoint again now that the lock is ours: a previous holder may
+            # have moved it after we read it (or deleted the row: then lock the new one).
+            locked_id, last_seen = await _storage.create_subscription(
+                owner.db, self.stream_uuid, self.name, self.options.start_from
+            )
+            if locked_id != subscription_id:
+                return
+            with trio.CancelScope() as session_scope, single_errors():
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_lease() -> None:
+                        await lease.lost.wait()
+                        session_scope.cancel()
+
+                    nursery.start_soon(watch_lease)
+                    await self._session(last_seen)
+                    nursery.cancel_scope.cancel()
+        finally:
+            lost = lease.lost.is_set()
+            self._end_session()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                if not lost:
+                    await self._final_checkpoint()
+                await lease.release()
+            if lost:
+                self.state = "disconnected"
+
+    def _end_session(self) -> None:
+        fsm = self.fsm
+        self.fsm = None
+        if self.subscribed.is_set():
+            # Replace it only once it has fired: callers of wait_subscribed() still
+            # wait on the current one, whatever happened before a session began.
+            self.subscribed = trio.Event()
+        for consumer in self.consumers.values():
+            consumer.stale_up_to = max(consumer.stale_up_to, consumer.delivered_high)
+        if fsm is not None:
+            self.last_persisted = fsm.last_persisted
+
+    async def _session(self, last_seen: int) -> None:
+        owner, options = self.owner, self.options
+        self.session += 1
+        fsm: SubscriptionFSM[RecordedEvent] = SubscriptionFSM(
+            last_seen=last_seen,
+            number_of=_event_number,
+            max_size=options.max_size,
+            max_bytes=options.max_buffer_bytes,
+            checkpoint_threshold=options.checkpoint_threshold,
+            checkpoint_after=options.checkpoint_after,
+            partition_by=options.partition_by,
+            selector=options.selector,
+        )
+        self.last_persisted = last_seen
+        for consumer in self.consumers.values():
+            fsm.add_consumer(consumer.consumer_id, consumer.buffer_size)
+        self.fsm = fsm
+        self._deferred = None
+        self.state = "catching_up"
+        self.subscribed.set()
+        self._signal_progress()  # waiters see the stored checkpoint (it may be enough)
+        owner.notifier.add_listener(self.stream_uuid, self.wake)
+        try:
+            with single_errors():
+                async with trio.open_nursery() as nursery:  # for reads ahead
+                    await self._session_loop(fsm, nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._reader.forget_read_ahead()
+            owner.notifier.remove_listener(self.stream_uuid, self.wake)
+
+    async def _session_loop(
+        self, fsm: SubscriptionFSM[RecordedEvent], nursery: trio.Nursery
+    ) -> None:
+        owner = self.owner
+        hibernate_after = owner.config.subscription_hibernate_after
+        while self.consumers:
+            after = fsm.wants_read()
+            if after is not None:
+                events, sizes, at_head = await self._reader.read(
+                    after, fsm.read_limit(), fsm.read_budget(), nursery
+                )
+                fsm.on_events(events, at_head=at_head, sizes=sizes)
+                if events:
+                    self._last_activity = time.monotonic()
+                    self._signal_progress()  # filtered events count as acknowledged
+                self._deliver()
+                self.state = "subscribed" if fsm.at_head else "catching_up"
+                await self._checkpoint_if_due()
+                continue
+            await self._checkpoint_if_due()
+            deadline = fsm.next_checkpoint_deadline()
+            idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
+            # FSM times are time.monotonic(); Trio's clock has another origin.
+            wait = min(deadline or math.inf, idle_until) - time.monotonic()
+            with trio.move_on_after(max(0.0, wait)):
+                await self._wait_for_work(fsm)
+            # Acks need not wake this task (see `ack`): idle since the latest activity.
+            idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
+            if time.monotonic() >= idle_until and fsm.hibernate():
+                self._reader.cancel_read_ahead()
+                self.state = "hibernating"
+                self._last_activity = math.inf  # until something happens
+            elif self.state == "hibernating" and self._last_activity != math.inf:
+                self.state = "subscribed"  # woken by an ack, a consumer or new events
+
+    async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+        """Until an ack, a consumer change, or a notification / re-sync of the stream
+        (the notifier calls `wake`)."""
+        if self._behind(fsm):
+            return
+        await self._wait_wake()
+        if self._behind(fsm):
+            self._last_activity = time.monotonic()
+
+    def _behind(self, fsm: SubscriptionFSM[RecordedEvent]) -> bool:
+        """Whether newer events are known than were read (then the FSM reads again).
+
+        The notification of this store's own append usually arrives before the append
+        returns and hands its events over (`Subscriptions.appended`): reading then
+        would cost a query per append. So while this store's own appends to the
+        stream are in flight, wait for them to finish, and read only if the hand-over
+        did not close the gap. Waiting again for newer appends only while hand-overs
+        make progress means a gap they cannot close (another node's events) is read
+        after one wait."""
+        if not fsm.at_head or self.owner.notifier.mark(self.stream_uuid) <= fsm.last_read:
+            self._deferred = None
+            return False
+        own = self.owner
+        if self._deferred is not None:
+            token, read_before = self._deferred
+            if not own.own_appends_done(self.stream_uuid, token):
+                return False  # `append_finished` wakes us
+            if fsm.last_read == read_before:
+                self._deferred = None
+                fsm.on_new_events()
+                return True
+        newest = own.newest_own_append(self.stream_uuid)
+        if newest is not None:
+            self._deferred = (newest, fsm.last_read)
+            return False
+        self._deferred = None
+        fsm.on_new_events()
+        return True
+
+    async def _checkpoint_if_due(self, *, final: bool = False) -> None:
+        fsm = self.fsm
+        if fsm is None:
+            return
+        async with self._checkpoint_lock:
+            checkpoint = fsm.checkpoint_due(time.monotonic(), final=final)
+            if checkpoint is None:
+                return
+            try:
+                await _storage.checkpoint_subscription(
+                    self.owner.db, self.stream_uuid, self.name, checkpoint
+                )
+            except BaseException:
+                fsm.on_checkpoint_failed()
+                raise
+            fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
+            self.last_persisted = checkpoint
+            self.checkpointed.set()
+            self.checkpointed = trio.Event()
+
+    async def _final_checkpoint(self) -> None:
+        try:
+            await self._checkpoint_if_due(final=True)
+        except EventStoreError as exc:
+            logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
+
+    async def flush(self) -> None:
+        """Persist the acknowledged prefix now (a consumer is leaving).
+
+        Raises:
+            CheckpointFailedError: it could not be persisted (its cause says why).
+        """
+        fsm = self.fsm
+        try:
+            await self._checkpoint_if_due(final=True)
+        except EventStoreError as exc:
+            raise self.checkpoint_failed(fsm, str(exc)) from exc
+
+    def checkpoint_failed(
+        self, fsm: SubscriptionFSM[RecordedEvent] | None, why: str
+    ) -> CheckpointFailedError:
+        last_persisted = fsm.last_persisted if fsm is not None else self.last_persisted
+        checkpoint = fsm.last_ack if fsm is not None else None
+        return CheckpointFailedError(
+            f"subscription {self.name!r}: the checkpoint {checkpoint} could not be persisted "
+            f"({why}); events after {last_persisted} will be delivered again",
+            stream_uuid=self.stream_uuid,
+            subscription_name=self.name,
+            checkpoint=checkpoint,
+            last_persisted=last_persisted,
+        )
+
+    def statistics(self) -> SubscriptionStatistics:
+        fsm = self.fsm
+        last_received = fsm.last_read if fsm else self.last_persisted
+        return SubscriptionStatistics(
+            state=self.state,
+            subscribers=len(self.consumers),
+            last_received=last_received,
+            last_ack=fsm.last_ack if fsm else self.last_persisted,
+            last_persisted=fsm.last_persisted if fsm else self.last_persisted,
+            in_flight=sum(len(c.in_flight) for c in fsm.consumers.values()) if fsm else 0,
+            pending=len(fsm.pending) if fsm else 0,
+            lock_attempts=self.lock_attempts,
+            reads=self._reader.reads,
+            sessions=self.session,
+            buffered_bytes=(fsm.held_bytes if fsm else 0) + self._reader.read_ahead_bytes,
+            head=max(self.owner.notifier.mark(self.stream_uuid), last_received),
+        )
+
+
+def _retry_delay(failures: int, ceiling: float) -> float:
+    """The wait after the n-th database error in a row: 0.1 s, doubling, up to
+    ``ceiling`` (``subscription_retry_interval``), with jitter."""
+    return min(ceiling, 0.1 * 2.0 ** min(failures - 1, 30)) * random.uniform(0.75, 1.0)
