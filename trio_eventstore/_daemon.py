@@ -12,7 +12,6 @@ stops the daemon, by option.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
@@ -29,6 +28,7 @@ import trio
 from . import _storage
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, single_errors
+from ._imports import import_named
 from ._store import EventStore, open_event_store
 from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, EventBatch, SubscriptionOptions
 from ._subscriptions import Subscription
@@ -635,20 +635,10 @@ def load_handler(target: str) -> Handler | EventHandler:
     Raises:
         ValueError: not of that form, not found, or not a handler.
     """
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"handler {target!r}: expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"handler {target!r}: cannot import {module_name!r}: {exc}") from exc
-    handler = getattr(module, attr, None)
+    handler = import_named(target, "handler", "package.module:function")
     if isinstance(handler, EventHandler):
         return handler
     if handler is None or not callable(handler) or inspect.isclass(handler):
-        raise ValueError(
-            f"handler {target!r}: {module_name!r} has no handler function or EventHandler "
-            f"named {attr!r}"
-        )
+        raise ValueError(f"handler {target!r}: no handler function or EventHandler of that name")
     result: Handler = handler
     return result

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
-import importlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ import cattrs
 from cattrs.preconf.json import make_converter
 
 from ._errors import EventTooLargeError, SerializationError, UnknownEventTypeError
+from ._imports import import_named
 from ._types import check_text
 
 __all__ = [
@@ -633,14 +633,7 @@ def load_serializer(target: str) -> Serializer:
     Raises:
         ValueError: not of that form, not importable, or not a serializer.
     """
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"serializer {target!r}: expected 'package.module:name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"serializer {target!r}: cannot import {module_name!r}: {exc}") from exc
-    found = getattr(module, attr, None)
+    found = import_named(target, "serializer")
     if isinstance(found, type) or (not isinstance(found, Serializer) and callable(found)):
         try:
             found = found()
