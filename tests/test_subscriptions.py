@@ -560,3 +560,22 @@ async def test_read_ahead_is_bounded_in_bytes(
     assert seen == list(range(50))
     assert max(buffered) > bound // 2  # it did fill up ...
     assert max(buffered) < bound + 2 * size  # ... to the bound, plus one event (and JSON)
+
+
+async def test_a_transient_subscription_does_not_replay_history_after_a_failed_lookup(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the stream stands is read when subscribing; if that read fails (the database
+    is unavailable), subscribing fails: starting from the first event instead would hand
+    the whole history to a consumer of new events."""
+    from trio_eventstore import StorageUnavailableError, _storage
+
+    await store.append_to_stream("old", es.NO_STREAM, [es.EventData({"n": 1}, event_type="T")])
+
+    async def unavailable(*_: object) -> None:
+        raise StorageUnavailableError("database unavailable (test)")
+
+    monkeypatch.setattr(_storage, "stream_info", unavailable)
+    with pytest.raises(StorageUnavailableError):
+        async with store.subscribe("old"):
+            pass

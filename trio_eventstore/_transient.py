@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _storage
-from ._errors import EventStoreError
+from ._errors import StreamNotFoundError
 from ._notifications import Notifier
 from ._pg import Database
 from ._types import RecordedEvent
@@ -37,7 +37,7 @@ async def subscribe(
     try:
         info = await _storage.stream_info(owner.db, stream_uuid)
         position = info.stream_version
-    except EventStoreError:
+    except StreamNotFoundError:  # not yet: its first event is new
         position = 0
     return TransientSubscription(owner, stream_uuid, position, selector, mapper)
 
