@@ -53,6 +53,7 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     StreamNotFoundError,
+    _storage,
     open_event_store,
 )
 
@@ -364,14 +365,14 @@ async def _elixir_append(
     for start in range(0, len(payload), 1000):  # Appender: Stream.chunk_every(1_000)
         chunk = payload[start : start + 1000]
         params: list[object] = [stream_uuid if stream_id is None else stream_id, len(chunk)]
-        for index, event in enumerate(chunk, 1):
+        for index, event in enumerate(_storage.encode_events(serializer, chunk), 1):
             params += [
                 event.event_id,
-                event.event_type or serializer.event_type_of(event.data),
+                event.event_type,
                 event.causation_id,
                 event.correlation_id,
-                serializer.serialize(event.data),
-                serializer.serialize_metadata(event.metadata),
+                event.data,
+                event.metadata,
                 created_at,
                 index,
                 base + start + index,
@@ -514,15 +515,15 @@ async def baseline_copy(config: EventStoreConfig, writers: int, batch: int, timi
         created_at = datetime.datetime.now(datetime.UTC)
         stream_id, version = stream_ids[k], versions[k]
         rows, links = [], []
-        for i, event in enumerate(payload, version + 1):
+        for i, event in enumerate(_storage.encode_events(serializer, payload), version + 1):
             rows.append(
                 (
                     event.event_id,
-                    event.event_type or serializer.event_type_of(event.data),
+                    event.event_type,
                     event.causation_id,
                     event.correlation_id,
-                    serializer.serialize(event.data),
-                    serializer.serialize_metadata(event.metadata),
+                    event.data,
+                    event.metadata,
                     created_at,
                 )
             )

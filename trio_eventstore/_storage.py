@@ -162,9 +162,13 @@ Outcome = Appended | EventStoreError | None
 
 
 def _refusal(
-    request: AppendRequest, outcome: int, current: int, event_id: uuid.UUID | None = None
+    stream_uuid: str,
+    expected: ExpectedVersion | int,
+    outcome: int,
+    current: int,
+    event_id: uuid.UUID | None = None,
 ) -> EventStoreError:
-    stream_uuid, expected = request.stream_uuid, request.expected
+    """The error of a write the statement refused (``outcome``, an ``APPEND_*``)."""
     if outcome == _sql.APPEND_DELETED:
         return StreamDeletedError(stream_uuid=stream_uuid)
     if outcome == _sql.APPEND_EXISTS:
@@ -248,7 +252,11 @@ def batch_outcomes(
         elif outcome == _sql.APPEND_RETRY:
             outcomes.append(None)
         else:
-            outcomes.append(_refusal(request, outcome, before, row["duplicate_id"]))
+            outcomes.append(
+                _refusal(
+                    request.stream_uuid, request.expected, outcome, before, row["duplicate_id"]
+                )
+            )
     return outcomes
 
 
@@ -329,7 +337,6 @@ async def link(
     """Link existing events into a stream, in one statement; returns its new version."""
     sql = _sql.link_events(db.config.schema)
     kind, version = _expectation(expected)
-    request = AppendRequest(stream_uuid, expected, [], kind, version, 0)
 
     async def unit(conn: Conn) -> Row | None:
         return await conn.fetchrow(sql, stream_uuid, kind, version, event_ids)
@@ -346,7 +353,7 @@ async def link(
         if outcome == _sql.APPEND_DUPLICATE:
             raise EventNotFoundError(event_ids=row["missing"])
         if outcome != _sql.APPEND_RETRY:
-            raise _refusal(request, outcome, before)
+            raise _refusal(stream_uuid, expected, outcome, before)
     raise StorageUnavailableError(f"stream {stream_uuid!r} is being created elsewhere")
 
 
