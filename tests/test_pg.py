@@ -154,6 +154,7 @@ async def test_the_bridge_runs_ready_asyncio_callbacks_together(db: Database) ->
 
     loop = db._pool.loop
     assert loop._main_loop_one.__func__ is _bridge._main_loop_one_batched
+    assert loop._io_task.__func__ is _bridge._io_task
 
     async def many(conn: Conn) -> list[int]:
         # Statements pipelined on several connections' worth of asyncio callbacks.
@@ -168,3 +169,62 @@ async def test_the_bridge_runs_ready_asyncio_callbacks_together(db: Database) ->
         for _ in range(4):
             nursery.start_soon(one)
     assert results == [list(range(50))] * 4
+
+
+async def test_asyncio_timeouts_and_current_task_work_inside_units(db: Database) -> None:
+    """Units run as if in an asyncio task: ``asyncio.current_task()`` is there, and
+    ``asyncio.timeout`` / ``asyncio.wait_for`` cancel a statement and report
+    TimeoutError (the connection stays usable)."""
+    import asyncio
+
+    async def unit(conn: Conn) -> list[str]:
+        seen = []
+        assert asyncio.current_task() is not None
+        try:
+            async with asyncio.timeout(0.2):
+                await conn.execute("SELECT pg_sleep(20)")
+        except TimeoutError:
+            seen.append("timeout")
+        try:
+            await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(20)"), 0.2)
+        except TimeoutError:
+            seen.append("wait_for")
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)
+        seen.append(str(await conn.fetchval("SELECT 41 + 1")))
+        return seen
+
+    with trio.fail_after(15):
+        assert await db.run(unit) == ["timeout", "wait_for", "42"]
+        assert await db.fetchval("SELECT 1") == 1
+
+
+async def test_cancelled_from_trio_a_unit_finishes_its_asyncio_cleanup(db: Database) -> None:
+    """A Trio cancellation reaches the unit once, as asyncio.CancelledError at the
+    statement it waits on; its cleanup (which awaits again) runs to the end, then the
+    caller sees the cancellation."""
+    import asyncio
+
+    steps: list[str] = []
+    sleeping = trio.Event()
+
+    async def unit(conn: Conn) -> None:
+        try:
+            sleeping.set()
+            await conn.execute("SELECT pg_sleep(20)")
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            await asyncio.sleep(0.05)  # not cancelled again
+            steps.append("cleaned up")
+            raise
+
+    with trio.fail_after(15):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(db.run, unit)
+                await sleeping.wait()
+                await trio.sleep(0.1)
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert steps == ["cancelled", "cleaned up"]
+        assert await db.fetchval("SELECT 1") == 1

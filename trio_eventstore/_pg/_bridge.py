@@ -1,8 +1,12 @@
 """The trio-asyncio loop asyncpg runs on, and crossing into it from Trio (`_cross`).
 
 `_asyncio_loop` opens the loop (or joins the caller's), logs what asyncio reports
-instead of crashing the store, and installs the batching overrides: every ready
-asyncio callback runs in one Trio scheduling pass (`_run_ready_callbacks_together`).
+instead of crashing the store, and installs the overrides that make a round trip
+cheap: every ready asyncio callback runs in one Trio scheduling pass
+(`_run_ready_callbacks_together`), and a crossing runs its coroutine in the calling
+Trio task (`_run_inline`), woken directly by the reply. One query then costs two Trio
+scheduling passes (the socket's reader task, then the caller) where trio-asyncio as
+shipped needs about five.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import contextlib
 import heapq
 import logging
 import types
-from collections.abc import AsyncIterator, Awaitable
+from asyncio.tasks import _enter_task, _leave_task
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import sniffio
 import trio
 import trio_asyncio
+from trio_asyncio import current_loop as _current_loop
 
 try:  # the trio-asyncio internals `_run_ready_callbacks_together` relies on
     from trio_asyncio._base import AsyncHandle as _AsyncHandle
@@ -33,10 +39,144 @@ T = TypeVar("T")
 logger = logging.getLogger("trio_eventstore.pg")
 
 
-async def _cross(loop: Any, coro: Awaitable[T], config: EventStoreConfig | None) -> T:
+async def _cross(loop: Any, coro: Coroutine[Any, Any, T], config: EventStoreConfig | None) -> T:
     """Run an asyncio coroutine on `loop` from Trio, translating driver errors."""
-    result: T = await _translated(loop.run_aio_coroutine(coro), config)
+    result: T = await _translated(_run_inline(loop, coro), config)
     return result
+
+
+class _InlineTask:
+    """What `asyncio.current_task()` returns while `_run_inline` steps a coroutine: the
+    parts of `asyncio.Task` that asyncio's own helpers use on the current task
+    (``asyncio.timeout`` cancels it and counts its cancellations)."""
+
+    __slots__ = ("_cancel_message", "_cancels", "_loop", "_must_cancel", "_waiter")
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[Any] | None = None
+        self._must_cancel = False
+        self._cancel_message: Any = None
+        self._cancels = 0
+
+    def get_loop(self) -> Any:
+        return self._loop
+
+    def done(self) -> bool:
+        return False
+
+    def get_name(self) -> str:
+        return "trio-eventstore inline task"
+
+    def cancel(self, msg: Any = None) -> bool:
+        self._cancels += 1
+        if self._waiter is not None and self._waiter.cancel(msg=msg):
+            return True  # the coroutine wakes up with CancelledError
+        self._must_cancel, self._cancel_message = True, msg
+        return True
+
+    def cancelling(self) -> int:
+        return self._cancels
+
+    def uncancel(self) -> int:
+        if self._cancels > 0:
+            self._cancels -= 1
+        return self._cancels
+
+
+class _Wake:
+    """The done-callback of the future an inline coroutine waits on: reschedules the
+    waiting Trio task. `_call_soon` runs it at once instead of queueing it for the
+    loop (it only marks a Trio task runnable, so running it early is safe)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+
+    def __call__(self, _future: Any) -> None:
+        trio.lowlevel.reschedule(self.task)
+
+    def queued(self, _future: Any) -> None:
+        trio.lowlevel.reschedule(self.task)
+
+
+async def _run_inline(loop: Any, coro: Coroutine[Any, Any, T]) -> T:
+    """``await coro`` (asyncio-flavoured) from the calling Trio task, as an
+    `asyncio.Task` would run it, but stepped by this task itself.
+
+    trio-asyncio's ``run_aio_coroutine`` wraps the coroutine in an `asyncio.Task`: one
+    scheduling pass of the loop to start it and one more to hand its result back, on
+    top of the passes the I/O itself needs. Here the calling task runs each step,
+    and sleeps (a plain Trio wait) on the future the step blocked on. Cancelled from
+    Trio, the coroutine gets `asyncio.CancelledError` at that future, as a cancelled
+    asyncio task would, runs its cleanup to the end, and then this raises
+    `trio.Cancelled`.
+    """
+    task = _InlineTask(loop)
+    wake = _Wake(trio.lowlevel.current_task())
+    raise_cancel: Any = None
+    to_throw: BaseException | None = None
+    queue = loop._q_recv
+
+    def abort(raise_cancel_arg: Any) -> trio.lowlevel.Abort:
+        nonlocal raise_cancel
+        raise_cancel = raise_cancel_arg
+        task.cancel()
+        # The wake-up still comes: from the cancelled waiter, or (no waiter: a bare
+        # yield) from the loop, and the coroutine then gets CancelledError.
+        return trio.lowlevel.Abort.FAILED
+
+    while True:
+        if task._must_cancel and to_throw is None:
+            to_throw = asyncio.CancelledError(task._cancel_message)
+            task._must_cancel = False
+        token = _current_loop.set(loop)
+        previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+        _enter_task(loop, task)  # type: ignore[arg-type]  # an asyncio.Task stand-in
+        try:
+            if to_throw is None:
+                yielded = coro.send(None)
+            else:
+                exc, to_throw = to_throw, None
+                yielded = coro.throw(exc)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        except asyncio.CancelledError:
+            if raise_cancel is not None:
+                raise_cancel()  # raises trio.Cancelled
+            raise
+        finally:
+            _leave_task(loop, task)  # type: ignore[arg-type]
+            sniffio.thread_local.name = previous
+            _current_loop.reset(token)
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): after one pass of the loop
+            loop.call_soon(wake.queued, None)
+        elif getattr(yielded, "_asyncio_future_blocking", False):
+            yielded._asyncio_future_blocking = False
+            task._waiter = yielded
+            if task._must_cancel and yielded.cancel(msg=task._cancel_message):
+                task._must_cancel = False
+            # Alone on its future, the wake-up may run at once (`_Wake`); after other
+            # done-callbacks it is queued behind them, so that they run first, in order.
+            yielded.add_done_callback(wake if not yielded._callbacks else wake.queued)
+        else:
+            to_throw = RuntimeError(f"inline coroutine yielded {yielded!r}, not a future")
+            continue
+        try:
+            if raise_cancel is None:
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            else:  # cancelled once, as an asyncio task is: its cleanup runs undisturbed
+                with trio.CancelScope(shield=True):
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+            if queue.statistics().current_buffer_used:
+                # Woken at once (`_Wake`): callbacks queued before the wake-up (the
+                # future's earlier done-callbacks among them) run first, as in asyncio.
+                with trio.CancelScope(shield=True):
+                    await loop.synchronize()
+        finally:
+            task._waiter = None
 
 
 def _log_asyncio_error(_loop: Any, context: dict[str, Any]) -> None:
@@ -81,16 +221,54 @@ def _run_ready_callbacks_together(loop: Any) -> None:
     """
     if _AsyncHandle is not None and all(
         hasattr(loop, name)
-        for name in ("_main_loop_one", "_q_recv", "_timers", "_nursery", "_queue_handle")
+        for name in (
+            "_main_loop_one",
+            "_q_recv",
+            "_timers",
+            "_nursery",
+            "_queue_handle",
+            "_io_task",
+            "synchronize",
+        )
     ):
         loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
         loop.call_soon = types.MethodType(_call_soon, loop)
+        loop._io_task = types.MethodType(_io_task, loop)
 
 
 def _call_soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-    """trio-asyncio's ``call_soon`` without asyncio's callback check."""
+    """trio-asyncio's ``call_soon`` without asyncio's callback check; a `_Wake` runs
+    at once (no pass of the loop just to wake a Trio task)."""
     self._check_closed()
-    return self._queue_handle(asyncio.Handle(callback, args, self, context=context))
+    handle = asyncio.Handle(callback, args, self, context=context)
+    if type(callback) is _Wake:
+        callback(*args)
+        return handle
+    return self._queue_handle(handle)
+
+
+async def _io_task(self: Any, fd: Any, handle: Any, wait_ready: Any) -> None:
+    """trio-asyncio's reader/writer task, which after each callback waits for the
+    loop to run everything queued so far (``synchronize``): here only when the
+    callback did queue something (a reply that only woke a Trio task did not)."""
+    with handle._scope:
+        try:
+            while True:
+                if handle._cancelled:
+                    break
+                try:
+                    await wait_ready(fd)
+                except OSError:
+                    if handle._cancelled:
+                        break
+                    raise
+                if handle._cancelled:
+                    break
+                handle._run()
+                if self._q_recv.statistics().current_buffer_used:
+                    await self.synchronize()
+        except Exception as exc:
+            handle._raise(exc)
 
 
 def _run_handle(self: Any, handle: Any) -> bool:
