@@ -16,6 +16,7 @@ __all__ = [
     "CONFLICT_KINDS",
     "LATENCY_BUCKETS",
     "LAG_BUCKETS",
+    "ROLES",
     "Histogram",
     "HistogramSnapshot",
     "StoreMetrics",
@@ -27,6 +28,9 @@ __all__ = [
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Upper bounds (seconds) of the commit-to-delivery lag buckets.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Every role a persistent subscription reports (its statistics' ``role``).
+ROLES = ("holder", "hibernated", "standby", "starting", "disconnected", "stopped", "failed")
 
 #: Refused appends by error class -> the ``kind`` label of the conflict counter.
 CONFLICT_KINDS = {

@@ -17,16 +17,14 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace as otel_trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from ._metrics import Histogram
+from ._metrics import ROLES, Histogram
 from ._statistics import EventStoreStatistics
 from ._store import EventStore
 from ._subscription_types import SubscriptionStatistics
 
-__all__ = ["ROLES", "instrument"]
+__all__ = ["instrument"]
 
 _SCOPE = "trio_eventstore"
-#: Every role a subscription reports (``eventstore.subscription.role``: 1 for its own).
-ROLES = ("holder", "hibernated", "standby", "starting", "disconnected", "stopped", "failed")
 
 _Attrs = Mapping[str, str | int | bool]
 
