@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +32,7 @@ from trio_eventstore import (
     open_event_store,
     open_subscriber_daemon,
 )
-from trio_eventstore._tempcluster import TempCluster, temp_cluster
+from trio_eventstore._tempcluster import TempCluster, free_port, temp_cluster
 
 HANG_GUARD = 60
 
@@ -287,3 +294,47 @@ async def test_ready_is_503_while_postgres_is_down_and_200_after(
                 await trio.to_thread.run_sync(own_cluster.start)
                 up = await wait_for(port, 200)
                 assert up["status"] == "ready"
+
+
+def test_the_command_line_daemon_serves_metrics_on_eventstore_http_port(
+    eventstore_config: EventStoreConfig, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    env.update(
+        DAEMON_LOG=str(tmp_path / "seen.log"),
+        EVENTSTORE_URL=eventstore_config.url or "",
+        EVENTSTORE_SCHEMA=eventstore_config.schema,
+        EVENTSTORE_HTTP_PORT=str(port),
+        PYTHONPATH=str(Path.cwd()),
+    )
+
+    async def seed() -> None:
+        async with open_event_store(eventstore_config) as store:
+            await store.append_to_stream("s", ANY_VERSION, [ev(1), ev(2)])
+
+    trio.run(seed)
+    command = [sys.executable, "-m", "trio_eventstore", "run", "tests.daemon_handlers:record"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        handled = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    samples = parse_prometheus(r.read().decode())
+                handled = series(samples, "eventstore_subscriber_handled_total")
+                if handled == 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert handled == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as r:
+            assert json.loads(r.read())["status"] == "ready"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=HANG_GUARD)
+    assert process.returncode == 0, err
