@@ -201,3 +201,33 @@ async def test_the_store_imports_nothing_of_opentelemetry_unless_instrumented(
         )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "1"
+
+
+async def test_roles_and_redeliveries(store: EventStore) -> None:
+    """A second store on the same subscription stands by; events a competing consumer
+    left unacknowledged go to another and count as delivered again."""
+    await store.append_to_stream("s", ANY_VERSION, [ev(1), ev(2), ev(3)])
+    options: dict[str, Any] = {"concurrency_limit": 2, "buffer_size": 3}
+    with trio.fail_after(HANG_GUARD):
+        joined_a = store.subscribe_to_all_streams("roles", **options)
+        a = await joined_a.__aenter__()
+        got: list[int] = []
+        while len(got) < 3:
+            got.extend(e.event_number for e in (await a.__anext__()).events)
+        async with (
+            es.open_event_store(store.config) as other,
+            other.subscribe_to_all_streams("roles", **options),
+        ):
+            while True:  # a snapshot: look again until the lock attempt has been made
+                [standby] = other.statistics().subscription_details
+                if standby.role == "standby":
+                    break
+                await trio.sleep(0.02)
+        async with store.subscribe_to_all_streams("roles", **options) as b:
+            await joined_a.__aexit__(None, None, None)  # leaves 1..3 unacknowledged
+            again = (await b.__anext__()).events
+            [holder] = store.statistics().subscription_details
+    assert got == [1, 2, 3]
+    assert [e.event_number for e in again] == [1, 2, 3]
+    assert (holder.role, holder.delivered, holder.redeliveries) == ("holder", 6, 3)
+    assert (standby.role, standby.in_flight, standby.checkpoint_age) == ("standby", 0, None)
