@@ -309,3 +309,47 @@ def test_commands_read_a_jsonb_store_without_being_told(test_database: str) -> N
         assert reset.returncode == 0, reset.stderr
     finally:
         trio.run(admin.drop, config)
+
+
+def test_subscriptions_show_who_holds_them(eventstore_config: EventStoreConfig) -> None:
+    """The holder comes from the database (pg_locks, pg_stat_activity), so the command
+    tells it from any machine."""
+    trio.run(seed, eventstore_config)
+    [free] = lines(cli(eventstore_config, "subscriptions", "--json"))
+    assert (free["state"], free["holder_pid"], free["holder"]) == ("free", None, None)
+
+    async def while_held() -> None:
+        async with (
+            open_event_store(eventstore_config) as store,
+            store.subscribe_to_all_streams("proj", buffer_size=10) as sub,
+        ):
+            await sub.wait_subscribed()
+            result = await trio.to_thread.run_sync(
+                lambda: cli(eventstore_config, "subscriptions", "--json")
+            )
+            [held] = lines(result)
+            assert held["state"] == "held"
+            assert held["holder_pid"] == store.statistics().lock_pid
+            assert str(held["holder"]).startswith(
+                f"trio-eventstore locks {eventstore_config.schema}@"
+            )
+            assert held["holder_since"] is not None
+            assert (held["last_seen"], held["head"], held["lag"]) == (2, 4, 2)
+            people = await trio.to_thread.run_sync(lambda: cli(eventstore_config, "subscriptions"))
+            assert people.returncode == 0, people.stderr
+            header, row = people.stdout.splitlines()[:2]
+            assert header.split()[:10] == [
+                "subscription_id",
+                "stream_uuid",
+                "subscription_name",
+                "last_seen",
+                "head",
+                "lag",
+                "state",
+                "holder_pid",
+                "holder",
+                "holder_since",
+            ]
+            assert " held " in row
+
+    trio.run(while_held)

@@ -22,6 +22,7 @@ EXPECTED = {
     "EventStore",
     "EventStoreConfig",
     "EventStoreStatistics",
+    "HistogramSnapshot",
     "WriterStatistics",
     "ExpectedVersion",
     "StartFrom",

@@ -45,10 +45,12 @@ from ._errors import (
     UnknownEventTypeError,
     WrongExpectedVersionError,
 )
+from ._metrics import HistogramSnapshot
 from ._pg import TransactionConnection
 from ._projection import Projection
 from ._serialization import JsonSerializer, Serializer
-from ._store import EventStore, EventStoreStatistics, open_event_store
+from ._statistics import EventStoreStatistics
+from ._store import EventStore, open_event_store
 from ._subscription_types import EventBatch, SubscriptionStatistics
 from ._subscriptions import Subscription
 from ._transient import TransientSubscription
@@ -117,6 +119,7 @@ __all__ = [
     "EventStoreError",
     "EventTooLargeError",
     "EventStoreStatistics",
+    "HistogramSnapshot",
     "ExpectedVersion",
     "InvalidStartFromError",
     "NotSupportedError",

@@ -187,6 +187,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-after", type=float, default=1.0)
     run.add_argument("--status-file", help="write a JSON health snapshot here every 5 s")
     run.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve /metrics (Prometheus) and /health, /health/live, /health/ready on this "
+        "port (default: EVENTSTORE_HTTP_PORT, else not served)",
+    )
+    run.add_argument(
+        "--http-host",
+        default=os.environ.get("EVENTSTORE_HTTP_HOST", "127.0.0.1"),
+        help="the address to serve them on (default: EVENTSTORE_HTTP_HOST, else 127.0.0.1)",
+    )
+    run.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT,
@@ -196,6 +208,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-delay", type=float, default=0.5, help="first back-off (s)")
     run.add_argument("--max-retry-delay", type=float, default=30.0, help="longest back-off (s)")
     return parser
+
+
+def _http_port(args: argparse.Namespace) -> int | None:
+    """``--http-port``, else EVENTSTORE_HTTP_PORT, else None (not served)."""
+    if args.http_port is not None:
+        port: int = args.http_port
+        return port
+    value = os.environ.get("EVENTSTORE_HTTP_PORT", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"EVENTSTORE_HTTP_PORT: expected a port number, got {value!r}") from None
 
 
 def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
@@ -236,6 +262,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.serializer:
             config = config.with_changes(serializer=load_serializer(args.serializer))
         specs = _specs(args)
+        http_port = _http_port(args)
     except (ValueError, TypeError) as exc:
         print(f"trio-eventstore run: {exc}", file=sys.stderr)
         return 2
@@ -250,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
                 specs,
                 status_file=status,
                 shutdown_timeout=args.shutdown_timeout,
+                http_port=http_port,
+                http_host=args.http_host,
             )
         )
     except EventStoreError as exc:

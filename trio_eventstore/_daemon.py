@@ -28,6 +28,7 @@ import trio
 from . import _storage
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, single_errors
+from ._health import HealthEndpoint, serve_health
 from ._imports import import_named
 from ._store import EventStore, open_event_store
 from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, EventBatch, SubscriptionOptions
@@ -243,6 +244,8 @@ class SubscriberDaemon:
         self._handler_scopes: set[trio.CancelScope] = set()
         self._handler_deadline = math.inf
         self._subs: dict[str, Subscription] = {}
+        #: the port ``/metrics`` and ``/health`` are served on (None: not served)
+        self.http_port: int | None = None
 
     @property
     def stopping(self) -> bool:
@@ -533,6 +536,8 @@ async def open_subscriber_daemon(
     status_file: Path | None = None,
     status_interval: float = 5.0,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    http_port: int | None = None,
+    http_host: str = "127.0.0.1",
 ) -> AsyncIterator[SubscriberDaemon]:
     """Run the subscribers until the block exits (which stops them cleanly) or one
     fails with ``on_error="stop"`` (`HandlerFailedError` then comes out of the block).
@@ -542,6 +547,9 @@ async def open_subscriber_daemon(
             ``status_interval`` seconds (atomically: a temporary file, then a rename).
         shutdown_timeout: once stopping, how long the handlers in hand may run before
             they are cancelled (what was acknowledged is flushed either way).
+        http_port: serve ``/metrics`` (Prometheus text), ``/health``, ``/health/live``
+            and ``/health/ready`` on this port of ``http_host`` (0: a free port, see
+            `SubscriberDaemon.http_port`); None: not served.
     """
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
@@ -550,9 +558,14 @@ async def open_subscriber_daemon(
         raise TypeError("shutdown_timeout: expected a number of seconds")
     if not 0 <= shutdown_timeout < math.inf:
         raise ValueError("shutdown_timeout: must be a finite number of seconds >= 0")
+    if http_port is not None and (
+        isinstance(http_port, bool) or not isinstance(http_port, int) or not 0 <= http_port < 65536
+    ):
+        raise ValueError(f"http_port: expected None or a port number, got {http_port!r}")
     daemon = SubscriberDaemon(store, specs, shutdown_timeout=shutdown_timeout)
     await daemon._load_positions()
-    status_scope = trio.CancelScope()
+    status_scope, http_scope = trio.CancelScope(), trio.CancelScope()
+    endpoint = HealthEndpoint(store, lambda: [s.as_dict() for s in daemon.statistics()])
 
     async def write_status() -> None:
         assert status_file is not None
@@ -565,14 +578,31 @@ async def open_subscriber_daemon(
                 nursery.start_soon(daemon._run_one, spec)
             if status_file is not None:
                 nursery.start_soon(write_status)
+            if http_port is not None:
+                daemon.http_port = await nursery.start(
+                    _serve_until, http_scope, endpoint, http_host, http_port
+                )
             try:
                 yield daemon
             finally:
                 daemon.stop()  # the subscribers finish what they have in hand, then return
                 status_scope.cancel()
+                http_scope.cancel()
     if status_file is not None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await _write_status_once(daemon, status_file)
+
+
+async def _serve_until(
+    scope: trio.CancelScope,
+    endpoint: HealthEndpoint,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve_health(endpoint, host, port, task_status=task_status)
 
 
 async def _write_status_once(daemon: SubscriberDaemon, path: Path) -> None:
@@ -597,10 +627,13 @@ async def run_subscribers(
     status_file: Path | None = None,
     handle_signals: bool = True,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    http_port: int | None = None,
+    http_host: str = "127.0.0.1",
 ) -> None:
     """Open the store and run the subscribers until SIGINT/SIGTERM, then stop cleanly
     (`SubscriberDaemon.stop`); a second signal cancels the handlers in hand at once.
-    Either way what was handled is acknowledged and flushed."""
+    Either way what was handled is acknowledged and flushed. ``http_port``,
+    ``http_host``: as for `open_subscriber_daemon`."""
     receiver = (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         if handle_signals
@@ -609,7 +642,12 @@ async def run_subscribers(
     with receiver as signals, single_errors():
         async with open_event_store(config) as store, trio.open_nursery() as nursery:
             async with open_subscriber_daemon(
-                store, specs, status_file=status_file, shutdown_timeout=shutdown_timeout
+                store,
+                specs,
+                status_file=status_file,
+                shutdown_timeout=shutdown_timeout,
+                http_port=http_port,
+                http_host=http_host,
             ) as daemon:
                 if signals is not None:
                     nursery.start_soon(_watch_signals, signals, daemon)

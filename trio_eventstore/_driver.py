@@ -37,6 +37,7 @@ from ._errors import (
 )
 from ._fsm import SubscriptionFSM
 from ._locks import Lease, LockKeeper, lock_key2
+from ._metrics import StoreMetrics
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database
 from ._readahead import PageReader
@@ -56,6 +57,8 @@ class DriverHost(Protocol):
     notifier: Notifier
     locks: LockKeeper
     lock_key1: int
+    #: the store's counters (commit-to-delivery lag)
+    metrics: StoreMetrics
 
     def discard(self, driver: Driver) -> None:
         """The driver has stopped: forget it (a later join starts a new one)."""
@@ -107,6 +110,15 @@ class Driver:
         self.progress = trio.Event()  # replaced whenever last_ack advances
         self._wake = trio.Event()
         self._checkpoint_lock = trio.Lock()
+        #: figures for `statistics` (metrics): events delivered, delivered again (at
+        #: or below the highest number this store delivered before), and parked (set
+        #: aside after failing; bumped by poison-event handling)
+        self.delivered = 0
+        self.redeliveries = 0
+        self.parked = 0
+        self._delivered_high = -1
+        #: time.monotonic() when the checkpoint was last read or persisted by a session
+        self.checkpoint_time: float | None = None
         self._last_activity = time.monotonic()
         self._next_consumer = 0
         self._reader = PageReader(
@@ -227,6 +239,18 @@ class Driver:
                 continue
             consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
             consumer.send.send_nowait(EventBatch(events, events, self.session))
+            self._count_delivery(events, fsm.at_head)
+
+    def _count_delivery(self, events: list[RecordedEvent], at_head: bool) -> None:
+        """Metrics: delivered, redelivered, and (at the head) commit-to-delivery lag."""
+        self.delivered += len(events)
+        high = self._delivered_high
+        if events[0].event_number <= high:
+            self.redeliveries += sum(1 for e in events if e.event_number <= high)
+        self._delivered_high = max(high, events[-1].event_number)
+        if at_head:
+            lag = time.time() - events[-1].created_at.timestamp()
+            self.owner.metrics.delivery_lag.observe(max(0.0, lag))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -383,6 +407,7 @@ class Driver:
             fsm.add_consumer(consumer.consumer_id, consumer.buffer_size)
         self.fsm = fsm
         self._deferred = None
+        self.checkpoint_time = time.monotonic()
         self.state = "catching_up"
         self.subscribed.set()
         self._signal_progress()  # waiters see the stored checkpoint (it may be enough)
@@ -486,6 +511,7 @@ class Driver:
                 fsm.on_checkpoint_failed()
                 raise
             fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
+            self.checkpoint_time = time.monotonic()
             self.last_persisted = checkpoint
             self.checkpointed.set()
             self.checkpointed = trio.Event()

@@ -120,8 +120,12 @@ def event_dict(event: RecordedEvent) -> dict[str, Any]:
 
 
 async def subscriptions_with_lag(store: EventStore) -> list[dict[str, Any]]:
-    """Every subscription row, with its stream's head and the lag behind it."""
+    """Every subscription row, with its stream's head, the lag behind it, and the
+    session holding its lock, if any (Elixir or Python, on any machine: from pg_locks
+    and pg_stat_activity). Standbys try the lock now and then: they do not show."""
     rows = await store._db.fetch(_sql.list_subscriptions(store.config.schema))
+    key1 = store._subscriptions.lock_key1 & 0xFFFFFFFF  # pg_locks shows it unsigned
+    holders = {int(h["key2"]): h for h in await store._db.fetch(_sql.SUBSCRIPTION_HOLDERS, key1)}
     result = []
     for row in rows:
         try:
@@ -129,6 +133,7 @@ async def subscriptions_with_lag(store: EventStore) -> list[dict[str, Any]]:
         except LookupError:
             head = 0
         last_seen = int(row["last_seen"] or 0)
+        holder = holders.get(lock_key2(int(row["subscription_id"])))
         result.append(
             {
                 "subscription_id": row["subscription_id"],
@@ -137,10 +142,25 @@ async def subscriptions_with_lag(store: EventStore) -> list[dict[str, Any]]:
                 "last_seen": last_seen,
                 "head": head,
                 "lag": max(0, head - last_seen),
+                "state": "held" if holder is not None else "free",
+                "holder_pid": holder["pid"] if holder is not None else None,
+                "holder": _holder_text(holder) if holder is not None else None,
+                "holder_since": (
+                    holder["backend_start"].isoformat()
+                    if holder is not None and holder["backend_start"] is not None
+                    else None
+                ),
                 "created_at": row["created_at"].isoformat(),
             }
         )
     return result
+
+
+def _holder_text(holder: Any) -> str:
+    """``application_name@client_addr`` of a lock holder's session."""
+    name = holder["application_name"] or "?"
+    addr = holder["client_addr"] or "local"
+    return f"{name}@{addr}"
 
 
 async def read_event(store: EventStore, event_id: str) -> RecordedEvent:

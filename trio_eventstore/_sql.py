@@ -741,6 +741,20 @@ def notification_channel(schema: str) -> str:
 
 
 TRY_LOCK = "SELECT pg_catalog.pg_try_advisory_lock($1::int, $2::int)"
+
+#: Parameter: the store's first lock key, as pg_locks shows it (unsigned). The sessions
+#: holding a subscription lock of the store, in this database: one row (key2, pid,
+#: application_name, client_addr, backend_start) each.
+SUBSCRIPTION_HOLDERS = (
+    "SELECT l.objid::text::bigint AS key2, l.pid, a.application_name, "
+    "host(a.client_addr) AS client_addr, a.backend_start "
+    "FROM pg_catalog.pg_locks l "
+    "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+    "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+    "WHERE datname = pg_catalog.current_database()) "
+    "AND l.classid::text::bigint = $1"
+)
 UNLOCK = "SELECT pg_catalog.pg_advisory_unlock($1::int, $2::int)"
 
 #: Parameters: key1s, key2s (int arrays, pairwise). Tries every lock in one round trip;

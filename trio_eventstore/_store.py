@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import Any
 
-import attrs
 import trio
 
 from . import _schema_state, _snapshots, _storage
@@ -24,6 +24,7 @@ from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
 from ._sql import STREAM_SORT_COLUMNS
+from ._statistics import EventStoreStatistics, store_statistics
 from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, SubscriptionOptions
 from ._subscriptions import Subscription, Subscriptions
 from ._transient import TransientSubscription
@@ -39,29 +40,11 @@ from ._types import (
     StreamInfo,
     check_text,
 )
-from ._writer import GroupCommitWriter, WriterStatistics
+from ._writer import GroupCommitWriter
 
 __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
 
 logger = logging.getLogger("trio_eventstore.subscriptions")
-
-
-@attrs.frozen
-class EventStoreStatistics:
-    """A snapshot of the store's state (`EventStore.statistics`)."""
-
-    schema: str
-    pool_size: int
-    pool_connections: int
-    pool_idle: int
-    pool_overloaded: bool
-    listener_pid: int | None
-    listener_reconnects: int
-    lock_pid: int | None
-    lock_reconnects: int
-    subscriptions: int
-    #: the group-commit writer's counters (None without group commit)
-    writer: WriterStatistics | None = None
 
 
 class EventStore:
@@ -82,6 +65,7 @@ class EventStore:
         self._db = database
         self._subscriptions = subscriptions
         self._writer = writer
+        self._metrics = subscriptions.metrics
 
     @property
     def config(self) -> EventStoreConfig:
@@ -142,8 +126,18 @@ class EventStore:
         encoded = _storage.encode_events(serializer, event_list)
         check_storable(encoded, self._config.column_data_type)
         request = _storage.AppendRequest.build(stream_uuid, expected_version, encoded)
-        subscriptions = self._subscriptions
+        subscriptions, metrics = self._subscriptions, self._metrics
+        tracing = metrics.tracing
+        span = (
+            None
+            if tracing is None
+            else tracing.start_span(
+                "eventstore.append",
+                {"eventstore.stream": stream_uuid, "eventstore.events": len(event_list)},
+            )
+        )
         token = subscriptions.append_started(stream_uuid)
+        started = time.perf_counter()
         try:
             if self._writer is not None:
                 # The writer hands the events to this store's subscriptions itself, in
@@ -152,8 +146,19 @@ class EventStore:
             else:
                 appended = await _storage.append(self._db, request)
                 subscriptions.appended(request, appended)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                metrics.append_failed(exc)
+            if span is not None:
+                span.end(exc)
+            raise
         finally:
             subscriptions.append_finished(token)
+        metrics.append_latency.observe(time.perf_counter() - started)
+        metrics.appends += 1
+        metrics.appended_events += len(event_list)
+        if span is not None:
+            span.end()
         return appended.version
 
     async def link_to_stream(
@@ -204,7 +209,7 @@ class EventStore:
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=0)
         _check_int("count", count, minimum=1)
-        return await _storage.read(self._db, stream_uuid, start_version, count, forward=True)
+        return await self._read(stream_uuid, start_version, count, forward=True)
 
     async def read_stream_backward(
         self, stream_uuid: str, start_version: int = -1, count: int = 1000
@@ -218,7 +223,36 @@ class EventStore:
         _check_stream(stream_uuid)
         _check_int("start_version", start_version, minimum=-1)
         _check_int("count", count, minimum=1)
-        return await _storage.read(self._db, stream_uuid, start_version, count, forward=False)
+        return await self._read(stream_uuid, start_version, count, forward=False)
+
+    async def _read(
+        self, stream_uuid: str, start_version: int, count: int, *, forward: bool
+    ) -> list[RecordedEvent]:
+        metrics = self._metrics
+        tracing = metrics.tracing
+        span = (
+            None
+            if tracing is None
+            else tracing.start_span(
+                "eventstore.read",
+                {"eventstore.stream": stream_uuid, "eventstore.forward": forward},
+            )
+        )
+        started = time.perf_counter()
+        try:
+            events = await _storage.read(
+                self._db, stream_uuid, start_version, count, forward=forward
+            )
+        except BaseException as exc:
+            if span is not None:
+                span.end(exc)
+            raise
+        metrics.read_latency.observe(time.perf_counter() - started)
+        metrics.reads += 1
+        metrics.read_events += len(events)
+        if span is not None:
+            span.end()
+        return events
 
     async def read_all_streams_forward(
         self, start_version: int = 0, count: int = 1000
@@ -465,13 +499,16 @@ class EventStore:
         self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
     ) -> AsyncIterator[Subscription]:
         driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
+        subscription = Subscription(driver, consumer)
         try:
-            yield Subscription(driver, consumer)
+            yield subscription
         except BaseException:
+            subscription._end_span()
             failure = await self._subscriptions.leave(driver, consumer)
             if failure is not None:  # the error already leaving the block wins
                 logger.warning("%s", failure)
             raise
+        subscription._end_span()
         failure = await self._subscriptions.leave(driver, consumer)
         if failure is not None:
             raise failure
@@ -536,21 +573,9 @@ class EventStore:
             )
 
     def statistics(self) -> EventStoreStatistics:
-        pool = self._db.pool_statistics()
-        subs = self._subscriptions
-        return EventStoreStatistics(
-            schema=self._config.schema,
-            pool_size=int(pool["max_size"]),
-            pool_connections=int(pool["size"]),
-            pool_idle=int(pool["idle"]),
-            pool_overloaded=bool(pool["overloaded"]),
-            listener_pid=subs.notifier.backend_pid if subs.notifier.connected else None,
-            listener_reconnects=subs.notifier.reconnects,
-            lock_pid=subs.locks.backend_pid,
-            lock_reconnects=subs.locks.reconnects,
-            subscriptions=len(subs.active()),
-            writer=self._writer.statistics() if self._writer is not None else None,
-        )
+        """A snapshot of the store's figures: pool, connections, appends, reads,
+        deliveries and each persistent subscription (sync, no I/O)."""
+        return store_statistics(self._config, self._db, self._subscriptions, self._writer)
 
     def __repr__(self) -> str:
         return (

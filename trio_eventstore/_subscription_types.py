@@ -116,3 +116,23 @@ class SubscriptionStatistics:
     #: the stream's latest version known to this store (from notifications, polls and
     #: reads): the event number of the newest event for ``$all``
     head: int = 0
+    #: the subscription's stream (``"$all"``) and name
+    stream_uuid: str = ""
+    name: str = ""
+    #: ``holder`` (delivering), ``hibernated`` (holding, idle, buffers dropped),
+    #: ``standby`` (another session holds it), ``starting``, ``disconnected``,
+    #: ``stopped`` or ``failed``
+    role: str = "starting"
+    #: events in the stream not yet acknowledged (``head - last_ack``)
+    lag: int = 0
+    #: age (now - created_at) of the oldest event read and not yet acknowledged; 0 when
+    #: none is held
+    lag_seconds: float = 0.0
+    #: seconds since this store last read or persisted the checkpoint (None: no session)
+    checkpoint_age: float | None = None
+    #: events delivered to consumers, and those among them delivered again (after a
+    #: lost lock, a restart of the session, a consumer that left without acknowledging)
+    delivered: int = 0
+    redeliveries: int = 0
+    #: events set aside after failing (parked)
+    parked: int = 0

@@ -5,9 +5,11 @@ the handle a consumer iterates and acknowledges with, in its own task."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from . import _storage, _transient
@@ -21,6 +23,7 @@ from ._errors import (
     TooManySubscribersError,
 )
 from ._locks import LockKeeper
+from ._metrics import StoreMetrics, TracingSpan
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
@@ -41,11 +44,37 @@ class Subscription:
     def __init__(self, driver: Driver, consumer: Consumer) -> None:
         self._driver = driver
         self._consumer = consumer
+        #: when traced: the span of the batch in hand (ends when the next is asked for)
+        self._span: TracingSpan | None = None
 
     def __aiter__(self) -> Subscription:
         return self
 
+    def _end_span(self) -> None:
+        span, self._span = self._span, None
+        if span is not None:
+            span.end()
+
     async def __anext__(self) -> EventBatch:
+        if self._span is not None:
+            self._end_span()
+        batch = await self._next_batch()
+        tracing = self._driver.owner.metrics.tracing
+        if tracing is not None:
+            driver, events = self._driver, batch.events
+            self._span = tracing.start_span(
+                "eventstore.subscription.batch",
+                {
+                    "eventstore.stream": driver.stream_uuid,
+                    "eventstore.subscription": driver.name,
+                    "eventstore.events": len(events),
+                    "eventstore.first_event_number": events[0].event_number,
+                    "eventstore.last_event_number": events[-1].event_number,
+                },
+            )
+        return batch
+
+    async def _next_batch(self) -> EventBatch:
         while True:
             try:
                 batch = await self._consumer.receive.receive()
@@ -125,7 +154,48 @@ class Subscription:
         self._driver.ack(self._consumer, number)
 
     def statistics(self) -> SubscriptionStatistics:
-        return self._driver.statistics()
+        return subscription_statistics(self._driver)
+
+
+_ROLES = {
+    "catching_up": "holder",
+    "subscribed": "holder",
+    "hibernating": "hibernated",
+    "waiting_for_lock": "standby",
+    "subscribing": "starting",
+}
+
+
+def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
+    """The driver's statistics with the figures metrics report (role, lag, ages)."""
+    stats = driver.statistics()
+    lag = max(0, stats.head - stats.last_ack)
+    lag_seconds = 0.0
+    fsm = driver.fsm
+    if fsm is not None and lag:
+        oldest = [c.in_flight[0] for c in fsm.consumers.values() if c.in_flight]
+        if fsm.pending:
+            oldest.append(fsm.pending[0])
+        if oldest:
+            event = min(oldest, key=lambda item: item[0])[2]
+            lag_seconds = max(0.0, time.time() - event.created_at.timestamp())
+    checkpoint_time = driver.checkpoint_time
+    return attrs.evolve(
+        stats,
+        stream_uuid=driver.stream_uuid,
+        name=driver.name,
+        role=_ROLES.get(stats.state, stats.state),
+        lag=lag,
+        lag_seconds=lag_seconds,
+        checkpoint_age=(
+            time.monotonic() - checkpoint_time
+            if checkpoint_time is not None and fsm is not None
+            else None
+        ),
+        delivered=driver.delivered,
+        redeliveries=driver.redeliveries,
+        parked=driver.parked,
+    )
 
 
 def _raise_if_stopped(driver: Driver) -> None:
@@ -184,6 +254,8 @@ class Subscriptions:
         #: this store's appends in flight: token -> stream
         self._own_appends: dict[int, str] = {}
         self._last_token = 0
+        #: the store's counters (the facade bumps the append and read ones)
+        self.metrics = StoreMetrics()
 
     def check_open(self) -> None:
         """Raise `EventStoreClosedError` once the store has closed."""

@@ -76,6 +76,9 @@ class _Pool:
         self._idle: list[Any] = []
         self.size = 0
         self.closed = False
+        #: callers waiting for a connection now; callers refused (`PoolOverloadedError`)
+        self.waiting = 0
+        self.overloads = 0
 
     async def _connect(self) -> Any:
         # No asyncpg command_timeout on pooled connections: `Database` bounds each
@@ -94,7 +97,11 @@ class _Pool:
             # that follows checkpoints anyway).
             self._slots.acquire_nowait()
         except trio.WouldBlock:
-            await self._wait_for_slot()
+            self.waiting += 1
+            try:
+                await self._wait_for_slot()
+            finally:
+                self.waiting -= 1
         else:
             self.admission.observe(0.0)
         while self._idle:
@@ -126,6 +133,7 @@ class _Pool:
             admission.observe(now - started)
             if now >= deadline or admission.overloaded:
                 state = "overloaded " if admission.overloaded else ""
+                self.overloads += 1
                 raise PoolOverloadedError(
                     f"no database connection free within {now - started:.3g} s "
                     f"({state}pool of {self.config.pool_size})"
@@ -267,6 +275,9 @@ class Database:
             "idle": len(pool._idle),
             "max_size": pool.config.pool_size,
             "overloaded": pool.admission.overloaded,
+            "in_use": pool.config.pool_size - pool._slots.value,
+            "waiting": pool.waiting,
+            "overloads": pool.overloads,
         }
 
 
