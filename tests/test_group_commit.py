@@ -22,6 +22,7 @@ from trio_eventstore import (
     StreamExistsError,
     StreamNotFoundError,
     WrongExpectedVersionError,
+    _storage,
     open_event_store,
 )
 from trio_eventstore._pg import Connection, open_connection
@@ -88,9 +89,15 @@ async def test_concurrent_appends_share_batches(store: EventStore) -> None:
         assert (events[k][1], events[k + 1][1]) == (1, 2)
 
 
+@pytest.mark.parametrize("all_apart", [False, True], ids=["one-statement", "all-apart"])
 async def test_each_caller_gets_its_own_outcome(
-    store: EventStore, initialized: EventStoreConfig
+    store: EventStore,
+    initialized: EventStoreConfig,
+    all_apart: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if all_apart:  # every batch written as big ones are: streams, then $all
+        monkeypatch.setattr(_storage, "ALL_APART_EVENTS", 1)
     await store.append_to_stream("existing", NO_STREAM, [ev(1)])
     taken = uuid.uuid4()
     await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
@@ -155,6 +162,45 @@ async def test_each_caller_gets_its_own_outcome(
     assert len(events) == 2 + MAX_IN_FLIGHT + 2 + 2 + 1
     info = await store.stream_info("$all")
     assert info.stream_version == len(events)
+    # Each append's events are where the stream's version says, in order.
+    for stream in ("x", "existing", "y"):
+        versions = [v for s, v, _ in events if s == stream]
+        assert versions == sorted(versions) == list(range(1, len(versions) + 1))
+
+
+async def test_big_concurrent_appends_number_all_densely(store: EventStore) -> None:
+    """Batches of many events (written streams first, then $all) from concurrent
+    callers: $all dense, each append's events consecutive in $all and in its stream."""
+    appended: dict[str, int] = {}
+
+    async def append(i: int) -> None:
+        stream = f"big-{i}"
+        for round_ in range(3):
+            events = [ev(k) for k in range(150 + 37 * i)]
+            version = await store.append_to_stream(stream, round_ and appended[stream], events)
+            appended[stream] = version
+
+    total = sum(3 * (150 + 37 * i) for i in range(6))
+    delivered: list[tuple[int, uuid.UUID]] = []
+    async with store.subscribe("$all") as subscription:
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(append, i)
+        with trio.fail_after(30):
+            async for batch in subscription:
+                delivered += [(e.event_number, e.event_id) for e in batch]
+                if len(delivered) >= total:
+                    break
+    recorded = await store.read_all_streams_forward(0, 100_000)
+    # What this store's subscription got straight from the writer is numbered as stored.
+    assert delivered == [(e.event_number, e.event_id) for e in recorded]
+    assert [e.event_number for e in recorded] == list(range(1, len(recorded) + 1))
+    assert len(recorded) == sum(3 * (150 + 37 * i) for i in range(6))
+    for i in range(6):
+        mine = [e for e in recorded if e.stream_uuid == f"big-{i}"]
+        assert [e.stream_version for e in mine] == list(range(1, len(mine) + 1))
+        assert [e.data["n"] for e in mine] == [k for _ in range(3) for k in range(150 + 37 * i)]
+    assert appended == {f"big-{i}": 3 * (150 + 37 * i) for i in range(6)}
 
 
 async def test_cancelled_before_its_batch_writes_nothing(

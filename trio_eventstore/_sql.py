@@ -413,7 +413,9 @@ def _creatable(kind: str, expected: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)  # built once per schema: a hot path
-def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> str:
+def append_batch(
+    schema: str, column_data_type: str, *, lone: bool = False, all_apart: bool = False
+) -> str:
     """Any number of appends, each to its own stream, in ONE statement (atomic on its
     own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
 
@@ -445,6 +447,12 @@ def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> s
     UPDATE of stream_version takes), not ``FOR UPDATE``: a link elsewhere whose events
     come from a locked stream checks its foreign key (``FOR KEY SHARE``) without waiting,
     so it can never wait in a cycle with an append.
+
+    ``all_apart``: everything but `$all` (for big batches, in a transaction that then
+    runs `append_to_all`): the statement writes the streams' own rows and returns
+    ``all_base`` as the append's offset in the batch; `$all` is neither locked nor
+    written. The foreign-key checks of the rows written here run when this statement
+    ends, before `$all` is locked, so the lock is held over half of them only.
     """
     s = quote_ident(schema)
     data = _stored("u.d", column_data_type)
@@ -504,12 +512,17 @@ def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> s
         " WHERE u.a IN (SELECT ok.k FROM ok)"
         " RETURNING 1"
         "), a AS ("
-        f" UPDATE {s}.streams SET stream_version = stream_version + t.total"
-        " FROM (SELECT sum(ok.n)::bigint AS total FROM ok) t"
-        " WHERE stream_id = 0 AND t.total > 0"
-        " AND (SELECT count(*) FROM upd) >= 0 AND (SELECT count(*) FROM ev) >= 0"
-        " RETURNING stream_version - t.total AS base"
-        "), se AS ("
+        + (
+            " SELECT 0::bigint AS base"
+            " WHERE (SELECT count(*) FROM upd) >= 0 AND (SELECT count(*) FROM ev) >= 0"
+            if all_apart
+            else f" UPDATE {s}.streams SET stream_version = stream_version + t.total"
+            " FROM (SELECT sum(ok.n)::bigint AS total FROM ok) t"
+            " WHERE stream_id = 0 AND t.total > 0"
+            " AND (SELECT count(*) FROM upd) >= 0 AND (SELECT count(*) FROM ev) >= 0"
+            " RETURNING stream_version - t.total AS base"
+        )
+        + "), se AS ("
         f" INSERT INTO {s}.stream_events"
         " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
         " SELECT u.id, x.sid,"
@@ -517,11 +530,37 @@ def append_batch(schema: str, column_data_type: str, *, lone: bool = False) -> s
         " ok.stream_id, ok.before + u.p"
         " FROM a, unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
         " JOIN ok ON ok.k = u.a,"
-        " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
-        ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
+        + (
+            " LATERAL (VALUES (ok.stream_id)) AS x(sid)"
+            if all_apart
+            else " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
+        )
+        + ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
         " d.id AS duplicate_id"
         " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true"
         " LEFT JOIN dup d ON d.a = st.k ORDER BY st.k"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def append_to_all(schema: str) -> str:
+    """The `$all` half of a big batch (after `append_batch` with ``all_apart``, in the
+    same transaction): lock `$all`, number the events after its head in the order
+    given. Parameters: $1 the event ids, $2 their streams' ids, $3 their versions in
+    those streams. Returns ``base``, the `$all` number before the first one."""
+    s = quote_ident(schema)
+    return (
+        "WITH a AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + cardinality($1::uuid[])"
+        " WHERE stream_id = 0"
+        " RETURNING stream_version - cardinality($1::uuid[]) AS base"
+        "), se AS ("
+        f" INSERT INTO {s}.stream_events"
+        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+        " SELECT u.id, 0, a.base + u.k, u.sid, u.v"
+        " FROM a, unnest($1::uuid[], $2::bigint[], $3::bigint[])"
+        " WITH ORDINALITY AS u(id, sid, v, k)"
+        ") SELECT base FROM a"
     )
 
 

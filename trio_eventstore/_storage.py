@@ -214,11 +214,13 @@ _SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
 
 
 def batch_statement(
-    config: EventStoreConfig, requests: Sequence[AppendRequest]
+    config: EventStoreConfig, requests: Sequence[AppendRequest], *, all_apart: bool = False
 ) -> tuple[str, tuple[object, ...], datetime.datetime]:
     """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
     give the events (no I/O)."""
-    sql = _sql.append_batch(config.schema, config.column_data_type, lone=len(requests) == 1)
+    sql = _sql.append_batch(
+        config.schema, config.column_data_type, lone=len(requests) == 1, all_apart=all_apart
+    )
     created_at = datetime.datetime.now(datetime.UTC)
     events = [e for r in requests for e in r.events]
     params = (
@@ -240,15 +242,20 @@ def batch_statement(
 
 
 def batch_outcomes(
-    requests: Sequence[AppendRequest], rows: Sequence[Row], created_at: datetime.datetime
+    requests: Sequence[AppendRequest],
+    rows: Sequence[Row],
+    created_at: datetime.datetime,
+    all_base: int = 0,
 ) -> list[Outcome]:
-    """Each request's outcome, from the rows `batch_statement` returned."""
+    """Each request's outcome, from the rows `batch_statement` returned (``all_base``:
+    what `_sql.append_to_all` returned, after a statement written ``all_apart``)."""
     outcomes: list[Outcome] = []
     for request, row in zip(requests, rows, strict=True):
         outcome, before = int(row["outcome"]), int(row["before"])
         if outcome == _sql.APPEND_OK:
             n = len(request.events)
-            outcomes.append(Appended(before + n, int(row["all_base"]) + 1, created_at))
+            first = all_base + int(row["all_base"]) + 1
+            outcomes.append(Appended(before + n, first, created_at))
         elif outcome == _sql.APPEND_RETRY:
             outcomes.append(None)
         else:
@@ -260,16 +267,46 @@ def batch_outcomes(
     return outcomes
 
 
+#: A batch of at least this many events is written in a transaction of two statements
+#: (`_write_batch`): its round trips cost little next to its foreign-key checks.
+ALL_APART_EVENTS = 256
+
+
 async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
-    """Write ``requests`` (distinct streams, distinct event ids) in one statement."""
-    sql, params, created_at = batch_statement(db.config, requests)
+    """Write ``requests`` (distinct streams, distinct event ids) in one statement; a
+    batch of `ALL_APART_EVENTS` or more in one transaction: the streams' rows, then
+    `$all` (`_sql.append_to_all`), so that the foreign-key checks of the streams'
+    rows run before `$all` is locked, in parallel with other writers, and the lock is
+    held over the `$all` rows' checks only."""
     n_events = sum(len(r.events) for r in requests)
+    if n_events < ALL_APART_EVENTS:
+        sql, params, created_at = batch_statement(db.config, requests)
 
-    async def unit(conn: Conn) -> list[Row]:
-        return await conn.fetch(sql, *params)
+        async def unit(conn: Conn) -> list[Row]:
+            return await conn.fetch(sql, *params)
 
-    rows = await db.run(unit, statements=1 + n_events // 1000)
-    return batch_outcomes(requests, rows, created_at)
+        rows = await db.run(unit, statements=1 + n_events // 1000)
+        return batch_outcomes(requests, rows, created_at)
+
+    sql, params, created_at = batch_statement(db.config, requests, all_apart=True)
+    to_all = _sql.append_to_all(db.config.schema)
+
+    async def apart(conn: Conn) -> tuple[list[Row], int]:
+        rows = await conn.fetch(sql, *params)
+        ids: list[uuid.UUID] = []
+        stream_ids: list[int] = []
+        versions: list[int] = []
+        for request, row in zip(requests, rows, strict=True):
+            if row["outcome"] == _sql.APPEND_OK:
+                before = int(row["before"])
+                ids += [e.event_id for e in request.events]
+                stream_ids += [int(row["stream_id"])] * len(request.events)
+                versions += range(before + 1, before + 1 + len(request.events))
+        base = int(await conn.fetchval(to_all, ids, stream_ids, versions)) if ids else 0
+        return rows, base
+
+    rows, base = await db.transaction(apart, statements=4 + 2 * n_events // 1000)
+    return batch_outcomes(requests, rows, created_at, base)
 
 
 async def append_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
