@@ -199,7 +199,8 @@ async def test_big_concurrent_appends_number_all_densely(store: EventStore) -> N
     for i in range(6):
         mine = [e for e in recorded if e.stream_uuid == f"big-{i}"]
         assert [e.stream_version for e in mine] == list(range(1, len(mine) + 1))
-        assert [e.data["n"] for e in mine] == [k for _ in range(3) for k in range(150 + 37 * i)]
+        expected = [k for _ in range(3) for k in range(150 + 37 * i)]
+        assert [e.data["n"] for e in mine] == expected  # type: ignore[index]
     assert appended == {f"big-{i}": 3 * (150 + 37 * i) for i in range(6)}
 
 
