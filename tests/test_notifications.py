@@ -82,3 +82,21 @@ async def test_scenario_notifications_match_elixir(
     channels = {c for c, _ in received}
     assert channels == {f"{cfg.schema}.events"}
     assert [p for _, p in received] == expected
+
+
+async def test_a_busy_pool_does_not_drop_the_listener(initialized: EventStoreConfig) -> None:
+    """The listener's re-reads of stream positions wait for a pooled connection when
+    readers hold them all: the LISTEN connection stays up (it used to be torn down and
+    reconnected, and NOTIFYs sent meanwhile were only caught up by the next re-read)."""
+    config = initialized.with_changes(
+        pool_size=1, notification_poll_interval=0.05, queue_interval=0.2
+    )
+    async with open_event_store(config) as store:
+
+        async def hold(conn: object) -> None:
+            await conn.execute("SELECT pg_sleep(1.0)")  # type: ignore[attr-defined]
+
+        await store._db.run(hold)  # the pool's only connection, busy for 1 s
+        await trio.sleep(0.2)
+        assert store.statistics().listener_reconnects == 0
+        assert store.statistics().listener_connected
