@@ -47,8 +47,9 @@ logger = logging.getLogger("trio_eventstore.projections")
 ProjectionHandler = Callable[[TransactionConnection, Any], Awaitable[None]]
 
 #: Concurrent ``CREATE ... IF NOT EXISTS`` of the same object can fail with these
-#: (unique_violation on the catalog, duplicate_table, duplicate_schema): try again.
-_CREATE_RACES = frozenset({"23505", "42P07", "42P06"})
+#: (unique_violation on the catalog, duplicate_table, duplicate_schema, duplicate_object:
+#: the table's row type, when the other CREATE TABLE committed first): try again.
+_CREATE_RACES = frozenset({"23505", "42P07", "42P06", "42710"})
 _CREATE_ATTEMPTS = 3
 
 
