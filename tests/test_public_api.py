@@ -79,6 +79,10 @@ EXPECTED = {
     "TLSError",
     "Projection",
     "TransactionConnection",
+    "DEFAULT_RETRY_POLICY",
+    "ParkedEvent",
+    "RetryPolicy",
+    "UndecodedEvent",
 }
 
 

@@ -39,6 +39,7 @@ from ._fsm import SubscriptionFSM
 from ._locks import Lease, LockKeeper, lock_key2
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database
+from ._poison import ParkingLot, error_text
 from ._readahead import PageReader
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._types import ALL_STREAMS, RecordedEvent
@@ -117,6 +118,8 @@ class Driver:
         self._deferred: tuple[int, int] | None = None
         #: while waiting for the lock or to retry: cancelled when the last consumer leaves
         self._waiting: trio.CancelScope | None = None
+        #: retries of events given back (`nack`), parked events and their replays
+        self.poison = ParkingLot(owner.db, stream_uuid, name, options)
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -161,6 +164,7 @@ class Driver:
             if (
                 fsm.wants_read() is not None
                 or fsm.checkpoint_wanted()
+                or fsm.has_replay_acks
                 or (fsm.checkpoint_after > 0 and before <= fsm.last_persisted < fsm.last_ack)
             ):
                 self.wake()
@@ -170,6 +174,32 @@ class Driver:
         ):
             return  # delivered by a session that lost its lock: it will come again
         raise UnexpectedAckError(event_number=event_number)
+
+    def nack(
+        self, consumer: Consumer, event_number: int, retry: bool, error: BaseException | str | None
+    ) -> None:
+        fsm = self.fsm
+        cid = consumer.consumer_id
+        if fsm is not None and fsm.is_in_flight(cid, event_number):
+            self.poison.nack(fsm, cid, event_number, retry, error_text(error))
+            self._last_activity = time.monotonic()
+            self._deliver()
+            self.wake()
+            return
+        if event_number <= consumer.stale_up_to or (
+            fsm is None and event_number <= consumer.delivered_high
+        ):
+            return  # delivered by a session that lost its lock: it will come again
+        raise UnexpectedAckError(event_number=event_number)
+
+    def parked_changed(self) -> None:
+        """This store replayed or discarded parked events of this subscription."""
+        self.poison.on_news()
+        self.wake()
+
+    def _on_parked_news(self) -> None:
+        self.poison.on_news()
+        self.wake()
 
     # -- this store's own appends (sync, called from appenders' tasks) --------------------
 
@@ -377,6 +407,7 @@ class Driver:
             checkpoint_after=options.checkpoint_after,
             partition_by=options.partition_by,
             selector=options.selector,
+            park_if=self.poison.park_if,
         )
         self.last_persisted = last_seen
         for consumer in self.consumers.values():
@@ -395,6 +426,7 @@ class Driver:
         finally:
             self._reader.forget_read_ahead()
             owner.notifier.remove_listener(self.stream_uuid, self.wake)
+            self.poison.end_session(owner.notifier)
 
     async def _session_loop(
         self, fsm: SubscriptionFSM[RecordedEvent], nursery: trio.Nursery
@@ -402,6 +434,11 @@ class Driver:
         owner = self.owner
         hibernate_after = owner.config.subscription_hibernate_after
         while self.consumers:
+            if self.poison.has_work(fsm):
+                await self.poison.work(fsm, owner.notifier, self._on_parked_news)
+                self._deliver()
+                await self._checkpoint_if_due()
+                continue
             after = fsm.wants_read()
             if after is not None:
                 events, sizes, at_head = await self._reader.read(
@@ -416,10 +453,12 @@ class Driver:
                 await self._checkpoint_if_due()
                 continue
             await self._checkpoint_if_due()
-            deadline = fsm.next_checkpoint_deadline()
+            deadline = min(
+                fsm.next_checkpoint_deadline() or math.inf, self.poison.next_due() or math.inf
+            )
             idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
             # FSM times are time.monotonic(); Trio's clock has another origin.
-            wait = min(deadline or math.inf, idle_until) - time.monotonic()
+            wait = min(deadline, idle_until) - time.monotonic()
             with trio.move_on_after(max(0.0, wait)):
                 await self._wait_for_work(fsm)
             # Acks need not wake this task (see `ack`): idle since the latest activity.
@@ -538,6 +577,8 @@ class Driver:
             sessions=self.session,
             buffered_bytes=(fsm.held_bytes if fsm else 0) + self._reader.read_ahead_bytes,
             head=max(self.owner.notifier.mark(self.stream_uuid), last_received),
+            parked=len(self.poison.records) if fsm else 0,
+            redeliveries=self.poison.redeliveries,
         )
 
 

@@ -19,6 +19,7 @@ notifier poll while it has parked events, so a lost notification only delays it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -47,7 +48,9 @@ __all__ = [
     "notify",
     "parked_stream",
     "read_parked_events",
+    "record_key",
     "replay_parked",
+    "set_state",
     "write_record",
 ]
 
@@ -178,10 +181,9 @@ async def write_record(
     db: Database, stream_uuid: str, name: str, event: RecordedEvent, record: ParkRecord
 ) -> None:
     """Park ``event``: link it into its parked stream (once), then store its record."""
-    try:
+    # Parked before (then replayed), or hard-deleted: the record is the truth.
+    with contextlib.suppress(DuplicateEventError, EventNotFoundError):
         await _storage.link(db, parked_stream(name), ANY_VERSION, [event.event_id])
-    except (DuplicateEventError, EventNotFoundError):
-        pass  # parked before (then replayed), or hard-deleted: the record is the truth
     config = db.config
     sql = _sql.upsert_snapshot(config.schema, config.column_data_type)
     source_type = REPLAY if record.replay else PARKED
@@ -193,6 +195,12 @@ async def write_record(
         )
 
     await db.transaction(unit)
+
+
+async def set_state(db: Database, keys: list[str], new: str, old: str) -> int:
+    """Mark records ``new`` (`PARKED` or `REPLAY`) where they are ``old``."""
+    rows = await db.fetch(_sql.mark_parked(db.config.schema), keys, new, old)
+    return len(rows)
 
 
 async def delete_records(db: Database, keys: list[str]) -> set[str]:
@@ -232,9 +240,9 @@ async def replay_parked(
     keys = [r.key for r in records if not r.replay]
     if not keys:
         return 0
-    rows = await db.fetch(_sql.mark_parked(db.config.schema), keys, REPLAY, PARKED)
+    marked = await set_state(db, keys, REPLAY, PARKED)
     await notify(db, name)
-    return len(rows)
+    return marked
 
 
 async def discard_parked(

@@ -43,7 +43,8 @@ def _seconds(name: str, value: object, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number of seconds, got {type(value).__name__}")
     if not (0 < value < math.inf if positive else 0 <= value < math.inf):
-        raise ValueError(f"{name}: must be a finite number of seconds {'>' if positive else '>='} 0")
+        bound = ">" if positive else ">="
+        raise ValueError(f"{name}: must be a finite number of seconds {bound} 0")
 
 
 @attrs.frozen(kw_only=True)
