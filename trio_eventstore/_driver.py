@@ -176,12 +176,18 @@ class Driver:
         raise UnexpectedAckError(event_number=event_number)
 
     def nack(
-        self, consumer: Consumer, event_number: int, retry: bool, error: BaseException | str | None
+        self,
+        consumer: Consumer,
+        event_number: int,
+        retry: bool,
+        error: BaseException | str | None,
+        *,
+        attempts: int | None = None,
     ) -> None:
         fsm = self.fsm
         cid = consumer.consumer_id
         if fsm is not None and fsm.is_in_flight(cid, event_number):
-            self.poison.nack(fsm, cid, event_number, retry, error_text(error))
+            self.poison.nack(fsm, cid, event_number, retry, error_text(error), attempts)
             self._last_activity = time.monotonic()
             self._deliver()
             self.wake()
@@ -531,6 +537,8 @@ class Driver:
 
     async def _final_checkpoint(self) -> None:
         try:
+            if self.fsm is not None:
+                await self.poison.forget_replayed(self.fsm)
             await self._checkpoint_if_due(final=True)
         except EventStoreError as exc:
             logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
@@ -543,6 +551,8 @@ class Driver:
         """
         fsm = self.fsm
         try:
+            if fsm is not None:
+                await self.poison.forget_replayed(fsm)
             await self._checkpoint_if_due(final=True)
         except EventStoreError as exc:
             raise self.checkpoint_failed(fsm, str(exc)) from exc

@@ -452,6 +452,7 @@ class SubscriptionFSM(Generic[E]):
         for number, event in items:
             if (
                 number in self.replaying
+                or number in self._replay_acked  # acknowledged: its record goes soon
                 or number > self.last_read  # not read yet: it comes in order
                 or self._unacked.get(number) is False  # delivered in order right now
             ):
@@ -468,6 +469,10 @@ class SubscriptionFSM(Generic[E]):
     @property
     def has_replay_acks(self) -> bool:
         return bool(self._replay_acked)
+
+    def replay_acked_again(self, numbers: list[int]) -> None:
+        """`take_replay_acks` gave these, which could not be handled: keep them."""
+        self._replay_acked[:0] = numbers
 
     def take_replay_acks(self) -> list[int]:
         """Replayed events acknowledged since the last call."""

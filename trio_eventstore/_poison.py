@@ -80,6 +80,9 @@ class ParkingLot:
         #: re-read the records (session start, a notification of the parked stream)
         self.check = True
         self.redeliveries = 0
+        #: replayed and acknowledged in this session (a read racing with the deletion
+        #: of their records must not replay them again)
+        self._replayed: set[uuid.UUID] = set()
         self._listening: Callable[[], None] | None = None
 
     @property
@@ -98,24 +101,26 @@ class ParkingLot:
         number: int,
         retry: bool,
         error: str,
+        attempts: int | None = None,
     ) -> None:
+        """``attempts``: the failures so far, when the consumer counted them itself."""
         replay = number in fsm.replaying
         event = fsm.nack(consumer_id, number)
         now = time.monotonic()
         failure = self._failures.setdefault((replay, number), _Failure(now))
-        failure.failures += 1
+        failure.failures = attempts if attempts is not None else failure.failures + 1
         failure.error = error
         if retry and not self._policy.exhausted(failure.failures, now - failure.first):
             heapq.heappush(
                 self._due, (now + self._policy.delay(failure.failures), consumer_id, number)
             )
             return
-        attempts = failure.failures
+        total = failure.failures
         if replay and event.event_id in self.records:
-            attempts += self.records[event.event_id].attempts
+            total += self.records[event.event_id].attempts
         del self._failures[(replay, number)]
         key = fsm.key_of(event)
-        self._to_park.append(_ToPark(number, event, error, attempts, key, consumer_id))
+        self._to_park.append(_ToPark(number, event, error, total, key, consumer_id))
 
     # -- in the driver's task ---------------------------------------------------------------
 
@@ -141,6 +146,7 @@ class ParkingLot:
         self._due.clear()
         self._to_park.clear()
         self._failures.clear()
+        self._replayed.clear()
         self.check = True
         self._listen(notifier, None)
 
@@ -175,17 +181,26 @@ class ParkingLot:
         while self._to_park:
             await self._park(fsm, self._to_park[0])
             del self._to_park[0]
-        acked = fsm.take_replay_acks()
-        if acked:
-            done = set(acked)
-            gone = [r for r in self.records.values() if r.number in done]
-            await _parking.delete_records(self._db, [r.key for r in gone])
-            for record in gone:
-                self._forget(fsm, record.event_id)
+        await self.forget_replayed(fsm)
         if self.check:
             self.check = False
             await self._reload(fsm)
         self._listen(notifier, wake)
+
+    async def forget_replayed(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+        """Delete the records of replayed events acknowledged since the last call."""
+        acked = fsm.take_replay_acks()
+        if acked:
+            done = set(acked)
+            gone = [r for r in self.records.values() if r.number in done]
+            self._replayed.update(r.event_id for r in gone)
+            try:
+                await _parking.delete_records(self._db, [r.key for r in gone])
+            except BaseException:
+                fsm.replay_acked_again(acked)  # the next session replays them
+                raise
+            for record in gone:
+                self._forget(fsm, record.event_id)
 
     def _held_by(self, key: Hashable) -> int | None:
         numbers = [r.number for i, r in self.records.items() if self._keys.get(i) == key]
@@ -217,6 +232,7 @@ class ParkingLot:
         )
         self.records[event.event_id] = record
         self._keys[event.event_id] = item.key
+        self._replayed.discard(event.event_id)
         if self._hold:
             fsm.hold(item.key)
         if item.consumer_id is not None:
@@ -236,6 +252,7 @@ class ParkingLot:
         records = {
             r.event_id: r
             for r in await _parking.load_records(self._db, self._stream_uuid, self._name)
+            if r.event_id not in self._replayed
         }
         for event_id in [i for i in self.records if i not in records]:
             self._forget(fsm, event_id)  # discarded

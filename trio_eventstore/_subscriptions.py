@@ -152,6 +152,10 @@ class Subscription:
         number = _nack_number(event_or_event_number)
         self._driver.nack(self._consumer, number, retry, error)
 
+    def _park(self, event: RecordedEvent, error: str, attempts: int) -> None:
+        """Park ``event`` now, recording ``attempts`` (the daemon retried it itself)."""
+        self._driver.nack(self._consumer, event.event_number, False, error, attempts=attempts)
+
     def statistics(self) -> SubscriptionStatistics:
         return self._driver.statistics()
 
