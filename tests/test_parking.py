@@ -352,6 +352,7 @@ def test_operator_cli_lists_replays_and_discards_parked_events(
                 for _ in range(2):
                     [event] = await _next(sub)
                     sub.nack(event, retry=False, error=f"bad {n_of(event)}")
+                await sub.wait_checkpointed(2)
 
     trio.run(park_two)
     args = ["--url", str(config.url), "--schema", config.schema]
