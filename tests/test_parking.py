@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import attrs
 import pytest
@@ -20,6 +20,7 @@ from trio_eventstore import (
     RecordedEvent,
     RetryPolicy,
     SubscriberSpec,
+    admin,
     open_event_store,
     open_subscriber_daemon,
 )
@@ -49,6 +50,19 @@ def _quick(config: EventStoreConfig) -> EventStoreConfig:
 @pytest.fixture
 def cfg(initialized: EventStoreConfig) -> EventStoreConfig:
     return _quick(initialized)
+
+
+@pytest.fixture(params=["bytea", "jsonb"])
+async def typed_cfg(
+    request: pytest.FixtureRequest, config: EventStoreConfig
+) -> AsyncIterator[EventStoreConfig]:
+    """Both column data types (park records and raw events read back from each)."""
+    cfg = _quick(config.with_changes(column_data_type=request.param))
+    await admin.create(cfg)
+    await admin.init(cfg)
+    yield cfg
+    with trio.CancelScope(shield=True):
+        await admin.drop(cfg)
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -161,8 +175,9 @@ async def test_replay_redelivers_parked_events_then_they_leave_the_list(
 
 
 async def test_parked_events_survive_a_restart_and_the_next_holder_replays(
-    cfg: EventStoreConfig,
+    typed_cfg: EventStoreConfig,
 ) -> None:
+    cfg = typed_cfg
     async with open_event_store(cfg) as store:
         await append(store, "s", 1, 2)
         async with store.subscribe_to_stream("s", "sub") as sub:
@@ -240,7 +255,10 @@ async def test_an_undecodable_event_is_parked_and_the_others_delivered(
         assert "does not fit" in parked.error or "Serialization" in parked.error
 
 
-async def test_an_undecodable_event_is_delivered_raw_when_asked(cfg: EventStoreConfig) -> None:
+async def test_an_undecodable_event_is_delivered_raw_when_asked(
+    typed_cfg: EventStoreConfig,
+) -> None:
+    cfg = typed_cfg
     await _append_with_a_bad_payload(cfg)
     async with open_event_store(_typed(cfg)) as store:
         async with store.subscribe_to_stream(
@@ -345,6 +363,7 @@ def test_operator_cli_lists_replays_and_discards_parked_events(
     eventstore_config: EventStoreConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _quick(eventstore_config)
+
     async def park_two() -> None:
         async with open_event_store(config) as store:
             await append(store, "s", 1, 2)
