@@ -166,15 +166,17 @@ async def read_parked_events(
 ) -> dict[uuid.UUID, RecordedEvent]:
     """The original events of ``records``, numbered by their position in the
     subscription's stream (an event since hard-deleted is left out)."""
+    if not records:
+        return {}
     config = db.config
-    sql = _sql.read_event(config.schema, config.column_data_type)
-    events: dict[uuid.UUID, RecordedEvent] = {}
-    for record in records:
-        rows = await db.fetch(sql, record.event_id)
-        if rows:
-            [event] = decode_rows(config, rows)
-            events[record.event_id] = attrs.evolve(event, event_number=record.number)
-    return events
+    sql = _sql.read_events_by_id(config.schema, config.column_data_type)
+    rows = await db.fetch(sql, [r.event_id for r in records])
+    found = {event.event_id: event for event in decode_rows(config, rows)}
+    return {
+        r.event_id: attrs.evolve(found[r.event_id], event_number=r.number)
+        for r in records
+        if r.event_id in found
+    }
 
 
 async def write_record(

@@ -147,6 +147,8 @@ class ParkingLot:
         self._to_park.clear()
         self._failures.clear()
         self._replayed.clear()
+        self.records.clear()  # the next session reads them again, for its own FSM
+        self._keys.clear()
         self.check = True
         self._listen(notifier, None)
 
@@ -210,7 +212,8 @@ class ParkingLot:
         event = item.event
         # Behind a partition being replayed: queued for the replay at once.
         replay = self._hold and any(
-            r.replay and self._keys.get(i) == item.key for i, r in self.records.items()
+            r.replay and self._keys.get(i) == item.key and i != event.event_id
+            for i, r in self.records.items()
         )
         record = ParkRecord(
             key=_parking.record_key(self._stream_uuid, self._name, event.event_id),

@@ -863,6 +863,14 @@ def read_event(schema: str, column_data_type: str) -> str:
     return _select_events(schema, column_data_type) + "WHERE se.event_id = $1 AND se.stream_id = 0"
 
 
+def read_events_by_id(schema: str, column_data_type: str) -> str:
+    """Parameter: event ids. Those events, numbered as in ``$all``."""
+    return (
+        _select_events(schema, column_data_type)
+        + "WHERE se.event_id = ANY($1::uuid[]) AND se.stream_id = 0"
+    )
+
+
 def reset_subscription(schema: str) -> str:
     """Parameters: stream_uuid, subscription_name, last_seen (may move backwards)."""
     return (
