@@ -395,3 +395,26 @@ def test_operator_cli_lists_replays_and_discards_parked_events(
     assert "2 parked events discarded" in capsys.readouterr().out
     assert main(["parked", "list", "s", "sub", *args]) == 0
     assert "0 parked events" in capsys.readouterr().out
+
+
+async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStoreConfig) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False, error="first")
+            [event] = await _next(sub)
+            sub.ack(event)
+            await sub.wait_checkpointed(2)
+            await store.replay_parked("s", "sub")
+            [again] = await _next(sub)
+            assert n_of(again) == 1
+            sub.nack(again, retry=False, error="second")
+            await _until(lambda: sub.statistics().parked == 1)
+            await append(store, "s", 3)
+            [event] = await _next(sub)
+            assert n_of(event) == 3  # not event 1 again: it waits for another replay
+            sub.ack(event)
+        [parked] = await store.parked_events("s", "sub")
+        assert (n_of(parked.event), parked.error, parked.attempts) == (1, "second", 2)
+        assert not parked.replay_requested
