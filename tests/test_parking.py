@@ -26,6 +26,8 @@ from trio_eventstore import (
 )
 from trio_eventstore.__main__ import main
 
+from .helpers import Role
+
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 QUICK = RetryPolicy(max_attempts=3, backoff=0.01, max_backoff=0.02)
 
@@ -142,9 +144,18 @@ async def test_nack_without_retry_parks_at_once(cfg: EventStoreConfig) -> None:
         assert (n_of(parked.event), parked.attempts, parked.error) == (2, 1, "bad data")
 
 
+@pytest.fixture(params=["owner", "application-role"])
+async def role_cfg(
+    request: pytest.FixtureRequest, cfg: EventStoreConfig, application_role: Role
+) -> EventStoreConfig:
+    """The store's owner, and an application role with only what `admin.grant` gives."""
+    return await application_role.use(cfg) if request.param == "application-role" else cfg
+
+
 async def test_replay_redelivers_parked_events_then_they_leave_the_list(
-    cfg: EventStoreConfig,
+    role_cfg: EventStoreConfig,
 ) -> None:
+    cfg = role_cfg
     async with open_event_store(cfg) as store:
         await append(store, "s", 1, 2, 3)
         async with store.subscribe_to_stream("s", "sub") as sub:
