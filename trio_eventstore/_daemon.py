@@ -127,8 +127,8 @@ class SubscriberSpec:
             on), ``"retry"`` (for ever: back-off from ``retry_delay`` doubling up to
             ``max_retry_delay``) or ``"stop"`` (the daemon stops and reports it).
         retry_policy: with ``on_error="park"``: attempts, back-off and deadline
-            (default: `DEFAULT_RETRY_POLICY`, with ``retry_delay`` and
-            ``max_retry_delay`` as its back-off when they are given). A batch handler
+            (`DEFAULT_RETRY_POLICY` by default, with ``retry_delay`` and
+            ``max_retry_delay`` as its back-off). A batch handler
             whose batch exhausts it is called with each event of the batch alone, so
             only the events that fail alone are parked.
         undecodable: ``"park"`` (default) or ``"deliver"`` (the handler gets
@@ -144,7 +144,7 @@ class SubscriberSpec:
     on_error: Literal["park", "retry", "stop"] = "park"
     retry_delay: float = 0.5
     max_retry_delay: float = 30.0
-    retry_policy: RetryPolicy | None = None
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
     undecodable: Literal["park", "deliver"] = "park"
     start_from: StartFrom | int = StartFrom.ORIGIN
     concurrency_limit: int | None = None
@@ -183,14 +183,13 @@ class SubscriberSpec:
 
     @property
     def policy(self) -> RetryPolicy:
-        """The retry policy in force (``retry_policy``, else the default one with
-        ``retry_delay`` and ``max_retry_delay`` as its back-off)."""
-        if self.retry_policy is not None:
-            if not isinstance(self.retry_policy, RetryPolicy):
-                raise TypeError(
-                    "retry_policy: expected a RetryPolicy or None, "
-                    f"got {type(self.retry_policy).__name__}"
-                )
+        """The retry policy in force: ``retry_policy``; the default one takes
+        ``retry_delay`` and ``max_retry_delay`` as its back-off."""
+        if not isinstance(self.retry_policy, RetryPolicy):
+            raise TypeError(
+                f"retry_policy: expected a RetryPolicy, got {type(self.retry_policy).__name__}"
+            )
+        if self.retry_policy is not DEFAULT_RETRY_POLICY:
             return self.retry_policy
         return attrs.evolve(
             DEFAULT_RETRY_POLICY, backoff=self.retry_delay, max_backoff=self.max_retry_delay
