@@ -45,6 +45,7 @@ class FSMMachine(RuleBasedStateMachine):
         partitioned=st.booleans(),
         filtering=st.booleans(),
         max_bytes=st.none() | st.integers(1, 30),
+        hold=st.booleans(),
     )
     def setup(
         self,
@@ -54,8 +55,13 @@ class FSMMachine(RuleBasedStateMachine):
         partitioned: bool,
         filtering: bool,
         max_bytes: int | None,
+        hold: bool,
     ) -> None:
         self.partitioned = partitioned
+        self.hold = hold
+        #: consumer -> the event it gave back (nack), until redelivered or parked
+        self.waiting: dict[int, int] = {}
+        self.parked: set[int] = set()
         self.fsm: SubscriptionFSM[Ev] = SubscriptionFSM(
             last_seen=start,
             number_of=number_of,
@@ -142,16 +148,64 @@ class FSMMachine(RuleBasedStateMachine):
         self.fsm.remove_consumer(cid)
         self.collect()
 
-    @precondition(lambda self: any(c.in_flight for c in self.fsm.consumers.values()))
+    @precondition(
+        lambda self: any(c.in_flight and not c.waiting for c in self.fsm.consumers.values())
+    )
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         cid = data.draw(
-            st.sampled_from(sorted(c for c, v in self.fsm.consumers.items() if v.in_flight))
+            st.sampled_from(
+                sorted(c for c, v in self.fsm.consumers.items() if v.in_flight and not v.waiting)
+            )
         )
         numbers = self.fsm.in_flight_of(cid)  # in delivery order
         upto = data.draw(st.sampled_from(numbers))
         self.fsm.ack(cid, upto)
         self.acked.update(numbers[: numbers.index(upto) + 1])
+        self.collect()
+
+    @precondition(
+        lambda self: any(c.in_flight and not c.waiting for c in self.fsm.consumers.values())
+    )
+    @rule(data=st.data())
+    def nack(self, data: st.DataObject) -> None:
+        """A consumer gives an event back: those before it count as acknowledged."""
+        cid = data.draw(
+            st.sampled_from(
+                sorted(c for c, v in self.fsm.consumers.items() if v.in_flight and not v.waiting)
+            )
+        )
+        numbers = self.fsm.in_flight_of(cid)
+        number = data.draw(st.sampled_from(numbers))
+        event = self.fsm.nack(cid, number)
+        assert event.number == number
+        self.acked.update(numbers[: numbers.index(number)])
+        self.waiting[cid] = number
+        assert self.fsm.in_flight_of(cid) == [number]
+        with pytest.raises(UnexpectedAckError):
+            self.fsm.ack(cid, number)  # given back: not to be acknowledged
+        self.collect()
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data(), park=st.booleans())
+    def retry_or_park(self, data: st.DataObject, park: bool) -> None:
+        """The back-off ends (redelivered) or the policy gave up (parked)."""
+        cid = data.draw(st.sampled_from(sorted(self.waiting)))
+        number = self.waiting.pop(cid)
+        if cid not in self.fsm.consumers:  # it left: the event went back to pending
+            assert not self.fsm.redeliver(cid, number)
+            return
+        if park:
+            [(_, key, _)] = self.fsm.consumers[cid].in_flight
+            if self.hold and self.partitioned:
+                self.fsm.hold(key)
+            self.fsm.nack_parked(cid, number)
+            self.acked.add(number)
+            self.parked.add(number)
+        else:
+            assert self.fsm.redeliver(cid, number)
+            self.delivered[cid].append(self.fsm.consumers[cid].in_flight[0][2])
+            assert self.fsm.take_deliveries()[cid][0].number == number
         self.collect()
 
     @precondition(lambda self: self.fsm.consumers)
@@ -176,11 +230,17 @@ class FSMMachine(RuleBasedStateMachine):
             self.fsm.on_checkpoint_persisted(due, self.now)
 
     def collect(self) -> None:
+        for number, key, _ in self.fsm.take_parks():  # behind a parked event of its key
+            assert key in self.fsm.held_keys
+            self.fsm.parked(number)
+            self.acked.add(number)
+            self.parked.add(number)
         for cid, events in self.fsm.take_deliveries().items():
             assert cid in self.fsm.consumers
             self.delivered[cid].extend(events)
             if self.partitioned:
                 for event in events:
+                    assert event.key not in self.fsm.held_keys  # nothing overtakes
                     # Order within a partition: never below what was delivered before,
                     # except redelivery of events nobody acknowledged.
                     last = self.last_delivered_by_key.get(event.key, -1)
@@ -193,6 +253,8 @@ class FSMMachine(RuleBasedStateMachine):
     def buffers_respected(self) -> None:
         for consumer in self.fsm.consumers.values():
             assert len(consumer.in_flight) <= consumer.buffer_size
+            if consumer.waiting:  # it gets nothing until its event is retried or parked
+                assert len(consumer.in_flight) == 1
 
     @invariant()
     def one_owner_per_partition(self) -> None:

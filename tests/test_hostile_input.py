@@ -672,7 +672,7 @@ async def test_rows_another_client_wrote_read_or_raise_serialization_error(
     await in_thread(fuzz)
 
 
-async def test_an_unreadable_event_fails_its_readers_with_serialization_error(
+async def test_an_unreadable_event_fails_its_readers_with_serialization_error_or_is_parked(
     store: EventStore, notifying: Connection
 ) -> None:
     await store.append_to_stream("bad", ANY_VERSION, [ev(1)])
@@ -690,9 +690,12 @@ async def test_an_unreadable_event_fails_its_readers_with_serialization_error(
             await insert_raw(store.config, notifying, "bad", b'"\xff"', b"null")
             with pytest.raises(es.SerializationError, match=f"event {deep} .*nested too deeply"):
                 await transient.__anext__()
-            with pytest.raises(es.SubscriptionFailedError) as failed:
-                await sub.__anext__()
-            assert isinstance(failed.value.__cause__, es.SerializationError)
+            # A persistent subscription parks them and goes on.
+            await sub.wait_checkpointed(3)
+            parked = await store.parked_events("bad", "p")
+            assert [p.event.event_number for p in parked] == [2, 3]
+            assert all(isinstance(p.event, es.UndecodedEvent) for p in parked)
+            assert "nested too deeply" in parked[0].error
         with pytest.raises(es.SerializationError, match=f"event {deep} "):
             await store.read_stream_forward("bad")
         with pytest.raises(es.SerializationError, match=f"event {deep} "):

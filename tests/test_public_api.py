@@ -80,6 +80,10 @@ EXPECTED = {
     "TLSError",
     "Projection",
     "TransactionConnection",
+    "DEFAULT_RETRY_POLICY",
+    "ParkedEvent",
+    "RetryPolicy",
+    "UndecodedEvent",
 }
 
 

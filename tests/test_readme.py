@@ -79,7 +79,8 @@ class Projection:
         self.stop: trio.CancelScope | None = None
 
     async def __call__(self, batch: Any) -> None:
-        events = list(getattr(batch, "events", batch))
+        one = isinstance(batch, es.RecordedEvent)  # an event, as a per-event loop gives
+        events = [batch] if one else list(getattr(batch, "events", batch))
         assert events, "a subscription delivered an empty batch"
         self.events.extend(events)
         assert self.stop is not None

@@ -51,7 +51,13 @@ from ._projection import Projection
 from ._serialization import JsonSerializer, Serializer
 from ._statistics import EventStoreStatistics
 from ._store import EventStore, open_event_store
-from ._subscription_types import EventBatch, SubscriptionStatistics
+from ._subscription_types import (
+    DEFAULT_RETRY_POLICY,
+    EventBatch,
+    ParkedEvent,
+    RetryPolicy,
+    SubscriptionStatistics,
+)
 from ._subscriptions import Subscription
 from ._transient import TransientSubscription
 from ._types import (
@@ -69,12 +75,17 @@ from ._types import (
     StartFrom,
     StreamInfo,
     StreamStatus,
+    UndecodedEvent,
 )
 from ._writer import WriterStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "ParkedEvent",
+    "RetryPolicy",
+    "UndecodedEvent",
     "BatchHandler",
     "EventHandler",
     "Handler",

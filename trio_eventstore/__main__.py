@@ -35,6 +35,7 @@ from ._errors import (
 from ._serialization import load_serializer
 from ._sql import STREAM_SORT_COLUMNS
 from ._store import EventStore, open_event_store
+from ._subscription_types import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._transient import TransientSubscription
 
 __all__ = ["main"]
@@ -154,6 +155,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     delete_sub.add_argument("stream_uuid")
     delete_sub.add_argument("subscription_name")
+    parked = sub.add_parser(
+        "parked",
+        parents=[common],
+        help="list, replay or discard a subscription's parked events",
+        description="list: the events a persistent subscription parked; replay: deliver "
+        "them again (the node holding the subscription does, at least once); discard: "
+        "forget them. --event limits replay and discard to the given event ids.",
+    )
+    parked.add_argument("action", choices=["list", "replay", "discard"])
+    parked.add_argument("stream_uuid", help="the subscription's stream ($all for all)")
+    parked.add_argument("subscription_name")
+    parked.add_argument("--event", action="append", metavar="EVENT_ID", help="an event id")
     run = sub.add_parser(
         "run",
         parents=[common],
@@ -178,9 +191,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stream", default="$all", help="the stream to follow (default: $all)")
     run.add_argument(
         "--on-error",
-        choices=["retry", "stop"],
-        default="retry",
-        help="when a handler raises: retry with back-off, or stop (exit 1)",
+        choices=["park", "retry", "stop"],
+        default="park",
+        help="when a handler raises: retry with back-off then park the event and go on "
+        "(default), retry for ever, or stop (exit 1)",
+    )
+    run.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_RETRY_POLICY.max_attempts,
+        help="with --on-error park: attempts before an event is parked "
+        f"(default: {DEFAULT_RETRY_POLICY.max_attempts})",
+    )
+    run.add_argument(
+        "--retry-deadline",
+        type=float,
+        default=None,
+        help="with --on-error park: park an event failing for this many seconds",
     )
     run.add_argument("--buffer-size", type=int, default=100)
     run.add_argument("--checkpoint-threshold", type=int, default=100)
@@ -236,6 +263,12 @@ def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
                 on_error=args.on_error,
                 retry_delay=args.retry_delay,
                 max_retry_delay=args.max_retry_delay,
+                retry_policy=RetryPolicy(
+                    max_attempts=args.max_attempts,
+                    backoff=args.retry_delay,
+                    max_backoff=args.max_retry_delay,
+                    deadline=args.retry_deadline,
+                ),
                 buffer_size=args.buffer_size,
                 checkpoint_threshold=args.checkpoint_threshold,
                 checkpoint_after=args.checkpoint_after,
@@ -391,6 +424,13 @@ async def _delete_subscription(config: EventStoreConfig, args: argparse.Namespac
     return [], f"subscription {args.subscription_name!r} deleted"
 
 
+async def _parked(config: EventStoreConfig, args: argparse.Namespace) -> Any:
+    async with open_event_store(config) as store:
+        return await _operator.parked_command(
+            store, args.action, args.stream_uuid, args.subscription_name, args.event
+        )
+
+
 async def _tail(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     # Ctrl-C (or SIGTERM) cancels the follow and closes the store cleanly, rather than
     # a KeyboardInterrupt that may land inside the driver's callbacks.
@@ -444,6 +484,7 @@ _INSPECT: dict[str, Callable[[EventStoreConfig, argparse.Namespace], Awaitable[A
     "tail": _tail,
     "reset-subscription": _reset_subscription,
     "delete-subscription": _delete_subscription,
+    "parked": _parked,
 }
 
 

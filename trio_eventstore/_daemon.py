@@ -5,8 +5,9 @@ On SIGINT/SIGTERM (or `SubscriberDaemon.stop`) it stops taking new events, lets 
 handler finish the event (or, for a batch handler, the batch) in hand within
 ``shutdown_timeout``, acknowledges what was handled, flushes checkpoints and returns. A
 second signal cancels the handlers in hand at once. A handler that raises is retried
-with back-off (the same events again, never skipped; stopping cancels the back-off) or
-stops the daemon, by option.
+with back-off (the same events again; stopping cancels the back-off) per its
+`RetryPolicy`, then the event is parked and the handler goes on (``on_error="park"``,
+the default); or it is retried for ever, or it stops the daemon, by option.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from ._errors import EventStoreError, single_errors
 from ._health import HealthEndpoint, serve_health
 from ._imports import import_named
 from ._store import EventStore, open_event_store
-from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, EventBatch, SubscriptionOptions
+from ._subscription_types import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_RETRY_POLICY,
+    EventBatch,
+    RetryPolicy,
+    SubscriptionOptions,
+)
 from ._subscriptions import Subscription
 from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 
@@ -117,8 +124,16 @@ class SubscriberSpec:
         handler: a function called with every event, in order (sync or async), or an
             `EventHandler` (batches, setup and teardown, a `HandlerContext`).
         stream_uuid: the stream, or ``"$all"``.
-        on_error: ``"retry"`` (back-off from ``retry_delay`` doubling up to
+        on_error: ``"park"`` (retry per ``retry_policy``, then park the event and go
+            on), ``"retry"`` (for ever: back-off from ``retry_delay`` doubling up to
             ``max_retry_delay``) or ``"stop"`` (the daemon stops and reports it).
+        retry_policy: with ``on_error="park"``: attempts, back-off and deadline
+            (`DEFAULT_RETRY_POLICY` by default, with ``retry_delay`` and
+            ``max_retry_delay`` as its back-off). A batch handler
+            whose batch exhausts it is called with each event of the batch alone, so
+            only the events that fail alone are parked.
+        undecodable: ``"park"`` (default) or ``"deliver"`` (the handler gets
+            `UndecodedEvent` values for events the serializer cannot decode).
         start_from, concurrency_limit, partition_by, buffer_size, max_size,
             checkpoint_threshold, checkpoint_after, selector, max_buffer_bytes: the
             `EventStore.subscribe_to_stream` options (validated here, before any I/O).
@@ -127,9 +142,11 @@ class SubscriberSpec:
     name: str
     handler: Handler | EventHandler
     stream_uuid: str = ALL_STREAMS
-    on_error: Literal["retry", "stop"] = "retry"
+    on_error: Literal["park", "retry", "stop"] = "park"
     retry_delay: float = 0.5
     max_retry_delay: float = 30.0
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    undecodable: Literal["park", "deliver"] = "park"
     start_from: StartFrom | int = StartFrom.ORIGIN
     concurrency_limit: int | None = None
     partition_by: Callable[[RecordedEvent], Hashable] | None = None
@@ -151,6 +168,8 @@ class SubscriberSpec:
             checkpoint_after=self.checkpoint_after,
             selector=self.selector,
             max_buffer_bytes=self.max_buffer_bytes,
+            retry_policy=self.policy,
+            undecodable=self.undecodable,
         )
         if not isinstance(self.handler, EventHandler) and (
             not callable(self.handler) or inspect.isclass(self.handler)
@@ -158,10 +177,24 @@ class SubscriberSpec:
             raise TypeError(
                 "handler: expected a function taking a RecordedEvent, or an EventHandler"
             )
-        if self.on_error not in ("retry", "stop"):
-            raise ValueError(f"on_error: expected 'retry' or 'stop', got {self.on_error!r}")
+        if self.on_error not in ("park", "retry", "stop"):
+            raise ValueError(f"on_error: expected 'park', 'retry' or 'stop', got {self.on_error!r}")
         if not (0 < self.retry_delay <= self.max_retry_delay < math.inf):
             raise ValueError("retry_delay, max_retry_delay: need 0 < retry_delay <= max")
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy in force: ``retry_policy``; the default one takes
+        ``retry_delay`` and ``max_retry_delay`` as its back-off."""
+        if not isinstance(self.retry_policy, RetryPolicy):
+            raise TypeError(
+                f"retry_policy: expected a RetryPolicy, got {type(self.retry_policy).__name__}"
+            )
+        if self.retry_policy is not DEFAULT_RETRY_POLICY:
+            return self.retry_policy
+        return attrs.evolve(
+            DEFAULT_RETRY_POLICY, backoff=self.retry_delay, max_backoff=self.max_retry_delay
+        )
 
 
 @attrs.define
@@ -185,6 +218,8 @@ class SubscriberStatistics:
     last_ack: int = 0
     last_checkpoint: int = 0
     head: int = 0
+    #: events parked by this subscriber's subscription, as its holder knows them
+    parked: int = 0
 
     @property
     def lag(self) -> int:
@@ -286,6 +321,7 @@ class SubscriberDaemon:
                 stats.last_ack = now.last_ack
                 stats.last_checkpoint = now.last_persisted
             stats.head = max(stats.head, now.head)
+            stats.parked = now.parked
             if phase == "subscribed":
                 stats.state = _SUBSCRIPTION_STATES.get(now.state, now.state)
         return list(self._stats.values())
@@ -391,6 +427,8 @@ class SubscriberDaemon:
             checkpoint_after=spec.checkpoint_after,
             selector=spec.selector,
             max_buffer_bytes=spec.max_buffer_bytes,
+            retry_policy=spec.policy,
+            undecodable=spec.undecodable,
         )
         sub: Subscription | None = None
         try:
@@ -444,12 +482,41 @@ class SubscriberDaemon:
         events = batch.events
         if batch_mode:
             label = f"events {events[0].event_number}..{events[-1].event_number}"
-            await self._call(spec, stats, handle, list(events), label)
+            try:
+                await self._call(spec, stats, handle, list(events), label)
+            except _Exhausted:
+                if len(events) == 1:
+                    raise
+                # One at a time, so that only the events that fail alone are parked.
+                await self._handle_each(spec, stats, lambda e: handle([e]), sub, events)
+                return
             sub.ack(batch)
             stats.handled += len(events)
             return
+        await self._handle_each(spec, stats, handle, sub, events)
+
+    async def _handle_each(
+        self,
+        spec: SubscriberSpec,
+        stats: SubscriberStatistics,
+        handle: Callable[[Any], Awaitable[None] | None],
+        sub: Subscription,
+        events: list[RecordedEvent],
+    ) -> None:
         for event in events:
-            await self._call(spec, stats, handle, event, f"event {event.event_number}")
+            try:
+                await self._call(spec, stats, handle, event, f"event {event.event_number}")
+            except _Exhausted as exhausted:
+                logger.error(
+                    "subscriber %s: parking event %s after %d attempts: %s",
+                    spec.name,
+                    event.event_number,
+                    exhausted.attempts,
+                    exhausted.error,
+                )
+                # The events after it come again, in a new batch.
+                sub._park(event, exhausted.error, exhausted.attempts)
+                return
             sub.ack(event)  # acknowledged as handled: a stop flushes exactly this
             stats.handled += 1
             if self._stopping:
@@ -469,8 +536,12 @@ class SubscriberDaemon:
             _Stopped: the daemon stopped during the back-off, or the shutdown timeout
                 cancelled the handler.
             HandlerFailedError: it raised and ``on_error="stop"``.
+            _Exhausted: ``on_error="park"`` and the retry policy is exhausted.
         """
         delay = spec.retry_delay
+        policy = spec.policy
+        failures = 0
+        first_failure = time.monotonic()
         while True:
             error: Exception | None = None
             with trio.CancelScope(deadline=self._handler_deadline) as scope:
@@ -512,6 +583,12 @@ class SubscriberDaemon:
                 ) from error
             if self._stopping:
                 raise _Stopped
+            failures += 1
+            if spec.on_error == "park":
+                if policy.exhausted(failures, time.monotonic() - first_failure):
+                    self._phase[spec.name] = "subscribed"
+                    raise _Exhausted(stats.last_error, failures)
+                delay = policy.delay(failures)
             self._phase[spec.name] = "retrying"
             logger.warning(
                 "subscriber %s: %s failed (%s); retrying in %.2f s",
@@ -526,6 +603,15 @@ class SubscriberDaemon:
                 logger.info("subscriber %s: stopped while backing off on %s", spec.name, label)
                 raise _Stopped
             delay = min(delay * 2, spec.max_retry_delay)
+
+
+class _Exhausted(Exception):
+    """The handler failed as often as its retry policy allows: park the event."""
+
+    def __init__(self, error: str, attempts: int) -> None:
+        super().__init__(error)
+        self.error = error
+        self.attempts = attempts
 
 
 @contextlib.asynccontextmanager

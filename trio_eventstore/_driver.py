@@ -40,6 +40,7 @@ from ._locks import Lease, LockKeeper, lock_key2
 from ._metrics import StoreMetrics
 from ._notifications import Notifier
 from ._pg import CLEANUP_TIMEOUT, Database
+from ._poison import ParkingLot, error_text
 from ._readahead import PageReader
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._types import ALL_STREAMS, RecordedEvent
@@ -110,12 +111,11 @@ class Driver:
         self.progress = trio.Event()  # replaced whenever last_ack advances
         self._wake = trio.Event()
         self._checkpoint_lock = trio.Lock()
-        #: figures for `statistics` (metrics): events delivered, delivered again (at
-        #: or below the highest number this store delivered before), and parked (set
-        #: aside after failing; bumped by poison-event handling)
+        #: figures for `statistics` (metrics): events delivered, and delivered again
+        #: (at or below the highest number this store delivered before; retries after
+        #: a `nack` are counted by `poison`)
         self.delivered = 0
         self.redeliveries = 0
-        self.parked = 0
         self._delivered_high = -1
         #: time.monotonic() when the checkpoint was last read or persisted by a session
         self.checkpoint_time: float | None = None
@@ -129,6 +129,8 @@ class Driver:
         self._deferred: tuple[int, int] | None = None
         #: while waiting for the lock or to retry: cancelled when the last consumer leaves
         self._waiting: trio.CancelScope | None = None
+        #: retries of events given back (`nack`), parked events and their replays
+        self.poison = ParkingLot(owner.db, stream_uuid, name, options)
 
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
@@ -173,6 +175,7 @@ class Driver:
             if (
                 fsm.wants_read() is not None
                 or fsm.checkpoint_wanted()
+                or fsm.has_replay_acks
                 or (fsm.checkpoint_after > 0 and before <= fsm.last_persisted < fsm.last_ack)
             ):
                 self.wake()
@@ -182,6 +185,38 @@ class Driver:
         ):
             return  # delivered by a session that lost its lock: it will come again
         raise UnexpectedAckError(event_number=event_number)
+
+    def nack(
+        self,
+        consumer: Consumer,
+        event_number: int,
+        retry: bool,
+        error: BaseException | str | None,
+        *,
+        attempts: int | None = None,
+    ) -> None:
+        fsm = self.fsm
+        cid = consumer.consumer_id
+        if fsm is not None and fsm.is_in_flight(cid, event_number):
+            self.poison.nack(fsm, cid, event_number, retry, error_text(error), attempts)
+            self._last_activity = time.monotonic()
+            self._deliver()
+            self.wake()
+            return
+        if event_number <= consumer.stale_up_to or (
+            fsm is None and event_number <= consumer.delivered_high
+        ):
+            return  # delivered by a session that lost its lock: it will come again
+        raise UnexpectedAckError(event_number=event_number)
+
+    def parked_changed(self) -> None:
+        """This store replayed or discarded parked events of this subscription."""
+        self.poison.on_news()
+        self.wake()
+
+    def _on_parked_news(self) -> None:
+        self.poison.on_news()
+        self.wake()
 
     # -- this store's own appends (sync, called from appenders' tasks) --------------------
 
@@ -401,6 +436,7 @@ class Driver:
             checkpoint_after=options.checkpoint_after,
             partition_by=options.partition_by,
             selector=options.selector,
+            park_if=self.poison.park_if,
         )
         self.last_persisted = last_seen
         for consumer in self.consumers.values():
@@ -420,6 +456,7 @@ class Driver:
         finally:
             self._reader.forget_read_ahead()
             owner.notifier.remove_listener(self.stream_uuid, self.wake)
+            self.poison.end_session(owner.notifier)
 
     async def _session_loop(
         self, fsm: SubscriptionFSM[RecordedEvent], nursery: trio.Nursery
@@ -427,6 +464,11 @@ class Driver:
         owner = self.owner
         hibernate_after = owner.config.subscription_hibernate_after
         while self.consumers:
+            if self.poison.has_work(fsm):
+                await self.poison.work(fsm, owner.notifier, self._on_parked_news)
+                self._deliver()
+                await self._checkpoint_if_due()
+                continue
             after = fsm.wants_read()
             if after is not None:
                 events, sizes, at_head = await self._reader.read(
@@ -441,10 +483,12 @@ class Driver:
                 await self._checkpoint_if_due()
                 continue
             await self._checkpoint_if_due()
-            deadline = fsm.next_checkpoint_deadline()
+            deadline = min(
+                fsm.next_checkpoint_deadline() or math.inf, self.poison.next_due() or math.inf
+            )
             idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
             # FSM times are time.monotonic(); Trio's clock has another origin.
-            wait = min(deadline or math.inf, idle_until) - time.monotonic()
+            wait = min(deadline, idle_until) - time.monotonic()
             with trio.move_on_after(max(0.0, wait)):
                 await self._wait_for_work(fsm)
             # Acks need not wake this task (see `ack`): idle since the latest activity.
@@ -518,6 +562,8 @@ class Driver:
 
     async def _final_checkpoint(self) -> None:
         try:
+            if self.fsm is not None:
+                await self.poison.forget_replayed(self.fsm)
             await self._checkpoint_if_due(final=True)
         except EventStoreError as exc:
             logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
@@ -530,6 +576,8 @@ class Driver:
         """
         fsm = self.fsm
         try:
+            if fsm is not None:
+                await self.poison.forget_replayed(fsm)
             await self._checkpoint_if_due(final=True)
         except EventStoreError as exc:
             raise self.checkpoint_failed(fsm, str(exc)) from exc
@@ -564,6 +612,8 @@ class Driver:
             sessions=self.session,
             buffered_bytes=(fsm.held_bytes if fsm else 0) + self._reader.read_ahead_bytes,
             head=max(self.owner.notifier.mark(self.stream_uuid), last_received),
+            parked=len(self.poison.records) if fsm else 0,
+            redeliveries=self.poison.redeliveries,
         )
 
 

@@ -13,7 +13,14 @@ Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
   (Elixir #325);
 * events a consumer had in flight when it left or crashed go back to the front of
   their partition, so the next consumer of that partition gets them first, in order
-  (Elixir #321).
+  (Elixir #321);
+* poison events: a consumer may give an event back (`nack`): events delivered to it
+  before that one count as acknowledged, those after it go back to be delivered again,
+  and the consumer gets nothing more until the driver redelivers the event (after a
+  back-off) or parks it. Events to park (undecodable ones, or with a held partition
+  the later events of a parked event's partition) stay unacknowledged until the driver
+  has stored their park record; replayed events are delivered first, outside the
+  checkpoint's order.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ E = TypeVar("E")
 _UNPARTITIONED = object()
 
 _event = itemgetter(2)
+_first = itemgetter(0)
 
 
 @attrs.define(eq=False)
@@ -47,10 +55,13 @@ class Consumer(Generic[E]):
     buffer_size: int
     # (event_number, partition key, event), in delivery order
     in_flight: list[tuple[int, Hashable, E]] = attrs.Factory(list)
+    #: it gave back its first in-flight event (`SubscriptionFSM.nack`): nothing more
+    #: until that one is redelivered or parked
+    waiting: bool = False
 
     @property
     def capacity(self) -> int:
-        return self.buffer_size - len(self.in_flight)
+        return 0 if self.waiting else self.buffer_size - len(self.in_flight)
 
     def owns(self, key: Hashable) -> bool:
         return any(k == key for _, k, _ in self.in_flight)
@@ -72,6 +83,8 @@ class SubscriptionFSM(Generic[E]):
         partition_by: key of an event; events of one key go to one consumer at a time,
             in order. None: any consumer.
         selector: events it rejects are not delivered and count as acknowledged.
+        park_if: events it accepts are not delivered: they go to `take_parks` (and count
+            as acknowledged once the driver calls `parked`).
     """
 
     def __init__(
@@ -85,6 +98,7 @@ class SubscriptionFSM(Generic[E]):
         checkpoint_after: float = 0.0,
         partition_by: Callable[[E], Hashable] | None = None,
         selector: Callable[[E], bool] | None = None,
+        park_if: Callable[[E], bool] | None = None,
     ) -> None:
         self.number_of = number_of
         self.max_size = max_size
@@ -125,6 +139,18 @@ class SubscriptionFSM(Generic[E]):
         self._acked_total = 0
         self._acked_at_checkpoint = 0
         self._acked_at_write = 0
+        self.park_if = park_if
+        #: partitions whose events are parked instead of delivered (a parked event holds
+        #: its partition until it is replayed or discarded)
+        self.held_keys: set[Hashable] = set()
+        #: events to park, not yet taken by the driver; and all those being parked
+        self._to_park: list[tuple[int, Hashable, E]] = []
+        self.parking: set[int] = set()
+        #: replayed events (numbers at or below the checkpoint) to deliver first; those
+        #: in flight; and those acknowledged, not yet taken by the driver
+        self.replay_pending: list[tuple[int, Hashable, E]] = []
+        self.replaying: set[int] = set()
+        self._replay_acked: list[int] = []
 
     # -- questions the driver asks ------------------------------------------------------
 
@@ -220,8 +246,7 @@ class SubscriptionFSM(Generic[E]):
         self._outbox.pop(consumer_id, None)
         if consumer is None:
             return
-        for item in consumer.in_flight:
-            bisect.insort(self.pending, item, key=lambda it: it[0])
+        self._give_back(consumer.in_flight)
         self._dispatch()
 
     def on_events(
@@ -235,7 +260,13 @@ class SubscriptionFSM(Generic[E]):
         events = events if isinstance(events, list) else list(events)
         if sizes is not None and len(sizes) != len(events):
             raise ValueError("sizes: one per event")
-        if selector is None and partition_by is None and events:
+        park_if = self.park_if
+        if (
+            selector is None
+            and partition_by is None
+            and events
+            and (park_if is None or not any(map(park_if, events)))
+        ):
             # The common case, in bulk: no user code per event.
             numbers = list(map(number_of, events))
             if numbers[0] > self.last_read and all(map(int.__lt__, numbers, numbers[1:])):
@@ -265,7 +296,11 @@ class SubscriptionFSM(Generic[E]):
                 self._n_acked += 1
                 continue
             unacked[number] = False
-            key = _UNPARTITIONED if partition_by is None else partition_by(event)
+            key = _UNPARTITIONED if partition_by is None else self.key_of(event)
+            if park_if is not None and park_if(event):
+                self._to_park.append((number, key, event))
+                self.parking.add(number)
+                continue
             pending.append((number, key, event))
         self.at_head = at_head
         self._advance_ack()
@@ -285,14 +320,164 @@ class SubscriptionFSM(Generic[E]):
         position = self._position(consumer_id, event_number)
         if position is None:
             raise UnexpectedAckError(event_number=event_number)
-        in_flight = self.consumers[consumer_id].in_flight
-        unacked = self._unacked
-        for number, _, _ in in_flight[: position + 1]:
-            unacked[number] = True  # in-flight events are never acknowledged yet
-        del in_flight[: position + 1]
-        self._n_acked += position + 1
+        consumer = self.consumers[consumer_id]
+        if consumer.waiting and position == 0:
+            raise UnexpectedAckError(event_number=event_number)  # given back: not acked
+        self._ack_first(consumer, position + 1)
         self._advance_ack()
         self._dispatch()
+
+    def _ack_first(self, consumer: Consumer[E], count: int) -> None:
+        """The first ``count`` in-flight events of ``consumer`` are acknowledged."""
+        in_flight = consumer.in_flight
+        unacked = self._unacked
+        if self.replaying:
+            replays = 0
+            for number, _, _ in in_flight[:count]:
+                if number in self.replaying:
+                    self.replaying.discard(number)
+                    self._replay_acked.append(number)
+                    replays += 1
+                else:
+                    unacked[number] = True
+            count_live = count - replays
+        else:
+            for number, _, _ in in_flight[:count]:
+                unacked[number] = True  # in-flight events are never acknowledged yet
+            count_live = count
+        del in_flight[:count]
+        self._n_acked += count_live
+
+    def nack(self, consumer_id: int, event_number: int) -> E:
+        """The consumer gives ``event_number`` back: the events it was given before it
+        count as acknowledged, those after it go back to be delivered again (after it),
+        and it gets nothing more until `redeliver` or `nack_parked`. Returns the event.
+
+        Raises:
+            UnexpectedAckError: ``event_number`` is not in flight for this consumer.
+        """
+        position = self._position(consumer_id, event_number)
+        consumer = self.consumers.get(consumer_id)
+        if position is None or consumer is None or (consumer.waiting and position == 0):
+            raise UnexpectedAckError(event_number=event_number)
+        self._ack_first(consumer, position)
+        item, *later = consumer.in_flight
+        consumer.in_flight = [item]
+        consumer.waiting = True
+        self._give_back(later)
+        self._advance_ack()
+        self._dispatch()
+        return item[2]
+
+    def redeliver(self, consumer_id: int, event_number: int) -> bool:
+        """Deliver the event given back by `nack` again (False: its consumer has left
+        since, and the event went back to be delivered to another)."""
+        consumer = self.consumers.get(consumer_id)
+        if consumer is None or not consumer.waiting or consumer.in_flight[0][0] != event_number:
+            return False
+        consumer.waiting = False
+        self._outbox.setdefault(consumer_id, []).append(consumer.in_flight[0][2])
+        self._dispatch()
+        return True
+
+    def nack_parked(self, consumer_id: int, event_number: int) -> None:
+        """The event given back by `nack` is parked: it counts as acknowledged (a
+        replayed one is only forgotten: the driver keeps its record)."""
+        consumer = self.consumers.get(consumer_id)
+        if consumer is not None and consumer.waiting and consumer.in_flight[0][0] == event_number:
+            consumer.waiting = False
+            if event_number in self.replaying:
+                self.replaying.discard(event_number)
+                del consumer.in_flight[0]
+            else:
+                self._ack_first(consumer, 1)
+        else:  # its consumer left: the event went back to pending
+            self._drop_pending(event_number)
+        self._advance_ack()
+        self._dispatch()
+
+    def _drop_pending(self, event_number: int) -> None:
+        for lane in (self.pending, self.replay_pending):
+            for index, item in enumerate(lane):
+                if item[0] == event_number:
+                    del lane[index]
+                    if event_number in self.replaying:
+                        self.replaying.discard(event_number)
+                    elif event_number in self._unacked:
+                        self._unacked[event_number] = True
+                        self._n_acked += 1
+                    return
+
+    def _give_back(self, items: Iterable[tuple[int, Hashable, E]]) -> None:
+        for item in items:
+            lane = self.replay_pending if item[0] in self.replaying else self.pending
+            bisect.insort(lane, item, key=lambda it: it[0])
+
+    def key_of(self, event: E) -> Hashable:
+        """The partition of ``event`` (a key function that raises: no partition)."""
+        if self.partition_by is None:
+            return _UNPARTITIONED
+        try:
+            return self.partition_by(event)
+        except Exception:
+            return _UNPARTITIONED
+
+    def take_parks(self) -> list[tuple[int, Hashable, E]]:
+        """Events to park decided since the last call: (number, partition key, event)."""
+        out, self._to_park = self._to_park, []
+        return out
+
+    def parked(self, event_number: int) -> None:
+        """An event of `take_parks` is parked: it counts as acknowledged."""
+        if event_number in self.parking:
+            self.parking.discard(event_number)
+            if event_number in self._unacked:
+                self._unacked[event_number] = True
+                self._n_acked += 1
+            self._advance_ack()
+            self._dispatch()
+
+    def hold(self, key: Hashable) -> None:
+        """Park the later events of partition ``key`` instead of delivering them."""
+        if key is not _UNPARTITIONED:
+            self.held_keys.add(key)
+            self._dispatch()
+
+    def release(self, key: Hashable) -> None:
+        self.held_keys.discard(key)
+        self._dispatch()
+
+    def replay(self, items: Iterable[tuple[int, E]]) -> None:
+        """Deliver these parked events again (numbers at or below `last_ack`), first."""
+        for number, event in items:
+            if (
+                number in self.replaying
+                or number in self._replay_acked  # acknowledged: its record goes soon
+                or number > self.last_read  # not read yet: it comes in order
+                or self._unacked.get(number) is False  # delivered in order right now
+            ):
+                continue
+            self.replaying.add(number)
+            bisect.insort(self.replay_pending, (number, self.key_of(event), event), key=_first)
+        self._dispatch()
+
+    @property
+    def has_parks(self) -> bool:
+        """Whether `take_parks` has events."""
+        return bool(self._to_park)
+
+    @property
+    def has_replay_acks(self) -> bool:
+        return bool(self._replay_acked)
+
+    def replay_acked_again(self, numbers: list[int]) -> None:
+        """`take_replay_acks` gave these, which could not be handled: keep them."""
+        self._replay_acked[:0] = numbers
+
+    def take_replay_acks(self) -> list[int]:
+        """Replayed events acknowledged since the last call."""
+        out, self._replay_acked = self._replay_acked, []
+        return out
 
     def on_checkpoint_persisted(self, checkpoint: int, now: float) -> None:
         self.last_persisted = max(self.last_persisted, checkpoint)
@@ -306,7 +491,12 @@ class SubscriptionFSM(Generic[E]):
     def hibernate(self) -> bool:
         """Drop read-ahead that no consumer holds (it is read again later). Returns
         False (and does nothing) while events are in flight or pending acks."""
-        if any(c.in_flight for c in self.consumers.values()) or self._order:
+        if (
+            any(c.in_flight for c in self.consumers.values())
+            or self._order
+            or self.replay_pending
+            or self.replaying
+        ):
             return False
         self.pending.clear()
         self._unacked.clear()
@@ -357,10 +547,12 @@ class SubscriptionFSM(Generic[E]):
             self._acked_total += i
 
     def _dispatch(self) -> None:
+        if self.replay_pending and self.consumers:
+            self._dispatch_lane(self.replay_pending, replays=True)
         if not self.pending or not self.consumers:
             return
         consumers = list(self.consumers.values())
-        if self.partition_by is None and len(consumers) == 1:
+        if self.partition_by is None and len(consumers) == 1 and not self.replay_pending:
             # The common case, one consumer and no partitions: hand over a slice.
             consumer = consumers[0]
             take = min(consumer.capacity, len(self.pending))
@@ -370,16 +562,31 @@ class SubscriptionFSM(Generic[E]):
                 consumer.in_flight.extend(items)
                 self._outbox.setdefault(consumer.consumer_id, []).extend(map(_event, items))
             return
+        self._dispatch_lane(self.pending, replays=False)
+
+    def _dispatch_lane(self, lane: list[tuple[int, Hashable, E]], *, replays: bool) -> None:
+        consumers = list(self.consumers.values())
+        held = self.held_keys if not replays else ()
         free = sum(max(0, c.capacity) for c in consumers)
-        if free == 0:
+        if free == 0 and not held:
             return
         blocked: set[Any] = set()
+        if not replays:  # a partition with replays to deliver waits for them
+            blocked.update(key for _, key, _ in self.replay_pending)
         remaining: list[tuple[int, Hashable, E]] = []
-        for index, item in enumerate(self.pending):
-            if free == 0:  # nobody can take more: keep the rest as it is
-                remaining.extend(self.pending[index:])
-                break
+        for index, item in enumerate(lane):
             _, key, event = item
+            if held and key in held:
+                self._to_park.append(item)  # behind its partition's parked event
+                self.parking.add(item[0])
+                continue
+            if free == 0:  # nobody can take more: keep the rest as it is
+                remaining.extend(i for i in lane[index:] if not (held and i[1] in held))
+                for later in lane[index:]:
+                    if held and later[1] in held:
+                        self._to_park.append(later)
+                        self.parking.add(later[0])
+                break
             if key is not _UNPARTITIONED and key in blocked:
                 remaining.append(item)
                 continue
@@ -392,7 +599,7 @@ class SubscriptionFSM(Generic[E]):
             target.in_flight.append(item)
             free -= 1
             self._outbox.setdefault(target.consumer_id, []).append(event)
-        self.pending = remaining
+        lane[:] = remaining
 
     def _choose(self, consumers: list[Consumer[E]], key: Hashable) -> Consumer[E] | None:
         if key is not _UNPARTITIONED:

@@ -26,6 +26,7 @@ __all__ = [
     "delete_subscription",
     "destruction",
     "event_dict",
+    "parked_command",
     "read_event",
     "reset_subscription",
     "store_config",
@@ -161,6 +162,34 @@ def _holder_text(holder: Any) -> str:
     name = holder["application_name"] or "?"
     addr = holder["client_addr"] or "local"
     return f"{name}@{addr}"
+
+
+async def parked_command(
+    store: EventStore, action: str, stream_uuid: str, name: str, event_ids: list[str] | None
+) -> tuple[list[dict[str, Any]], str]:
+    """``trio-eventstore parked list|replay|discard``: rows to print and a footer."""
+    if action == "list":
+        parked = await store.parked_events(stream_uuid, name)
+        rows = [
+            {
+                "event_number": p.event.event_number,
+                "event_id": str(p.event.event_id),
+                "event_type": p.event.event_type,
+                "stream": f"{p.event.stream_uuid}/{p.event.stream_version}",
+                "attempts": p.attempts,
+                "error": p.error,
+                "parked_at": p.parked_at.isoformat(),
+                "replay_requested": p.replay_requested,
+            }
+            for p in parked
+        ]
+        return rows, f"{len(rows)} parked events"
+    ids = [uuid.UUID(i) for i in event_ids] if event_ids else None
+    if action == "replay":
+        count = await store.replay_parked(stream_uuid, name, ids)
+        return [], f"{count} parked events to be replayed"
+    count = await store.discard_parked(stream_uuid, name, ids)
+    return [], f"{count} parked events discarded"
 
 
 async def read_event(store: EventStore, event_id: str) -> RecordedEvent:

@@ -9,7 +9,7 @@ import logging
 import attrs
 import trio
 
-from . import _storage
+from . import _parking, _storage
 from ._config import EventStoreConfig
 from ._errors import EventStoreError
 from ._notifications import Notifier
@@ -109,7 +109,7 @@ class PageReader:
         if not full:  # at the head: a notification of a version beyond it was stale
             head = _storage.row_event_number(rows[-1]) if rows else after
             notifier.settle(self._stream_uuid, head, generation)
-        return _storage.recorded(config, rows), sizes, not full
+        return _parking.decode_rows(config, rows), sizes, not full
 
     def _fetch_ahead(
         self, nursery: trio.Nursery, stream_id: int, after: int, budget: int | None

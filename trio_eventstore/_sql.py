@@ -763,6 +763,57 @@ def delete_snapshot(schema: str) -> str:
     return f"DELETE FROM {quote_ident(schema)}.snapshots WHERE source_uuid = $1"
 
 
+# -- parked events: one row of the snapshots table per parked event -------------------------
+#
+# A parked event's record (why, how often, when) is a row of ``snapshots``: source_uuid
+# "$parked-<name>|<stream>|<event id>", source_version its position in the subscription's
+# stream, source_type "$parked" (or "$replay" once a replay is asked for), data a JSON
+# object. No table, column or function is added (the layout stays Elixir's).
+
+
+def parked_records(schema: str, column_data_type: str) -> str:
+    """Parameters: the parked stream ("$parked-<name>"), the key prefix. The records of
+    one subscription; none at once (no scan) when its parked stream does not exist."""
+    s = quote_ident(schema)
+    cols = _data_columns(column_data_type)
+    return (
+        f"SELECT e.source_uuid, e.source_version, e.source_type, {cols}, e.created_at "
+        f"FROM {s}.snapshots e "
+        f"WHERE EXISTS (SELECT 1 FROM {s}.streams WHERE stream_uuid = $1) "
+        "AND starts_with(e.source_uuid, $2) AND e.source_type IN ('$parked', '$replay') "
+        "ORDER BY e.source_version"
+    )
+
+
+def mark_parked(schema: str) -> str:
+    """Parameters: keys, new source_type, the source_type they must have. Returns the
+    keys changed."""
+    return (
+        f"UPDATE {quote_ident(schema)}.snapshots SET source_type = $2 "
+        "WHERE source_uuid = ANY($1::text[]) AND source_type = $3 RETURNING source_uuid"
+    )
+
+
+def delete_parked(schema: str) -> str:
+    """Parameter: keys. Returns the keys deleted."""
+    return (
+        f"DELETE FROM {quote_ident(schema)}.snapshots "
+        "WHERE source_uuid = ANY($1::text[]) AND source_type IN ('$parked', '$replay') "
+        "RETURNING source_uuid"
+    )
+
+
+def notify_stream(schema: str) -> str:
+    """Parameter: stream_uuid. A notification of the stream at its current version (as
+    `notify_events()` sends for an append): a hint to re-read it, nothing more."""
+    channel = notification_channel(schema).replace("'", "''")
+    return (
+        f"SELECT pg_catalog.pg_notify('{channel}', stream_uuid || ',' || stream_id || ',' "
+        "|| stream_version || ',' || stream_version) "
+        f"FROM {quote_ident(schema)}.streams WHERE stream_uuid = $1"
+    )
+
+
 # -- notifications, locks, subscriptions ------------------------------------------------------
 
 
@@ -863,6 +914,14 @@ def list_subscriptions(schema: str) -> str:
 def read_event(schema: str, column_data_type: str) -> str:
     """Parameter: event_id. The event, numbered as in ``$all``."""
     return _select_events(schema, column_data_type) + "WHERE se.event_id = $1 AND se.stream_id = 0"
+
+
+def read_events_by_id(schema: str, column_data_type: str) -> str:
+    """Parameter: event ids. Those events, numbered as in ``$all``."""
+    return (
+        _select_events(schema, column_data_type)
+        + "WHERE se.event_id = ANY($1::uuid[]) AND se.stream_id = 0"
+    )
 
 
 def reset_subscription(schema: str) -> str:

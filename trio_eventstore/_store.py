@@ -7,11 +7,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
-from . import _schema_state, _snapshots, _storage
+from . import _parking, _schema_state, _snapshots, _storage
 from ._config import EventStoreConfig
 from ._errors import (
     NotSupportedError,
@@ -25,7 +25,13 @@ from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
 from ._sql import STREAM_SORT_COLUMNS
 from ._statistics import EventStoreStatistics, store_statistics
-from ._subscription_types import DEFAULT_MAX_BUFFER_BYTES, SubscriptionOptions
+from ._subscription_types import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_RETRY_POLICY,
+    ParkedEvent,
+    RetryPolicy,
+    SubscriptionOptions,
+)
 from ._subscriptions import Subscription, Subscriptions
 from ._transient import TransientSubscription
 from ._types import (
@@ -456,6 +462,8 @@ class EventStore:
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        undecodable: Literal["park", "deliver"] = "park",
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """A persistent subscription: iterate batches, `Subscription.ack` them; the
         checkpoint survives restarts and one store at a time (cluster-wide, through
@@ -466,6 +474,11 @@ class EventStore:
         data and metadata held (read and not acknowledged; None: no byte bound), and
         resumes once half of both is free; a page always holds at least one event, so
         the subscription may hold ``max_buffer_bytes`` plus one event.
+
+        ``retry_policy`` says how often an event given back with `Subscription.nack`
+        is delivered again before it is parked (see `RetryPolicy`). An event the
+        serializer cannot decode is parked (``undecodable="park"``) or delivered as an
+        `UndecodedEvent` (``"deliver"``); either way the others are delivered.
 
         Ports ``EventStore.subscribe_to_stream/4``.
 
@@ -491,6 +504,8 @@ class EventStore:
             checkpoint_after=checkpoint_after,
             selector=selector,
             mapper=mapper,
+            retry_policy=retry_policy,
+            undecodable=undecodable,
         )
         return self._subscribe_to_stream(stream_uuid, subscription_name, options)
 
@@ -527,6 +542,8 @@ class EventStore:
         checkpoint_after: float = 0.0,
         selector: Callable[[RecordedEvent], bool] | None = None,
         mapper: Callable[[RecordedEvent], Any] | None = None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        undecodable: Literal["park", "deliver"] = "park",
     ) -> contextlib.AbstractAsyncContextManager[Subscription]:
         """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
         options.
@@ -546,6 +563,8 @@ class EventStore:
             selector=selector,
             mapper=mapper,
             max_buffer_bytes=max_buffer_bytes,
+            retry_policy=retry_policy,
+            undecodable=undecodable,
         )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
@@ -572,6 +591,51 @@ class EventStore:
                 stream_uuid=stream_uuid, subscription_name=subscription_name
             )
 
+    async def parked_events(self, stream_uuid: str, subscription_name: str) -> list[ParkedEvent]:
+        """The events a persistent subscription has parked and not yet replayed or
+        discarded, by position (see `Subscription.nack` and `RetryPolicy`)."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_stream(subscription_name, "subscription_name")
+        return await _parking.list_parked(self._db, stream_uuid, subscription_name)
+
+    async def replay_parked(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        event_ids: Sequence[uuid.UUID | str] | None = None,
+    ) -> int:
+        """Ask for parked events (all, or those of ``event_ids``) to be delivered to the
+        subscription again; returns how many were asked for.
+
+        The node holding the subscription (this store or another) delivers them, before
+        new events, at least once; an event leaves the parked list once acknowledged
+        (given back again, it is parked again). Without a holder, the next one does.
+        """
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_stream(subscription_name, "subscription_name")
+        ids = _event_ids(event_ids)
+        count = await _parking.replay_parked(self._db, stream_uuid, subscription_name, ids)
+        self._subscriptions.parked_changed(stream_uuid, subscription_name)
+        return count
+
+    async def discard_parked(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        event_ids: Sequence[uuid.UUID | str] | None = None,
+    ) -> int:
+        """Forget parked events (all, or those of ``event_ids``): they are never delivered
+        again (their links stay in the ``$parked-<name>`` stream). Returns how many."""
+        self._check_open()
+        _check_stream(stream_uuid)
+        _check_stream(subscription_name, "subscription_name")
+        ids = _event_ids(event_ids)
+        count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
+        self._subscriptions.parked_changed(stream_uuid, subscription_name)
+        return count
+
     def statistics(self) -> EventStoreStatistics:
         """A snapshot of the store's figures: pool, connections, appends, reads,
         deliveries and each persistent subscription (sync, no I/O)."""
@@ -597,6 +661,20 @@ def _check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
         raise ValueError(
             f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
         )
+
+
+def _event_ids(items: Sequence[uuid.UUID | str] | None) -> list[uuid.UUID] | None:
+    if items is None:
+        return None
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"event_ids: expected a list or None, got {type(items).__name__}")
+    ids = []
+    for item in items:
+        try:
+            ids.append(item if isinstance(item, uuid.UUID) else uuid.UUID(item))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"event_ids: not an event id: {item!r}") from None
+    return ids
 
 
 def _check_target(stream_uuid: object) -> None:

@@ -3,9 +3,11 @@ batches delivered to consumers, and statistics snapshots. Pure: no I/O, no tasks
 
 from __future__ import annotations
 
+import datetime
 import math
+import random
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -14,7 +16,10 @@ from ._types import MAX_BIGINT, RecordedEvent, StartFrom
 
 __all__ = [
     "DEFAULT_MAX_BUFFER_BYTES",
+    "DEFAULT_RETRY_POLICY",
     "EventBatch",
+    "ParkedEvent",
+    "RetryPolicy",
     "SubscriptionOptions",
     "SubscriptionStatistics",
 ]
@@ -32,6 +37,100 @@ class EventBatch(list[Any]):
         self.events = events
         self.last_event_number = events[-1].event_number
         self.session = session
+
+
+def _seconds(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number of seconds, got {type(value).__name__}")
+    if not (0 < value < math.inf if positive else 0 <= value < math.inf):
+        bound = ">" if positive else ">="
+        raise ValueError(f"{name}: must be a finite number of seconds {bound} 0")
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How a persistent subscription retries an event its consumer gave back with
+    `Subscription.nack` (and how a daemon handler retries), before parking it.
+
+    Args:
+        max_attempts: deliveries of one event at most; after that many failures it is
+            parked (1: park at the first failure).
+        backoff: the wait before the first redelivery (seconds); doubling after each
+            failure, up to ``max_backoff``.
+        max_backoff: the longest wait between two deliveries (seconds).
+        jitter: a fraction in [0, 1): each wait is shortened by up to this fraction, at
+            random (so that many subscribers do not retry in step).
+        deadline: park once this many seconds have passed since the event's first
+            failure, whatever the attempts (None: attempts only).
+        hold_partition: with ``partition_by``, once an event is parked, the later events
+            of its partition are parked behind it (in order) until it is replayed or
+            discarded, so none overtakes it; False: they are delivered (the parked event
+            is skipped in its partition's order).
+    """
+
+    max_attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    jitter: float = 0.2
+    deadline: float | None = None
+    hold_partition: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int):
+            raise TypeError(f"max_attempts: expected an int, got {type(attempts).__name__}")
+        if not 1 <= attempts <= 1_000_000:
+            raise ValueError(f"max_attempts: must be >= 1 and <= 1000000, got {attempts}")
+        _seconds("backoff", self.backoff, positive=False)
+        _seconds("max_backoff", self.max_backoff, positive=False)
+        if self.max_backoff < self.backoff:
+            raise ValueError("max_backoff: must be >= backoff")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)):
+            raise TypeError("jitter: expected a number")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter: must be >= 0 and < 1, got {self.jitter}")
+        if self.deadline is not None:
+            _seconds("deadline", self.deadline, positive=True)
+        if not isinstance(self.hold_partition, bool):
+            raise TypeError("hold_partition: expected a bool")
+
+    def delay(self, failures: int) -> float:
+        """The wait before the next delivery after ``failures`` failures (>= 1)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** min(max(failures, 1) - 1, 60))
+        return base * (1.0 - random.uniform(0.0, self.jitter)) if self.jitter else base
+
+    def exhausted(self, failures: int, failing_for: float) -> bool:
+        """Whether an event that failed ``failures`` times, the first ``failing_for``
+        seconds ago, is to be parked now."""
+        if failures >= self.max_attempts:
+            return True
+        return self.deadline is not None and failing_for >= self.deadline
+
+
+#: The retry policy of a subscription (and daemon handler) that does not give one:
+#: 5 deliveries, waiting 0.5 s, 1 s, 2 s, 4 s (less up to 20 % jitter), then park.
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+@attrs.frozen
+class ParkedEvent:
+    """An event a persistent subscription has set aside (`EventStore.parked_events`).
+
+    Attributes:
+        event: the event as the subscription delivers it (``event_number`` is its
+            position in the subscription's stream); an `UndecodedEvent` when it cannot
+            be decoded.
+        error: why it was parked (the last error, or why it could not be decoded).
+        attempts: failed deliveries before it was parked (0: never delivered).
+        parked_at: when it was (last) parked, UTC.
+        replay_requested: a replay of it was asked for and has not finished yet.
+    """
+
+    event: RecordedEvent
+    error: str
+    attempts: int
+    parked_at: datetime.datetime
+    replay_requested: bool = False
 
 
 #: ``max_buffer_bytes`` by default: 64 MiB of event data read ahead per subscription.
@@ -52,8 +151,16 @@ class SubscriptionOptions:
     checkpoint_after: float = 0.0
     selector: Callable[[RecordedEvent], bool] | None = None
     mapper: Callable[[RecordedEvent], Any] | None = None
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    undecodable: Literal["park", "deliver"] = "park"
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.retry_policy, RetryPolicy):
+            raise TypeError(
+                f"retry_policy: expected a RetryPolicy, got {type(self.retry_policy).__name__}"
+            )
+        if self.undecodable not in ("park", "deliver"):
+            raise ValueError(f"undecodable: expected 'park' or 'deliver', got {self.undecodable!r}")
         start = self.start_from
         # Delivery reads from start_from + 1, which must be a bigint too.
         if not isinstance(start, StartFrom) and (
@@ -131,8 +238,10 @@ class SubscriptionStatistics:
     #: seconds since this store last read or persisted the checkpoint (None: no session)
     checkpoint_age: float | None = None
     #: events delivered to consumers, and those among them delivered again (after a
-    #: lost lock, a restart of the session, a consumer that left without acknowledging)
+    #: lost lock, a restart of the session, a consumer that left without acknowledging,
+    #: a ``nack`` retry)
     delivered: int = 0
     redeliveries: int = 0
-    #: events set aside after failing (parked)
+    #: events parked and not yet replayed or discarded, as this store's holder knows
+    #: them (0 while it does not hold the subscription)
     parked: int = 0

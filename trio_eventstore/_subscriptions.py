@@ -153,6 +153,38 @@ class Subscription:
         number = _ack_number(events_or_event_number)
         self._driver.ack(self._consumer, number)
 
+    def nack(
+        self,
+        event_or_event_number: EventBatch | RecordedEvent | Sequence[RecordedEvent] | int,
+        *,
+        retry: bool = True,
+        error: BaseException | str | None = None,
+    ) -> None:
+        """Give an event back (sync, non-blocking): it was not processed.
+
+        The events delivered to this subscriber before it count as acknowledged (as
+        `ack` of the one before it); the events delivered after it are delivered again,
+        after it. With ``retry=True`` it is delivered again after the back-off of the
+        subscription's ``retry_policy``, or parked once the policy is exhausted;
+        ``retry=False`` parks it now. Parking stores it with ``error`` (its text) and the
+        attempts, and the subscription goes on past it. Until it is delivered again or
+        parked, this subscriber gets no other event. A batch or a list stands for its
+        first event.
+
+        Raises:
+            UnexpectedAckError: the event is not in flight for this subscriber.
+        """
+        if not isinstance(retry, bool):
+            raise TypeError("retry: expected a bool")
+        if error is not None and not isinstance(error, (BaseException, str)):
+            raise TypeError("error: expected an exception, a str or None")
+        number = _nack_number(event_or_event_number)
+        self._driver.nack(self._consumer, number, retry, error)
+
+    def _park(self, event: RecordedEvent, error: str, attempts: int) -> None:
+        """Park ``event`` now, recording ``attempts`` (the daemon retried it itself)."""
+        self._driver.nack(self._consumer, event.event_number, False, error, attempts=attempts)
+
     def statistics(self) -> SubscriptionStatistics:
         return subscription_statistics(self._driver)
 
@@ -193,8 +225,9 @@ def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
             else None
         ),
         delivered=driver.delivered,
+        # every event delivered again (after a lost lock or session, or a `nack`);
+        # ``parked`` comes from the driver's poison-event handling
         redeliveries=driver.redeliveries,
-        parked=driver.parked,
     )
 
 
@@ -228,6 +261,16 @@ def _ack_number(value: object) -> int:
         if len(events) == len(value):
             return max(e.event_number for e in events)
     raise TypeError("ack: expected an event, a batch, a list of events or an event number")
+
+
+def _nack_number(value: object) -> int:
+    if isinstance(value, EventBatch):
+        return value.events[0].event_number
+    if isinstance(value, (RecordedEvent, int)) and not isinstance(value, bool):
+        return _ack_number(value)
+    if isinstance(value, Sequence) and value and isinstance(value[0], RecordedEvent):
+        return int(value[0].event_number)
+    raise TypeError("nack: expected an event, a batch, a list of events or an event number")
 
 
 class Subscriptions:
@@ -362,6 +405,13 @@ class Subscriptions:
 
     def active(self) -> list[Driver]:
         return list(self._drivers.values())
+
+    def parked_changed(self, stream_uuid: str, name: str) -> None:
+        """Parked events of this subscription were replayed or discarded here: tell its
+        driver, if it runs in this store (other nodes hear of it by notification)."""
+        driver = self._drivers.get((stream_uuid, name))
+        if driver is not None:
+            driver.parked_changed()
 
     def discard(self, driver: Driver) -> None:
         """The driver has stopped: forget it (unless a newer one has taken its place)."""

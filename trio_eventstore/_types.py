@@ -25,6 +25,7 @@ __all__ = [
     "StartFrom",
     "StreamInfo",
     "StreamStatus",
+    "UndecodedEvent",
 ]
 
 #: The stream of every event, in commit order.
@@ -186,6 +187,17 @@ class RecordedEvent:
     causation_id: uuid.UUID | None
     correlation_id: uuid.UUID | None
     created_at: datetime.datetime
+
+
+@attrs.frozen(slots=False)
+class UndecodedEvent(RecordedEvent):
+    """An event the store's serializer cannot decode (its type has no registered class
+    under a strict serializer, or its payload does not fit), as a persistent
+    subscription with ``undecodable="deliver"`` delivers it: ``data`` holds the stored
+    bytes (UTF-8 JSON), ``metadata`` the decoded metadata when it could be read (else
+    None), and ``error`` says why ``data`` could not be decoded."""
+
+    error: str
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,431 @@
+"""Poison events on a real PostgreSQL: retry per policy, park, list, replay, discard."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+
+import attrs
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import (
+    ANY_VERSION,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    JsonSerializer,
+    RecordedEvent,
+    RetryPolicy,
+    SubscriberSpec,
+    admin,
+    open_event_store,
+    open_subscriber_daemon,
+)
+from trio_eventstore.__main__ import main
+
+from .helpers import Role
+
+HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
+QUICK = RetryPolicy(max_attempts=3, backoff=0.01, max_backoff=0.02)
+
+
+def ev(n: int, key: str = "k", **kw: object) -> EventData:
+    return EventData({"n": n, "k": key}, event_type="Counted", **kw)  # type: ignore[arg-type]
+
+
+def n_of(event: RecordedEvent) -> object:
+    data = event.data
+    return data["n"] if isinstance(data, dict) else getattr(data, "n", data)
+
+
+async def append(store: EventStore, stream: str, *ns: int, key: str = "k") -> None:
+    await store.append_to_stream(stream, ANY_VERSION, [ev(n, key) for n in ns])
+
+
+def _quick(config: EventStoreConfig) -> EventStoreConfig:
+    return config.with_changes(subscription_retry_interval=0.2, notification_poll_interval=0.5)
+
+
+@pytest.fixture
+def cfg(initialized: EventStoreConfig) -> EventStoreConfig:
+    return _quick(initialized)
+
+
+@pytest.fixture(params=["bytea", "jsonb"])
+async def typed_cfg(
+    request: pytest.FixtureRequest, config: EventStoreConfig
+) -> AsyncIterator[EventStoreConfig]:
+    """Both column data types (park records and raw events read back from each)."""
+    cfg = _quick(config.with_changes(column_data_type=request.param))
+    await admin.create(cfg)
+    await admin.init(cfg)
+    yield cfg
+    with trio.CancelScope(shield=True):
+        await admin.drop(cfg)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll a statistic (the holder forgets a replayed event after its ack, in its task)."""
+    for _ in range(HANG_GUARD * 100):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def _next(sub: es.Subscription) -> es.EventBatch:
+    with trio.fail_after(HANG_GUARD):
+        return await sub.__anext__()
+
+
+def test_retry_policy_is_validated_before_any_io() -> None:
+    assert es.DEFAULT_RETRY_POLICY.max_attempts == 5
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(TypeError, match="max_attempts"):
+        RetryPolicy(max_attempts=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_backoff"):
+        RetryPolicy(backoff=2.0, max_backoff=1.0)
+    with pytest.raises(ValueError, match="jitter"):
+        RetryPolicy(jitter=1.0)
+    with pytest.raises(ValueError, match="deadline"):
+        RetryPolicy(deadline=math.inf)
+    with pytest.raises(TypeError, match="retry_policy"):
+        es.SubscriberSpec(name="x", handler=print, retry_policy=3)  # type: ignore[arg-type]
+    policy = RetryPolicy(backoff=1.0, max_backoff=4.0, jitter=0.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 4.0]
+    assert RetryPolicy(deadline=1.0).exhausted(1, 2.0)
+
+
+async def test_nack_retries_per_policy_then_parks_and_the_subscription_goes_on(
+    cfg: EventStoreConfig,
+) -> None:
+    seen: list[object] = []
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "sub", retry_policy=QUICK) as sub:
+            while True:
+                [event] = await _next(sub)
+                seen.append(n_of(event))
+                if n_of(event) == 2:
+                    sub.nack(event, error=RuntimeError("boom"))
+                else:
+                    sub.ack(event)
+                if n_of(event) == 3:
+                    break
+            await sub.wait_checkpointed(3)
+            stats = sub.statistics()
+        assert seen == [1, 2, 2, 2, 3]
+        assert (stats.parked, stats.redeliveries) == (1, 2)
+        [parked] = await store.parked_events("s", "sub")
+        assert n_of(parked.event) == 2
+        assert parked.event.event_number == 2
+        assert parked.attempts == 3
+        assert "RuntimeError: boom" in parked.error
+        assert not parked.replay_requested
+        linked = await store.read_stream_forward("$parked-sub")
+        assert [e.event_id for e in linked] == [parked.event.event_id]
+
+
+async def test_nack_without_retry_parks_at_once(cfg: EventStoreConfig) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub", buffer_size=2) as sub:
+            batch = await _next(sub)
+            assert [n_of(e) for e in batch] == [1, 2]
+            sub.nack(batch.events[1], retry=False, error="bad data")  # acknowledges 1
+            await sub.wait_checkpointed(2)
+            with pytest.raises(es.UnexpectedAckError):
+                sub.ack(batch.events[1])
+        [parked] = await store.parked_events("s", "sub")
+        assert (n_of(parked.event), parked.attempts, parked.error) == (2, 1, "bad data")
+
+
+@pytest.fixture(params=["owner", "application-role"])
+async def role_cfg(
+    request: pytest.FixtureRequest, cfg: EventStoreConfig, application_role: Role
+) -> EventStoreConfig:
+    """The store's owner, and an application role with only what `admin.grant` gives."""
+    return await application_role.use(cfg) if request.param == "application-role" else cfg
+
+
+async def test_replay_redelivers_parked_events_then_they_leave_the_list(
+    role_cfg: EventStoreConfig,
+) -> None:
+    cfg = role_cfg
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            for _ in range(3):
+                [event] = await _next(sub)
+                if n_of(event) in (1, 2):
+                    sub.nack(event, retry=False)
+                else:
+                    sub.ack(event)
+            await sub.wait_checkpointed(3)
+            assert sub.statistics().parked == 2
+            parked = await store.parked_events("s", "sub")
+            assert [n_of(p.event) for p in parked] == [1, 2]
+            # Only event 1 again; it is acknowledged and leaves the list.
+            assert await store.replay_parked("s", "sub", [parked[0].event.event_id]) == 1
+            [again] = await _next(sub)
+            assert (n_of(again), again.event_number) == (1, 1)
+            sub.ack(again)
+            await _until(lambda: sub.statistics().parked == 1)
+            left = await store.parked_events("s", "sub")
+            assert [n_of(p.event) for p in left] == [2]
+            assert await store.discard_parked("s", "sub") == 1
+            assert await store.parked_events("s", "sub") == []
+            await append(store, "s", 4)
+            [event] = await _next(sub)
+            assert n_of(event) == 4  # the discarded event 2 never came again
+            sub.ack(event)
+
+
+async def test_parked_events_survive_a_restart_and_the_next_holder_replays(
+    typed_cfg: EventStoreConfig,
+) -> None:
+    cfg = typed_cfg
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False, error="poison")
+            [event] = await _next(sub)
+            sub.ack(event)
+    async with open_event_store(cfg) as store:
+        [parked] = await store.parked_events("s", "sub")
+        assert (n_of(parked.event), parked.error) == (1, "poison")
+        assert await store.replay_parked("s", "sub") == 1  # nobody holds it now
+        assert (await store.parked_events("s", "sub"))[0].replay_requested
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            assert n_of(event) == 1
+            assert sub.statistics().parked == 1
+            sub.ack(event)
+            await _until(lambda: sub.statistics().parked == 0)
+        assert await store.parked_events("s", "sub") == []
+
+
+async def test_a_replay_from_another_store_reaches_the_holder(cfg: EventStoreConfig) -> None:
+    async with open_event_store(cfg) as holder, open_event_store(cfg) as operator:
+        await append(holder, "s", 1)
+        async with holder.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False)
+            await sub.wait_checkpointed(1)
+            assert await operator.replay_parked("s", "sub") == 1
+            [again] = await _next(sub)  # by notification (or the notifier's poll)
+            assert n_of(again) == 1
+            sub.ack(again)
+        assert await operator.parked_events("s", "sub") == []
+
+
+@attrs.frozen
+class Counted:
+    n: int
+    k: str
+
+
+def _typed(config: EventStoreConfig) -> EventStoreConfig:
+    serializer = JsonSerializer()
+    serializer.register(Counted, event_type="Counted")
+    return config.with_changes(serializer=serializer)
+
+
+async def _append_with_a_bad_payload(config: EventStoreConfig) -> None:
+    """Events 1 and 3 fit `Counted`; event 2's payload does not (a plain store writes it)."""
+    async with open_event_store(config) as store:
+        await append(store, "s", 1)
+        await store.append_to_stream(
+            "s", ANY_VERSION, [EventData({"n": "two"}, event_type="Counted")]
+        )
+        await append(store, "s", 3)
+
+
+async def test_an_undecodable_event_is_parked_and_the_others_delivered(
+    cfg: EventStoreConfig,
+) -> None:
+    await _append_with_a_bad_payload(cfg)
+    async with open_event_store(_typed(cfg)) as store:
+        async with store.subscribe_to_stream("s", "sub", buffer_size=10) as sub:
+            got: list[RecordedEvent] = []
+            while len(got) < 2:
+                batch = await _next(sub)
+                got.extend(batch.events)
+                sub.ack(batch)
+            await sub.wait_checkpointed(3)
+        assert [e.data for e in got] == [Counted(1, "k"), Counted(3, "k")]
+        [parked] = await store.parked_events("s", "sub")
+        assert isinstance(parked.event, es.UndecodedEvent)
+        assert parked.event.event_number == 2
+        assert parked.attempts == 0
+        assert "does not fit" in parked.error or "Serialization" in parked.error
+
+
+async def test_an_undecodable_event_is_delivered_raw_when_asked(
+    typed_cfg: EventStoreConfig,
+) -> None:
+    cfg = typed_cfg
+    await _append_with_a_bad_payload(cfg)
+    async with open_event_store(_typed(cfg)) as store:
+        async with store.subscribe_to_stream(
+            "s", "sub", buffer_size=10, undecodable="deliver"
+        ) as sub:
+            got: list[RecordedEvent] = []
+            while len(got) < 3:
+                batch = await _next(sub)
+                got.extend(batch.events)
+                sub.ack(batch)
+        raw = got[1]
+        assert isinstance(raw, es.UndecodedEvent)
+        assert isinstance(raw.data, bytes)
+        assert b"two" in raw.data
+        assert raw.error
+        assert [got[0].data, got[2].data] == [Counted(1, "k"), Counted(3, "k")]
+        assert await store.parked_events("s", "sub") == []
+
+
+def _key(event: RecordedEvent) -> object:
+    assert isinstance(event.data, dict)
+    return event.data["k"]
+
+
+@pytest.mark.parametrize("hold", [True, False])
+async def test_a_parked_event_holds_its_partition_unless_the_policy_says_not(
+    cfg: EventStoreConfig, hold: bool
+) -> None:
+    policy = RetryPolicy(max_attempts=1, hold_partition=hold)
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, key="a")
+        await append(store, "s", 3, key="b")
+        async with store.subscribe_to_stream(
+            "s", "sub", concurrency_limit=2, partition_by=_key, retry_policy=policy
+        ) as sub:
+            [first] = await _next(sub)
+            assert n_of(first) == 1
+            sub.nack(first)  # one attempt: parked now
+            seen: list[object] = []
+            with trio.move_on_after(1.0 if hold else HANG_GUARD):
+                while len(seen) < 2:
+                    [event] = await _next(sub)
+                    seen.append(n_of(event))
+                    sub.ack(event)
+            await sub.wait_checkpointed(3)  # the subscription went on either way
+            parked = [n_of(p.event) for p in await store.parked_events("s", "sub")]
+            if not hold:
+                assert set(seen) == {2, 3}
+                assert parked == [1]
+                return
+            assert seen == [3]
+            assert parked == [1, 2]
+            [behind] = [p for p in await store.parked_events("s", "sub") if n_of(p.event) == 2]
+            assert "held behind parked event 1" in behind.error
+            await store.replay_parked("s", "sub")
+            order = []
+            for _ in range(2):
+                [event] = await _next(sub)
+                order.append(n_of(event))
+                sub.ack(event)
+            assert order == [1, 2]  # in the partition's order
+            # The partition is free again: a new event of it is delivered.
+            await append(store, "s", 4, key="a")
+            [event] = await _next(sub)
+            assert n_of(event) == 4
+            sub.ack(event)
+        assert await store.parked_events("s", "sub") == []
+
+
+async def test_daemon_handler_policy_parks_and_goes_on(cfg: EventStoreConfig) -> None:
+    handled: list[object] = []
+    done = trio.Event()
+
+    async def handler(event: RecordedEvent) -> None:
+        if n_of(event) == 2:
+            raise ValueError("cannot handle 2")
+        handled.append(n_of(event))
+        if n_of(event) == 3:
+            done.set()
+
+    spec = SubscriberSpec(
+        name="d",
+        handler=handler,
+        stream_uuid="s",
+        retry_policy=RetryPolicy(max_attempts=2, backoff=0.01, max_backoff=0.01),
+    )
+    assert spec.on_error == "park"
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, 3)
+        with trio.fail_after(HANG_GUARD):
+            async with open_subscriber_daemon(store, [spec]) as daemon:
+                await done.wait()
+                [stats] = daemon.statistics()
+        assert handled == [1, 3]
+        assert (stats.errors, stats.parked) == (2, 1)
+        [parked] = await store.parked_events("s", "d")
+        assert (n_of(parked.event), parked.attempts) == (2, 2)
+        assert "ValueError: cannot handle 2" in parked.error
+
+
+def test_operator_cli_lists_replays_and_discards_parked_events(
+    eventstore_config: EventStoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _quick(eventstore_config)
+
+    async def park_two() -> None:
+        async with open_event_store(config) as store:
+            await append(store, "s", 1, 2)
+            async with store.subscribe_to_stream("s", "sub") as sub:
+                for _ in range(2):
+                    [event] = await _next(sub)
+                    sub.nack(event, retry=False, error=f"bad {n_of(event)}")
+                await sub.wait_checkpointed(2)
+
+    trio.run(park_two)
+    args = ["--url", str(config.url), "--schema", config.schema]
+    assert main(["parked", "list", "s", "sub", *args]) == 0
+    out = capsys.readouterr().out
+    assert "bad 1" in out
+    assert "bad 2" in out
+    assert "2 parked events" in out
+
+    async def first_id() -> str:
+        async with open_event_store(config) as store:
+            return str((await store.parked_events("s", "sub"))[0].event.event_id)
+
+    event_id = trio.run(first_id)
+    assert main(["parked", "replay", "s", "sub", "--event", event_id, *args]) == 0
+    assert "1 parked events to be replayed" in capsys.readouterr().out
+    assert main(["parked", "list", "s", "sub", "--json", *args]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["replay_requested"] for r in rows] == [True, False]
+    assert main(["parked", "discard", "s", "sub", *args]) == 0
+    assert "2 parked events discarded" in capsys.readouterr().out
+    assert main(["parked", "list", "s", "sub", *args]) == 0
+    assert "0 parked events" in capsys.readouterr().out
+
+
+async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStoreConfig) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False, error="first")
+            [event] = await _next(sub)
+            sub.ack(event)
+            await sub.wait_checkpointed(2)
+            await store.replay_parked("s", "sub")
+            [again] = await _next(sub)
+            assert n_of(again) == 1
+            sub.nack(again, retry=False, error="second")
+            await _until(lambda: sub.statistics().parked == 1)
+            await append(store, "s", 3)
+            [event] = await _next(sub)
+            assert n_of(event) == 3  # not event 1 again: it waits for another replay
+            sub.ack(event)
+        [parked] = await store.parked_events("s", "sub")
+        assert (n_of(parked.event), parked.error, parked.attempts) == (1, "second", 2)
+        assert not parked.replay_requested
