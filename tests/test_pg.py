@@ -228,3 +228,31 @@ async def test_cancelled_from_trio_a_unit_finishes_its_asyncio_cleanup(db: Datab
         assert scope.cancelled_caught
         assert steps == ["cancelled", "cleaned up"]
         assert await db.fetchval("SELECT 1") == 1
+
+
+async def test_a_failing_notification_callback_keeps_the_listener(
+    initialized: EventStoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LISTEN callbacks run as the notification is read; one that raises is logged and
+    the connection goes on listening."""
+    from trio_eventstore._pg import open_connection
+
+    seen: list[str] = []
+    got_two = trio.Event()
+
+    def callback(_channel: str, payload: str) -> None:
+        if payload == "boom":
+            raise RuntimeError("callback failed")
+        seen.append(payload)
+        if len(seen) == 2:
+            got_two.set()
+
+    async with open_connection(initialized) as listener, open_connection(initialized) as other:
+        await listener.listen("test_channel", callback)
+        for payload in ("one", "boom", "two"):
+            await other.execute("SELECT pg_notify('test_channel', $1)", payload)
+        with trio.fail_after(10):
+            await got_two.wait()
+        assert seen == ["one", "two"]
+        assert await listener.fetchval("SELECT 1") == 1
+    assert "a notification callback failed" in caplog.text

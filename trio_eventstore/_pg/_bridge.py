@@ -17,7 +17,7 @@ import heapq
 import logging
 import types
 from asyncio.tasks import _enter_task, _leave_task
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import sniffio
@@ -99,6 +99,23 @@ class _Wake:
 
     def queued(self, _future: Any) -> None:
         trio.lowlevel.reschedule(self.task)
+
+
+class AtOnce:
+    """A synchronous callback handed to asyncpg (a LISTEN callback) that `_call_soon`
+    runs at once, inside the asyncpg callback that schedules it, instead of in a later
+    pass of the loop. It must not block; what it raises is logged, not propagated."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., None]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        try:
+            self.fn(*args)
+        except Exception:
+            logger.exception("a notification callback failed")
 
 
 async def _run_inline(loop: Any, coro: Coroutine[Any, Any, T]) -> T:
@@ -237,11 +254,12 @@ def _run_ready_callbacks_together(loop: Any) -> None:
 
 
 def _call_soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-    """trio-asyncio's ``call_soon`` without asyncio's callback check; a `_Wake` runs
-    at once (no pass of the loop just to wake a Trio task)."""
+    """trio-asyncio's ``call_soon`` without asyncio's callback check; a `_Wake` or an
+    `AtOnce` runs at once (no pass of the loop just to wake a Trio task, or to hand a
+    notification over)."""
     self._check_closed()
     handle = asyncio.Handle(callback, args, self, context=context)
-    if type(callback) is _Wake:
+    if type(callback) is _Wake or type(callback) is AtOnce:
         callback(*args)
         return handle
     return self._queue_handle(handle)

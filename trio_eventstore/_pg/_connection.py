@@ -20,7 +20,7 @@ import trio
 from .. import _sql
 from .._config import EventStoreConfig, SessionKeepalive, session_keepalive, tls_files
 from .._errors import TLSError
-from ._bridge import _asyncio_loop, _cross
+from ._bridge import AtOnce, _asyncio_loop, _cross
 from ._units import Conn, Row, _close, _in_transaction
 
 __all__ = ["Connection", "open_connection", "reconnect_delays"]
@@ -99,7 +99,9 @@ class Connection:
         def on_notify(_conn: Any, _pid: int, chan: str, payload: str) -> None:
             callback(chan, payload)
 
-        await _cross(self._loop, self._conn.add_listener(channel, on_notify), self._config)
+        await _cross(
+            self._loop, self._conn.add_listener(channel, AtOnce(on_notify)), self._config
+        )
 
     def on_termination(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (in the Trio thread, must not block) once the connection
