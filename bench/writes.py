@@ -713,6 +713,11 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
             ],
         )
 
+    # Where a lone append's time goes (statement, bridge, store).
+    from bench import anatomy
+
+    anatomy.run(config, timing, report)
+
     # Group commit on vs off for a lone writer.
     title = "lone writer p50 latency, group commit on vs off (existing stream)"
     if has_group_commit():
