@@ -175,9 +175,14 @@ async def _run_inline(loop: Any, coro: Coroutine[Any, Any, T]) -> T:
             task._waiter = yielded
             if task._must_cancel and yielded.cancel(msg=task._cancel_message):
                 task._must_cancel = False
-            # Alone on its future, the wake-up may run at once (`_Wake`); after other
-            # done-callbacks it is queued behind them, so that they run first, in order.
-            yielded.add_done_callback(wake if not yielded._callbacks else wake.queued)
+            # Alone on its future (or after asyncpg's bookkeeping, which runs at once
+            # too), the wake-up may run at once (`_Wake`); after other done-callbacks
+            # it is queued behind them, so that they run first, in order.
+            callbacks = yielded._callbacks
+            at_once = not callbacks or all(
+                getattr(cb, "__name__", None) == "_on_waiter_completed" for cb, _ in callbacks
+            )
+            yielded.add_done_callback(wake if at_once else wake.queued)
         else:
             to_throw = RuntimeError(f"inline coroutine yielded {yielded!r}, not a future")
             continue
@@ -259,10 +264,21 @@ def _call_soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any
     notification over)."""
     self._check_closed()
     handle = asyncio.Handle(callback, args, self, context=context)
-    if type(callback) is _Wake or type(callback) is AtOnce:
+    if type(callback) is _Wake or type(callback) is AtOnce or _bookkeeping(callback, args):
         callback(*args)
         return handle
     return self._queue_handle(handle)
+
+
+def _bookkeeping(callback: Any, args: tuple[Any, ...]) -> bool:
+    """asyncpg's own done-callback on a query's reply future (``_on_waiter_completed``),
+    for a reply that came (not a cancelled wait): it only clears a timer the reply
+    already cleared, so it may run at once, and then the `_Wake` after it may too."""
+    return (
+        getattr(callback, "__name__", None) == "_on_waiter_completed"
+        and len(args) == 1
+        and not args[0].cancelled()
+    )
 
 
 async def _io_task(self: Any, fd: Any, handle: Any, wait_ready: Any) -> None:
