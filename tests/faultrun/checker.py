@@ -11,10 +11,13 @@ Checks (each violation is listed in `Report.failures`):
   that was a number); none reported ``failed`` is; an ``ambiguous`` one is wholly there
   or wholly absent; no event is in the store that no writer tried to append;
 * each subscription received every event at least once (a missing one is a loss), only
-  events that are in the store (with their stream and version), in ``$all`` order within
-  each consumer session, and per partition within each session of the competing one;
+  events that are in the store (with their stream and version); the single one in ``$all``
+  order within each consumer session, the competing one in stream order within each
+  consumer session and in partition order within each driver session;
 * after a clean stop (SIGTERM), no event at or below the checkpoint it persisted is
-  delivered to that subscription again; the last stops persisted the head.
+  delivered to that subscription again; the last stops persisted the head;
+* no open store failed: every store, in the harness and in the processes, rode out every
+  fault (one that could not open while the database was unreachable is opened again).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from trio_eventstore._sql import quote_ident
 
 from .records import (
     COMPETING,
+    COULD_NOT_OPEN,
     SUBSCRIPTIONS,
     Append,
     Delivery,
@@ -366,8 +370,26 @@ async def check(
         "in-process store errors",
         ", ".join(f"{k} {v}" for k, v in sorted(store_errors.items())) or "none",
     )
+    could_not_open = {
+        role: codes.count(COULD_NOT_OPEN)
+        for role, codes in exits.items()
+        if COULD_NOT_OPEN in codes
+    }
+    crashed = {
+        role: [c for c in codes if c != COULD_NOT_OPEN]
+        for role, codes in exits.items()
+        if any(c != COULD_NOT_OPEN for c in codes)
+    }
     report.figure(
-        "process exits not caused by the harness",
-        ", ".join(f"{role} {codes}" for role, codes in sorted(exits.items()) if codes) or "none",
+        "processes whose store could not open (then restarted)",
+        ", ".join(f"{role} {n}" for role, n in sorted(could_not_open.items())) or "none",
+    )
+    report.fail(
+        "a process's open store failed (see ROLE.err in the run's folder)",
+        [f"{role} exit codes {codes}" for role, codes in sorted(crashed.items())],
+    )
+    report.fail(
+        "an open store of the harness failed (see harness.log)",
+        [f"{k} {v}" for k, v in sorted(store_errors.items()) if k.startswith("closed")],
     )
     return report

@@ -103,7 +103,16 @@ class Child:
             self.process = process
             self.starts += 1
             self.running.set()
-            code = await process.wait()
+            if self.stopping:  # stopped while starting
+                self.signalled = True
+                process.send_signal(signal.SIGTERM)
+            try:
+                code = await process.wait()
+            finally:
+                if process.returncode is None:  # the run itself was cancelled
+                    process.kill()
+                    with trio.CancelScope(shield=True):
+                        await process.wait()
             self.running = trio.Event()
             if not self.signalled:
                 self.unexpected.append(code)
@@ -126,8 +135,8 @@ class Child:
         return True
 
     async def stop(self) -> None:
+        """SIGTERM, and no more restarts."""
         self.stopping = True
-        await self.running.wait()
         await self.send(signal.SIGTERM)
 
 
@@ -176,6 +185,7 @@ class Run:
                             rng = random.Random(f"{self.seed}-{writer}")
                             writers.start_soon(write, store, writer, rng, log)
             except Exception as exc:
+                logging.getLogger("trio_eventstore.faultrun").exception("store %s", name)
                 phase = "closed an open store" if opened else "opening"
                 self.store_errors[f"{phase}: {type(exc).__name__}"] += 1
             finally:

@@ -30,6 +30,9 @@ COMPETING = "competing"
 SUBSCRIPTIONS = (SINGLE, COMPETING)
 #: consumers of the competing subscription (its concurrency_limit)
 CONSUMERS = 3
+#: a writer or subscriber process's exit code when its store could not be opened (the
+#: database down or unreachable: expected under faults; it is restarted)
+COULD_NOT_OPEN = 3
 
 
 def partition_of(stream_uuid: str) -> int:
@@ -61,6 +64,16 @@ def read_lines(path: Path) -> Iterator[dict[str, Any]]:
         for line in file:
             if line.endswith("\n"):
                 yield json.loads(line)
+
+
+class Opening:
+    """Tells, when a process ends with an error, whether its store was ever open."""
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    def exit_code(self) -> int:
+        return 1 if self.opened else COULD_NOT_OPEN
 
 
 def now() -> float:

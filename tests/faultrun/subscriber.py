@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import trio
@@ -27,7 +28,10 @@ from trio_eventstore import (
     open_event_store,
 )
 
-from .records import COMPETING, CONSUMERS, SINGLE, JsonLines, now, partition_of
+from .records import COMPETING, CONSUMERS, SINGLE, JsonLines, Opening, now, partition_of
+
+#: whether this process's store opened (its exit code on an error says so)
+OPENING = Opening()
 
 
 def subscription_options(subscription: str) -> dict[str, object]:
@@ -86,6 +90,7 @@ async def run(
         async with trio.open_nursery() as watcher:
             watcher.start_soon(cancel_opening_on_stop)
             async with open_event_store(config) as store:
+                OPENING.opened = True
                 try:
                     async with contextlib.AsyncExitStack() as stack:
                         for _ in range(count):
@@ -143,4 +148,8 @@ async def main(folder: Path, url: str, schema: str, role: str, subscription: str
 
 if __name__ == "__main__":
     folder, url, schema, role, subscription = sys.argv[1:]
-    trio.run(main, Path(folder), url, schema, role, subscription)
+    try:
+        trio.run(main, Path(folder), url, schema, role, subscription)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(OPENING.exit_code())

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import traceback
 import uuid
 from pathlib import Path
 
@@ -33,7 +34,10 @@ from trio_eventstore import (
 )
 from trio_eventstore._types import ExpectedVersion
 
-from .records import STREAMS, JsonLines, now
+from .records import STREAMS, JsonLines, Opening, now
+
+#: whether this process's store opened (its exit code on an error says so)
+OPENING = Opening()
 
 #: typed refusals: the append was refused and wrote nothing
 REFUSALS = (WrongExpectedVersionError, StreamNotFoundError, StreamDeletedError, DuplicateEventError)
@@ -107,6 +111,7 @@ async def main(folder: Path, url: str, schema: str, seed: int, tasks: int) -> No
 
         nursery.start_soon(stop_on_sigterm)
         async with open_event_store(config) as store, trio.open_nursery() as writers:
+            OPENING.opened = True
             for i in range(tasks):
                 rng = random.Random(f"{seed}-{pid}-{i}")
                 writers.start_soon(write, store, f"P{pid}-{i}", rng, log)
@@ -114,4 +119,8 @@ async def main(folder: Path, url: str, schema: str, seed: int, tasks: int) -> No
 
 if __name__ == "__main__":
     folder, url, schema, seed, tasks = sys.argv[1:]
-    trio.run(main, Path(folder), url, schema, int(seed), int(tasks))
+    try:
+        trio.run(main, Path(folder), url, schema, int(seed), int(tasks))
+    except Exception:
+        traceback.print_exc()
+        sys.exit(OPENING.exit_code())
