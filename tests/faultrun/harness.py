@@ -160,7 +160,6 @@ class Run:
         #: in-process stores: opening failures and errors that closed an open store
         self.store_errors: collections.Counter[str] = collections.Counter()
         self.children: dict[str, Child] = {}
-        self.postgres_down = False
 
     def child(self, role: str, module: str, *args: str) -> Child:
         argv = [sys.executable, "-m", module, str(self.folder), self.proxied_url, SCHEMA, *args]
@@ -229,11 +228,9 @@ class Run:
             mode = kind.rpartition("_")[2]
             down = rng.uniform(0.2, 2.0)
             with trio.CancelScope(shield=True):
-                self.postgres_down = True
                 await trio.to_thread.run_sync(self.cluster.stop, mode)
                 await trio.sleep(down)
                 await trio.to_thread.run_sync(self.cluster.start)
-                self.postgres_down = False
             return kind
         if kind in ("sigkill", "sigterm"):
             role = rng.choice(sorted(self.children))
@@ -312,19 +309,22 @@ async def _run(cluster: TempCluster, folder: Path, duration: float, seed: int) -
             for child in run.children.values():
                 nursery.start_soon(child.supervise)
             await run.wait_ready()
-            with trio.CancelScope() as local_writers:
-                async with trio.open_nursery() as stores:
-                    stores.start_soon(run.store_instance, "A", log)
-                    stores.start_soon(run.store_instance, "B", log)
-                    await run.schedule(duration)
-                    proxy.clear()
-                    stores.cancel_scope.cancel()
-            del local_writers
+            async with trio.open_nursery() as stores:
+                stores.start_soon(run.store_instance, "A", log)
+                stores.start_soon(run.store_instance, "B", log)
+                await run.schedule(duration)
+                proxy.clear()
+                stores.cancel_scope.cancel()
             await writer.stop()
+            # An append held up by a fault may still commit after its writer has gone:
+            # wait until the head stays put.
             head = await checker.head(run.direct)
-            for role in SUBSCRIBERS:
-                await run.children[role].running.wait()
-            await run.wait_caught_up(head)
+            while True:
+                await run.wait_caught_up(head)
+                latest = await checker.head(run.direct)
+                if latest == head:
+                    break
+                head = latest
             async with trio.open_nursery() as stopping:
                 for role in SUBSCRIBERS:
                     stopping.start_soon(run.children[role].stop)
