@@ -77,6 +77,22 @@ def projection_kill_loop(c: Context, kills: int = 50, events: int = 20000, seed:
     )
 
 
+@task(
+    help={
+        "duration": "seconds of faults (then quiescing and the checks)",
+        "seed": "repeat a run's fault schedule (its seed; random by default)",
+        "folder": "keep the run's logs in this folder",
+    }
+)
+def faults(c: Context, duration: float = 180.0, seed: str = "", folder: str = "") -> None:
+    """The fault run: writers and subscribers under network faults, PostgreSQL restarts,
+    kills and pool exhaustion, then the checks and the figures (the suite runs two short
+    ones)."""
+    options = f"--duration {duration}" + (f" --seed {int(seed)}" if seed else "")
+    options += f" --folder {folder!r}" if folder else ""
+    c.run(f"{PY} -m tests.faultrun {options}", echo=True, pty=False)
+
+
 @task(pre=[lint, typecheck, layers, test])
 def check(c: Context) -> None:
     """Everything CI runs."""
@@ -128,4 +144,6 @@ def reset(c: Context, url: str = "", schema: str = "", yes: bool = False) -> Non
 
 
 db = Collection("db", create, init, migrate, drop, reset)
-ns = Collection(lint, typecheck, layers, test, proptest, bench, check, projection_kill_loop, db)
+ns = Collection(
+    lint, typecheck, layers, test, proptest, bench, check, projection_kill_loop, faults, db
+)

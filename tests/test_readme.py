@@ -261,3 +261,38 @@ def test_user_documents_name_nothing_internal(document: str) -> None:
         for m in INTERNAL.finditer(text)
     ]
     assert not found, found
+
+
+GUARANTEE_TEST = re.compile(r"`((?:tests|property_tests)/[\w/]+\.py)::(\w+)`")
+
+
+def guarantees() -> list[str]:
+    """The rows of README.md's Guarantees table."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Guarantees\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+
+
+def test_every_guarantee_names_tests_that_exist() -> None:
+    """Each promise of the Guarantees section names the tests that prove it, and each of
+    them exists (a renamed or deleted test fails here, not silently in the README)."""
+    rows = guarantees()
+    assert len(rows) >= 8
+    missing = []
+    for row in rows:
+        named = GUARANTEE_TEST.findall(row)
+        assert named, f"a guarantee names no test: {row[:80]}"
+        for path, name in named:
+            file = ROOT / path
+            defined = (
+                {
+                    node.name
+                    for node in ast.parse(file.read_text(encoding="utf-8")).body
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                }
+                if file.is_file()
+                else set()
+            )
+            if name not in defined:
+                missing.append(f"{path}::{name}")
+    assert not missing, missing
