@@ -86,6 +86,15 @@ async def head(config: EventStoreConfig) -> int:
     return int(value)
 
 
+async def checkpoints(config: EventStoreConfig) -> dict[str, int]:
+    """Each subscription's persisted checkpoint (``last_seen``)."""
+    async with open_connection(config) as conn:
+        rows = await conn.fetch(
+            f"SELECT subscription_name, last_seen FROM {quote_ident(config.schema)}.subscriptions"
+        )
+    return {row["subscription_name"]: int(row["last_seen"] or 0) for row in rows}
+
+
 @attrs.frozen
 class Stored:
     """An event as the store holds it."""

@@ -258,6 +258,19 @@ class Run:
                     ready.update(r["role"] for r in _read_new(path, offsets) if r["k"] == "ready")
                 await trio.sleep(0.1)
 
+    async def wait_checkpointed(self, head: int) -> None:
+        """Until every subscription's persisted checkpoint is ``head`` (or the guard
+        expires). A holder whose lock connection a fault left dead loses its lock only
+        when a query on it times out, possibly after its consumers saw the last events:
+        it then stands by, takes the lock again, is handed those events again and
+        checkpoints them. Stopping it before that would stop it behind the head."""
+        with trio.move_on_after(CATCH_UP_GUARD):
+            while True:
+                persisted = await checker.checkpoints(self.direct)
+                if all(persisted.get(sub, 0) >= head for sub in SUBSCRIPTIONS):
+                    return
+                await trio.sleep(0.5)
+
     async def wait_caught_up(self, head: int) -> None:
         """Until every subscription's log holds events 1..head (or the guard expires)."""
         seen: dict[str, set[int]] = {sub: set() for sub in SUBSCRIPTIONS}
@@ -321,6 +334,7 @@ async def _run(cluster: TempCluster, folder: Path, duration: float, seed: int) -
             head = await checker.head(run.direct)
             while True:
                 await run.wait_caught_up(head)
+                await run.wait_checkpointed(head)
                 latest = await checker.head(run.direct)
                 if latest == head:
                     break
