@@ -135,9 +135,16 @@ class Driver:
     def wake(self) -> None:
         self._wake.set()
 
-    def add_consumer(self, buffer_size: int) -> Consumer:
+    def add_consumer(
+        self,
+        buffer_size: int,
+        channel: tuple[trio.MemorySendChannel[EventBatch], trio.MemoryReceiveChannel[EventBatch]]
+        | None = None,
+    ) -> Consumer:
+        """A new consumer; its batches go to ``channel`` when given (partition groups
+        share one), else to a channel of its own."""
         self._next_consumer += 1
-        send, receive = trio.open_memory_channel[EventBatch](math.inf)
+        send, receive = channel or trio.open_memory_channel[EventBatch](math.inf)
         consumer = Consumer(self._next_consumer, buffer_size, send, receive)
         self.consumers[consumer.consumer_id] = consumer
         self._last_activity = time.monotonic()
@@ -361,7 +368,7 @@ class Driver:
                 async with trio.open_nursery() as nursery:
 
                     async def watch_lease() -> None:
-                        await lease.lost.wait()
+                        await lease.stop.wait()  # lost, or asked for (balancing)
                         session_scope.cancel()
 
                     nursery.start_soon(watch_lease)
