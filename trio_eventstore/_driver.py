@@ -375,11 +375,14 @@ class Driver:
                     await self._session(last_seen)
                     nursery.cancel_scope.cancel()
         finally:
+            # Stop delivering, persist the acknowledged prefix (unless the lock is lost:
+            # another holder may have moved on), then unlock.
             lost = lease.lost.is_set()
+            fsm = self.fsm
             self._end_session()
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 if not lost:
-                    await self._final_checkpoint()
+                    await self._final_checkpoint(fsm)
                 await lease.release()
             if lost:
                 self.state = "disconnected"
@@ -502,8 +505,10 @@ class Driver:
         fsm.on_new_events()
         return True
 
-    async def _checkpoint_if_due(self, *, final: bool = False) -> None:
-        fsm = self.fsm
+    async def _checkpoint_if_due(
+        self, *, final: bool = False, fsm: SubscriptionFSM[RecordedEvent] | None = None
+    ) -> None:
+        fsm = fsm or self.fsm
         if fsm is None:
             return
         async with self._checkpoint_lock:
@@ -523,9 +528,9 @@ class Driver:
             self.checkpointed.set()
             self.checkpointed = trio.Event()
 
-    async def _final_checkpoint(self) -> None:
+    async def _final_checkpoint(self, fsm: SubscriptionFSM[RecordedEvent] | None) -> None:
         try:
-            await self._checkpoint_if_due(final=True)
+            await self._checkpoint_if_due(final=True, fsm=fsm)
         except EventStoreError as exc:
             logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
 
