@@ -28,7 +28,9 @@ def say(line: str) -> None:
 async def consume(name: str, sub: Subscription) -> None:
     async for batch in sub:
         for event in batch.events:
-            say(f"got {name} {event.event_number} {event.stream_uuid} {event.data['n']}")
+            data = event.data
+            assert isinstance(data, dict)
+            say(f"got {name} {event.event_number} {event.stream_uuid} {data['n']}")
         sub.ack(batch)
 
 

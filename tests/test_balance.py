@@ -283,7 +283,6 @@ async def test_a_joining_process_takes_its_share_without_losing_events(
             cluster_of(initialized) as cluster,
             trio.open_nursery() as nursery,
         ):
-
             stop, stopped = trio.Event(), trio.Event()
 
             async def keep_appending() -> None:
@@ -338,7 +337,6 @@ async def test_partition_groups_spread_over_two_processes_and_keep_each_key_in_o
             cluster_of(initialized) as cluster,
             trio.open_nursery() as nursery,
         ):
-
             stop, stopped = trio.Event(), trio.Event()
 
             async def keep_appending() -> None:

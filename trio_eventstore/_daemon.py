@@ -119,7 +119,7 @@ class SubscriberSpec:
         stream_uuid: the stream, or ``"$all"``.
         on_error: ``"retry"`` (back-off from ``retry_delay`` doubling up to
             ``max_retry_delay``) or ``"stop"`` (the daemon stops and reports it).
-        start_from, concurrency_limit, partition_by, buffer_size, max_size,
+        start_from, concurrency_limit, partition_by, partition_groups, buffer_size, max_size,
             checkpoint_threshold, checkpoint_after, selector, max_buffer_bytes: the
             `EventStore.subscribe_to_stream` options (validated here, before any I/O).
     """
@@ -133,6 +133,7 @@ class SubscriberSpec:
     start_from: StartFrom | int = StartFrom.ORIGIN
     concurrency_limit: int | None = None
     partition_by: Callable[[RecordedEvent], Hashable] | None = None
+    partition_groups: int | None = None
     buffer_size: int = 1
     max_size: int = 1000
     checkpoint_threshold: int = 1
@@ -145,6 +146,7 @@ class SubscriberSpec:
             start_from=self.start_from,
             concurrency_limit=self.concurrency_limit,
             partition_by=self.partition_by,
+            partition_groups=self.partition_groups,
             buffer_size=self.buffer_size,
             max_size=self.max_size,
             checkpoint_threshold=self.checkpoint_threshold,
@@ -385,6 +387,7 @@ class SubscriberDaemon:
             start_from=spec.start_from,
             concurrency_limit=spec.concurrency_limit,
             partition_by=spec.partition_by,
+            partition_groups=spec.partition_groups,
             buffer_size=spec.buffer_size,
             max_size=spec.max_size,
             checkpoint_threshold=spec.checkpoint_threshold,
