@@ -26,7 +26,7 @@ from trio_eventstore import (
     Subscription,
     open_event_store,
 )
-from trio_eventstore._balance import fair_share, group_name, group_of, surplus
+from trio_eventstore._balance import excess, fair_share, group_name, group_of, surplus
 from trio_eventstore._storage import subscription_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +178,10 @@ def test_the_surplus_handed_over_is_chosen_the_same_way_each_time() -> None:
     assert len(set(first)) == 8
     assert fair_share(12, 3) == 4
     assert fair_share(13, 3) == 5
+    assert excess(12, 12, [0, 0]) == 8  # beyond the fair share
+    assert excess(4, 12, [4, 4]) == 0
+    assert excess(6, 16, [6, 4]) == 1  # 6/6/4: one of the sixes gives one up
+    assert excess(6, 16, [5, 5]) == 0  # 6/5/5 stays
 
 
 # -- in one process ----------------------------------------------------------------------------

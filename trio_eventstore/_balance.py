@@ -6,9 +6,11 @@ names itself ``trio-eventstore balance <set> <member> <schema>`` (`application_n
 ``<set>`` is a fingerprint of the store's subscription locks (`set_fingerprint`), so only
 stores that run the very same set count each other, and ``<member>`` is the store's random
 id. Each store then holds at most its fair share, ``ceil(subscriptions / members)``
-(`fair_share`): one holding more hands the surplus over (`surplus`), one holding less tries
-free locks (`preferred`). Which ones move is decided by rendezvous hashing of the lock x
-the member (`score`), so stores agree without talking.
+(`fair_share`): one holding more hands the surplus over (`excess`, `surplus`), one holding
+less tries free locks (`preferred`); and while a store holds less than
+``subscriptions // members``, those holding more hand one over each (`excess`). Which ones
+move is decided by rendezvous hashing of the lock x the member (`score`), so stores agree
+without talking.
 
 Partition groups: `group_of` sends a partition key to one of a fixed number of groups with
 a hash that is the same in every process (never Python's salted ``hash()``); each group is
@@ -20,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 
 __all__ = [
     "APPLICATION_PREFIX",
     "application_name",
+    "excess",
     "fair_share",
     "group_name",
     "group_of",
@@ -85,6 +88,19 @@ def member_of(name: str) -> str | None:
 def fair_share(subscriptions: int, members: int) -> int:
     """The most subscriptions a store should hold: ``ceil(subscriptions / members)``."""
     return math.ceil(subscriptions / max(1, members))
+
+
+def excess(held: int, total: int, others_hold: Sequence[int]) -> int:
+    """How many of its ``held`` locks a store should hand over, ``others_hold`` being
+    what each other member holds: what it holds beyond its fair share; or one, when it
+    holds more than ``total // members`` while another member holds less (so 16 locks on
+    3 stores end up 6/5/5, not 6/6/4)."""
+    members = len(others_hold) + 1
+    over = held - fair_share(total, members)
+    if over > 0:
+        return over
+    floor = total // members
+    return 1 if held > floor and any(n < floor for n in others_hold) else 0
 
 
 def score(key: Key, member: str) -> int:

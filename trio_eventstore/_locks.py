@@ -103,6 +103,8 @@ class LockKeeper:
         #: its share, and how many leases it has asked its holders to hand over
         self.member = _balance.new_member_id()
         self.others: list[str] = []
+        #: the locks each other member held when last seen
+        self._others_hold: list[int] = []
         self._announced: str | None = None
         self._surplus_since: float | None = None
         self.handovers = 0
@@ -110,6 +112,9 @@ class LockKeeper:
         #: lock handed over is wanted again only once its holder has flushed and asked
         #: again; it stays in the set meanwhile, so that the set stays the same
         self._known: dict[tuple[int, int], float] = {}
+        #: locks this store handed over, and when: it does not take them back for a
+        #: while (the store that should have them takes them in its next round)
+        self._handed_over: dict[tuple[int, int], float] = {}
 
     async def _fetch(self, conn: Connection, sql: str, *args: object) -> list[Row]:
         """One lock query, never cut short by a caller's cancellation (a query cancelled
@@ -218,6 +223,7 @@ class LockKeeper:
             self._known[key] = now
         grace = 2 * self._config.subscription_standby_interval + 1.0
         self._known = {key: seen for key, seen in self._known.items() if now - seen < grace}
+        self._handed_over = {k: t for k, t in self._handed_over.items() if now - t < grace}
         everything = set(self._known)
         if not everything:
             return
@@ -229,13 +235,12 @@ class LockKeeper:
             # the same set before taking anything (two more round trips, only then).
             await self._fetch(conn, _sql.SET_APPLICATION_NAME, name)
             self._announced = name
-            self.others = self._members(
-                await self._fetch(conn, _sql.BALANCE_ROUND, [], [], 0, pattern)
-            )
+            self._read_members(await self._fetch(conn, _sql.BALANCE_ROUND, [], [], 0, pattern))
         share = _balance.fair_share(len(everything), len(self.others) + 1)
         waiting = [key for key in self._wants if self._next_waiting(key) is not None]
         limit = max(0, share - len(self._leases))
-        tries = _balance.preferred(waiting, self.member, len(waiting)) if limit else []
+        candidates = [key for key in waiting if key not in self._handed_over]
+        tries = _balance.preferred(candidates, self.member, len(candidates)) if limit else []
         if tries:
             self.rounds += 1
         rows = await self._fetch(
@@ -251,24 +256,29 @@ class LockKeeper:
             if row[3] is None and row[2]:
                 key = (int(row[0]), int(row[1]))
                 granted[key] = await self._grant(conn, key)
-        self.others = self._members(rows)
+        self._read_members(rows)
         for key in waiting:
             for waiting_want in self._wants.get(key, ()):
                 if waiting_want.on_attempt is not None:
                     waiting_want.on_attempt(waiting_want is granted.get(key))
         self._ask_for_surplus(len(everything))
 
-    def _members(self, rows: list[Row]) -> list[str]:
-        """The other members in a balancing round's rows."""
-        members = {_balance.member_of(str(row[3])) for row in rows if row[3] is not None}
-        return sorted(m for m in members if m is not None and m != self.member)
+    def _read_members(self, rows: list[Row]) -> None:
+        """The other members in a balancing round's rows, and what each holds."""
+        members: dict[str, int] = {}
+        for row in rows:
+            member = None if row[3] is None else _balance.member_of(str(row[3]))
+            if member is not None and member != self.member:
+                members[member] = int(row[4] or 0)
+        self.others = sorted(members)
+        self._others_hold = list(members.values())
 
     def _ask_for_surplus(self, total: int) -> None:
         """Ask the holders of the leases beyond the fair share to hand them over, once
         the surplus has lasted a whole ``subscription_standby_interval`` (a store that
         is joining, leaving or reconnecting does not make the others shuffle)."""
         kept = [key for key, lease in self._leases.items() if not lease.handing_over]
-        excess = len(kept) - _balance.fair_share(total, len(self.others) + 1)
+        excess = _balance.excess(len(kept), total, self._others_hold)
         now = time.monotonic()
         if excess <= 0:
             self._surplus_since = None
@@ -281,6 +291,7 @@ class LockKeeper:
         for key in _balance.surplus(kept, self.member, self.others, excess):
             logger.info("handing over the subscription lock %s (balancing)", key)
             self.handovers += 1
+            self._handed_over[key] = now
             self._leases[key]._hand_over()
 
     async def _rounds(self, conn: Connection) -> None:
