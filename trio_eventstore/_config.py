@@ -213,6 +213,11 @@ class EventStoreConfig:
             releasing its locks, only after ``subscription_lease_timeout`` more.
         subscription_hibernate_after: idle time after which a subscription drops its
             buffers (0 disables hibernation).
+        balance_subscriptions: spread subscriptions over the stores that run the same
+            set: each holds about its fair share (``ceil(subscriptions / stores)``) and
+            hands the surplus over (after flushing its checkpoint) when another store
+            joins. ``False`` (default): whoever takes a lock first keeps it; the others
+            stand by.
         session_mode_url: a URL for connections that need session semantics (LISTEN,
             advisory locks), when ``url`` points at PgBouncer in transaction mode.
         enable_hard_deletes: allow ``delete_stream(..., hard=True)``.
@@ -259,6 +264,7 @@ class EventStoreConfig:
     subscription_standby_interval: float = 1.0
     subscription_lease_timeout: float = 5.0
     subscription_hibernate_after: float = 15.0
+    balance_subscriptions: bool = False
     session_mode_url: str | None = attrs.field(default=None, repr=_url_repr)
     enable_hard_deletes: bool = False
     notification_poll_interval: float = 5.0
@@ -328,7 +334,7 @@ class EventStoreConfig:
                 "serializer: expected a Serializer (event_type_of, serialize, deserialize, "
                 f"serialize_metadata, deserialize_metadata), got {type(self.serializer).__name__}"
             )
-        for flag in ("enable_hard_deletes", "group_commit"):
+        for flag in ("enable_hard_deletes", "group_commit", "balance_subscriptions"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}: expected a bool")
         if self.init is not None and not callable(self.init):
@@ -487,7 +493,7 @@ def session_keepalive(config: EventStoreConfig) -> SessionKeepalive:
 
 _INT_FIELDS = {"port", "pool_size", "statement_cache_size"}
 _FLOAT_FIELDS = set(_DURATIONS) | {"subscription_hibernate_after"}
-_BOOL_FIELDS = {"enable_hard_deletes", "group_commit"}
+_BOOL_FIELDS = {"enable_hard_deletes", "group_commit", "balance_subscriptions"}
 
 
 def _parse_env_value(name: str, raw: str) -> object:

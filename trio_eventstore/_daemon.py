@@ -134,7 +134,7 @@ class SubscriberSpec:
             only the events that fail alone are parked.
         undecodable: ``"park"`` (default) or ``"deliver"`` (the handler gets
             `UndecodedEvent` values for events the serializer cannot decode).
-        start_from, concurrency_limit, partition_by, buffer_size, max_size,
+        start_from, concurrency_limit, partition_by, partition_groups, buffer_size, max_size,
             checkpoint_threshold, checkpoint_after, selector, max_buffer_bytes: the
             `EventStore.subscribe_to_stream` options (validated here, before any I/O).
     """
@@ -150,6 +150,7 @@ class SubscriberSpec:
     start_from: StartFrom | int = StartFrom.ORIGIN
     concurrency_limit: int | None = None
     partition_by: Callable[[RecordedEvent], Hashable] | None = None
+    partition_groups: int | None = None
     buffer_size: int = 1
     max_size: int = 1000
     checkpoint_threshold: int = 1
@@ -162,6 +163,7 @@ class SubscriberSpec:
             start_from=self.start_from,
             concurrency_limit=self.concurrency_limit,
             partition_by=self.partition_by,
+            partition_groups=self.partition_groups,
             buffer_size=self.buffer_size,
             max_size=self.max_size,
             checkpoint_threshold=self.checkpoint_threshold,
@@ -421,6 +423,7 @@ class SubscriberDaemon:
             start_from=spec.start_from,
             concurrency_limit=spec.concurrency_limit,
             partition_by=spec.partition_by,
+            partition_groups=spec.partition_groups,
             buffer_size=spec.buffer_size,
             max_size=spec.max_size,
             checkpoint_threshold=spec.checkpoint_threshold,

@@ -137,9 +137,16 @@ class Driver:
     def wake(self) -> None:
         self._wake.set()
 
-    def add_consumer(self, buffer_size: int) -> Consumer:
+    def add_consumer(
+        self,
+        buffer_size: int,
+        channel: tuple[trio.MemorySendChannel[EventBatch], trio.MemoryReceiveChannel[EventBatch]]
+        | None = None,
+    ) -> Consumer:
+        """A new consumer; its batches go to ``channel`` when given (partition groups
+        share one), else to a channel of its own."""
         self._next_consumer += 1
-        send, receive = trio.open_memory_channel[EventBatch](math.inf)
+        send, receive = channel or trio.open_memory_channel[EventBatch](math.inf)
         consumer = Consumer(self._next_consumer, buffer_size, send, receive)
         self.consumers[consumer.consumer_id] = consumer
         self._last_activity = time.monotonic()
@@ -396,18 +403,21 @@ class Driver:
                 async with trio.open_nursery() as nursery:
 
                     async def watch_lease() -> None:
-                        await lease.lost.wait()
+                        await lease.stop.wait()  # lost, or asked for (balancing)
                         session_scope.cancel()
 
                     nursery.start_soon(watch_lease)
                     await self._session(last_seen)
                     nursery.cancel_scope.cancel()
         finally:
+            # Stop delivering, persist the acknowledged prefix (unless the lock is lost:
+            # another holder may have moved on), then unlock.
             lost = lease.lost.is_set()
+            fsm = self.fsm
             self._end_session()
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 if not lost:
-                    await self._final_checkpoint()
+                    await self._final_checkpoint(fsm)
                 await lease.release()
             if lost:
                 self.state = "disconnected"
@@ -539,8 +549,10 @@ class Driver:
         fsm.on_new_events()
         return True
 
-    async def _checkpoint_if_due(self, *, final: bool = False) -> None:
-        fsm = self.fsm
+    async def _checkpoint_if_due(
+        self, *, final: bool = False, fsm: SubscriptionFSM[RecordedEvent] | None = None
+    ) -> None:
+        fsm = fsm or self.fsm
         if fsm is None:
             return
         async with self._checkpoint_lock:
@@ -560,11 +572,12 @@ class Driver:
             self.checkpointed.set()
             self.checkpointed = trio.Event()
 
-    async def _final_checkpoint(self) -> None:
+    async def _final_checkpoint(self, fsm: SubscriptionFSM[RecordedEvent] | None) -> None:
         try:
-            if self.fsm is not None:
-                await self.poison.forget_replayed(self.fsm)
-            await self._checkpoint_if_due(final=True)
+            fsm = fsm or self.fsm
+            if fsm is not None:
+                await self.poison.forget_replayed(fsm)
+            await self._checkpoint_if_due(final=True, fsm=fsm)
         except EventStoreError as exc:
             logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
 

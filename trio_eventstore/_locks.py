@@ -14,16 +14,24 @@ lease with it, so a holder cut off from the database stops delivering within
 ``subscription_standby_interval + subscription_lease_timeout``, before the server (told
 by TCP keepalives, see `_pg`) drops the silent session and a standby elsewhere can take
 the lock.
+
+With ``balance_subscriptions``, the round also reads which other stores run the same set of
+subscriptions (`_balance`: their lock connections' application_name in
+``pg_stat_activity``), tries only locks that no session holds and only up to the store's
+fair share, and asks the holders of a surplus that has lasted a whole
+``subscription_standby_interval`` to hand it over (`Lease.stop`): the holder stops
+delivering, flushes its checkpoint, then releases the lock.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
 
-from . import _sql
+from . import _balance, _sql
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, StorageUnavailableError, single_errors
 from ._pg import Connection, Row, open_connection, reconnect_delays
@@ -41,12 +49,25 @@ def lock_key2(subscription_id: int) -> int:
 
 
 class Lease:
-    """A held advisory lock. ``lost`` is set when it is released or its connection drops."""
+    """A held advisory lock. ``lost`` is set when it is released or its connection drops;
+    ``stop`` when its holder must stop delivering: lost, or asked to hand it over (then
+    the holder flushes its checkpoint and releases it)."""
 
     def __init__(self, keeper: LockKeeper, key: tuple[int, int]) -> None:
         self._keeper = keeper
         self.key = key
         self.lost = trio.Event()
+        self.stop = trio.Event()
+        #: the keeper asked for it back (balancing)
+        self.handing_over = False
+
+    def _lose(self) -> None:
+        self.lost.set()
+        self.stop.set()
+
+    def _hand_over(self) -> None:
+        self.handing_over = True
+        self.stop.set()
 
     async def release(self) -> None:
         """Release the lock (no-op when already lost)."""
@@ -77,6 +98,23 @@ class LockKeeper:
         self.reconnects = 0
         #: queries that tried the locks of waiting subscriptions (one per round)
         self.rounds = 0
+        #: balancing: this store's member id, the other members last seen, the
+        #: application_name set on the connection, since when the store holds more than
+        #: its share, and how many leases it has asked its holders to hand over
+        self.member = _balance.new_member_id()
+        self.others: list[str] = []
+        #: the locks each other member held when last seen
+        self._others_hold: list[int] = []
+        self._announced: str | None = None
+        self._surplus_since: float | None = None
+        self.handovers = 0
+        #: the locks the store runs (held or wanted), with when each was last seen so: a
+        #: lock handed over is wanted again only once its holder has flushed and asked
+        #: again; it stays in the set meanwhile, so that the set stays the same
+        self._known: dict[tuple[int, int], float] = {}
+        #: locks this store handed over, and when: it does not take them back for a
+        #: while (the store that should have them takes them in its next round)
+        self._handed_over: dict[tuple[int, int], float] = {}
 
     async def _fetch(self, conn: Connection, sql: str, *args: object) -> list[Row]:
         """One lock query, never cut short by a caller's cancellation (a query cancelled
@@ -143,6 +181,9 @@ class LockKeeper:
     async def _round(self, conn: Connection) -> None:
         """Try every lock that callers wait for, in one query; or, with none waiting but
         leases held, check that the connection answers."""
+        if self._config.balance_subscriptions:
+            await self._balance_round(conn)
+            return
         keys = [key for key in self._wants if self._next_waiting(key) is not None]
         if not keys:
             if self._leases:
@@ -163,6 +204,96 @@ class LockKeeper:
                 if waiting.on_attempt is not None:
                     waiting.on_attempt(waiting is want)
 
+    async def _grant(self, conn: Connection, key: tuple[int, int]) -> _Want | None:
+        """The lock ``key`` was just taken: hand it to its first waiting caller (or give
+        it back when that caller went away while the query ran)."""
+        want = self._next_waiting(key)
+        if want is None:
+            await self._fetch(conn, _sql.UNLOCK, *key)
+            return None
+        want.lease = self._leases[key] = Lease(self, key)
+        want.granted.set()
+        return want
+
+    async def _balance_round(self, conn: Connection) -> None:
+        """A balancing round, in one query: try free locks up to the fair share, read
+        the other members; then ask for a surplus that has lasted back."""
+        now = time.monotonic()
+        for key in (*self._leases, *self._wants):
+            self._known[key] = now
+        grace = 2 * self._config.subscription_standby_interval + 1.0
+        self._known = {key: seen for key, seen in self._known.items() if now - seen < grace}
+        self._handed_over = {k: t for k, t in self._handed_over.items() if now - t < grace}
+        everything = set(self._known)
+        if not everything:
+            return
+        fingerprint = _balance.set_fingerprint(everything)
+        name = _balance.application_name(fingerprint, self.member, self._config.schema)
+        pattern = _balance.member_pattern(fingerprint)
+        if name != self._announced:
+            # The set changed (or the connection is new): say so, and read who runs
+            # the same set before taking anything (two more round trips, only then).
+            await self._fetch(conn, _sql.SET_APPLICATION_NAME, name)
+            self._announced = name
+            self._read_members(await self._fetch(conn, _sql.BALANCE_ROUND, [], [], 0, pattern))
+        share = _balance.fair_share(len(everything), len(self.others) + 1)
+        waiting = [key for key in self._wants if self._next_waiting(key) is not None]
+        limit = max(0, share - len(self._leases))
+        candidates = [key for key in waiting if key not in self._handed_over]
+        tries = _balance.preferred(candidates, self.member, len(candidates)) if limit else []
+        if tries:
+            self.rounds += 1
+        rows = await self._fetch(
+            conn,
+            _sql.BALANCE_ROUND,
+            [k for k, _ in tries],
+            [k for _, k in tries],
+            limit,
+            pattern,
+        )
+        granted: dict[tuple[int, int], _Want | None] = {}
+        for row in rows:
+            if row[3] is None and row[2]:
+                key = (int(row[0]), int(row[1]))
+                granted[key] = await self._grant(conn, key)
+        self._read_members(rows)
+        for key in waiting:
+            for waiting_want in self._wants.get(key, ()):
+                if waiting_want.on_attempt is not None:
+                    waiting_want.on_attempt(waiting_want is granted.get(key))
+        self._ask_for_surplus(len(everything))
+
+    def _read_members(self, rows: list[Row]) -> None:
+        """The other members in a balancing round's rows, and what each holds."""
+        members: dict[str, int] = {}
+        for row in rows:
+            member = None if row[3] is None else _balance.member_of(str(row[3]))
+            if member is not None and member != self.member:
+                members[member] = int(row[4] or 0)
+        self.others = sorted(members)
+        self._others_hold = list(members.values())
+
+    def _ask_for_surplus(self, total: int) -> None:
+        """Ask the holders of the leases beyond the fair share to hand them over, once
+        the surplus has lasted a whole ``subscription_standby_interval`` (a store that
+        is joining, leaving or reconnecting does not make the others shuffle)."""
+        kept = [key for key, lease in self._leases.items() if not lease.handing_over]
+        excess = _balance.excess(len(kept), total, self._others_hold)
+        now = time.monotonic()
+        if excess <= 0:
+            self._surplus_since = None
+            return
+        if self._surplus_since is None:
+            self._surplus_since = now
+        if now - self._surplus_since < self._config.subscription_standby_interval:
+            return
+        self._surplus_since = None
+        for key in _balance.surplus(kept, self.member, self.others, excess):
+            logger.info("handing over the subscription lock %s (balancing)", key)
+            self.handovers += 1
+            self._handed_over[key] = now
+            self._leases[key]._hand_over()
+
     async def _rounds(self, conn: Connection) -> None:
         interval = self._config.subscription_standby_interval
         while True:
@@ -173,10 +304,10 @@ class LockKeeper:
 
     async def _release(self, lease: Lease) -> None:
         if self._leases.get(lease.key) is not lease:
-            lease.lost.set()
+            lease._lose()
             return
         del self._leases[lease.key]
-        lease.lost.set()
+        lease._lose()
         if lease.key in self._wants:
             self._round_due.set()  # another subscription of this store waits for it
         conn = self._conn
@@ -189,7 +320,7 @@ class LockKeeper:
 
     def _lose_all(self) -> None:
         for lease in self._leases.values():
-            lease.lost.set()
+            lease._lose()
         self._leases.clear()
 
     @property
@@ -236,6 +367,7 @@ async def run_lock_keeper(
                     raise
                 finally:
                     keeper._conn = None
+                    keeper._announced = None
                     keeper.connected = trio.Event()
                     keeper._lose_all()
         except EventStoreError as exc:

@@ -857,6 +857,38 @@ TRY_LOCKS = (
 #: The lock connection's liveness check (a round trip, nothing else).
 PING = "SELECT 1"
 
+#: Parameters: key1s, key2s (int arrays, pairwise, in order of preference), limit, and a
+#: LIKE pattern of application_names. A balancing store's round (one round trip): tries
+#: the first ``limit`` of the locks that no session holds, one row (key1, key2, locked,
+#: NULL, NULL) per lock tried; and one row (NULL, NULL, NULL, application_name, held) per
+#: other session of this database whose application_name matches (the other members:
+#: their lock connections, which hold nothing but subscription locks; ``held`` counts
+#: them).
+BALANCE_ROUND = (
+    "WITH held AS ("
+    "SELECT l.classid, l.objid FROM pg_catalog.pg_locks l "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+    "AND l.database = (SELECT oid FROM pg_catalog.pg_database "
+    "WHERE datname = pg_catalog.current_database())), "
+    "free AS ("
+    "SELECT k.key1, k.key2 FROM unnest($1::int[], $2::int[]) WITH ORDINALITY AS k(key1, key2, n) "
+    "WHERE NOT EXISTS (SELECT 1 FROM held h "
+    "WHERE h.classid = k.key1::oid AND h.objid = k.key2::oid) "
+    "ORDER BY k.n LIMIT $3) "
+    "SELECT f.key1, f.key2, pg_catalog.pg_try_advisory_lock(f.key1, f.key2) AS locked, "
+    "NULL::text AS member, NULL::bigint AS held FROM free f "
+    "UNION ALL "
+    "SELECT NULL, NULL, NULL, a.application_name, "
+    "(SELECT count(*) FROM pg_catalog.pg_locks l WHERE l.pid = a.pid "
+    "AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 2) "
+    "FROM pg_catalog.pg_stat_activity a "
+    "WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid() "
+    "AND a.application_name LIKE $4"
+)
+
+#: Parameter: the new application_name of this session.
+SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', $1, false)"
+
 #: Parameters: names, values (text arrays, pairwise). Sets session settings, skipping
 #: those the server does not know (``tcp_user_timeout`` came with PostgreSQL 12).
 SET_SESSION_SETTINGS = (

@@ -19,6 +19,7 @@ from ._errors import (
     SubscriptionNotFoundError,
     single_errors,
 )
+from ._groups import join_groups
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
@@ -455,6 +456,7 @@ class EventStore:
         start_from: StartFrom | int = StartFrom.ORIGIN,
         concurrency_limit: int | None = None,
         partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        partition_groups: int | None = None,
         buffer_size: int = 1,
         max_size: int = 1000,
         max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
@@ -479,6 +481,10 @@ class EventStore:
         is delivered again before it is parked (see `RetryPolicy`). An event the
         serializer cannot decode is parked (``undecodable="park"``) or delivered as an
         `UndecodedEvent` (``"deliver"``); either way the others are delivered.
+        ``partition_groups=N`` (with ``partition_by``) splits the subscription into N
+        groups, each with its own row (``<name>#g<i>/<N>``), lock and checkpoint, that
+        stores hold and stand by for like subscriptions: one subscription can then run on
+        several processes (see ``balance_subscriptions``); one key's events stay in order.
 
         Ports ``EventStore.subscribe_to_stream/4``.
 
@@ -497,6 +503,7 @@ class EventStore:
             start_from=start_from,
             concurrency_limit=concurrency_limit,
             partition_by=partition_by,
+            partition_groups=partition_groups,
             buffer_size=buffer_size,
             max_size=max_size,
             max_buffer_bytes=max_buffer_bytes,
@@ -513,18 +520,26 @@ class EventStore:
     async def _subscribe_to_stream(
         self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
     ) -> AsyncIterator[Subscription]:
-        driver, consumer = await self._subscriptions.join(stream_uuid, subscription_name, options)
-        subscription = Subscription(driver, consumer)
+        subscription: Subscription
+        if options.partition_groups is None:
+            driver, consumer = await self._subscriptions.join(
+                stream_uuid, subscription_name, options
+            )
+            subscription = Subscription(driver, consumer)
+        else:
+            subscription = await join_groups(
+                self._subscriptions, stream_uuid, subscription_name, options
+            )
         try:
             yield subscription
         except BaseException:
             subscription._end_span()
-            failure = await self._subscriptions.leave(driver, consumer)
+            failure = await subscription._leave(self._subscriptions)
             if failure is not None:  # the error already leaving the block wins
                 logger.warning("%s", failure)
             raise
         subscription._end_span()
-        failure = await self._subscriptions.leave(driver, consumer)
+        failure = await subscription._leave(self._subscriptions)
         if failure is not None:
             raise failure
 
@@ -535,6 +550,7 @@ class EventStore:
         start_from: StartFrom | int = StartFrom.ORIGIN,
         concurrency_limit: int | None = None,
         partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        partition_groups: int | None = None,
         buffer_size: int = 1,
         max_size: int = 1000,
         max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
@@ -556,6 +572,7 @@ class EventStore:
             start_from=start_from,
             concurrency_limit=concurrency_limit,
             partition_by=partition_by,
+            partition_groups=partition_groups,
             buffer_size=buffer_size,
             max_size=max_size,
             checkpoint_threshold=checkpoint_threshold,

@@ -17,6 +17,7 @@ from ._types import MAX_BIGINT, RecordedEvent, StartFrom
 __all__ = [
     "DEFAULT_MAX_BUFFER_BYTES",
     "DEFAULT_RETRY_POLICY",
+    "MAX_PARTITION_GROUPS",
     "EventBatch",
     "ParkedEvent",
     "RetryPolicy",
@@ -133,6 +134,9 @@ class ParkedEvent:
     replay_requested: bool = False
 
 
+#: The most partition groups a subscription may be split into.
+MAX_PARTITION_GROUPS = 1024
+
 #: ``max_buffer_bytes`` by default: 64 MiB of event data read ahead per subscription.
 DEFAULT_MAX_BUFFER_BYTES = 64 * 2**20
 
@@ -144,6 +148,7 @@ class SubscriptionOptions:
     start_from: StartFrom | int = StartFrom.ORIGIN
     concurrency_limit: int | None = None
     partition_by: Callable[[RecordedEvent], Hashable] | None = None
+    partition_groups: int | None = None
     buffer_size: int = 1
     max_size: int = 1000
     max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES
@@ -197,8 +202,21 @@ class SubscriptionOptions:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"{name}: expected a callable or None")
-        if self.partition_by is not None and self.concurrency_limit is None:
-            raise ValueError("partition_by: only with concurrency_limit (competing consumers)")
+        groups = self.partition_groups
+        if groups is not None:
+            if isinstance(groups, bool) or not isinstance(groups, int):
+                raise TypeError(f"partition_groups: expected an int, got {type(groups).__name__}")
+            if not 1 <= groups <= MAX_PARTITION_GROUPS:
+                raise ValueError(
+                    f"partition_groups: must be between 1 and {MAX_PARTITION_GROUPS}, got {groups}"
+                )
+            if self.partition_by is None:
+                raise ValueError("partition_groups: only with partition_by")
+        elif self.partition_by is not None and self.concurrency_limit is None:
+            raise ValueError(
+                "partition_by: only with concurrency_limit (competing consumers) or "
+                "partition_groups"
+            )
 
 
 @attrs.frozen

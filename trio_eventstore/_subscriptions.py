@@ -188,6 +188,10 @@ class Subscription:
     def statistics(self) -> SubscriptionStatistics:
         return subscription_statistics(self._driver)
 
+    async def _leave(self, subscriptions: Subscriptions) -> CheckpointFailedError | None:
+        """Leave (see `Subscriptions.leave`)."""
+        return await subscriptions.leave(self._driver, self._consumer)
+
 
 _ROLES = {
     "catching_up": "holder",
@@ -320,8 +324,17 @@ class Subscriptions:
         return await _transient.subscribe(self, stream_uuid, selector, mapper)
 
     async def join(
-        self, stream_uuid: str, name: str, options: SubscriptionOptions
+        self,
+        stream_uuid: str,
+        name: str,
+        options: SubscriptionOptions,
+        *,
+        channel: tuple[trio.MemorySendChannel[EventBatch], trio.MemoryReceiveChannel[EventBatch]]
+        | None = None,
     ) -> tuple[Driver, Consumer]:
+        """Join the subscription ``name`` of ``stream_uuid`` in this store as a new
+        consumer (starting its driver if none runs); its batches go to ``channel`` when
+        given (partition groups share one)."""
         self.check_open()
         key = (stream_uuid, name)
         driver = self._drivers.get(key)
@@ -340,10 +353,10 @@ class Subscriptions:
                 raise TooManySubscribersError(
                     stream_uuid=stream_uuid, subscription_name=name, concurrency_limit=limit
                 )
-            return driver, driver.add_consumer(options.buffer_size)
+            return driver, driver.add_consumer(options.buffer_size, channel)
         driver = Driver(self, stream_uuid, name, options)
         self._drivers[key] = driver
-        consumer = driver.add_consumer(options.buffer_size)
+        consumer = driver.add_consumer(options.buffer_size, channel)
         await self.nursery.start(driver.run)
         return driver, consumer
 

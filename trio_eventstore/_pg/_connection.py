@@ -99,9 +99,7 @@ class Connection:
         def on_notify(_conn: Any, _pid: int, chan: str, payload: str) -> None:
             callback(chan, payload)
 
-        await _cross(
-            self._loop, self._conn.add_listener(channel, AtOnce(on_notify)), self._config
-        )
+        await _cross(self._loop, self._conn.add_listener(channel, AtOnce(on_notify)), self._config)
 
     def on_termination(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (in the Trio thread, must not block) once the connection
