@@ -6,35 +6,31 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from . import _parking, _schema_state, _snapshots, _storage
+from . import _schema_state, _snapshots, _storage
+from ._arguments import (
+    check_events,
+    check_expected_version,
+    check_int,
+    check_stream,
+    check_target,
+)
 from ._config import EventStoreConfig
 from ._errors import (
     NotSupportedError,
-    SubscriptionAlreadyExistsError,
-    SubscriptionNotFoundError,
     single_errors,
 )
-from ._groups import join_groups
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer, check_storable
 from ._sql import STREAM_SORT_COLUMNS
 from ._statistics import EventStoreStatistics, store_statistics
-from ._subscription_types import (
-    DEFAULT_MAX_BUFFER_BYTES,
-    DEFAULT_RETRY_POLICY,
-    ParkedEvent,
-    RetryPolicy,
-    SubscriptionOptions,
-)
-from ._subscriptions import Subscription, Subscriptions
-from ._transient import TransientSubscription
+from ._store_subscriptions import SubscriptionMethods
+from ._subscriptions import Subscriptions
 from ._types import (
     ALL_STREAMS,
     MAX_BIGINT,
@@ -43,7 +39,6 @@ from ._types import (
     Page,
     RecordedEvent,
     SnapshotData,
-    StartFrom,
     StreamInfo,
     check_text,
 )
@@ -54,7 +49,7 @@ __all__ = ["EventStore", "EventStoreStatistics", "open_event_store"]
 logger = logging.getLogger("trio_eventstore.subscriptions")
 
 
-class EventStore:
+class EventStore(SubscriptionMethods):
     """A store opened by `open_event_store`. Do not construct it yourself.
 
     Once the store's ``async with`` block has exited, every method but `statistics`
@@ -92,7 +87,7 @@ class EventStore:
             StreamNotFoundError: no such stream.
         """
         self._check_open()
-        _check_stream(stream_uuid)
+        check_stream(stream_uuid)
         return await _storage.stream_info(self._db, stream_uuid)
 
     async def append_to_stream(
@@ -125,9 +120,9 @@ class EventStore:
             EventTooLargeError: the events are larger than PostgreSQL takes in one append.
         """
         self._check_open()
-        _check_target(stream_uuid)
-        _check_expected_version(expected_version)
-        event_list = _check_events(events, EventData, "events")
+        check_target(stream_uuid)
+        check_expected_version(expected_version)
+        event_list = check_events(events, EventData, "events")
         serializer = self._config.serializer
         _check_readable(serializer, event_list)
         encoded = _storage.encode_events(serializer, event_list)
@@ -185,9 +180,9 @@ class EventStore:
             DuplicateEventError: an event is already in the stream.
         """
         self._check_open()
-        _check_target(stream_uuid)
-        _check_expected_version(expected_version)
-        items = _check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
+        check_target(stream_uuid)
+        check_expected_version(expected_version)
+        items = check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
         ids: list[uuid.UUID] = []
         for item in items:
             if isinstance(item, RecordedEvent):
@@ -213,9 +208,9 @@ class EventStore:
             StreamNotFoundError, StreamDeletedError.
         """
         self._check_open()
-        _check_stream(stream_uuid)
-        _check_int("start_version", start_version, minimum=0)
-        _check_int("count", count, minimum=1)
+        check_stream(stream_uuid)
+        check_int("start_version", start_version, minimum=0)
+        check_int("count", count, minimum=1)
         return await self._read(stream_uuid, start_version, count, forward=True)
 
     async def read_stream_backward(
@@ -227,9 +222,9 @@ class EventStore:
             StreamNotFoundError, StreamDeletedError.
         """
         self._check_open()
-        _check_stream(stream_uuid)
-        _check_int("start_version", start_version, minimum=-1)
-        _check_int("count", count, minimum=1)
+        check_stream(stream_uuid)
+        check_int("start_version", start_version, minimum=-1)
+        check_int("count", count, minimum=1)
         return await self._read(stream_uuid, start_version, count, forward=False)
 
     async def _read(
@@ -279,9 +274,9 @@ class EventStore:
         """Iterate a stream oldest first, reading pages of ``read_batch_size``; no
         connection is held between pages."""
         self._check_open()
-        _check_stream(stream_uuid)
-        _check_int("start_version", start_version, minimum=0)
-        _check_int("read_batch_size", read_batch_size, minimum=1)
+        check_stream(stream_uuid)
+        check_int("start_version", start_version, minimum=0)
+        check_int("read_batch_size", read_batch_size, minimum=1)
         return self._stream_forward(stream_uuid, start_version, read_batch_size)
 
     async def _stream_forward(
@@ -301,9 +296,9 @@ class EventStore:
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate a stream newest first, in pages of ``read_batch_size``."""
         self._check_open()
-        _check_stream(stream_uuid)
-        _check_int("start_version", start_version, minimum=-1)
-        _check_int("read_batch_size", read_batch_size, minimum=1)
+        check_stream(stream_uuid)
+        check_int("start_version", start_version, minimum=-1)
+        check_int("read_batch_size", read_batch_size, minimum=1)
         return self._stream_backward(stream_uuid, start_version, read_batch_size)
 
     async def _stream_backward(
@@ -357,8 +352,8 @@ class EventStore:
         Ports ``EventStore.paginate_streams/1``.
         """
         self._check_open()
-        _check_int("page_size", page_size, minimum=1)
-        _check_int("page_number", page_number, minimum=1)
+        check_int("page_size", page_size, minimum=1)
+        check_int("page_number", page_number, minimum=1)
         if search is not None:
             if not isinstance(search, str):
                 raise TypeError("search: expected a str or None")
@@ -392,8 +387,8 @@ class EventStore:
             StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
         """
         self._check_open()
-        _check_target(stream_uuid)
-        _check_expected_version(expected_version)
+        check_target(stream_uuid)
+        check_expected_version(expected_version)
         if hard and not self._config.enable_hard_deletes:
             raise NotSupportedError("hard deletes are disabled (config enable_hard_deletes)")
         await _storage.delete_stream(self._db, stream_uuid, expected_version, hard=hard)
@@ -411,247 +406,14 @@ class EventStore:
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:
         """The snapshot of ``source_uuid``. Raises SnapshotNotFoundError."""
         self._check_open()
-        _check_stream(source_uuid, "source_uuid")
+        check_stream(source_uuid, "source_uuid")
         return await _snapshots.read_snapshot(self._db, source_uuid)
 
     async def delete_snapshot(self, source_uuid: str) -> None:
         """Delete the snapshot of ``source_uuid`` (nothing happens if there is none)."""
         self._check_open()
-        _check_stream(source_uuid, "source_uuid")
+        check_stream(source_uuid, "source_uuid")
         await _snapshots.delete_snapshot(self._db, source_uuid)
-
-    def subscribe(
-        self,
-        stream_uuid: str,
-        *,
-        selector: Callable[[RecordedEvent], bool] | None = None,
-        mapper: Callable[[RecordedEvent], Any] | None = None,
-    ) -> contextlib.AbstractAsyncContextManager[TransientSubscription]:
-        """A transient subscription: iterate batches of the events appended to the stream
-        (or ``"$all"``) after subscribing, until the block exits. No checkpoint, no lock.
-
-        Ports ``EventStore.subscribe/2``.
-        """
-        self._check_open()
-        _check_stream(stream_uuid)
-        for name, fn in (("selector", selector), ("mapper", mapper)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name}: expected a callable or None")
-        return self._subscribe(stream_uuid, selector, mapper)
-
-    @contextlib.asynccontextmanager
-    async def _subscribe(
-        self,
-        stream_uuid: str,
-        selector: Callable[[RecordedEvent], bool] | None,
-        mapper: Callable[[RecordedEvent], Any] | None,
-    ) -> AsyncIterator[TransientSubscription]:
-        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
-
-    def subscribe_to_stream(
-        self,
-        stream_uuid: str,
-        subscription_name: str,
-        *,
-        start_from: StartFrom | int = StartFrom.ORIGIN,
-        concurrency_limit: int | None = None,
-        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
-        partition_groups: int | None = None,
-        buffer_size: int = 1,
-        max_size: int = 1000,
-        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
-        checkpoint_threshold: int = 1,
-        checkpoint_after: float = 0.0,
-        selector: Callable[[RecordedEvent], bool] | None = None,
-        mapper: Callable[[RecordedEvent], Any] | None = None,
-        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-        undecodable: Literal["park", "deliver"] = "park",
-    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
-        """A persistent subscription: iterate batches, `Subscription.ack` them; the
-        checkpoint survives restarts and one store at a time (cluster-wide, through
-        Postgres advisory locks) delivers a given name. Leaving the block persists the
-        last ack.
-
-        Reading ahead stops at ``max_size`` events or ``max_buffer_bytes`` bytes of event
-        data and metadata held (read and not acknowledged; None: no byte bound), and
-        resumes once half of both is free; a page always holds at least one event, so
-        the subscription may hold ``max_buffer_bytes`` plus one event.
-
-        ``retry_policy`` says how often an event given back with `Subscription.nack`
-        is delivered again before it is parked (see `RetryPolicy`). An event the
-        serializer cannot decode is parked (``undecodable="park"``) or delivered as an
-        `UndecodedEvent` (``"deliver"``); either way the others are delivered.
-        ``partition_groups=N`` (with ``partition_by``) splits the subscription into N
-        groups, each with its own row (``<name>#g<i>/<N>``), lock and checkpoint, that
-        stores hold and stand by for like subscriptions: one subscription can then run on
-        several processes (see ``balance_subscriptions``); one key's events stay in order.
-
-        Ports ``EventStore.subscribe_to_stream/4``.
-
-        Raises:
-            SubscriptionAlreadyExistsError: the name is active in this store (and no
-                ``concurrency_limit`` lets several consumers share it).
-            TooManySubscribersError: ``concurrency_limit`` consumers already share it.
-            InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
-            CheckpointFailedError: (from the block's exit) the last acknowledgements could
-                not be persisted; they are delivered again next time.
-        """
-        self._check_open()
-        _check_stream(stream_uuid)
-        _check_stream(subscription_name, "subscription_name")
-        options = SubscriptionOptions(
-            start_from=start_from,
-            concurrency_limit=concurrency_limit,
-            partition_by=partition_by,
-            partition_groups=partition_groups,
-            buffer_size=buffer_size,
-            max_size=max_size,
-            max_buffer_bytes=max_buffer_bytes,
-            checkpoint_threshold=checkpoint_threshold,
-            checkpoint_after=checkpoint_after,
-            selector=selector,
-            mapper=mapper,
-            retry_policy=retry_policy,
-            undecodable=undecodable,
-        )
-        return self._subscribe_to_stream(stream_uuid, subscription_name, options)
-
-    @contextlib.asynccontextmanager
-    async def _subscribe_to_stream(
-        self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
-    ) -> AsyncIterator[Subscription]:
-        subscription: Subscription
-        if options.partition_groups is None:
-            driver, consumer = await self._subscriptions.join(
-                stream_uuid, subscription_name, options
-            )
-            subscription = Subscription(driver, consumer)
-        else:
-            subscription = await join_groups(
-                self._subscriptions, stream_uuid, subscription_name, options
-            )
-        try:
-            yield subscription
-        except BaseException:
-            subscription._end_span()
-            failure = await subscription._leave(self._subscriptions)
-            if failure is not None:  # the error already leaving the block wins
-                logger.warning("%s", failure)
-            raise
-        subscription._end_span()
-        failure = await subscription._leave(self._subscriptions)
-        if failure is not None:
-            raise failure
-
-    def subscribe_to_all_streams(
-        self,
-        subscription_name: str,
-        *,
-        start_from: StartFrom | int = StartFrom.ORIGIN,
-        concurrency_limit: int | None = None,
-        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
-        partition_groups: int | None = None,
-        buffer_size: int = 1,
-        max_size: int = 1000,
-        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
-        checkpoint_threshold: int = 1,
-        checkpoint_after: float = 0.0,
-        selector: Callable[[RecordedEvent], bool] | None = None,
-        mapper: Callable[[RecordedEvent], Any] | None = None,
-        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-        undecodable: Literal["park", "deliver"] = "park",
-    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
-        """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
-        options.
-
-        Ports ``EventStore.subscribe_to_all_streams/3``.
-        """
-        return self.subscribe_to_stream(
-            ALL_STREAMS,
-            subscription_name,
-            start_from=start_from,
-            concurrency_limit=concurrency_limit,
-            partition_by=partition_by,
-            partition_groups=partition_groups,
-            buffer_size=buffer_size,
-            max_size=max_size,
-            checkpoint_threshold=checkpoint_threshold,
-            checkpoint_after=checkpoint_after,
-            selector=selector,
-            mapper=mapper,
-            max_buffer_bytes=max_buffer_bytes,
-            retry_policy=retry_policy,
-            undecodable=undecodable,
-        )
-
-    async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
-        """Delete a persistent subscription's row (its checkpoint).
-
-        Raises:
-            SubscriptionAlreadyExistsError: it is active in this store: leave it first.
-            SubscriptionNotFoundError: there is no such subscription.
-        """
-        self._check_open()
-        _check_stream(stream_uuid)
-        _check_stream(subscription_name, "subscription_name")
-        if any(
-            d.stream_uuid == stream_uuid and d.name == subscription_name
-            for d in self._subscriptions.active()
-        ):
-            raise SubscriptionAlreadyExistsError(
-                f"subscription {subscription_name!r} is active in this store; leave it first",
-                stream_uuid=stream_uuid,
-                subscription_name=subscription_name,
-            )
-        if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
-            raise SubscriptionNotFoundError(
-                stream_uuid=stream_uuid, subscription_name=subscription_name
-            )
-
-    async def parked_events(self, stream_uuid: str, subscription_name: str) -> list[ParkedEvent]:
-        """The events a persistent subscription has parked and not yet replayed or
-        discarded, by position (see `Subscription.nack` and `RetryPolicy`)."""
-        self._check_open()
-        _check_stream(stream_uuid)
-        _check_stream(subscription_name, "subscription_name")
-        return await _parking.list_parked(self._db, stream_uuid, subscription_name)
-
-    async def replay_parked(
-        self,
-        stream_uuid: str,
-        subscription_name: str,
-        event_ids: Sequence[uuid.UUID | str] | None = None,
-    ) -> int:
-        """Ask for parked events (all, or those of ``event_ids``) to be delivered to the
-        subscription again; returns how many were asked for.
-
-        The node holding the subscription (this store or another) delivers them, before
-        new events, at least once; an event leaves the parked list once acknowledged
-        (given back again, it is parked again). Without a holder, the next one does.
-        """
-        self._check_open()
-        _check_stream(stream_uuid)
-        _check_stream(subscription_name, "subscription_name")
-        ids = _event_ids(event_ids)
-        count = await _parking.replay_parked(self._db, stream_uuid, subscription_name, ids)
-        self._subscriptions.parked_changed(stream_uuid, subscription_name)
-        return count
-
-    async def discard_parked(
-        self,
-        stream_uuid: str,
-        subscription_name: str,
-        event_ids: Sequence[uuid.UUID | str] | None = None,
-    ) -> int:
-        """Forget parked events (all, or those of ``event_ids``): they are never delivered
-        again (their links stay in the ``$parked-<name>`` stream). Returns how many."""
-        self._check_open()
-        _check_stream(stream_uuid)
-        _check_stream(subscription_name, "subscription_name")
-        ids = _event_ids(event_ids)
-        count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
-        self._subscriptions.parked_changed(stream_uuid, subscription_name)
-        return count
 
     def statistics(self) -> EventStoreStatistics:
         """A snapshot of the store's figures: pool, connections, appends, reads,
@@ -664,80 +426,12 @@ class EventStore:
         )
 
 
-#: NOTIFY payloads hold "<stream_uuid>,<id>,<first>,<last>" and must stay under 8000 bytes.
-MAX_STREAM_UUID_BYTES = 7900
-
-
-def _check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
-    if not isinstance(stream_uuid, str):
-        raise TypeError(f"{name}: expected a str, got {type(stream_uuid).__name__}")
-    if not stream_uuid:
-        raise ValueError(f"{name}: must not be empty")
-    check_text(name, stream_uuid)
-    if len(stream_uuid.encode()) > MAX_STREAM_UUID_BYTES:
-        raise ValueError(
-            f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
-        )
-
-
-def _event_ids(items: Sequence[uuid.UUID | str] | None) -> list[uuid.UUID] | None:
-    if items is None:
-        return None
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise TypeError(f"event_ids: expected a list or None, got {type(items).__name__}")
-    ids = []
-    for item in items:
-        try:
-            ids.append(item if isinstance(item, uuid.UUID) else uuid.UUID(item))
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(f"event_ids: not an event id: {item!r}") from None
-    return ids
-
-
-def _check_target(stream_uuid: object) -> None:
-    _check_stream(stream_uuid)
-    if stream_uuid == ALL_STREAMS:
-        raise ValueError(f"stream_uuid: {ALL_STREAMS!r} cannot be written to or deleted")
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    if value > MAX_BIGINT:
-        raise ValueError(f"{name}: must be < 2**63 (PostgreSQL's bigint), got {value}")
-
-
-def _check_expected_version(expected: object) -> None:
-    if isinstance(expected, ExpectedVersion):
-        return
-    if isinstance(expected, bool) or not isinstance(expected, int):
-        raise TypeError(
-            "expected_version: expected ANY_VERSION, NO_STREAM, STREAM_EXISTS or an int, "
-            f"got {expected!r}"
-        )
-    if not 0 <= expected <= MAX_BIGINT:
-        raise ValueError(f"expected_version: must be >= 0 and < 2**63, got {expected}")
-
-
 def _check_readable(serializer: Serializer, events: list[EventData]) -> None:
     """Events given an explicit type must read back as written (`JsonSerializer` only)."""
     if isinstance(serializer, JsonSerializer):
         for event in events:
             if event.event_type is not None:
                 serializer.check_readable(event.data, event.event_type)
-
-
-def _check_events(items: object, kinds: type | tuple[type, ...], name: str) -> list[Any]:
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise TypeError(f"{name}: expected a list, got {type(items).__name__}")
-    if not items:
-        raise ValueError(f"{name}: must not be empty")
-    for item in items:
-        if not isinstance(item, kinds):
-            raise TypeError(f"{name}: unexpected {type(item).__name__} {item!r}")
-    return list(items)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,87 @@
+"""Checks of the arguments the public API takes (pure: no I/O, typed errors)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from ._types import ALL_STREAMS, MAX_BIGINT, ExpectedVersion, check_text
+
+__all__ = [
+    "MAX_STREAM_UUID_BYTES",
+    "check_events",
+    "check_expected_version",
+    "check_int",
+    "check_stream",
+    "check_target",
+    "parse_event_ids",
+]
+
+
+#: NOTIFY payloads hold "<stream_uuid>,<id>,<first>,<last>" and must stay under 8000 bytes.
+MAX_STREAM_UUID_BYTES = 7900
+
+
+def check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
+    if not isinstance(stream_uuid, str):
+        raise TypeError(f"{name}: expected a str, got {type(stream_uuid).__name__}")
+    if not stream_uuid:
+        raise ValueError(f"{name}: must not be empty")
+    check_text(name, stream_uuid)
+    if len(stream_uuid.encode()) > MAX_STREAM_UUID_BYTES:
+        raise ValueError(
+            f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
+        )
+
+
+def parse_event_ids(items: Sequence[uuid.UUID | str] | None) -> list[uuid.UUID] | None:
+    if items is None:
+        return None
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"event_ids: expected a list or None, got {type(items).__name__}")
+    ids = []
+    for item in items:
+        try:
+            ids.append(item if isinstance(item, uuid.UUID) else uuid.UUID(item))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"event_ids: not an event id: {item!r}") from None
+    return ids
+
+
+def check_target(stream_uuid: object) -> None:
+    check_stream(stream_uuid)
+    if stream_uuid == ALL_STREAMS:
+        raise ValueError(f"stream_uuid: {ALL_STREAMS!r} cannot be written to or deleted")
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    if value > MAX_BIGINT:
+        raise ValueError(f"{name}: must be < 2**63 (PostgreSQL's bigint), got {value}")
+
+
+def check_expected_version(expected: object) -> None:
+    if isinstance(expected, ExpectedVersion):
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int):
+        raise TypeError(
+            "expected_version: expected ANY_VERSION, NO_STREAM, STREAM_EXISTS or an int, "
+            f"got {expected!r}"
+        )
+    if not 0 <= expected <= MAX_BIGINT:
+        raise ValueError(f"expected_version: must be >= 0 and < 2**63, got {expected}")
+
+
+def check_events(items: object, kinds: type | tuple[type, ...], name: str) -> list[Any]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"{name}: expected a list, got {type(items).__name__}")
+    if not items:
+        raise ValueError(f"{name}: must not be empty")
+    for item in items:
+        if not isinstance(item, kinds):
+            raise TypeError(f"{name}: unexpected {type(item).__name__} {item!r}")
+    return list(items)

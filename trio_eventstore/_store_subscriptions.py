@@ -1,0 +1,273 @@
+"""The subscription half of `EventStore` (`SubscriptionMethods`): transient and
+persistent subscriptions, deleting them, and their parked events."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import Any, Literal
+
+from . import _parking, _storage
+from ._arguments import check_stream, parse_event_ids
+from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
+from ._groups import join_groups
+from ._pg import Database
+from ._subscription_types import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_RETRY_POLICY,
+    ParkedEvent,
+    RetryPolicy,
+    SubscriptionOptions,
+)
+from ._subscriptions import Subscription, Subscriptions
+from ._transient import TransientSubscription
+from ._types import ALL_STREAMS, RecordedEvent, StartFrom
+
+__all__ = ["SubscriptionMethods"]
+
+logger = logging.getLogger("trio_eventstore.subscriptions")
+
+
+class SubscriptionMethods:
+    """`EventStore`'s subscription methods (`EventStore` is the class to use)."""
+
+    _db: Database
+    _subscriptions: Subscriptions
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def subscribe(
+        self,
+        stream_uuid: str,
+        *,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[TransientSubscription]:
+        """A transient subscription: iterate batches of the events appended to the stream
+        (or ``"$all"``) after subscribing, until the block exits. No checkpoint, no lock.
+
+        Ports ``EventStore.subscribe/2``.
+        """
+        self._check_open()
+        check_stream(stream_uuid)
+        for name, fn in (("selector", selector), ("mapper", mapper)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: expected a callable or None")
+        return self._subscribe(stream_uuid, selector, mapper)
+
+    @contextlib.asynccontextmanager
+    async def _subscribe(
+        self,
+        stream_uuid: str,
+        selector: Callable[[RecordedEvent], bool] | None,
+        mapper: Callable[[RecordedEvent], Any] | None,
+    ) -> AsyncIterator[TransientSubscription]:
+        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+
+    def subscribe_to_stream(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        *,
+        start_from: StartFrom | int = StartFrom.ORIGIN,
+        concurrency_limit: int | None = None,
+        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        partition_groups: int | None = None,
+        buffer_size: int = 1,
+        max_size: int = 1000,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        undecodable: Literal["park", "deliver"] = "park",
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """A persistent subscription: iterate batches, `Subscription.ack` them; the
+        checkpoint survives restarts and one store at a time (cluster-wide, through
+        Postgres advisory locks) delivers a given name. Leaving the block persists the
+        last ack.
+
+        Reading ahead stops at ``max_size`` events or ``max_buffer_bytes`` bytes of event
+        data and metadata held (read and not acknowledged; None: no byte bound), and
+        resumes once half of both is free; a page always holds at least one event, so
+        the subscription may hold ``max_buffer_bytes`` plus one event.
+
+        ``retry_policy`` says how often an event given back with `Subscription.nack`
+        is delivered again before it is parked (see `RetryPolicy`). An event the
+        serializer cannot decode is parked (``undecodable="park"``) or delivered as an
+        `UndecodedEvent` (``"deliver"``); either way the others are delivered.
+        ``partition_groups=N`` (with ``partition_by``) splits the subscription into N
+        groups, each with its own row (``<name>#g<i>/<N>``), lock and checkpoint, that
+        stores hold and stand by for like subscriptions: one subscription can then run on
+        several processes (see ``balance_subscriptions``); one key's events stay in order.
+
+        Ports ``EventStore.subscribe_to_stream/4``.
+
+        Raises:
+            SubscriptionAlreadyExistsError: the name is active in this store (and no
+                ``concurrency_limit`` lets several consumers share it).
+            TooManySubscribersError: ``concurrency_limit`` consumers already share it.
+            InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
+            CheckpointFailedError: (from the block's exit) the last acknowledgements could
+                not be persisted; they are delivered again next time.
+        """
+        self._check_open()
+        check_stream(stream_uuid)
+        check_stream(subscription_name, "subscription_name")
+        options = SubscriptionOptions(
+            start_from=start_from,
+            concurrency_limit=concurrency_limit,
+            partition_by=partition_by,
+            partition_groups=partition_groups,
+            buffer_size=buffer_size,
+            max_size=max_size,
+            max_buffer_bytes=max_buffer_bytes,
+            checkpoint_threshold=checkpoint_threshold,
+            checkpoint_after=checkpoint_after,
+            selector=selector,
+            mapper=mapper,
+            retry_policy=retry_policy,
+            undecodable=undecodable,
+        )
+        return self._subscribe_to_stream(stream_uuid, subscription_name, options)
+
+    @contextlib.asynccontextmanager
+    async def _subscribe_to_stream(
+        self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
+    ) -> AsyncIterator[Subscription]:
+        subscription: Subscription
+        if options.partition_groups is None:
+            driver, consumer = await self._subscriptions.join(
+                stream_uuid, subscription_name, options
+            )
+            subscription = Subscription(driver, consumer)
+        else:
+            subscription = await join_groups(
+                self._subscriptions, stream_uuid, subscription_name, options
+            )
+        try:
+            yield subscription
+        except BaseException:
+            subscription._end_span()
+            failure = await subscription._leave(self._subscriptions)
+            if failure is not None:  # the error already leaving the block wins
+                logger.warning("%s", failure)
+            raise
+        subscription._end_span()
+        failure = await subscription._leave(self._subscriptions)
+        if failure is not None:
+            raise failure
+
+    def subscribe_to_all_streams(
+        self,
+        subscription_name: str,
+        *,
+        start_from: StartFrom | int = StartFrom.ORIGIN,
+        concurrency_limit: int | None = None,
+        partition_by: Callable[[RecordedEvent], Hashable] | None = None,
+        partition_groups: int | None = None,
+        buffer_size: int = 1,
+        max_size: int = 1000,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
+        checkpoint_threshold: int = 1,
+        checkpoint_after: float = 0.0,
+        selector: Callable[[RecordedEvent], bool] | None = None,
+        mapper: Callable[[RecordedEvent], Any] | None = None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        undecodable: Literal["park", "deliver"] = "park",
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """`subscribe_to_stream` on ``"$all"`` (event numbers are global); the same
+        options.
+
+        Ports ``EventStore.subscribe_to_all_streams/3``.
+        """
+        return self.subscribe_to_stream(
+            ALL_STREAMS,
+            subscription_name,
+            start_from=start_from,
+            concurrency_limit=concurrency_limit,
+            partition_by=partition_by,
+            partition_groups=partition_groups,
+            buffer_size=buffer_size,
+            max_size=max_size,
+            checkpoint_threshold=checkpoint_threshold,
+            checkpoint_after=checkpoint_after,
+            selector=selector,
+            mapper=mapper,
+            max_buffer_bytes=max_buffer_bytes,
+            retry_policy=retry_policy,
+            undecodable=undecodable,
+        )
+
+    async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
+        """Delete a persistent subscription's row (its checkpoint).
+
+        Raises:
+            SubscriptionAlreadyExistsError: it is active in this store: leave it first.
+            SubscriptionNotFoundError: there is no such subscription.
+        """
+        self._check_open()
+        check_stream(stream_uuid)
+        check_stream(subscription_name, "subscription_name")
+        if any(
+            d.stream_uuid == stream_uuid and d.name == subscription_name
+            for d in self._subscriptions.active()
+        ):
+            raise SubscriptionAlreadyExistsError(
+                f"subscription {subscription_name!r} is active in this store; leave it first",
+                stream_uuid=stream_uuid,
+                subscription_name=subscription_name,
+            )
+        if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
+            raise SubscriptionNotFoundError(
+                stream_uuid=stream_uuid, subscription_name=subscription_name
+            )
+
+    async def parked_events(self, stream_uuid: str, subscription_name: str) -> list[ParkedEvent]:
+        """The events a persistent subscription has parked and not yet replayed or
+        discarded, by position (see `Subscription.nack` and `RetryPolicy`)."""
+        self._check_open()
+        check_stream(stream_uuid)
+        check_stream(subscription_name, "subscription_name")
+        return await _parking.list_parked(self._db, stream_uuid, subscription_name)
+
+    async def replay_parked(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        event_ids: Sequence[uuid.UUID | str] | None = None,
+    ) -> int:
+        """Ask for parked events (all, or those of ``event_ids``) to be delivered to the
+        subscription again; returns how many were asked for.
+
+        The node holding the subscription (this store or another) delivers them, before
+        new events, at least once; an event leaves the parked list once acknowledged
+        (given back again, it is parked again). Without a holder, the next one does.
+        """
+        self._check_open()
+        check_stream(stream_uuid)
+        check_stream(subscription_name, "subscription_name")
+        ids = parse_event_ids(event_ids)
+        count = await _parking.replay_parked(self._db, stream_uuid, subscription_name, ids)
+        self._subscriptions.parked_changed(stream_uuid, subscription_name)
+        return count
+
+    async def discard_parked(
+        self,
+        stream_uuid: str,
+        subscription_name: str,
+        event_ids: Sequence[uuid.UUID | str] | None = None,
+    ) -> int:
+        """Forget parked events (all, or those of ``event_ids``): they are never delivered
+        again (their links stay in the ``$parked-<name>`` stream). Returns how many."""
+        self._check_open()
+        check_stream(stream_uuid)
+        check_stream(subscription_name, "subscription_name")
+        ids = parse_event_ids(event_ids)
+        count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
+        self._subscriptions.parked_changed(stream_uuid, subscription_name)
+        return count
