@@ -2,7 +2,8 @@
 Elixir EventStore."""
 
 from ._config import EventStoreConfig
-from ._daemon import (
+from ._daemon import open_subscriber_daemon, run_subscribers
+from ._daemon_types import (
     BatchHandler,
     EventHandler,
     Handler,
@@ -10,8 +11,6 @@ from ._daemon import (
     HandlerFailedError,
     SubscriberSpec,
     SubscriberStatistics,
-    open_subscriber_daemon,
-    run_subscribers,
 )
 from ._errors import (
     AccessRejectedError,

@@ -25,7 +25,8 @@ import trio
 
 from . import _operator, admin
 from ._config import EventStoreConfig
-from ._daemon import DEFAULT_SHUTDOWN_TIMEOUT, SubscriberSpec, load_handler, run_subscribers
+from ._daemon import load_handler, run_subscribers
+from ._daemon_types import DEFAULT_SHUTDOWN_TIMEOUT, SubscriberSpec
 from ._errors import (
     EventStoreError,
     StreamDeletedError,
