@@ -456,10 +456,10 @@ async def test_the_jsonb_limit_is_postgres_own(config: EventStoreConfig) -> None
 
 
 def test_program_limits_the_server_reports_are_too_large_errors() -> None:
-    from trio_eventstore import _storage
+    from trio_eventstore import _appends
 
     error = es.DatabaseError("total size of jsonb array elements exceeds ...", sqlstate="54000")
-    assert isinstance(_storage._translate_write_error(error, "s"), es.EventTooLargeError)
+    assert isinstance(_appends._translate_write_error(error, "s"), es.EventTooLargeError)
 
 
 @attrs.frozen

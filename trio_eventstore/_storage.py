@@ -1,28 +1,32 @@
-"""Storage operations on the rows of streams, events and subscriptions: the write path
-(encode, append, link), reads (stream pages, the subscription drivers' paged reads),
-delete, paginate, subscription rows. Units of work here are asyncio-flavoured functions
-of a `Conn`, run by `_pg` in one bridge crossing; the `async def`s taking a `Database`
-are Trio-flavoured (schema state: `_schema_state`; snapshots: `_snapshots`)."""
+"""Storage operations on the rows of streams, events and subscriptions: reads (stream
+pages, the subscription drivers' paged reads), delete, paginate, subscription rows; the
+write path (encode, append, link) is `_appends`, re-exported here. Units of work here
+are asyncio-flavoured functions of a `Conn`, run by `_pg` in one bridge crossing; the
+`async def`s taking a `Database` are Trio-flavoured (schema state: `_schema_state`;
+snapshots: `_snapshots`)."""
 
 from __future__ import annotations
 
 import datetime
-import re
-import uuid
-from collections.abc import Sequence
-
-import attrs
 
 from . import _sql
+from ._appends import (  # the write path, re-exported: `_storage` is where callers look
+    ALL_APART_EVENTS,
+    Appended,
+    AppendRequest,
+    EncodedEvent,
+    Outcome,
+    append,
+    append_batch,
+    batch_outcomes,
+    batch_statement,
+    encode_events,
+    link,
+    recorded_from_append,
+)
 from ._config import EventStoreConfig
 from ._errors import (
-    DatabaseError,
-    DuplicateEventError,
-    EventNotFoundError,
-    EventStoreError,
-    EventTooLargeError,
     SerializationError,
-    StorageUnavailableError,
     StreamDeletedError,
     StreamExistsError,
     StreamNotFoundError,
@@ -31,7 +35,6 @@ from ._errors import (
 from ._pg import Conn, Database, Row
 from ._serialization import JsonSerializer, Serializer
 from ._types import (
-    EventData,
     ExpectedVersion,
     Page,
     RecordedEvent,
@@ -39,7 +42,21 @@ from ._types import (
     StreamInfo,
 )
 
-__all__ = ["stream_info"]
+__all__ = [
+    "ALL_APART_EVENTS",
+    "AppendRequest",
+    "Appended",
+    "EncodedEvent",
+    "Outcome",
+    "append",
+    "append_batch",
+    "batch_outcomes",
+    "batch_statement",
+    "encode_events",
+    "link",
+    "recorded_from_append",
+    "stream_info",
+]
 
 
 def _utc(value: datetime.datetime | None) -> datetime.datetime | None:
@@ -72,326 +89,6 @@ def _stream_info(row: Row) -> StreamInfo:
 
 
 # -- events ----------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class EncodedEvent:
-    """An event ready for the events table (serialized before any I/O)."""
-
-    event_id: uuid.UUID
-    event_type: str
-    causation_id: uuid.UUID | None
-    correlation_id: uuid.UUID | None
-    data: bytes
-    metadata: bytes
-
-
-def encode_events(serializer: Serializer, events: Sequence[EventData]) -> list[EncodedEvent]:
-    """Serialize ``events``. Raises SerializationError; does no I/O."""
-    encoded = []
-    for event in events:
-        event_type = event.event_type or serializer.event_type_of(event.data)
-        encoded.append(
-            EncodedEvent(
-                event_id=event.event_id,
-                event_type=event_type,
-                causation_id=event.causation_id,
-                correlation_id=event.correlation_id,
-                data=serializer.serialize(event.data),
-                metadata=serializer.serialize_metadata(event.metadata),
-            )
-        )
-    return encoded
-
-
-def _expectation(expected: ExpectedVersion | int) -> tuple[int, int]:
-    """``expected`` as the (kind, version) parameters of `_sql.append_batch`."""
-    if expected is ExpectedVersion.ANY_VERSION:
-        return _sql.EXPECT_ANY, 0
-    if expected is ExpectedVersion.NO_STREAM:
-        return _sql.EXPECT_NO_STREAM, 0
-    if expected is ExpectedVersion.STREAM_EXISTS:
-        return _sql.EXPECT_EXISTS, 0
-    assert isinstance(expected, int)
-    return _sql.EXPECT_VERSION, expected
-
-
-#: Bytes of a row beside its data and metadata (ids, type, both stream_events rows).
-ROW_OVERHEAD = 160
-
-
-@attrs.frozen(eq=False)
-class AppendRequest:
-    """One append, encoded and checked, ready to be written alone or in a batch."""
-
-    stream_uuid: str
-    expected: ExpectedVersion | int
-    events: list[EncodedEvent]
-    kind: int
-    version: int
-    #: about how many bytes it sends
-    size: int
-
-    @classmethod
-    def build(
-        cls, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
-    ) -> AppendRequest:
-        """Raises DuplicateEventError when an event id occurs twice (before any I/O)."""
-        ids = {e.event_id for e in events}
-        if len(ids) != len(events):
-            raise DuplicateEventError(f"the same event id is given twice for {stream_uuid!r}")
-        kind, version = _expectation(expected)
-        size = sum(len(e.data) + len(e.metadata) + len(e.event_type) for e in events)
-        size += len(stream_uuid) + ROW_OVERHEAD * len(events)
-        return cls(stream_uuid, expected, events, kind, version, size)
-
-
-@attrs.frozen
-class Appended:
-    """What an append wrote: the stream's new version, the `$all` number of its first
-    event (numbers are dense: the others follow) and the events' created_at."""
-
-    version: int
-    first_event_number: int
-    created_at: datetime.datetime
-
-
-#: An append's outcome in a batch: written, refused (the error its caller gets), or
-#: None: the stream was created concurrently, try again (nothing was written).
-Outcome = Appended | EventStoreError | None
-
-
-def _refusal(
-    stream_uuid: str,
-    expected: ExpectedVersion | int,
-    outcome: int,
-    current: int,
-    event_id: uuid.UUID | None = None,
-) -> EventStoreError:
-    """The error of a write the statement refused (``outcome``, an ``APPEND_*``)."""
-    if outcome == _sql.APPEND_DELETED:
-        return StreamDeletedError(stream_uuid=stream_uuid)
-    if outcome == _sql.APPEND_EXISTS:
-        return StreamExistsError(stream_uuid=stream_uuid, expected=expected, current=current)
-    if outcome == _sql.APPEND_NOT_FOUND:
-        return StreamNotFoundError(stream_uuid=stream_uuid)
-    if outcome == _sql.APPEND_WRONG_VERSION:
-        return WrongExpectedVersionError(
-            stream_uuid=stream_uuid, expected=expected, current=current
-        )
-    assert outcome == _sql.APPEND_DUPLICATE, outcome
-    return DuplicateEventError(stream_uuid=stream_uuid, event_id=event_id)
-
-
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _key_event_id(detail: str | None) -> uuid.UUID | None:
-    """The event id in a unique violation's DETAIL ("Key (event_id)=(...) already
-    exists."; None when the server does not say)."""
-    found = _UUID.search(detail or "")
-    return uuid.UUID(found.group()) if found else None
-
-
-def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
-    if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
-        return DuplicateEventError(
-            f"an event id is already in stream {stream_uuid!r}: {exc}",
-            stream_uuid=stream_uuid,
-            event_id=_key_event_id(exc.detail),
-        )
-    if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
-        return SerializationError(f"the database rejected the event data: {exc}")
-    if exc.sqlstate == "54000":  # program_limit_exceeded: e.g. a jsonb document too large
-        return EventTooLargeError(f"the database rejected the event data: {exc}")
-    return exc
-
-
-#: SQLSTATEs after which a failed batch is written again one append at a time: a
-#: duplicate event id committed while the statement ran (its check did not see it), or
-#: data the database refused in one of the appends.
-_SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
-
-
-def batch_statement(
-    config: EventStoreConfig, requests: Sequence[AppendRequest], *, all_apart: bool = False
-) -> tuple[str, tuple[object, ...], datetime.datetime]:
-    """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
-    give the events (no I/O)."""
-    sql = _sql.append_batch(
-        config.schema, config.column_data_type, lone=len(requests) == 1, all_apart=all_apart
-    )
-    created_at = datetime.datetime.now(datetime.UTC)
-    events = [e for r in requests for e in r.events]
-    params = (
-        [r.stream_uuid for r in requests],
-        [len(r.events) for r in requests],
-        [r.kind for r in requests],
-        [r.version for r in requests],
-        [k for k, r in enumerate(requests, 1) for _ in r.events],
-        [p for r in requests for p in range(1, len(r.events) + 1)],
-        [e.event_id for e in events],
-        [e.event_type for e in events],
-        [e.causation_id for e in events],
-        [e.correlation_id for e in events],
-        [e.data for e in events],
-        [e.metadata for e in events],
-        created_at,
-    )
-    return sql, params, created_at
-
-
-def batch_outcomes(
-    requests: Sequence[AppendRequest],
-    rows: Sequence[Row],
-    created_at: datetime.datetime,
-    all_base: int = 0,
-) -> list[Outcome]:
-    """Each request's outcome, from the rows `batch_statement` returned (``all_base``:
-    what `_sql.append_to_all` returned, after a statement written ``all_apart``)."""
-    outcomes: list[Outcome] = []
-    for request, row in zip(requests, rows, strict=True):
-        outcome, before = int(row["outcome"]), int(row["before"])
-        if outcome == _sql.APPEND_OK:
-            n = len(request.events)
-            first = all_base + int(row["all_base"]) + 1
-            outcomes.append(Appended(before + n, first, created_at))
-        elif outcome == _sql.APPEND_RETRY:
-            outcomes.append(None)
-        else:
-            outcomes.append(
-                _refusal(
-                    request.stream_uuid, request.expected, outcome, before, row["duplicate_id"]
-                )
-            )
-    return outcomes
-
-
-#: A batch of at least this many events is written in a transaction of two statements
-#: (`_write_batch`): its round trips cost little next to its foreign-key checks.
-ALL_APART_EVENTS = 256
-
-
-async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
-    """Write ``requests`` (distinct streams, distinct event ids) in one statement; a
-    batch of `ALL_APART_EVENTS` or more in one transaction: the streams' rows, then
-    `$all` (`_sql.append_to_all`), so that the foreign-key checks of the streams'
-    rows run before `$all` is locked, in parallel with other writers, and the lock is
-    held over the `$all` rows' checks only."""
-    n_events = sum(len(r.events) for r in requests)
-    if n_events < ALL_APART_EVENTS:
-        sql, params, created_at = batch_statement(db.config, requests)
-
-        async def unit(conn: Conn) -> list[Row]:
-            return await conn.fetch(sql, *params)
-
-        rows = await db.run(unit, statements=1 + n_events // 1000)
-        return batch_outcomes(requests, rows, created_at)
-
-    sql, params, created_at = batch_statement(db.config, requests, all_apart=True)
-    to_all = _sql.append_to_all(db.config.schema)
-
-    async def apart(conn: Conn) -> tuple[list[Row], int]:
-        rows = await conn.fetch(sql, *params)
-        ids: list[uuid.UUID] = []
-        stream_ids: list[int] = []
-        versions: list[int] = []
-        for request, row in zip(requests, rows, strict=True):
-            if row["outcome"] == _sql.APPEND_OK:
-                before = int(row["before"])
-                ids += [e.event_id for e in request.events]
-                stream_ids += [int(row["stream_id"])] * len(request.events)
-                versions += range(before + 1, before + 1 + len(request.events))
-        base = int(await conn.fetchval(to_all, ids, stream_ids, versions)) if ids else 0
-        return rows, base
-
-    rows, base = await db.transaction(apart, statements=4 + 2 * n_events // 1000)
-    return batch_outcomes(requests, rows, created_at, base)
-
-
-async def append_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
-    """Write appends to distinct streams, with distinct event ids, together: one
-    statement, one commit. Each gets its own outcome; a refused one wrote nothing.
-
-    Raises only what fails them all (StorageUnavailableError, ...)."""
-    try:
-        return await _write_batch(db, requests)
-    except DatabaseError as exc:
-        if exc.sqlstate not in _SPLIT_STATES:
-            raise
-        if len(requests) == 1:
-            return [_translate_write_error(exc, requests[0].stream_uuid)]
-    # Rare: write them one by one, so that only the culprit fails.
-    return [(await append_batch(db, [r]))[0] for r in requests]
-
-
-async def append(db: Database, request: AppendRequest) -> Appended:
-    """Append atomically, in one statement (one round trip)."""
-    for _ in range(10):
-        outcome = (await append_batch(db, [request]))[0]
-        if isinstance(outcome, EventStoreError):
-            raise outcome
-        if outcome is not None:
-            return outcome
-    raise StorageUnavailableError(f"stream {request.stream_uuid!r} is being created elsewhere")
-
-
-def recorded_from_append(
-    config: EventStoreConfig,
-    stream_uuid: str,
-    appended: Appended,
-    events: list[EncodedEvent],
-    *,
-    all_numbers: bool,
-) -> list[RecordedEvent]:
-    """The events of an append as a read would return them (from ``$all`` when
-    ``all_numbers``, else from the stream), decoded from the very bytes written."""
-    n = len(events)
-    first_version = appended.version - n + 1
-    first_number = appended.first_event_number if all_numbers else first_version
-    deserialize = config.serializer.deserialize
-    deserialize_metadata = config.serializer.deserialize_metadata
-    return [
-        RecordedEvent(
-            first_number + i,
-            e.event_id,
-            stream_uuid,
-            first_version + i,
-            e.event_type,
-            deserialize(e.data, e.event_type),
-            deserialize_metadata(e.metadata),
-            e.causation_id,
-            e.correlation_id,
-            appended.created_at,
-        )
-        for i, e in enumerate(events)
-    ]
-
-
-async def link(
-    db: Database, stream_uuid: str, expected: ExpectedVersion | int, event_ids: list[uuid.UUID]
-) -> int:
-    """Link existing events into a stream, in one statement; returns its new version."""
-    sql = _sql.link_events(db.config.schema)
-    kind, version = _expectation(expected)
-
-    async def unit(conn: Conn) -> Row | None:
-        return await conn.fetchrow(sql, stream_uuid, kind, version, event_ids)
-
-    for _ in range(10):
-        try:
-            row = await db.run(unit, statements=1 + len(event_ids) // 1000)
-        except DatabaseError as exc:
-            raise _translate_write_error(exc, stream_uuid) from exc
-        assert row is not None
-        outcome, before = int(row["outcome"]), int(row["before"])
-        if outcome == _sql.APPEND_OK:
-            return before + len(event_ids)
-        if outcome == _sql.APPEND_DUPLICATE:
-            raise EventNotFoundError(event_ids=row["missing"])
-        if outcome != _sql.APPEND_RETRY:
-            raise _refusal(stream_uuid, expected, outcome, before)
-    raise StorageUnavailableError(f"stream {stream_uuid!r} is being created elsewhere")
 
 
 async def read(
