@@ -141,8 +141,12 @@ async def test_plain_json_needs_event_type_and_unknown_types_read_as_dicts(
     assert event.data == {"x": [1, None]}
     strict = store.config.with_changes(serializer=JsonSerializer(strict=True))
     async with open_event_store(strict) as strict_store:
-        with pytest.raises(es.UnknownEventTypeError):
+        with pytest.raises(es.UnknownEventTypeError) as raised:
             await strict_store.read_stream_forward("s")
+    # The error names the event that cannot be read, and keeps its type's name.
+    assert str(event.event_id) in str(raised.value)
+    assert "'s' version 1" in str(raised.value)
+    assert raised.value.event_type == "Thing"
 
 
 async def test_absent_metadata_is_stored_as_the_elixir_library_stores_it(

@@ -30,6 +30,7 @@ from ._errors import (
     StreamDeletedError,
     StreamExistsError,
     StreamNotFoundError,
+    UnknownEventTypeError,
     WrongExpectedVersionError,
 )
 from ._pg import Conn, Database, Row
@@ -129,9 +130,16 @@ def recorded(config: EventStoreConfig, rows: list[Row]) -> list[RecordedEvent]:
                 None if r[8] is None or r[8] == b"null" else deserialize_metadata(r[8])
                 for r in rows
             ]
+    except UnknownEventTypeError as exc:
+        row = next((r for r in rows if r[4] == exc.event_type), None)
+        if row is None:
+            raise
+        raise UnknownEventTypeError(
+            f"{_event_named(row)} cannot be read: {exc}", event_type=exc.event_type
+        ) from exc
     except SerializationError as exc:
         if type(exc) is not SerializationError:
-            raise  # UnknownEventTypeError and the like say what they need to
+            raise  # EventTooLargeError and the like say what they need to
         raise _naming_the_event(serializer, rows, exc) from exc
     return [
         RecordedEvent(
@@ -161,10 +169,13 @@ def _naming_the_event(
             if r[8] is not None and r[8] != b"null":
                 serializer.deserialize_metadata(r[8])
         except SerializationError as found:
-            return SerializationError(
-                f"event {r[1]} (number {r[0]}, {r[2]!r} version {r[3]}) cannot be read: {found}"
-            )
+            return SerializationError(f"{_event_named(r)} cannot be read: {found}")
     return exc
+
+
+def _event_named(row: Row) -> str:
+    """``event <id> (number <n>, '<stream>' version <v>)`` of a `_sql.read_stream` row."""
+    return f"event {row[1]} (number {row[0]}, {row[2]!r} version {row[3]})"
 
 
 def _check_expected(stream_uuid: str, expected: ExpectedVersion | int, current: int) -> None:
