@@ -187,11 +187,17 @@ async def test_expected_version_outcomes(store: EventStore) -> None:
 async def test_duplicate_event_id_writes_nothing(store: EventStore) -> None:
     event = deposit()
     await store.append_to_stream("a", NO_STREAM, [event])
-    with pytest.raises(es.DuplicateEventError):
+    with pytest.raises(es.DuplicateEventError) as raised:
         await store.append_to_stream("b", NO_STREAM, [deposit(), event])
     with pytest.raises(es.StreamNotFoundError):
         await store.stream_info("b")
     assert len(await store.read_all_streams_forward()) == 1
+    # The error names the event and says it is stored (not that stream "b" holds it),
+    # without the server's DETAIL text.
+    assert raised.value.event_id == event.event_id
+    assert str(raised.value) == (
+        f"event {event.event_id} is already stored (writing to stream 'b')"
+    )
 
 
 async def test_concurrent_appends_one_winner(store: EventStore) -> None:

@@ -168,10 +168,15 @@ def _key_event_id(detail: str | None) -> uuid.UUID | None:
 
 def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreError:
     if exc.sqlstate == "23505" and exc.constraint_name in ("events_pkey", "stream_events_pkey"):
+        event_id = _key_event_id(exc.detail)
+        named = f"event {event_id}" if event_id is not None else "an event"
+        where = (
+            f"already in stream {stream_uuid!r}"  # a link of an event the stream holds
+            if exc.constraint_name == "stream_events_pkey"
+            else f"already stored (writing to stream {stream_uuid!r})"
+        )
         return DuplicateEventError(
-            f"an event id is already in stream {stream_uuid!r}: {exc}",
-            stream_uuid=stream_uuid,
-            event_id=_key_event_id(exc.detail),
+            f"{named} is {where}", stream_uuid=stream_uuid, event_id=event_id
         )
     if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
         return SerializationError(f"the database rejected the event data: {exc}")
