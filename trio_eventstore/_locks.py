@@ -41,12 +41,24 @@ def lock_key2(subscription_id: int) -> int:
 
 
 class Lease:
-    """A held advisory lock. ``lost`` is set when it is released or its connection drops."""
+    """A held advisory lock. ``lost`` is set when it is released or its connection drops;
+    ``on_lost`` (sync, must not block), when given, is called then: a holder with no task
+    waiting on ``lost`` (a hibernated subscription) hears of it too."""
+
+    __slots__ = ("_keeper", "key", "lost", "on_lost")
 
     def __init__(self, keeper: LockKeeper, key: tuple[int, int]) -> None:
         self._keeper = keeper
         self.key = key
         self.lost = trio.Event()
+        self.on_lost: Callable[[], None] | None = None
+
+    def _lose(self) -> None:
+        if self.lost.is_set():
+            return
+        self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
 
     async def release(self) -> None:
         """Release the lock (no-op when already lost)."""
@@ -173,10 +185,10 @@ class LockKeeper:
 
     async def _release(self, lease: Lease) -> None:
         if self._leases.get(lease.key) is not lease:
-            lease.lost.set()
+            lease._lose()
             return
         del self._leases[lease.key]
-        lease.lost.set()
+        lease._lose()
         if lease.key in self._wants:
             self._round_due.set()  # another subscription of this store waits for it
         conn = self._conn
@@ -188,9 +200,10 @@ class LockKeeper:
             logger.info("unlock of %s failed: %s", lease.key, exc)
 
     def _lose_all(self) -> None:
-        for lease in self._leases.values():
-            lease.lost.set()
+        leases = list(self._leases.values())
         self._leases.clear()
+        for lease in leases:
+            lease._lose()
 
     @property
     def backend_pid(self) -> int | None:

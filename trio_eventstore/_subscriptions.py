@@ -41,6 +41,8 @@ class Subscription:
     takeover (at-least-once).
     """
 
+    __slots__ = ("_consumer", "_driver", "_span")
+
     def __init__(self, driver: Driver, consumer: Consumer) -> None:
         self._driver = driver
         self._consumer = consumer
@@ -77,7 +79,7 @@ class Subscription:
     async def _next_batch(self) -> EventBatch:
         while True:
             try:
-                batch = await self._consumer.receive.receive()
+                batch = await self._consumer.receive()
             except trio.EndOfChannel:
                 failure = self._driver.failure
                 if failure is not None:
