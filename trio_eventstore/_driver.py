@@ -69,6 +69,9 @@ class DriverHost(Protocol):
     nursery: trio.Nursery
     #: the store is closing (hibernated drivers then start their task, to end it)
     closed: bool
+    #: sessions being opened at once (their first queries): thousands of subscriptions
+    #: starting together take turns instead of overloading the pool and the event loop
+    opening: trio.Semaphore
     locks: LockKeeper
     lock_key1: int
     #: the store's counters (commit-to-delivery lag)
@@ -203,6 +206,7 @@ class Driver:
         "_last_activity",
         "_lease",
         "_next_consumer",
+        "_opening",
         "_reader",
         "_running",
         "_session_scope",
@@ -259,6 +263,8 @@ class Driver:
         self._lease: Lease | None = None
         self._session_scope: trio.CancelScope | None = None
         self._checkpoint_lock: trio.Lock | None = None  # while a checkpoint is written
+        #: it holds one of the store's `DriverHost.opening` slots
+        self._opening = False
         #: figures for `statistics` (metrics): events delivered, and delivered again
         #: (at or below the highest number this store delivered before; retries after
         #: a `nack` are counted by `poison`)
@@ -606,15 +612,19 @@ class Driver:
         row was deleted and created again meanwhile)."""
         owner = self.owner
         self.state = "subscribing"
-        subscription_id, last_seen = await _storage.create_subscription(
-            owner.db, self.stream_uuid, self.name, self.options.start_from
-        )
+        async with owner.opening:
+            subscription_id, last_seen = await _storage.create_subscription(
+                owner.db, self.stream_uuid, self.name, self.options.start_from
+            )
         self.last_persisted = last_seen  # what the holder has persisted so far
         lease = await self._wait_for_lock(subscription_id)
         if lease is None:
             return False  # every consumer has left
         self._lease = lease
         try:
+            # Until its first read (or wait): see `DriverHost.opening`.
+            await owner.opening.acquire()
+            self._opening = True
             # Read the checkpoint again now that the lock is ours: a previous holder may
             # have moved it after we read it (or deleted the row: then lock the new one).
             locked_id, last_seen = await _storage.create_subscription(
@@ -632,6 +642,7 @@ class Driver:
     async def _close_session(self) -> None:
         """End the session in hand: forget its state, persist what is acknowledged
         (unless the lease is lost) and release the lock (shielded, bounded)."""
+        self._opened()
         lease, self._lease = self._lease, None
         if lease is None:
             return
@@ -660,6 +671,12 @@ class Driver:
             consumer.stale_up_to = max(consumer.stale_up_to, consumer.delivered_high)
         if fsm is not None:
             self.last_persisted = fsm.last_persisted
+
+    def _opened(self) -> None:
+        """The session has begun its work (or ended): give back its opening slot."""
+        if self._opening:
+            self._opening = False
+            self.owner.opening.release()
 
     def _begin_session(self, lease: Lease, last_seen: int) -> None:
         owner, options = self.owner, self.options
@@ -705,6 +722,7 @@ class Driver:
                 events, sizes, at_head = await self._reader.read(
                     after, fsm.read_limit(), fsm.read_budget(), nursery
                 )
+                self._opened()
                 fsm.on_events(events, at_head=at_head, sizes=sizes)
                 if events:
                     self._last_activity = time.monotonic()
@@ -727,6 +745,7 @@ class Driver:
                 and deadline == math.inf
                 and not fsm.held
             )
+            self._opened()
             with trio.move_on_after(max(0.0, wait)):
                 if await self._wait_for_work(fsm, may_end=may_end):
                     return True

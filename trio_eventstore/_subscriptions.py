@@ -294,8 +294,13 @@ class Subscriptions:
         self.lock_key1 = lock_key1
         self.nursery = nursery
         self._drivers: dict[tuple[str, str], Driver] = {}
+        #: the same by stream: an append concerns the drivers of its stream and of $all
+        #: only (with thousands of subscriptions, looking at each costs milliseconds)
+        self._by_stream: dict[str, list[Driver]] = {}
         #: the store has closed (its block has exited, or is exiting)
         self.closed = False
+        #: sessions being opened at once (see `DriverHost.opening`)
+        self.opening = trio.Semaphore(max(2, config.pool_size))
         #: this store's appends in flight: token -> stream
         self._own_appends: dict[int, str] = {}
         self._last_token = 0
@@ -345,6 +350,7 @@ class Subscriptions:
             return driver, driver.add_consumer(options.buffer_size)
         driver = Driver(self, stream_uuid, name, options)
         self._drivers[key] = driver
+        self._by_stream.setdefault(stream_uuid, []).append(driver)
         consumer = driver.add_consumer(options.buffer_size)
         await self.nursery.start(driver.run)
         return driver, consumer
@@ -378,8 +384,12 @@ class Subscriptions:
         """The append ended (committed, refused or cancelled): wake the drivers that
         deferred a read for it (see `Driver._behind`)."""
         stream_uuid = self._own_appends.pop(token)
-        for driver in list(self._drivers.values()):
+        for driver in self._concerned(stream_uuid):
             driver.own_append_finished(stream_uuid)
+
+    def _concerned(self, stream_uuid: str) -> list[Driver]:
+        """The drivers an append to ``stream_uuid`` concerns: its own, and ``$all``'s."""
+        return [*self._by_stream.get(stream_uuid, ()), *self._by_stream.get(ALL_STREAMS, ())]
 
     def newest_own_append(self, stream_uuid: str) -> int | None:
         """The newest of this store's appends in flight that writes to ``stream_uuid``
@@ -402,7 +412,7 @@ class Subscriptions:
         """This store just committed an append: hand its events straight to drivers
         that have read everything before them, sparing them a read (others read from
         the database when notified, as usual)."""
-        for driver in list(self._drivers.values()):
+        for driver in self._concerned(request.stream_uuid):
             driver.hand_over(request, appended)
 
     def active(self) -> list[Driver]:
@@ -420,3 +430,8 @@ class Subscriptions:
         key = (driver.stream_uuid, driver.name)
         if self._drivers.get(key) is driver:
             del self._drivers[key]
+        same = self._by_stream.get(driver.stream_uuid, [])
+        if driver in same:
+            same.remove(driver)
+            if not same:
+                del self._by_stream[driver.stream_uuid]
