@@ -6,12 +6,18 @@
 * catch-up throughput of a subscription over N events, vs a raw read of the same
   events in pages of 1000 (same SELECT, no deserialization), and vs this store's own
   paged read of them (same decoding: what the subscription machinery costs);
-* memory (Python heap, tracemalloc) per idle, hibernated subscription.
+* memory (Python heap, tracemalloc) per idle, hibernated subscription;
+* many subscriptions in one store (10,000; 2,000 in quick mode), each with its own
+  consumer task: the time until all are subscribed, the Python heap per hibernated one
+  (the consumer's task included), and the append -> delivery latency of one of them,
+  woken from hibernation while the others hibernate, vs the same with that subscription
+  alone in its store (the baseline).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import statistics
 import time
@@ -163,6 +169,95 @@ async def idle_memory(config: EventStoreConfig, count: int) -> float:
     return (after - before) / count
 
 
+async def _many(
+    config: EventStoreConfig, count: int, samples: int, *, trace: bool
+) -> dict[str, Any]:
+    """``count`` subscriptions of their own streams, each iterated by a task of its own;
+    once all hibernate, ``samples`` events appended to one of them (by another store,
+    which this one is notified of; and by this store, handed over), each after it has
+    hibernated again. With ``trace``, the Python heap is measured (tracemalloc slows
+    everything down: the times of such a run are not reported)."""
+    config = config.with_changes(subscription_hibernate_after=0.1)
+    tag = time.time_ns()
+    result: dict[str, Any] = {}
+    async with open_event_store(config) as store, open_event_store(config) as other:
+        if trace:
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+        subscribed = trio.Semaphore(0)
+        delivered: dict[int, trio.Event] = {}
+
+        async def consume(i: int) -> None:
+            async with store.subscribe_to_stream(f"many-{tag}-{i}", f"many-{tag}-{i}") as sub:
+                if i == 0:
+                    result["sub"] = sub
+                await sub.wait_subscribed()
+                subscribed.release()
+                async for batch in sub:
+                    sub.ack(batch)
+                    delivered.pop(i).set()
+
+        async def hibernated() -> None:
+            sub = result["sub"]
+            while sub.statistics().state != "hibernating":  # noqa: ASYNC110 (statistics)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            # All at once; traced, in waves (tracemalloc slows the process down so
+            # much that thousands starting at once overload it).
+            wave = 200 if trace else count
+            started = time.perf_counter()
+            for first in range(0, count, wave):
+                for i in range(first, min(count, first + wave)):
+                    nursery.start_soon(consume, i)
+                for _ in range(first, min(count, first + wave)):
+                    await subscribed.acquire()
+            result["startup"] = time.perf_counter() - started
+            subs = store._subscriptions
+            while sum(1 for d in subs.active() if d.state == "hibernating") < count:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            if trace:
+                await trio.sleep(0.5)
+                gc.collect()
+                result["bytes"] = (tracemalloc.get_traced_memory()[0] - before) / count
+                tracemalloc.stop()
+            for key, appender in (("notified", other), ("own", store)):
+                times = []
+                for _ in range(samples):
+                    await hibernated()
+                    delivered[0] = done = trio.Event()
+                    started = time.perf_counter()
+                    await appender.append_to_stream(f"many-{tag}-0", ANY_VERSION, [_event()])
+                    await done.wait()
+                    times.append(time.perf_counter() - started)
+                result[key] = times
+            nursery.cancel_scope.cancel()
+    return result
+
+
+def many(config: EventStoreConfig, quick: bool, report: Any) -> None:
+    count = 2_000 if quick else 10_000
+    samples = 30 if quick else 100
+    print(f"many subscriptions in one store ({count}, each with its own consumer task):")
+    alone = trio.run(functools.partial(_many, config, 1, samples, trace=False))
+    crowd = trio.run(functools.partial(_many, config, count, samples, trace=False))
+    print(f"{'  startup, until all are subscribed':40} {crowd['startup']:10.1f} s")
+    for key, how in (("notified", "appended by another store"), ("own", "appended here")):
+        report(
+            f"  wake 1 of {count} hibernated, p50 ({how})",
+            statistics.median(crowd[key]) * 1e6,
+            statistics.median(alone[key]) * 1e6,
+            "us",
+            lower_is_better=True,
+        )
+    traced = trio.run(functools.partial(_many, config, count, 1, trace=True))
+    print(
+        f"{'  memory per hibernated subscription':40} {traced['bytes'] / 1024:10.1f} KiB "
+        f"(goal <= 10; Python heap, its consumer's task included)"
+    )
+
+
 def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
     n = 200 if quick else 1000
     base = run_asyncio(baseline_latency(config, n))
@@ -228,6 +323,7 @@ def run(config: EventStoreConfig, quick: bool, report: Any) -> None:
         f"{'memory per idle hibernated subscription':40} {per / 1024:10.1f} KiB "
         f"({count} subscriptions, Python heap)"
     )
+    many(config, quick, report)
 
 
 async def _all_version(config: EventStoreConfig) -> int:

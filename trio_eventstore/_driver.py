@@ -9,7 +9,16 @@ a standby (the lock keeper tries all of a store's standbys in one query every
 ``subscription_standby_interval``). After a database error it retries with back-off up
 to ``subscription_retry_interval``, or at once when the lock connection reconnects.
 Consumers are the callers' own tasks (`Subscription`), reading batches from their
-`Consumer` channel.
+`Consumer` inbox.
+
+A session idle for ``subscription_hibernate_after`` hibernates: the FSM drops what it
+read ahead, and once nothing is due (no checkpoint timer, no retry) the task *ends*,
+keeping the session (lease, FSM, notifier listener) in the driver. Whatever needs it
+again starts the task again in the store's nursery: a notification of a version beyond
+what it read (the listener checks that without a task), this store's own append handed
+over, a consumer joining or leaving, the lease lost or asked for (`Lease.on_stop`), the parked
+stream notified, or the store closing. So thousands of hibernated subscriptions cost no
+task, no cancel scope and no timer each: only this object and a few small ones.
 """
 
 from __future__ import annotations
@@ -56,6 +65,13 @@ class DriverHost(Protocol):
     config: EventStoreConfig
     db: Database
     notifier: Notifier
+    #: the store's nursery: a hibernated driver's task is started again in it
+    nursery: trio.Nursery
+    #: the store is closing (hibernated drivers then start their task, to end it)
+    closed: bool
+    #: sessions being opened at once (their first queries): thousands of subscriptions
+    #: starting together take turns instead of overloading the pool and the event loop
+    opening: trio.Semaphore
     locks: LockKeeper
     lock_key1: int
     #: the store's counters (commit-to-delivery lag)
@@ -74,21 +90,183 @@ class DriverHost(Protocol):
 _event_number: Callable[[RecordedEvent], int] = operator.attrgetter("event_number")
 
 
+class Signal:
+    """A flag tasks wait for (``set``), or a pulse that wakes those waiting now
+    (``pulse``). Its `trio.Event` exists only while a task waits: an idle subscription
+    keeps a few of these, and an Event with its set of waiters costs ~270 bytes."""
+
+    __slots__ = ("_event", "_is_set")
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+        self._is_set = False
+
+    def is_set(self) -> bool:
+        return self._is_set
+
+    def set(self) -> None:
+        self._is_set = True
+        self.pulse()
+
+    def clear(self) -> None:
+        self._is_set = False
+
+    def pulse(self) -> None:
+        """Wake the tasks waiting now (those that wait later wait for the next one)."""
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    async def wait(self) -> None:
+        if self._is_set:
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+        try:
+            await event.wait()
+        finally:
+            # Cancelled, and nobody else waits: drop it (it is made again when needed).
+            if self._event is event and not event.statistics().tasks_waiting:
+                self._event = None
+
+
+class Inbox:
+    """Batches for a consumer's task (unbounded: the FSM bounds what is in flight).
+    Lighter than a memory channel: a list while batches wait, and the waiting tasks
+    while none do. Several consumers may share one (partition groups: one consumer per
+    group, one task receiving them all): it ends once each of them has closed it."""
+
+    __slots__ = ("_batches", "_open", "_receivers")
+
+    def __init__(self) -> None:
+        self._batches: list[EventBatch] | None = None
+        self._receivers: list[trio.lowlevel.Task] | None = None
+        #: consumers still sending to it
+        self._open = 0
+
+    def attach(self) -> Inbox:
+        self._open += 1
+        return self
+
+    def send(self, batch: EventBatch) -> None:
+        if self._open <= 0:
+            raise trio.ClosedResourceError
+        if self._batches is None:
+            self._batches = [batch]
+        else:
+            self._batches.append(batch)
+        if self._receivers:
+            trio.lowlevel.reschedule(self._receivers.pop(0))
+
+    def close(self) -> None:
+        """One sender fewer; with none left, receivers get `trio.EndOfChannel` once the
+        inbox is empty."""
+        self._open -= 1
+        if self._open > 0:
+            return
+        receivers, self._receivers = self._receivers, None
+        for task in receivers or ():
+            trio.lowlevel.reschedule(task)
+
+    async def receive(self) -> EventBatch:
+        """The next batch (a checkpoint, as `trio.MemoryReceiveChannel.receive`).
+
+        Raises:
+            trio.EndOfChannel: closed, and every batch received.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            batches = self._batches
+            if batches:
+                batch = batches.pop(0)
+                if not batches:
+                    self._batches = None
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch
+            if self._open <= 0:
+                raise trio.EndOfChannel
+            task = trio.lowlevel.current_task()
+            if self._receivers is None:
+                self._receivers = [task]
+            else:
+                self._receivers.append(task)
+
+            def abort(_: object, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
+                if self._receivers is not None and task in self._receivers:
+                    self._receivers.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+
+
 @attrs.define(eq=False)
 class Consumer:
-    """One consumer of a driver: the channel its batches go to."""
+    """One consumer of a driver: its `Inbox` of batches, received by the consumer's
+    task."""
 
     consumer_id: int
     buffer_size: int
-    send: trio.MemorySendChannel[EventBatch]
-    receive: trio.MemoryReceiveChannel[EventBatch]
+    inbox: Inbox
     #: highest event number delivered in earlier sessions (their acks are stale)
     stale_up_to: int = -1
     delivered_high: int = -1
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def send(self, batch: EventBatch) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError
+        self.inbox.send(batch)
+
+    def close(self) -> None:
+        """No more batches from this consumer's driver (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.inbox.close()
+
+    async def receive(self) -> EventBatch:
+        return await self.inbox.receive()
 
 
 class Driver:
-    """One persistent subscription of this store: its consumers, its FSM, its task."""
+    """One persistent subscription of this store: its consumers, its FSM, its task
+    (none while it hibernates)."""
+
+    __slots__ = (
+        "_checkpoint_lock",
+        "_deferred",
+        "_delivered_high",
+        "_last_activity",
+        "_lease",
+        "_next_consumer",
+        "_opening",
+        "_reader",
+        "_running",
+        "_session_scope",
+        "_waiting",
+        "_wake_event",
+        "_woken",
+        "checkpoint_time",
+        "checkpointed",
+        "consumers",
+        "delivered",
+        "done",
+        "failure",
+        "fsm",
+        "last_persisted",
+        "lock_attempts",
+        "name",
+        "options",
+        "owner",
+        "poison",
+        "progress",
+        "redeliveries",
+        "session",
+        "state",
+        "stream_uuid",
+        "subscribed",
+    )
 
     def __init__(
         self, owner: DriverHost, stream_uuid: str, name: str, options: SubscriptionOptions
@@ -101,16 +279,26 @@ class Driver:
         self.fsm: SubscriptionFSM[RecordedEvent] | None = None
         self.session = 0
         self.state = "starting"
-        self.subscribed = trio.Event()
+        self.subscribed = Signal()
         self.failure: BaseException | None = None
-        self.done = trio.Event()
+        self.done = Signal()
         self.lock_attempts = 0
         #: the persisted checkpoint, as this store last read or wrote it
         self.last_persisted = 0
-        self.checkpointed = trio.Event()  # replaced after every checkpoint write
-        self.progress = trio.Event()  # replaced whenever last_ack advances
-        self._wake = trio.Event()
-        self._checkpoint_lock = trio.Lock()
+        self.checkpointed = Signal()  # pulsed after every checkpoint write
+        self.progress = Signal()  # pulsed whenever last_ack advances
+        #: a wake-up came (consumed by `_wait_wake`); the Event the task waits on, if it does
+        self._woken = False
+        self._wake_event: trio.Event | None = None
+        #: the task runs, or is about to (`Subscriptions.join` starts it); False while
+        #: it hibernates (`wake` starts it again)
+        self._running = True
+        #: the lease of the session in hand (kept while hibernating), and its cancel scope
+        self._lease: Lease | None = None
+        self._session_scope: trio.CancelScope | None = None
+        self._checkpoint_lock: trio.Lock | None = None  # while a checkpoint is written
+        #: it holds one of the store's `DriverHost.opening` slots
+        self._opening = False
         #: figures for `statistics` (metrics): events delivered, and delivered again
         #: (at or below the highest number this store delivered before; retries after
         #: a `nack` are counted by `poison`)
@@ -135,19 +323,46 @@ class Driver:
     # -- consumer side (sync, called from consumers' tasks) ------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something may need the task: wake it, or start it again if it hibernates."""
+        self._woken = True
+        event = self._wake_event
+        if event is not None:
+            event.set()
+        elif not self._running and not self.done.is_set():
+            self._running = True
+            try:
+                self.owner.nursery.start_soon(self.run)
+            except RuntimeError:  # the store's nursery has closed: nothing runs any more
+                self._running = False
+                self._stopped()
 
-    def add_consumer(
-        self,
-        buffer_size: int,
-        channel: tuple[trio.MemorySendChannel[EventBatch], trio.MemoryReceiveChannel[EventBatch]]
-        | None = None,
-    ) -> Consumer:
-        """A new consumer; its batches go to ``channel`` when given (partition groups
-        share one), else to a channel of its own."""
+    def _notified(self) -> None:
+        """The notifier's listener: the stream's mark may have moved (or the marks were
+        re-synced, or the store closes). A hibernated driver starts its task only when
+        that gives it something to do."""
+        fsm = self.fsm
+        if (
+            self._running
+            or fsm is None
+            or not fsm.at_head
+            or self.owner.closed
+            or self.owner.notifier.mark(self.stream_uuid) > fsm.last_read
+        ):
+            self.wake()
+
+    def _lease_stopped(self) -> None:
+        """The lease is lost, or asked for (balancing): end the session (a hibernated
+        one too)."""
+        scope = self._session_scope
+        if scope is not None:
+            scope.cancel()
+        self.wake()
+
+    def add_consumer(self, buffer_size: int, inbox: Inbox | None = None) -> Consumer:
+        """A new consumer; its batches go to ``inbox`` when given (partition groups
+        share one), else to an inbox of its own."""
         self._next_consumer += 1
-        send, receive = channel or trio.open_memory_channel[EventBatch](math.inf)
-        consumer = Consumer(self._next_consumer, buffer_size, send, receive)
+        consumer = Consumer(self._next_consumer, buffer_size, (inbox or Inbox()).attach())
         self.consumers[consumer.consumer_id] = consumer
         self._last_activity = time.monotonic()
         if self.fsm is not None:
@@ -161,7 +376,7 @@ class Driver:
         if self.fsm is not None:
             self.fsm.remove_consumer(consumer.consumer_id)
             self._deliver()
-        consumer.send.close()
+        consumer.close()
         if not self.consumers and self._waiting is not None:
             self._waiting.cancel()
         self.wake()
@@ -253,6 +468,7 @@ class Driver:
         except Exception:  # a serializer that cannot decode: the driver reads and says so
             return
         fsm.on_events(recorded, at_head=fsm.at_head, sizes=sizes)
+        self._last_activity = time.monotonic()
         self._deliver()
         self.wake()
 
@@ -265,8 +481,7 @@ class Driver:
     # -- the task -------------------------------------------------------------------------
 
     def _signal_progress(self) -> None:
-        self.progress.set()
-        self.progress = trio.Event()
+        self.progress.pulse()
 
     def last_ack(self) -> int:
         return self.fsm.last_ack if self.fsm is not None else self.last_persisted
@@ -280,7 +495,7 @@ class Driver:
             if consumer is None:
                 continue
             consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
-            consumer.send.send_nowait(EventBatch(events, events, self.session))
+            consumer.send(EventBatch(events, events, self.session))
             self._count_delivery(events, fsm.at_head)
 
     def _count_delivery(self, events: list[RecordedEvent], at_head: bool) -> None:
@@ -295,14 +510,24 @@ class Driver:
             self.owner.metrics.delivery_lag.observe(max(0.0, lag))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The driver's task: sessions, and waits between them. It ends when the last
+        consumer has left, or keeps the session and ends when it hibernates (`wake`
+        starts it again)."""
+        self._running = True
         task_status.started()
         config = self.owner.config
         failures = 0
+        keep_session = False
         try:
             while self.consumers:
                 retry_after, early = 0.0, False
                 try:
-                    await self._one_session()
+                    if await self._one_session():
+                        if self._woken or self._lease is None or self._lease.stop.is_set():
+                            continue  # woken meanwhile: go on with the session
+                        keep_session = True
+                        self._running = False
+                        return
                     failures = 0
                     if self.state == "disconnected":
                         # It lost its lease (its lock connection dropped): give the
@@ -329,21 +554,35 @@ class Driver:
             self.failure = exc
             self.state = "failed"
             for consumer in list(self.consumers.values()):
-                consumer.send.close()
+                consumer.close()
         finally:
-            self.state = "stopped" if self.failure is None else "failed"
-            self.owner.discard(self)
-            for consumer in list(self.consumers.values()):
-                consumer.send.close()  # the store is closing: iteration ends
-            self.done.set()
-            self._signal_progress()  # waiters see that it stopped
-            self.checkpointed.set()
+            if not keep_session:
+                try:
+                    if self._lease is not None:  # started again with no consumer left
+                        await self._close_session()
+                finally:
+                    self._running = False
+                    self._stopped()
+
+    def _stopped(self) -> None:
+        self.state = "stopped" if self.failure is None else "failed"
+        self.owner.discard(self)
+        for consumer in list(self.consumers.values()):
+            consumer.close()  # the store is closing: iteration ends
+        self.done.set()
+        self._signal_progress()  # waiters see that it stopped
+        self.checkpointed.set()
 
     async def _wait_wake(self) -> None:
         # Consume the wakeup after waiting: a wake() that came while we were busy is
         # not lost (the loop then re-checks its state and may find nothing to do).
-        await self._wake.wait()
-        self._wake = trio.Event()
+        if not self._woken:
+            self._wake_event = event = trio.Event()
+            try:
+                await event.wait()
+            finally:
+                self._wake_event = None
+        self._woken = False
 
     async def _pause(self, seconds: float, *, until_reconnected: bool) -> None:
         """Wait ``seconds`` before trying again, or until the last consumer leaves;
@@ -381,60 +620,106 @@ class Driver:
         self._waiting = None
         return lease
 
-    async def _one_session(self) -> None:
+    async def _one_session(self) -> bool:
+        """Run a session: take the lock first, unless a hibernated one is resumed.
+        Returns True when it hibernates (the session is kept; the task may end)."""
+        if self._lease is None and not await self._open_session():
+            return False
+        lease, fsm = self._lease, self.fsm
+        assert lease is not None
+        assert fsm is not None
+        hibernating = False
+        scope = trio.CancelScope()
+        try:
+            with scope, single_errors():
+                self._session_scope = scope
+                if lease.stop.is_set():  # lost, or asked for (balancing)
+                    scope.cancel()
+                async with trio.open_nursery() as nursery:  # for reads ahead
+                    hibernating = await self._session_loop(fsm, nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._session_scope is scope:
+                self._session_scope = None
+            if not hibernating:
+                await self._close_session()
+        return hibernating
+
+    async def _open_session(self) -> bool:
+        """Take the lock and begin a session (False: every consumer has left, or the
+        row was deleted and created again meanwhile)."""
         owner = self.owner
         self.state = "subscribing"
-        subscription_id, last_seen = await _storage.create_subscription(
-            owner.db, self.stream_uuid, self.name, self.options.start_from
-        )
+        async with owner.opening:
+            subscription_id, last_seen = await _storage.create_subscription(
+                owner.db, self.stream_uuid, self.name, self.options.start_from
+            )
         self.last_persisted = last_seen  # what the holder has persisted so far
         lease = await self._wait_for_lock(subscription_id)
         if lease is None:
-            return  # every consumer has left
+            return False  # every consumer has left
+        self._lease = lease
         try:
+            # Until its first read (or wait): see `DriverHost.opening`.
+            await owner.opening.acquire()
+            self._opening = True
             # Read the checkpoint again now that the lock is ours: a previous holder may
             # have moved it after we read it (or deleted the row: then lock the new one).
             locked_id, last_seen = await _storage.create_subscription(
                 owner.db, self.stream_uuid, self.name, self.options.start_from
             )
-            if locked_id != subscription_id:
-                return
-            with trio.CancelScope() as session_scope, single_errors():
-                async with trio.open_nursery() as nursery:
+        except BaseException:
+            await self._close_session()
+            raise
+        if locked_id != subscription_id:
+            await self._close_session()
+            return False
+        self._begin_session(lease, last_seen)
+        return True
 
-                    async def watch_lease() -> None:
-                        await lease.stop.wait()  # lost, or asked for (balancing)
-                        session_scope.cancel()
-
-                    nursery.start_soon(watch_lease)
-                    await self._session(last_seen)
-                    nursery.cancel_scope.cancel()
-        finally:
-            # Stop delivering, persist the acknowledged prefix (unless the lock is lost:
-            # another holder may have moved on), then unlock.
-            lost = lease.lost.is_set()
-            fsm = self.fsm
-            self._end_session()
-            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                if not lost:
-                    await self._final_checkpoint(fsm)
-                await lease.release()
-            if lost:
-                self.state = "disconnected"
+    async def _close_session(self) -> None:
+        """End the session in hand: stop delivering, persist what is acknowledged
+        (unless the lease is lost: another holder may have moved on; when it is handed
+        over, balancing, it is persisted first) and release the lock (shielded,
+        bounded)."""
+        self._opened()
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        lease.on_stop = None
+        if self.fsm is not None:
+            self._reader.forget_read_ahead()
+            self.owner.notifier.remove_listener(self.stream_uuid, self._notified)
+            self.poison.end_session(self.owner.notifier)
+        lost = lease.lost.is_set()
+        fsm = self.fsm
+        self._end_session()
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            if not lost:
+                await self._final_checkpoint(fsm)
+            await lease.release()
+        if lost:
+            self.state = "disconnected"
 
     def _end_session(self) -> None:
         fsm = self.fsm
         self.fsm = None
         if self.subscribed.is_set():
-            # Replace it only once it has fired: callers of wait_subscribed() still
-            # wait on the current one, whatever happened before a session began.
-            self.subscribed = trio.Event()
+            # Clear it only once it has fired: callers of wait_subscribed() still
+            # wait for it, whatever happened before a session began.
+            self.subscribed.clear()
         for consumer in self.consumers.values():
             consumer.stale_up_to = max(consumer.stale_up_to, consumer.delivered_high)
         if fsm is not None:
             self.last_persisted = fsm.last_persisted
 
-    async def _session(self, last_seen: int) -> None:
+    def _opened(self) -> None:
+        """The session has begun its work (or ended): give back its opening slot."""
+        if self._opening:
+            self._opening = False
+            self.owner.opening.release()
+
+    def _begin_session(self, lease: Lease, last_seen: int) -> None:
         owner, options = self.owner, self.options
         self.session += 1
         fsm: SubscriptionFSM[RecordedEvent] = SubscriptionFSM(
@@ -457,20 +742,14 @@ class Driver:
         self.state = "catching_up"
         self.subscribed.set()
         self._signal_progress()  # waiters see the stored checkpoint (it may be enough)
-        owner.notifier.add_listener(self.stream_uuid, self.wake)
-        try:
-            with single_errors():
-                async with trio.open_nursery() as nursery:  # for reads ahead
-                    await self._session_loop(fsm, nursery)
-                    nursery.cancel_scope.cancel()
-        finally:
-            self._reader.forget_read_ahead()
-            owner.notifier.remove_listener(self.stream_uuid, self.wake)
-            self.poison.end_session(owner.notifier)
+        owner.notifier.add_listener(self.stream_uuid, self._notified)
+        lease.on_stop = self._lease_stopped
 
     async def _session_loop(
         self, fsm: SubscriptionFSM[RecordedEvent], nursery: trio.Nursery
-    ) -> None:
+    ) -> bool:
+        """Until every consumer has left (False), or it hibernates with nothing due
+        (True: the task may end, keeping the session)."""
         owner = self.owner
         hibernate_after = owner.config.subscription_hibernate_after
         while self.consumers:
@@ -484,6 +763,7 @@ class Driver:
                 events, sizes, at_head = await self._reader.read(
                     after, fsm.read_limit(), fsm.read_budget(), nursery
                 )
+                self._opened()
                 fsm.on_events(events, at_head=at_head, sizes=sizes)
                 if events:
                     self._last_activity = time.monotonic()
@@ -499,8 +779,17 @@ class Driver:
             idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
             # FSM times are time.monotonic(); Trio's clock has another origin.
             wait = min(deadline, idle_until) - time.monotonic()
+            # Hibernating with no timer due: end the task rather than wait (see `wake`).
+            may_end = (
+                self.state == "hibernating"
+                and self._last_activity == math.inf
+                and deadline == math.inf
+                and not fsm.held
+            )
+            self._opened()
             with trio.move_on_after(max(0.0, wait)):
-                await self._wait_for_work(fsm)
+                if await self._wait_for_work(fsm, may_end=may_end):
+                    return True
             # Acks need not wake this task (see `ack`): idle since the latest activity.
             idle_until = self._last_activity + hibernate_after if hibernate_after > 0 else math.inf
             if time.monotonic() >= idle_until and fsm.hibernate():
@@ -509,15 +798,20 @@ class Driver:
                 self._last_activity = math.inf  # until something happens
             elif self.state == "hibernating" and self._last_activity != math.inf:
                 self.state = "subscribed"  # woken by an ack, a consumer or new events
+        return False
 
-    async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+    async def _wait_for_work(self, fsm: SubscriptionFSM[RecordedEvent], *, may_end: bool) -> bool:
         """Until an ack, a consumer change, or a notification / re-sync of the stream
-        (the notifier calls `wake`)."""
+        (the notifier calls `wake`). ``may_end``: return True at once instead of
+        waiting when nothing is to be done (the task ends; `wake` starts it again)."""
         if self._behind(fsm):
-            return
+            return False
+        if may_end and not self._woken and self._deferred is None:
+            return True
         await self._wait_wake()
         if self._behind(fsm):
             self._last_activity = time.monotonic()
+        return False
 
     def _behind(self, fsm: SubscriptionFSM[RecordedEvent]) -> bool:
         """Whether newer events are known than were read (then the FSM reads again).
@@ -555,22 +849,33 @@ class Driver:
         fsm = fsm or self.fsm
         if fsm is None:
             return
-        async with self._checkpoint_lock:
-            checkpoint = fsm.checkpoint_due(time.monotonic(), final=final)
-            if checkpoint is None:
+        lock = self._checkpoint_lock
+        if lock is None:
+            if fsm.persisting is None and fsm.last_ack <= fsm.last_persisted:
+                # The usual case: nothing to write (`checkpoint_due` would say so),
+                # and no write under way; no lock needed (it exists only while used).
+                await trio.lowlevel.checkpoint()
                 return
-            try:
-                await _storage.checkpoint_subscription(
-                    self.owner.db, self.stream_uuid, self.name, checkpoint
-                )
-            except BaseException:
-                fsm.on_checkpoint_failed()
-                raise
-            fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
-            self.checkpoint_time = time.monotonic()
-            self.last_persisted = checkpoint
-            self.checkpointed.set()
-            self.checkpointed = trio.Event()
+            lock = self._checkpoint_lock = trio.Lock()
+        try:
+            async with lock:
+                checkpoint = fsm.checkpoint_due(time.monotonic(), final=final)
+                if checkpoint is None:
+                    return
+                try:
+                    await _storage.checkpoint_subscription(
+                        self.owner.db, self.stream_uuid, self.name, checkpoint
+                    )
+                except BaseException:
+                    fsm.on_checkpoint_failed()
+                    raise
+                fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
+                self.checkpoint_time = time.monotonic()
+                self.last_persisted = checkpoint
+                self.checkpointed.pulse()
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._checkpoint_lock = None
 
     async def _final_checkpoint(self, fsm: SubscriptionFSM[RecordedEvent] | None) -> None:
         try:

@@ -11,12 +11,11 @@ order; a group moves only after its holder flushed its checkpoint, and its new h
 delivers again from that checkpoint.
 
 In a store, a consumer joins the driver of every group; the batches of all of them reach
-it through one channel (`GroupedSubscription`).
+it through one inbox (`GroupedSubscription`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Sequence
 
 import attrs
@@ -24,7 +23,7 @@ import trio
 
 from . import _storage
 from ._balance import group_name, group_of
-from ._driver import Consumer, Driver
+from ._driver import Consumer, Driver, Inbox
 from ._errors import CheckpointFailedError, UnexpectedAckError
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._subscriptions import (
@@ -74,7 +73,7 @@ async def join_groups(
         _, start_from = await _storage.create_subscription(
             subscriptions.db, stream_uuid, group_name(name, 0, groups), start_from
         )
-    send, receive = trio.open_memory_channel[EventBatch](math.inf)
+    inbox = Inbox()  # every group's batches, for the one consumer task
     parts: list[tuple[Driver, Consumer]] = []
     try:
         for group in range(groups):
@@ -88,16 +87,14 @@ async def join_groups(
                     stream_uuid,
                     group_name(name, group, groups),
                     group_options,
-                    channel=(send.clone(), receive),
+                    inbox=inbox,
                 )
             )
     except BaseException:
-        send.close()
         with trio.CancelScope(shield=True):
             await _leave(subscriptions, parts)
         raise
-    send.close()  # the clones stay open until their drivers close them
-    return GroupedSubscription(parts, receive, partition_by, groups)
+    return GroupedSubscription(parts, inbox, partition_by, groups)
 
 
 async def _leave(
@@ -125,13 +122,13 @@ class GroupedSubscription(Subscription):
     def __init__(
         self,
         parts: list[tuple[Driver, Consumer]],
-        receive: trio.MemoryReceiveChannel[EventBatch],
+        inbox: Inbox,
         partition_by: Callable[[RecordedEvent], Hashable],
         groups: int,
     ) -> None:
         super().__init__(*parts[0])
         self._parts = parts
-        self._receive = receive
+        self._inbox = inbox
         self._partition_by = partition_by
         self._groups = groups
 
@@ -141,7 +138,7 @@ class GroupedSubscription(Subscription):
     async def _next_batch(self) -> EventBatch:
         while True:
             try:
-                batch = await self._receive.receive()
+                batch = await self._inbox.receive()
             except trio.EndOfChannel:
                 for driver, _ in self._parts:
                     if driver.failure is not None:

@@ -51,7 +51,11 @@ def lock_key2(subscription_id: int) -> int:
 class Lease:
     """A held advisory lock. ``lost`` is set when it is released or its connection drops;
     ``stop`` when its holder must stop delivering: lost, or asked to hand it over (then
-    the holder flushes its checkpoint and releases it)."""
+    the holder flushes its checkpoint and releases it). ``on_stop`` (sync, must not
+    block), when given, is called then: a holder with no task waiting on ``stop`` (a
+    hibernated subscription) hears of it too."""
+
+    __slots__ = ("_keeper", "handing_over", "key", "lost", "on_stop", "stop")
 
     def __init__(self, keeper: LockKeeper, key: tuple[int, int]) -> None:
         self._keeper = keeper
@@ -60,14 +64,24 @@ class Lease:
         self.stop = trio.Event()
         #: the keeper asked for it back (balancing)
         self.handing_over = False
+        self.on_stop: Callable[[], None] | None = None
 
     def _lose(self) -> None:
+        if self.lost.is_set():
+            return
         self.lost.set()
-        self.stop.set()
+        self._stop()
 
     def _hand_over(self) -> None:
         self.handing_over = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.stop.is_set():
+            return
         self.stop.set()
+        if self.on_stop is not None:
+            self.on_stop()
 
     async def release(self) -> None:
         """Release the lock (no-op when already lost)."""
@@ -319,9 +333,10 @@ class LockKeeper:
             logger.info("unlock of %s failed: %s", lease.key, exc)
 
     def _lose_all(self) -> None:
-        for lease in self._leases.values():
-            lease._lose()
+        leases = list(self._leases.values())
         self._leases.clear()
+        for lease in leases:
+            lease._lose()
 
     @property
     def backend_pid(self) -> int | None:

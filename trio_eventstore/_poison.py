@@ -61,6 +61,24 @@ class _ToPark:
 class ParkingLot:
     """Retries, parks and replays of one persistent subscription, in its driver."""
 
+    __slots__ = (
+        "_db",
+        "_deliver_undecodable",
+        "_due",
+        "_failures",
+        "_hold",
+        "_keys",
+        "_listening",
+        "_name",
+        "_policy",
+        "_replayed",
+        "_stream_uuid",
+        "_to_park",
+        "check",
+        "records",
+        "redeliveries",
+    )
+
     def __init__(
         self, db: Database, stream_uuid: str, name: str, options: SubscriptionOptions
     ) -> None:
@@ -82,7 +100,7 @@ class ParkingLot:
         self.redeliveries = 0
         #: replayed and acknowledged in this session (a read racing with the deletion
         #: of their records must not replay them again)
-        self._replayed: set[uuid.UUID] = set()
+        self._replayed: set[uuid.UUID] | None = None  # made when first needed
         self._listening: Callable[[], None] | None = None
 
     @property
@@ -146,7 +164,7 @@ class ParkingLot:
         self._due.clear()
         self._to_park.clear()
         self._failures.clear()
-        self._replayed.clear()
+        self._replayed = None
         self.records.clear()  # the next session reads them again, for its own FSM
         self._keys.clear()
         self.check = True
@@ -195,6 +213,8 @@ class ParkingLot:
         if acked:
             done = set(acked)
             gone = [r for r in self.records.values() if r.number in done]
+            if self._replayed is None:
+                self._replayed = set()
             self._replayed.update(r.event_id for r in gone)
             try:
                 await _parking.delete_records(self._db, [r.key for r in gone])
@@ -235,7 +255,8 @@ class ParkingLot:
         )
         self.records[event.event_id] = record
         self._keys[event.event_id] = item.key
-        self._replayed.discard(event.event_id)
+        if self._replayed is not None:
+            self._replayed.discard(event.event_id)
         if self._hold:
             fsm.hold(item.key)
         if item.consumer_id is not None:
@@ -255,7 +276,7 @@ class ParkingLot:
         records = {
             r.event_id: r
             for r in await _parking.load_records(self._db, self._stream_uuid, self._name)
-            if r.event_id not in self._replayed
+            if self._replayed is None or r.event_id not in self._replayed
         }
         for event_id in [i for i in self.records if i not in records]:
             self._forget(fsm, event_id)  # discarded

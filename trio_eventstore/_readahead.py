@@ -40,6 +40,18 @@ class PageReader:
     """The reads of one subscription (``name``) of ``stream_uuid``: pages of events,
     with the next one fetched ahead (at most half of ``max_size`` rows)."""
 
+    __slots__ = (
+        "_config",
+        "_db",
+        "_max_size",
+        "_name",
+        "_notifier",
+        "_prefetch",
+        "_stream_id",
+        "_stream_uuid",
+        "reads",
+    )
+
     def __init__(
         self,
         db: Database,

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from types import TracebackType
 from typing import Any, Literal
 
 from . import _parking, _storage
@@ -135,32 +136,10 @@ class SubscriptionMethods:
         )
         return self._subscribe_to_stream(stream_uuid, subscription_name, options)
 
-    @contextlib.asynccontextmanager
-    async def _subscribe_to_stream(
+    def _subscribe_to_stream(
         self, stream_uuid: str, subscription_name: str, options: SubscriptionOptions
-    ) -> AsyncIterator[Subscription]:
-        subscription: Subscription
-        if options.partition_groups is None:
-            driver, consumer = await self._subscriptions.join(
-                stream_uuid, subscription_name, options
-            )
-            subscription = Subscription(driver, consumer)
-        else:
-            subscription = await join_groups(
-                self._subscriptions, stream_uuid, subscription_name, options
-            )
-        try:
-            yield subscription
-        except BaseException:
-            subscription._end_span()
-            failure = await subscription._leave(self._subscriptions)
-            if failure is not None:  # the error already leaving the block wins
-                logger.warning("%s", failure)
-            raise
-        subscription._end_span()
-        failure = await subscription._leave(self._subscriptions)
-        if failure is not None:
-            raise failure
+    ) -> _Joined:
+        return _Joined(self._subscriptions, stream_uuid, subscription_name, options)
 
     def subscribe_to_all_streams(
         self,
@@ -271,3 +250,55 @@ class SubscriptionMethods:
         count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
         self._subscriptions.parked_changed(stream_uuid, subscription_name)
         return count
+
+
+class _Joined:
+    """The block of a persistent subscription (`EventStore.subscribe_to_stream`): joins
+    on entry (every partition group, with ``partition_groups``), leaves on exit. A class
+    rather than a generator: an idle subscription keeps it for as long as its block
+    runs, and this is a few hundred bytes smaller."""
+
+    __slots__ = ("_name", "_options", "_stream_uuid", "_subscription", "_subscriptions")
+
+    def __init__(
+        self,
+        subscriptions: Subscriptions,
+        stream_uuid: str,
+        name: str,
+        options: SubscriptionOptions,
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._stream_uuid = stream_uuid
+        self._name = name
+        self._options = options
+        self._subscription: Subscription | None = None
+
+    async def __aenter__(self) -> Subscription:
+        if self._subscription is not None:
+            raise RuntimeError("a subscription's block cannot be entered twice")
+        if self._options.partition_groups is None:
+            driver, consumer = await self._subscriptions.join(
+                self._stream_uuid, self._name, self._options
+            )
+            self._subscription = Subscription(driver, consumer)
+        else:
+            self._subscription = await join_groups(
+                self._subscriptions, self._stream_uuid, self._name, self._options
+            )
+        return self._subscription
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        subscription = self._subscription
+        assert subscription is not None
+        subscription._end_span()
+        failure = await subscription._leave(self._subscriptions)
+        if failure is not None:
+            if exc is not None:  # the error already leaving the block wins
+                logger.warning("%s", failure)
+            else:
+                raise failure

@@ -14,7 +14,7 @@ import trio
 
 from . import _storage, _transient
 from ._config import EventStoreConfig
-from ._driver import Consumer, Driver
+from ._driver import Consumer, Driver, Inbox
 from ._errors import (
     CheckpointFailedError,
     EventStoreClosedError,
@@ -40,6 +40,8 @@ class Subscription:
     acknowledged prefix. Unacknowledged events are delivered again after a restart or
     takeover (at-least-once).
     """
+
+    __slots__ = ("_consumer", "_driver", "_span")
 
     def __init__(self, driver: Driver, consumer: Consumer) -> None:
         self._driver = driver
@@ -77,7 +79,7 @@ class Subscription:
     async def _next_batch(self) -> EventBatch:
         while True:
             try:
-                batch = await self._consumer.receive.receive()
+                batch = await self._consumer.receive()
             except trio.EndOfChannel:
                 failure = self._driver.failure
                 if failure is not None:
@@ -296,8 +298,13 @@ class Subscriptions:
         self.lock_key1 = lock_key1
         self.nursery = nursery
         self._drivers: dict[tuple[str, str], Driver] = {}
+        #: the same by stream: an append concerns the drivers of its stream and of $all
+        #: only (with thousands of subscriptions, looking at each costs milliseconds)
+        self._by_stream: dict[str, list[Driver]] = {}
         #: the store has closed (its block has exited, or is exiting)
         self.closed = False
+        #: sessions being opened at once (see `DriverHost.opening`)
+        self.opening = trio.Semaphore(max(2, config.pool_size))
         #: this store's appends in flight: token -> stream
         self._own_appends: dict[int, str] = {}
         self._last_token = 0
@@ -329,11 +336,10 @@ class Subscriptions:
         name: str,
         options: SubscriptionOptions,
         *,
-        channel: tuple[trio.MemorySendChannel[EventBatch], trio.MemoryReceiveChannel[EventBatch]]
-        | None = None,
+        inbox: Inbox | None = None,
     ) -> tuple[Driver, Consumer]:
         """Join the subscription ``name`` of ``stream_uuid`` in this store as a new
-        consumer (starting its driver if none runs); its batches go to ``channel`` when
+        consumer (starting its driver if none runs); its batches go to ``inbox`` when
         given (partition groups share one)."""
         self.check_open()
         key = (stream_uuid, name)
@@ -353,10 +359,11 @@ class Subscriptions:
                 raise TooManySubscribersError(
                     stream_uuid=stream_uuid, subscription_name=name, concurrency_limit=limit
                 )
-            return driver, driver.add_consumer(options.buffer_size, channel)
+            return driver, driver.add_consumer(options.buffer_size, inbox)
         driver = Driver(self, stream_uuid, name, options)
         self._drivers[key] = driver
-        consumer = driver.add_consumer(options.buffer_size, channel)
+        self._by_stream.setdefault(stream_uuid, []).append(driver)
+        consumer = driver.add_consumer(options.buffer_size, inbox)
         await self.nursery.start(driver.run)
         return driver, consumer
 
@@ -389,8 +396,12 @@ class Subscriptions:
         """The append ended (committed, refused or cancelled): wake the drivers that
         deferred a read for it (see `Driver._behind`)."""
         stream_uuid = self._own_appends.pop(token)
-        for driver in list(self._drivers.values()):
+        for driver in self._concerned(stream_uuid):
             driver.own_append_finished(stream_uuid)
+
+    def _concerned(self, stream_uuid: str) -> list[Driver]:
+        """The drivers an append to ``stream_uuid`` concerns: its own, and ``$all``'s."""
+        return [*self._by_stream.get(stream_uuid, ()), *self._by_stream.get(ALL_STREAMS, ())]
 
     def newest_own_append(self, stream_uuid: str) -> int | None:
         """The newest of this store's appends in flight that writes to ``stream_uuid``
@@ -413,7 +424,7 @@ class Subscriptions:
         """This store just committed an append: hand its events straight to drivers
         that have read everything before them, sparing them a read (others read from
         the database when notified, as usual)."""
-        for driver in list(self._drivers.values()):
+        for driver in self._concerned(request.stream_uuid):
             driver.hand_over(request, appended)
 
     def active(self) -> list[Driver]:
@@ -431,3 +442,8 @@ class Subscriptions:
         key = (driver.stream_uuid, driver.name)
         if self._drivers.get(key) is driver:
             del self._drivers[key]
+        same = self._by_stream.get(driver.stream_uuid, [])
+        if driver in same:
+            same.remove(driver)
+            if not same:
+                del self._by_stream[driver.stream_uuid]
