@@ -32,6 +32,7 @@ from ._subscriptions import (
     Subscriptions,
     _ack_number,
     _raise_if_stopped,
+    is_current,
     subscription_statistics,
 )
 from ._types import RecordedEvent, StartFrom
@@ -147,13 +148,16 @@ class GroupedSubscription(Subscription):
                     if driver.failure is not None:
                         _raise_if_stopped(driver)
                 raise StopAsyncIteration from None
-            driver, _ = self._part_of(batch.events[-1])
-            if batch.session == driver.session and driver.fsm is not None:
+            driver, consumer = self._part_of(batch.events[-1])
+            if is_current(driver, consumer, batch):
                 mapper = driver.options.mapper
                 if mapper is None:
                     return batch
-                return EventBatch([mapper(e) for e in batch.events], batch.events, batch.session)
-            # Delivered by a session that has since ended (lost or handed over).
+                return EventBatch(
+                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                )
+            # Delivered by a session that has since ended (lost or handed over), or
+            # before a nack of this consumer.
 
     async def wait_subscribed(self) -> None:
         """Wait until every group is either held by this store (delivering) or stands

@@ -30,7 +30,7 @@ from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionSt
 from ._transient import TransientSubscription
 from ._types import ALL_STREAMS, RecordedEvent
 
-__all__ = ["Subscription", "Subscriptions"]
+__all__ = ["Subscription", "Subscriptions", "is_current"]
 
 
 class Subscription:
@@ -87,13 +87,16 @@ class Subscription:
                         subscription_name=self._driver.name,
                     ) from failure
                 raise StopAsyncIteration from None
-            if batch.session == self._driver.session and self._driver.fsm is not None:
+            if is_current(self._driver, self._consumer, batch):
                 mapper = self._driver.options.mapper
                 if mapper is None:
                     return batch
                 # The mapper runs here, in the consumer's own task.
-                return EventBatch([mapper(e) for e in batch.events], batch.events, batch.session)
-            # Delivered by a session that has since lost its lock: it comes again.
+                return EventBatch(
+                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                )
+            # Delivered by a session that has since lost its lock, or before a nack of
+            # this consumer: it comes again.
 
     async def wait_subscribed(self) -> None:
         """Wait until this store holds the subscription's lock and delivery has begun.
@@ -232,6 +235,17 @@ def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
         # every event delivered again (after a lost lock or session, or a `nack`);
         # ``parked`` comes from the driver's poison-event handling
         redeliveries=driver.redeliveries,
+    )
+
+
+def is_current(driver: Driver, consumer: Consumer, batch: EventBatch) -> bool:
+    """Whether ``batch``, received from the consumer's channel, is still to be handed
+    to it: sent by the running session, since the consumer's last `nack`."""
+    fsm = driver.fsm
+    return (
+        fsm is not None
+        and batch.session == driver.session
+        and batch.epoch == fsm.epoch(consumer.consumer_id)
     )
 
 
