@@ -589,3 +589,64 @@ async def test_daemon_parks_a_poison_event_of_a_batch_and_goes_on(
         assert handled == [1, 2, 3, 5, 6, 7, 8]
         [parked] = await store.parked_events("s", "d")
         assert (parked.event.event_number, parked.attempts) == (4, 2)
+
+
+async def test_the_parked_api_refuses_a_subscription_that_does_not_exist(
+    cfg: EventStoreConfig,
+) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1)
+        for call in (store.parked_events, store.replay_parked, store.discard_parked):
+            with pytest.raises(es.SubscriptionNotFoundError, match="nosuch"):
+                await call("s", "nosuch")
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.ack(event)
+        assert await store.parked_events("s", "sub") == []  # it exists: none parked
+        assert await store.replay_parked("s", "sub") == 0
+        with pytest.raises(es.SubscriptionNotFoundError):
+            await store.parked_events("other", "sub")  # the name on another stream
+
+
+def test_operator_cli_refuses_parked_commands_of_an_unknown_subscription(
+    eventstore_config: EventStoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--url", str(eventstore_config.url), "--schema", eventstore_config.schema]
+    for command in ("list", "replay", "discard"):
+        assert main(["parked", command, "s", "nosuch", *args]) == 1
+        captured = capsys.readouterr()
+        assert "SubscriptionNotFoundError" in captured.err
+        assert "parked events" not in captured.out
+
+
+async def test_nack_in_a_subscription_split_into_partition_groups(cfg: EventStoreConfig) -> None:
+    """A nack reaches the group that delivered the event (not the first group)."""
+    async with open_event_store(cfg) as store:
+        await store.append_to_stream("s", ANY_VERSION, [ev(n, f"k{n}") for n in range(1, 9)])
+        handled: list[int] = []
+        nacked: list[int] = []
+        async with store.subscribe_to_stream(
+            "s",
+            "g",
+            partition_by=_key,
+            partition_groups=2,
+            buffer_size=2,
+            retry_policy=RetryPolicy(max_attempts=1),
+        ) as sub:
+            with trio.fail_after(HANG_GUARD):
+                while len(handled) + len(nacked) < 8:
+                    batch = await sub.__anext__()
+                    for event in batch:
+                        if event.event_number in (2, 3) and event.event_number not in nacked:
+                            nacked.append(event.event_number)
+                            sub.nack(event, retry=False, error="poison")
+                            break
+                        handled.append(event.event_number)
+                        sub.ack(event)
+        assert sorted(handled) == [1, 4, 5, 6, 7, 8]
+        parked = [
+            p.event.event_number
+            for name in ("g#g0/2", "g#g1/2")
+            for p in await store.parked_events("s", name)
+        ]
+        assert sorted(parked) == [2, 3]

@@ -154,7 +154,14 @@ class Subscription:
             UnexpectedAckError: the event is not in flight for this subscriber.
         """
         number = _ack_number(events_or_event_number)
-        self._driver.ack(self._consumer, number)
+        target = self._target(events_or_event_number, number)
+        if target is not None:
+            target[0].ack(target[1], number)
+
+    def _target(self, value: object, number: int) -> tuple[Driver, Consumer] | None:
+        """The driver and consumer that delivered ``value`` (event ``number``); None:
+        an ack of it is stale, to be ignored."""
+        return self._driver, self._consumer
 
     def nack(
         self,
@@ -182,11 +189,15 @@ class Subscription:
         if error is not None and not isinstance(error, (BaseException, str)):
             raise TypeError("error: expected an exception, a str or None")
         number = _nack_number(event_or_event_number)
-        self._driver.nack(self._consumer, number, retry, error)
+        target = self._target(_first_event(event_or_event_number), number)
+        if target is not None:
+            target[0].nack(target[1], number, retry, error)
 
     def _park(self, event: RecordedEvent, error: str, attempts: int) -> None:
         """Park ``event`` now, recording ``attempts`` (the daemon retried it itself)."""
-        self._driver.nack(self._consumer, event.event_number, False, error, attempts=attempts)
+        target = self._target(event, event.event_number)
+        if target is not None:
+            target[0].nack(target[1], event.event_number, False, error, attempts=attempts)
 
     def statistics(self) -> SubscriptionStatistics:
         return subscription_statistics(self._driver)
@@ -279,6 +290,15 @@ def _ack_number(value: object) -> int:
         if len(events) == len(value):
             return max(e.event_number for e in events)
     raise TypeError("ack: expected an event, a batch, a list of events or an event number")
+
+
+def _first_event(value: object) -> object:
+    """The event a nack of ``value`` gives back (a batch or a list: its first)."""
+    if isinstance(value, EventBatch):
+        return value.events[0]
+    if isinstance(value, Sequence) and value:
+        return value[0]
+    return value
 
 
 def _nack_number(value: object) -> int:
