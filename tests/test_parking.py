@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -417,7 +418,10 @@ def test_operator_cli_lists_replays_and_discards_parked_events(
     assert "0 parked events" in capsys.readouterr().out
 
 
-async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStoreConfig) -> None:
+async def test_a_replayed_event_that_fails_again_is_parked_again(
+    cfg: EventStoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "trio_eventstore.subscriptions")
     async with open_event_store(cfg) as store:
         await append(store, "s", 1, 2)
         async with store.subscribe_to_stream("s", "sub") as sub:
@@ -438,6 +442,10 @@ async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStore
         [parked] = await store.parked_events("s", "sub")
         assert (n_of(parked.event), parked.error, parked.attempts) == (1, "second", 2)
         assert not parked.replay_requested
+        # The log counts this round's attempts (as a daemon's log does), then the total.
+        parks = [r.getMessage() for r in caplog.records if "parked event" in r.getMessage()]
+        assert "after 1 attempts: first" in parks[0]
+        assert "after 1 attempts (2 in all, with those before its replay): second" in parks[1]
 
 
 async def _poison_loop(
