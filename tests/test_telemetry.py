@@ -242,5 +242,5 @@ async def test_instrument_checks_its_arguments_before_changing_anything(store: E
         ({"metrics": "yes"}, "metrics"),
     ):
         with pytest.raises(TypeError, match=name):
-            instrument(store, **kwargs)  # type: ignore[arg-type]
+            instrument(store, **kwargs)
     assert store._subscriptions.metrics.tracing is None  # nothing was set up
