@@ -79,6 +79,8 @@ def test_redact_scrubs_passwords_given_in_the_query() -> None:
         "postgresql://u%00:pw@h/d",
         "postgresql://u:pw@h/d?application_name=a%00",
         "postgresql://u:pw\ud800@h/d",  # a lone surrogate: no UTF-8 for it
+        "postgresql://u:pw@[bad/d",  # an unclosed IPv6 address
+        "postgresql://u:pw@h]/d",
     ],
 )
 def test_urls_postgres_cannot_take_are_refused(url: str) -> None:

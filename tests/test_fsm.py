@@ -76,6 +76,8 @@ class FSMMachine(RuleBasedStateMachine):
         self.store: list[Ev] = []
         self.next_id = 0
         self.delivered: dict[int, list[Ev]] = {}  # consumer -> events received, in order
+        #: consumer -> batches taken by the driver, not yet received: (epoch, events)
+        self.inbox: dict[int, list[tuple[int, list[Ev]]]] = {}
         self.acked: set[int] = set()
         self.persisted = start
         self.now = 0.0
@@ -138,6 +140,7 @@ class FSMMachine(RuleBasedStateMachine):
         cid = self.next_id
         self.next_id += 1
         self.delivered[cid] = []
+        self.inbox[cid] = []
         self.fsm.add_consumer(cid, buffer)
         self.collect()
 
@@ -146,42 +149,62 @@ class FSMMachine(RuleBasedStateMachine):
     def leave_or_crash(self, data: st.DataObject) -> None:
         cid = data.draw(st.sampled_from(sorted(self.fsm.consumers)))
         self.fsm.remove_consumer(cid)
+        del self.inbox[cid]  # its channel closes
         self.collect()
 
-    @precondition(
-        lambda self: any(c.in_flight and not c.waiting for c in self.fsm.consumers.values())
-    )
+    def received(self, cid: int) -> list[int]:
+        """What the consumer has received and holds: the in-flight events not still in
+        its channel (in delivery order)."""
+        queued = {e.number for _, events in self.inbox[cid] for e in events}
+        return [n for n in self.fsm.in_flight_of(cid) if n not in queued]
+
+    def can_ack(self) -> list[int]:
+        return sorted(
+            c for c, v in self.fsm.consumers.items() if not v.waiting and self.received(c)
+        )
+
+    @precondition(lambda self: any(self.inbox.values()))
+    @rule(data=st.data())
+    def receive(self, data: st.DataObject) -> None:
+        """A consumer takes the next batch from its channel, as `Subscription` does:
+        one sent before its last nack is stale and dropped; any other is one it can
+        acknowledge, event by event."""
+        cid = data.draw(st.sampled_from(sorted(c for c, b in self.inbox.items() if b)))
+        epoch, events = self.inbox[cid].pop(0)
+        if epoch != self.fsm.epoch(cid):
+            return
+        in_flight = self.fsm.in_flight_of(cid)
+        for event in events:
+            assert event.number in in_flight, (event, in_flight)
+            if self.partitioned:
+                assert event.key not in self.fsm.held_keys
+        self.delivered[cid].extend(events)
+
+    @precondition(lambda self: self.can_ack())
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
-        cid = data.draw(
-            st.sampled_from(
-                sorted(c for c, v in self.fsm.consumers.items() if v.in_flight and not v.waiting)
-            )
-        )
-        numbers = self.fsm.in_flight_of(cid)  # in delivery order
+        cid = data.draw(st.sampled_from(self.can_ack()))
+        numbers = self.received(cid)  # in delivery order
         upto = data.draw(st.sampled_from(numbers))
         self.fsm.ack(cid, upto)
         self.acked.update(numbers[: numbers.index(upto) + 1])
         self.collect()
 
-    @precondition(
-        lambda self: any(c.in_flight and not c.waiting for c in self.fsm.consumers.values())
-    )
+    @precondition(lambda self: self.can_ack())
     @rule(data=st.data())
     def nack(self, data: st.DataObject) -> None:
-        """A consumer gives an event back: those before it count as acknowledged."""
-        cid = data.draw(
-            st.sampled_from(
-                sorted(c for c, v in self.fsm.consumers.items() if v.in_flight and not v.waiting)
-            )
-        )
+        """A consumer gives an event back: those before it count as acknowledged, those
+        after it (received or still in its channel) come again, after it."""
+        cid = data.draw(st.sampled_from(self.can_ack()))
         numbers = self.fsm.in_flight_of(cid)
-        number = data.draw(st.sampled_from(numbers))
+        number = data.draw(st.sampled_from(self.received(cid)))
         event = self.fsm.nack(cid, number)
         assert event.number == number
         self.acked.update(numbers[: numbers.index(number)])
         self.waiting[cid] = number
         assert self.fsm.in_flight_of(cid) == [number]
+        later = numbers[numbers.index(number) + 1 :]
+        assert all(self.fsm.was_given_back(cid, n) for n in later)
         with pytest.raises(UnexpectedAckError):
             self.fsm.ack(cid, number)  # given back: not to be acknowledged
         self.collect()
@@ -204,8 +227,10 @@ class FSMMachine(RuleBasedStateMachine):
             self.parked.add(number)
         else:
             assert self.fsm.redeliver(cid, number)
-            self.delivered[cid].append(self.fsm.consumers[cid].in_flight[0][2])
-            assert self.fsm.take_deliveries()[cid][0].number == number
+            self.collect()
+            epoch, events = self.inbox[cid][-1]
+            assert epoch == self.fsm.epoch(cid)
+            assert events[0].number == number
         self.collect()
 
     @precondition(lambda self: self.fsm.consumers)
@@ -237,7 +262,7 @@ class FSMMachine(RuleBasedStateMachine):
             self.parked.add(number)
         for cid, events in self.fsm.take_deliveries().items():
             assert cid in self.fsm.consumers
-            self.delivered[cid].extend(events)
+            self.inbox[cid].append((self.fsm.epoch(cid), events))
             if self.partitioned:
                 for event in events:
                     assert event.key not in self.fsm.held_keys  # nothing overtakes
@@ -416,3 +441,31 @@ def test_one_event_always_fits() -> None:
     [[event]] = fsm.take_deliveries().values()
     fsm.ack(1, event.number)
     assert (fsm.held_bytes, fsm.wants_read()) == (0, 1)
+
+
+def test_a_nack_makes_what_was_sent_to_the_consumer_after_it_stale() -> None:
+    """Events after the nacked one, already taken for the consumer (in its channel) or
+    not yet, never reach it before the nacked one comes again; acks of them are stale."""
+    fsm: SubscriptionFSM[Ev] = SubscriptionFSM(last_seen=0, number_of=number_of)
+    fsm.add_consumer(1, 2)
+    fsm.on_events([Ev(n, "a") for n in range(1, 6)], at_head=True)
+    before = fsm.epoch(1)
+    assert [e.number for e in fsm.take_deliveries()[1]] == [1, 2]
+    fsm.ack(1, 1)
+    assert [e.number for e in fsm.take_deliveries()[1]] == [3]  # queued in its channel
+    fsm.ack(1, 2)  # the consumer is still at event 2: event 4 is decided, not taken
+    fsm.nack(1, 3)
+    assert fsm.epoch(1) != before  # the batch [3] (and [4], had it been taken) is stale
+    assert fsm.take_deliveries() == {}
+    assert not fsm.was_given_back(1, 3)  # the nacked one: not in flight, not stale
+    fsm2: SubscriptionFSM[Ev] = SubscriptionFSM(last_seen=0, number_of=number_of)
+    fsm2.add_consumer(1, 3)
+    fsm2.on_events([Ev(n, "a") for n in range(1, 4)], at_head=True)
+    fsm2.take_deliveries()
+    fsm2.nack(1, 1)
+    assert fsm2.was_given_back(1, 2)
+    assert fsm2.was_given_back(1, 3)
+    assert fsm2.redeliver(1, 1)
+    epoch = fsm2.epoch(1)
+    assert [e.number for e in fsm2.take_deliveries()[1]] == [1, 2, 3]
+    assert fsm2.epoch(1) == epoch  # the redelivery belongs to the new epoch

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -338,3 +339,32 @@ def test_the_command_line_daemon_serves_metrics_on_eventstore_http_port(
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=HANG_GUARD)
     assert process.returncode == 0, err
+
+
+@pytest.mark.parametrize("where", ["port in use", "unknown host"])
+def test_the_command_line_daemon_reports_an_address_it_cannot_serve_on(
+    eventstore_config: EventStoreConfig, where: str
+) -> None:
+    """One line naming the options, exit 2 (as for any other bad option), no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        address = ["--http-port", str(port)]
+        if where == "unknown host":
+            address = ["--http-port", "0", "--http-host", "nosuch.invalid"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+        env.update(
+            EVENTSTORE_URL=eventstore_config.url or "",
+            EVENTSTORE_SCHEMA=eventstore_config.schema,
+            PYTHONPATH=str(Path.cwd()),
+        )
+        command = [sys.executable, "-m", "trio_eventstore", "run", "tests.daemon_handlers:record"]
+        done = subprocess.run(
+            [*command, *address], env=env, capture_output=True, text=True, timeout=HANG_GUARD
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("trio-eventstore run:")]
+    assert "http_port/http_host: cannot serve on" in line
+    assert "subscribed" not in done.stderr  # no subscriber started

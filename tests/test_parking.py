@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -71,6 +72,15 @@ async def _until(condition: Callable[[], bool]) -> None:
     """Poll a statistic (the holder forgets a replayed event after its ack, in its task)."""
     for _ in range(HANG_GUARD * 100):
         if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def _parked_become(store: EventStore, name: str, numbers: list[int]) -> None:
+    """Poll the parked events of ``s``/``name`` (the holder parks in its own task)."""
+    for _ in range(HANG_GUARD * 100):
+        if [p.event.event_number for p in await store.parked_events("s", name)] == numbers:
             return
         await trio.sleep(0.01)
     raise AssertionError("timed out")
@@ -408,7 +418,10 @@ def test_operator_cli_lists_replays_and_discards_parked_events(
     assert "0 parked events" in capsys.readouterr().out
 
 
-async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStoreConfig) -> None:
+async def test_a_replayed_event_that_fails_again_is_parked_again(
+    cfg: EventStoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "trio_eventstore.subscriptions")
     async with open_event_store(cfg) as store:
         await append(store, "s", 1, 2)
         async with store.subscribe_to_stream("s", "sub") as sub:
@@ -429,3 +442,219 @@ async def test_a_replayed_event_that_fails_again_is_parked_again(cfg: EventStore
         [parked] = await store.parked_events("s", "sub")
         assert (n_of(parked.event), parked.error, parked.attempts) == (1, "second", 2)
         assert not parked.replay_requested
+        # The log counts this round's attempts (as a daemon's log does), then the total.
+        parks = [r.getMessage() for r in caplog.records if "parked event" in r.getMessage()]
+        assert "after 1 attempts: first" in parks[0]
+        assert "after 1 attempts (2 in all, with those before its replay): second" in parks[1]
+
+
+async def _poison_loop(
+    sub: es.Subscription, poison: int, *, fails: int, retry: bool, last: int
+) -> tuple[list[list[int]], list[int]]:
+    """The README's loop: handle each event of a batch; on a failure nack it and stop
+    handling the batch. Event ``poison`` fails ``fails`` times. Returns the batches
+    received and the events acknowledged, in order (every ack must be accepted)."""
+    batches: list[list[int]] = []
+    acked: list[int] = []
+    failed = 0
+    while not acked or acked[-1] != last:
+        batch = await _next(sub)
+        batches.append([e.event_number for e in batch])
+        for event in batch:
+            if event.event_number == poison and failed < fails:
+                failed += 1
+                sub.nack(event, retry=retry, error="poison")
+                break
+            sub.ack(event)
+            acked.append(event.event_number)
+    return batches, acked
+
+
+@pytest.mark.parametrize("buffer_size", [2, 3, 5])
+@pytest.mark.parametrize("retry", [True, False])
+async def test_a_nack_in_a_batch_gives_back_the_later_events_and_no_stale_batch_comes(
+    cfg: EventStoreConfig, buffer_size: int, retry: bool
+) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", *range(1, 9))
+        async with store.subscribe_to_stream(
+            "s", "sub", buffer_size=buffer_size, retry_policy=QUICK
+        ) as sub:
+            batches, acked = await _poison_loop(sub, 3, fails=1, retry=retry, last=8)
+            await sub.wait_checkpointed(8)
+        assert acked == ([1, 2, 3, 4, 5, 6, 7, 8] if retry else [1, 2, 4, 5, 6, 7, 8])
+        # Nothing after the nack until event 3 comes again (or is parked).
+        nacked_in = next(i for i, b in enumerate(batches) if 3 in b)
+        after = batches[nacked_in + 1]
+        assert after[0] == (3 if retry else 4), batches
+        parked = [p.event.event_number for p in await store.parked_events("s", "sub")]
+        assert parked == ([] if retry else [3])
+
+
+async def test_acks_of_the_events_given_back_with_a_nacked_one_are_ignored(
+    cfg: EventStoreConfig,
+) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "sub", buffer_size=3, retry_policy=QUICK) as sub:
+            batch = await _next(sub)
+            assert [e.event_number for e in batch] == [1, 2, 3]
+            sub.nack(batch.events[0])
+            sub.ack(batch.events[2])  # given back with event 1: it comes again
+            sub.nack(batch.events[1])  # the same
+            again = await _next(sub)
+            assert again.events[0].event_number == 1
+            sub.ack(again)
+            while again.last_event_number != 3:
+                again = await _next(sub)
+                sub.ack(again)
+            await sub.wait_checkpointed(3)
+        assert await store.parked_events("s", "sub") == []
+
+
+@pytest.mark.parametrize("buffer_size", [2, 3])
+async def test_a_nack_in_a_batch_keeps_partition_order_with_competing_consumers(
+    cfg: EventStoreConfig, buffer_size: int
+) -> None:
+    """Event 3 (key a) is parked at once, holding its partition: the later events of
+    ``a`` are parked behind it, never handled before a replay, then in order."""
+    policy = RetryPolicy(hold_partition=True)
+    handled: list[tuple[str, int]] = []
+    async with open_event_store(cfg) as store:
+        await store.append_to_stream(
+            "s", ANY_VERSION, [ev(n, "ab"[(n - 1) % 2]) for n in range(1, 9)]
+        )
+        replayed = trio.Event()
+
+        async def consume() -> None:
+            async with store.subscribe_to_stream(
+                "s",
+                "sub",
+                concurrency_limit=2,
+                partition_by=_key,
+                buffer_size=buffer_size,
+                retry_policy=policy,
+            ) as sub:
+                async for batch in sub:
+                    for event in batch:
+                        key = str(_key(event))
+                        if event.event_number == 3 and not replayed.is_set():
+                            sub.nack(event, retry=False, error="poison")
+                            break
+                        handled.append((key, event.event_number))
+                        sub.ack(event)
+
+        with trio.fail_after(HANG_GUARD):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                nursery.start_soon(consume)
+                expected = [("a", 1), *[("b", n) for n in (2, 4, 6, 8)]]
+                await _until(lambda: sorted(handled) == expected)
+                await _parked_become(store, "sub", [3, 5, 7])
+                assert [n for k, n in handled if k == "a"] == [1]
+                replayed.set()
+                await store.replay_parked("s", "sub")
+                await _until(lambda: len(handled) == 8)
+                nursery.cancel_scope.cancel()
+        assert [n for k, n in handled if k == "a"] == [1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_daemon_parks_a_poison_event_of_a_batch_and_goes_on(
+    cfg: EventStoreConfig, batch: bool
+) -> None:
+    handled: list[int] = []
+    done = trio.Event()
+
+    def handle_one(event: RecordedEvent) -> None:
+        if event.event_number == 4:
+            raise RuntimeError("poison 4")
+        handled.append(event.event_number)
+        if event.event_number == 8:
+            done.set()
+
+    def handle_batch(events: list[RecordedEvent]) -> None:
+        for event in events:
+            if event.event_number == 4:
+                raise RuntimeError("poison 4")
+        for event in events:
+            handle_one(event)
+
+    spec = SubscriberSpec(
+        name="d",
+        handler=es.EventHandler(handle=handle_batch, batch=True) if batch else handle_one,
+        stream_uuid="s",
+        buffer_size=5,
+        retry_policy=RetryPolicy(max_attempts=2, backoff=0.01, max_backoff=0.01),
+    )
+    async with open_event_store(cfg) as store:
+        await append(store, "s", *range(1, 9))
+        with trio.fail_after(HANG_GUARD):
+            async with open_subscriber_daemon(store, [spec]) as daemon:
+                await done.wait()
+                await _parked_become(store, "d", [4])
+                assert daemon.statistics()[0].parked == 1
+        assert handled == [1, 2, 3, 5, 6, 7, 8]
+        [parked] = await store.parked_events("s", "d")
+        assert (parked.event.event_number, parked.attempts) == (4, 2)
+
+
+async def test_the_parked_api_refuses_a_subscription_that_does_not_exist(
+    cfg: EventStoreConfig,
+) -> None:
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1)
+        for call in (store.parked_events, store.replay_parked, store.discard_parked):
+            with pytest.raises(es.SubscriptionNotFoundError, match="nosuch"):
+                await call("s", "nosuch")
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            [event] = await _next(sub)
+            sub.ack(event)
+        assert await store.parked_events("s", "sub") == []  # it exists: none parked
+        assert await store.replay_parked("s", "sub") == 0
+        with pytest.raises(es.SubscriptionNotFoundError):
+            await store.parked_events("other", "sub")  # the name on another stream
+
+
+def test_operator_cli_refuses_parked_commands_of_an_unknown_subscription(
+    eventstore_config: EventStoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--url", str(eventstore_config.url), "--schema", eventstore_config.schema]
+    for command in ("list", "replay", "discard"):
+        assert main(["parked", command, "s", "nosuch", *args]) == 1
+        captured = capsys.readouterr()
+        assert "SubscriptionNotFoundError" in captured.err
+        assert "parked events" not in captured.out
+
+
+async def test_nack_in_a_subscription_split_into_partition_groups(cfg: EventStoreConfig) -> None:
+    """A nack reaches the group that delivered the event (not the first group)."""
+    async with open_event_store(cfg) as store:
+        await store.append_to_stream("s", ANY_VERSION, [ev(n, f"k{n}") for n in range(1, 9)])
+        handled: list[int] = []
+        nacked: list[int] = []
+        async with store.subscribe_to_stream(
+            "s",
+            "g",
+            partition_by=_key,
+            partition_groups=2,
+            buffer_size=2,
+            retry_policy=RetryPolicy(max_attempts=1),
+        ) as sub:
+            with trio.fail_after(HANG_GUARD):
+                while len(handled) + len(nacked) < 8:
+                    batch = await sub.__anext__()
+                    for event in batch:
+                        if event.event_number in (2, 3) and event.event_number not in nacked:
+                            nacked.append(event.event_number)
+                            sub.nack(event, retry=False, error="poison")
+                            break
+                        handled.append(event.event_number)
+                        sub.ack(event)
+        assert sorted(handled) == [1, 4, 5, 6, 7, 8]
+        parked = [
+            p.event.event_number
+            for name in ("g#g0/2", "g#g1/2")
+            for p in await store.parked_events("s", name)
+        ]
+        assert sorted(parked) == [2, 3]

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from typing import Any
 
+import pytest
 import trio
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -231,3 +232,15 @@ async def test_roles_and_redeliveries(store: EventStore) -> None:
     assert [e.event_number for e in again] == [1, 2, 3]
     assert (holder.role, holder.delivered, holder.redeliveries) == ("holder", 6, 3)
     assert (standby.role, standby.in_flight, standby.checkpoint_age) == ("standby", 0, None)
+
+
+async def test_instrument_checks_its_arguments_before_changing_anything(store: EventStore) -> None:
+    for kwargs, name in (
+        ({"meter_provider": "nope"}, "meter_provider"),
+        ({"tracer_provider": 3}, "tracer_provider"),
+        ({"meter_provider": TracerProvider()}, "meter_provider"),
+        ({"metrics": "yes"}, "metrics"),
+    ):
+        with pytest.raises(TypeError, match=name):
+            instrument(store, **kwargs)
+    assert store._subscriptions.metrics.tracing is None  # nothing was set up

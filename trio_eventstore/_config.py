@@ -142,7 +142,10 @@ def _check_url(name: str, url: str | None) -> None:
     if not isinstance(url, str):
         raise TypeError(f"{name}: expected a str, got {type(url).__name__}")
     check_text(name, url)
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unbalanced "[" or "]" in the host (an IPv6 address)
+        raise ValueError(f"{name}: not a valid URL ({exc})") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError(
             f"{name}: expected a postgresql:// or postgres:// URL, got scheme {parts.scheme!r}"

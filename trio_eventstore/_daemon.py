@@ -465,6 +465,10 @@ async def open_subscriber_daemon(
         http_port: serve ``/metrics`` (Prometheus text), ``/health``, ``/health/live``
             and ``/health/ready`` on this port of ``http_host`` (0: a free port, see
             `SubscriberDaemon.http_port`); None: not served.
+
+    Raises:
+        ValueError: it cannot serve on ``http_host``:``http_port`` (the port is in use,
+            the host unknown), before any subscriber starts.
     """
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
@@ -489,14 +493,14 @@ async def open_subscriber_daemon(
 
     with single_errors():
         async with trio.open_nursery() as nursery:
+            if http_port is not None:  # first: a port it cannot serve on stops it here
+                daemon.http_port = await nursery.start(
+                    _serve_until, http_scope, endpoint, http_host, http_port
+                )
             for spec in daemon.specs:
                 nursery.start_soon(daemon._run_one, spec)
             if status_file is not None:
                 nursery.start_soon(write_status)
-            if http_port is not None:
-                daemon.http_port = await nursery.start(
-                    _serve_until, http_scope, endpoint, http_host, http_port
-                )
             try:
                 yield daemon
             finally:

@@ -402,10 +402,8 @@ class Driver:
             ):
                 self.wake()
             return
-        if event_number <= consumer.stale_up_to or (
-            fsm is None and event_number <= consumer.delivered_high
-        ):
-            return  # delivered by a session that lost its lock: it will come again
+        if _stale(fsm, consumer, event_number):
+            return  # it will come again
         raise UnexpectedAckError(event_number=event_number)
 
     def nack(
@@ -425,10 +423,8 @@ class Driver:
             self._deliver()
             self.wake()
             return
-        if event_number <= consumer.stale_up_to or (
-            fsm is None and event_number <= consumer.delivered_high
-        ):
-            return  # delivered by a session that lost its lock: it will come again
+        if _stale(fsm, consumer, event_number):
+            return  # it will come again
         raise UnexpectedAckError(event_number=event_number)
 
     def parked_changed(self) -> None:
@@ -495,7 +491,8 @@ class Driver:
             if consumer is None:
                 continue
             consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
-            consumer.send(EventBatch(events, events, self.session))
+            epoch = fsm.epoch(consumer_id)
+            consumer.send(EventBatch(events, events, self.session, epoch))
             self._count_delivery(events, fsm.at_head)
 
     def _count_delivery(self, events: list[RecordedEvent], at_head: bool) -> None:
@@ -933,6 +930,15 @@ class Driver:
             parked=len(self.poison.records) if fsm else 0,
             redeliveries=self.poison.redeliveries,
         )
+
+
+def _stale(fsm: SubscriptionFSM[RecordedEvent] | None, consumer: Consumer, number: int) -> bool:
+    """Whether an ack (or nack) of ``number``, not in flight for ``consumer``, is of an
+    event that comes again: delivered by a session that lost its lock, or given back
+    with an event the consumer nacked."""
+    if fsm is None:
+        return number <= max(consumer.stale_up_to, consumer.delivered_high)
+    return number <= consumer.stale_up_to or fsm.was_given_back(consumer.consumer_id, number)
 
 
 def _retry_delay(failures: int, ceiling: float) -> float:

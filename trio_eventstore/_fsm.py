@@ -58,6 +58,10 @@ class Consumer(Generic[E]):
     #: it gave back its first in-flight event (`SubscriptionFSM.nack`): nothing more
     #: until that one is redelivered or parked
     waiting: bool = False
+    #: bumped by each `SubscriptionFSM.nack`: deliveries made before it are stale
+    epoch: int = 0
+    #: the events its last nack gave back with the nacked one (acks of them are stale)
+    given_back: frozenset[int] = frozenset()
 
     @property
     def capacity(self) -> int:
@@ -262,6 +266,19 @@ class SubscriptionFSM(Generic[E]):
             return None
         return self._last_checkpoint_time + self.checkpoint_after
 
+    def epoch(self, consumer_id: int) -> int:
+        """The consumer's delivery epoch (-1: no such consumer). A `nack` starts a new
+        one: what was delivered to the consumer before it and not yet taken by the
+        consumer (queued in its channel) is stale, and must never reach it."""
+        consumer = self.consumers.get(consumer_id)
+        return -1 if consumer is None else consumer.epoch
+
+    def was_given_back(self, consumer_id: int, event_number: int) -> bool:
+        """Whether the consumer's last `nack` gave ``event_number`` back with the nacked
+        event (and it is not in flight for it again): an ack of it is stale."""
+        consumer = self.consumers.get(consumer_id)
+        return consumer is not None and event_number in consumer.given_back
+
     def in_flight_of(self, consumer_id: int) -> list[int]:
         return [n for n, _, _ in self.consumers[consumer_id].in_flight]
 
@@ -391,6 +408,9 @@ class SubscriptionFSM(Generic[E]):
         count as acknowledged, those after it go back to be delivered again (after it),
         and it gets nothing more until `redeliver` or `nack_parked`. Returns the event.
 
+        Deliveries to it not yet taken are dropped, and a new `epoch` begins: those
+        taken but not yet received by the consumer are stale (the driver drops them).
+
         Raises:
             UnexpectedAckError: ``event_number`` is not in flight for this consumer.
         """
@@ -402,6 +422,9 @@ class SubscriptionFSM(Generic[E]):
         item, *later = consumer.in_flight
         consumer.in_flight = [item]
         consumer.waiting = True
+        consumer.epoch += 1
+        consumer.given_back = frozenset(number for number, _, _ in later)
+        self._outbox.pop(consumer_id, None)
         self._give_back(later)
         self._advance_ack()
         self._dispatch()

@@ -29,8 +29,8 @@ from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionSt
 from ._subscriptions import (
     Subscription,
     Subscriptions,
-    _ack_number,
     _raise_if_stopped,
+    is_current,
     subscription_statistics,
 )
 from ._types import RecordedEvent, StartFrom
@@ -144,13 +144,16 @@ class GroupedSubscription(Subscription):
                     if driver.failure is not None:
                         _raise_if_stopped(driver)
                 raise StopAsyncIteration from None
-            driver, _ = self._part_of(batch.events[-1])
-            if batch.session == driver.session and driver.fsm is not None:
+            driver, consumer = self._part_of(batch.events[-1])
+            if is_current(driver, consumer, batch):
                 mapper = driver.options.mapper
                 if mapper is None:
                     return batch
-                return EventBatch([mapper(e) for e in batch.events], batch.events, batch.session)
-            # Delivered by a session that has since ended (lost or handed over).
+                return EventBatch(
+                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                )
+            # Delivered by a session that has since ended (lost or handed over), or
+            # before a nack of this consumer.
 
     async def wait_subscribed(self) -> None:
         """Wait until every group is either held by this store (delivering) or stands
@@ -204,24 +207,28 @@ class GroupedSubscription(Subscription):
         Raises:
             UnexpectedAckError: the event is not in flight for this consumer.
         """
-        number = _ack_number(events_or_event_number)
-        value = events_or_event_number
+        super().ack(events_or_event_number)
+
+    def _target(self, value: object, number: int) -> tuple[Driver, Consumer] | None:
+        """The group that delivered ``value``: by its partition key, or (an event
+        number) the group that has it in flight."""
         if isinstance(value, EventBatch):
-            driver, consumer = self._part_of(value.events[-1])
-        elif isinstance(value, RecordedEvent):
-            driver, consumer = self._part_of(value)
-        elif isinstance(value, Sequence):
-            driver, consumer = self._part_of(max(value, key=lambda e: e.event_number))
-        else:
-            for driver, consumer in self._parts:
-                fsm = driver.fsm
-                if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
-                    break
-            else:
-                if any(number <= c.stale_up_to for _, c in self._parts):
-                    return  # delivered by a session that has ended: it comes again
-                raise UnexpectedAckError(event_number=number)
-        driver.ack(consumer, number)
+            return self._part_of(value.events[-1])
+        if isinstance(value, RecordedEvent):
+            return self._part_of(value)
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            return self._part_of(max(value, key=lambda e: e.event_number))
+        for driver, consumer in self._parts:
+            fsm = driver.fsm
+            if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
+                return driver, consumer
+        for driver, consumer in self._parts:
+            fsm = driver.fsm
+            if number <= consumer.stale_up_to or (
+                fsm is not None and fsm.was_given_back(consumer.consumer_id, number)
+            ):
+                return None  # delivered by a session that has ended, or given back
+        raise UnexpectedAckError(event_number=number)
 
     def statistics(self) -> SubscriptionStatistics:
         """The groups' figures together: counts summed, positions the lowest; the state

@@ -217,11 +217,20 @@ async def serve_health(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``endpoint`` on ``host``:``port`` until cancelled; reports the bound port
-    once listening (``port=0``: one the system picks)."""
+    once listening (``port=0``: one the system picks).
+
+    Raises:
+        ValueError: it cannot listen there (the port is in use, the host is unknown
+            or not this machine's).
+    """
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, endpoint.handle, port, host=host)
-        )
+        try:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, endpoint.handle, port, host=host)
+            )
+        except OSError as exc:  # socket.gaierror too
+            why = exc.strerror or str(exc)
+            raise ValueError(f"http_port/http_host: cannot serve on {host}:{port}: {why}") from exc
         bound: int = listeners[0].socket.getsockname()[1]
         logger.info("serving /metrics and /health on %s:%s", host, bound)
         task_status.started(bound)

@@ -56,6 +56,8 @@ class _ToPark:
     key: Hashable
     #: the consumer that gave it back (None: parked without a delivery)
     consumer_id: int | None
+    #: of ``attempts``, those before it was replayed (its park record's)
+    earlier: int = 0
 
 
 class ParkingLot:
@@ -133,12 +135,13 @@ class ParkingLot:
                 self._due, (now + self._policy.delay(failure.failures), consumer_id, number)
             )
             return
-        total = failure.failures
+        earlier = 0
         if replay and event.event_id in self.records:
-            total += self.records[event.event_id].attempts
+            earlier = self.records[event.event_id].attempts
         del self._failures[(replay, number)]
         key = fsm.key_of(event)
-        self._to_park.append(_ToPark(number, event, error, total, key, consumer_id))
+        total = failure.failures + earlier
+        self._to_park.append(_ToPark(number, event, error, total, key, consumer_id, earlier))
 
     # -- in the driver's task ---------------------------------------------------------------
 
@@ -245,12 +248,16 @@ class ParkingLot:
             replay=replay,
         )
         await _parking.write_record(self._db, self._stream_uuid, self._name, event, record)
+        # The attempts of this delivery round (what the consumer or daemon counted),
+        # and, for a replayed event, those in all (what its park record holds).
+        in_all = f" ({item.attempts} in all, with those before its replay)" if item.earlier else ""
         logger.warning(
-            "subscription %r: parked event %s (number %d) after %d attempts: %s",
+            "subscription %r: parked event %s (number %d) after %d attempts%s: %s",
             self._name,
             event.event_id,
             item.number,
-            item.attempts,
+            item.attempts - item.earlier,
+            in_all,
             item.error,
         )
         self.records[event.event_id] = record

@@ -206,12 +206,24 @@ class SubscriptionMethods:
                 stream_uuid=stream_uuid, subscription_name=subscription_name
             )
 
+    async def _require_subscription(self, stream_uuid: str, subscription_name: str) -> None:
+        """Raise `SubscriptionNotFoundError` unless the subscription has its row."""
+        if await _storage.subscription_checkpoint(self._db, stream_uuid, subscription_name) is None:
+            raise SubscriptionNotFoundError(
+                stream_uuid=stream_uuid, subscription_name=subscription_name
+            )
+
     async def parked_events(self, stream_uuid: str, subscription_name: str) -> list[ParkedEvent]:
         """The events a persistent subscription has parked and not yet replayed or
-        discarded, by position (see `Subscription.nack` and `RetryPolicy`)."""
+        discarded, by position (see `Subscription.nack` and `RetryPolicy`).
+
+        Raises:
+            SubscriptionNotFoundError: there is no such subscription.
+        """
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
+        await self._require_subscription(stream_uuid, subscription_name)
         return await _parking.list_parked(self._db, stream_uuid, subscription_name)
 
     async def replay_parked(
@@ -226,11 +238,15 @@ class SubscriptionMethods:
         The node holding the subscription (this store or another) delivers them, before
         new events, at least once; an event leaves the parked list once acknowledged
         (given back again, it is parked again). Without a holder, the next one does.
+
+        Raises:
+            SubscriptionNotFoundError: there is no such subscription.
         """
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
         ids = parse_event_ids(event_ids)
+        await self._require_subscription(stream_uuid, subscription_name)
         count = await _parking.replay_parked(self._db, stream_uuid, subscription_name, ids)
         self._subscriptions.parked_changed(stream_uuid, subscription_name)
         return count
@@ -242,11 +258,16 @@ class SubscriptionMethods:
         event_ids: Sequence[uuid.UUID | str] | None = None,
     ) -> int:
         """Forget parked events (all, or those of ``event_ids``): they are never delivered
-        again (their links stay in the ``$parked-<name>`` stream). Returns how many."""
+        again (their links stay in the ``$parked-<name>`` stream). Returns how many.
+
+        Raises:
+            SubscriptionNotFoundError: there is no such subscription.
+        """
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
         ids = parse_event_ids(event_ids)
+        await self._require_subscription(stream_uuid, subscription_name)
         count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
         self._subscriptions.parked_changed(stream_uuid, subscription_name)
         return count

@@ -31,13 +31,17 @@ class EventBatch(list[Any]):
     recorded events in ``events`` and ``last_event_number`` (so ``ack(batch)`` works
     whatever the mapper returns)."""
 
-    __slots__ = ("events", "last_event_number", "session")
+    __slots__ = ("epoch", "events", "last_event_number", "session")
 
-    def __init__(self, values: Iterable[Any], events: list[RecordedEvent], session: int) -> None:
+    def __init__(
+        self, values: Iterable[Any], events: list[RecordedEvent], session: int, epoch: int = 0
+    ) -> None:
         super().__init__(values)
         self.events = events
         self.last_event_number = events[-1].event_number
         self.session = session
+        #: the consumer's delivery epoch when it was sent (a `nack` makes it stale)
+        self.epoch = epoch
 
 
 def _seconds(name: str, value: object, *, positive: bool) -> None:

@@ -30,7 +30,7 @@ from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionSt
 from ._transient import TransientSubscription
 from ._types import ALL_STREAMS, RecordedEvent
 
-__all__ = ["Subscription", "Subscriptions"]
+__all__ = ["Subscription", "Subscriptions", "is_current"]
 
 
 class Subscription:
@@ -89,13 +89,16 @@ class Subscription:
                         subscription_name=self._driver.name,
                     ) from failure
                 raise StopAsyncIteration from None
-            if batch.session == self._driver.session and self._driver.fsm is not None:
+            if is_current(self._driver, self._consumer, batch):
                 mapper = self._driver.options.mapper
                 if mapper is None:
                     return batch
                 # The mapper runs here, in the consumer's own task.
-                return EventBatch([mapper(e) for e in batch.events], batch.events, batch.session)
-            # Delivered by a session that has since lost its lock: it comes again.
+                return EventBatch(
+                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                )
+            # Delivered by a session that has since lost its lock, or before a nack of
+            # this consumer: it comes again.
 
     async def wait_subscribed(self) -> None:
         """Wait until this store holds the subscription's lock and delivery has begun.
@@ -153,7 +156,14 @@ class Subscription:
             UnexpectedAckError: the event is not in flight for this subscriber.
         """
         number = _ack_number(events_or_event_number)
-        self._driver.ack(self._consumer, number)
+        target = self._target(events_or_event_number, number)
+        if target is not None:
+            target[0].ack(target[1], number)
+
+    def _target(self, value: object, number: int) -> tuple[Driver, Consumer] | None:
+        """The driver and consumer that delivered ``value`` (event ``number``); None:
+        an ack of it is stale, to be ignored."""
+        return self._driver, self._consumer
 
     def nack(
         self,
@@ -181,11 +191,15 @@ class Subscription:
         if error is not None and not isinstance(error, (BaseException, str)):
             raise TypeError("error: expected an exception, a str or None")
         number = _nack_number(event_or_event_number)
-        self._driver.nack(self._consumer, number, retry, error)
+        target = self._target(_first_event(event_or_event_number), number)
+        if target is not None:
+            target[0].nack(target[1], number, retry, error)
 
     def _park(self, event: RecordedEvent, error: str, attempts: int) -> None:
         """Park ``event`` now, recording ``attempts`` (the daemon retried it itself)."""
-        self._driver.nack(self._consumer, event.event_number, False, error, attempts=attempts)
+        target = self._target(event, event.event_number)
+        if target is not None:
+            target[0].nack(target[1], event.event_number, False, error, attempts=attempts)
 
     def statistics(self) -> SubscriptionStatistics:
         return subscription_statistics(self._driver)
@@ -237,6 +251,17 @@ def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
     )
 
 
+def is_current(driver: Driver, consumer: Consumer, batch: EventBatch) -> bool:
+    """Whether ``batch``, received from the consumer's channel, is still to be handed
+    to it: sent by the running session, since the consumer's last `nack`."""
+    fsm = driver.fsm
+    return (
+        fsm is not None
+        and batch.session == driver.session
+        and batch.epoch == fsm.epoch(consumer.consumer_id)
+    )
+
+
 def _raise_if_stopped(driver: Driver) -> None:
     failure = driver.failure
     if failure is not None:
@@ -267,6 +292,15 @@ def _ack_number(value: object) -> int:
         if len(events) == len(value):
             return max(e.event_number for e in events)
     raise TypeError("ack: expected an event, a batch, a list of events or an event number")
+
+
+def _first_event(value: object) -> object:
+    """The event a nack of ``value`` gives back (a batch or a list: its first)."""
+    if isinstance(value, EventBatch):
+        return value.events[0]
+    if isinstance(value, Sequence) and value:
+        return value[0]
+    return value
 
 
 def _nack_number(value: object) -> int:

@@ -96,6 +96,16 @@ def instrument(
     """
     if not isinstance(store, EventStore):
         raise TypeError(f"store: expected an EventStore, got {type(store).__name__}")
+    for name, provider_value, method in (
+        ("meter_provider", meter_provider, "get_meter"),
+        ("tracer_provider", tracer_provider, "get_tracer"),
+    ):
+        if provider_value is not None and not callable(getattr(provider_value, method, None)):
+            kind = "a MeterProvider" if method == "get_meter" else "a TracerProvider"
+            raise TypeError(f"{name}: expected {kind} or None, got {type(provider_value).__name__}")
+    for name, flag in (("metrics", metrics), ("tracing", tracing)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     store_metrics = store._subscriptions.metrics
     if tracing:
         provider = tracer_provider or otel_trace.get_tracer_provider()
