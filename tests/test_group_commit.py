@@ -22,7 +22,9 @@ from trio_eventstore import (
     StreamExistsError,
     StreamNotFoundError,
     WrongExpectedVersionError,
+    _appends,
     _storage,
+    _writer,
     open_event_store,
 )
 from trio_eventstore._pg import Connection, open_connection
@@ -97,7 +99,8 @@ async def test_each_caller_gets_its_own_outcome(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if all_apart:  # every batch written as big ones are: streams, then $all
-        monkeypatch.setattr(_storage, "ALL_APART_EVENTS", 1)
+        monkeypatch.setattr(_appends, "ALL_APART_EVENTS", 1)
+        monkeypatch.setattr(_appends, "ALL_APART_LONE_EVENTS", 1)
     await store.append_to_stream("existing", NO_STREAM, [ev(1)])
     taken = uuid.uuid4()
     await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
@@ -303,7 +306,10 @@ async def test_appends_wait_while_readers_hold_every_connection(
             await trio.testing.wait_all_tasks_blocked()
             for i in range(5):
                 nursery.start_soon(store.append_to_stream, f"wait-{i}", NO_STREAM, [ev(i)])
-        assert (await store.stream_info("$all")).stream_version == 5
+            # A big append (written alone, on its own connection) waits too.
+            big = [ev(k) for k in range(_writer.ALONE_EVENTS)]
+            nursery.start_soon(store.append_to_stream, "wait-big", NO_STREAM, big)
+        assert (await store.stream_info("$all")).stream_version == 5 + len(big)
 
 
 async def test_a_link_and_a_batch_locking_its_original_stream_do_not_deadlock(
@@ -312,7 +318,6 @@ async def test_a_link_and_a_batch_locking_its_original_stream_do_not_deadlock(
     """A link into t of an event from a-x checks its foreign key on a-x's row while
     holding t; a batch appending to a-x and t holds a-x and waits for t. The batch's
     lock on a-x must not block that check (else: a deadlock, one of them aborted)."""
-    from trio_eventstore import _storage
 
     await store.append_to_stream("a-x", NO_STREAM, [ev()])
     await store.append_to_stream("t", NO_STREAM, [ev()])

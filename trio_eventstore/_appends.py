@@ -245,19 +245,22 @@ def batch_outcomes(
     return outcomes
 
 
-#: A batch of at least this many events is written in a transaction of two statements
-#: (`_write_batch`): its round trips cost little next to its foreign-key checks.
+#: A batch of at least this many events (an append alone: `ALL_APART_LONE_EVENTS`) is
+#: written in a transaction of two statements (`_write_batch`): its round trips cost
+#: little next to its foreign-key checks.
 ALL_APART_EVENTS = 256
+ALL_APART_LONE_EVENTS = 100
 
 
 async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
     """Write ``requests`` (distinct streams, distinct event ids) in one statement; a
-    batch of `ALL_APART_EVENTS` or more in one transaction: the streams' rows, then
+    batch of `ALL_APART_EVENTS` or more (an append alone: `ALL_APART_LONE_EVENTS`) in
+    one transaction: the streams' rows, then
     `$all` (`_sql.append_to_all`), so that the foreign-key checks of the streams'
     rows run before `$all` is locked, in parallel with other writers, and the lock is
     held over the `$all` rows' checks only."""
     n_events = sum(len(r.events) for r in requests)
-    if n_events < ALL_APART_EVENTS:
+    if n_events < (ALL_APART_LONE_EVENTS if len(requests) == 1 else ALL_APART_EVENTS):
         sql, params, created_at = batch_statement(db.config, requests)
 
         async def unit(conn: Conn) -> list[Row]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from . import _schema_state, _snapshots, _storage
+from . import _schema_state, _snapshots, _storage, _writer
 from ._arguments import (
     check_events,
     check_expected_version,
@@ -142,9 +142,11 @@ class EventStore(SubscriptionMethods):
         started = time.perf_counter()
         try:
             if self._writer is not None:
-                # The writer hands the events to this store's subscriptions itself, in
-                # commit order.
-                appended = await self._writer.append(request)
+                # The writer hands the events to this store's subscriptions itself.
+                if len(encoded) < _writer.ALONE_EVENTS:
+                    appended = await self._writer.append(request)
+                else:
+                    appended = await self._writer.write_alone(request)
             else:
                 appended = await _storage.append(self._db, request)
                 subscriptions.appended(request, appended)

@@ -28,6 +28,10 @@ MAX_BATCH_APPENDS = 500
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Batches written at once (each on its own pooled connection).
 MAX_IN_FLIGHT = 2
+#: An append of at least this many events is written alone, in its caller's task, on
+#: its own pooled connection (`GroupCommitWriter.write_alone`): one commit is little
+#: next to its rows, and several such appends are written in parallel.
+ALONE_EVENTS = 100
 
 
 @attrs.frozen
@@ -120,6 +124,23 @@ class GroupCommitWriter:
             raise outcome
         assert outcome is not None
         return outcome
+
+    async def write_alone(self, request: _storage.AppendRequest) -> _storage.Appended:
+        """Write a big append (`ALONE_EVENTS`) in the calling task, outside the batches:
+        in parallel with other big ones, waiting out an overloaded pool as batches do.
+        Cancelled while in flight, it may commit (as any append)."""
+        if self._closed:
+            raise _closed_error()
+        pause = 0.005
+        while True:
+            try:
+                appended = await _storage.append(self._db, request)
+                break
+            except PoolOverloadedError:
+                await trio.sleep(pause)
+                pause = min(2 * pause, 0.1)
+        self._on_written(request, appended)
+        return appended
 
     def _take(self) -> list[_Pending]:
         """The next batch, in queue order: at most one append per stream, and none to
