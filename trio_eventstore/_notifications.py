@@ -19,8 +19,8 @@ import trio
 
 from . import _sql
 from ._config import EventStoreConfig
-from ._errors import EventStoreError, PoolOverloadedError, StorageUnavailableError
-from ._pg import Conn, Database, open_connection, reconnect_delays
+from ._errors import EventStoreError, StorageUnavailableError
+from ._pg import Conn, Database, open_connection, reconnect_delays, waiting_out_overload
 
 __all__ = ["Notifier", "parse_payload", "run_notifier"]
 
@@ -151,16 +151,9 @@ class Notifier:
         async def unit(conn: Conn) -> dict[str, int]:
             return {r[0]: int(r[1]) for r in await conn.fetch(sql, names)}
 
-        pause = 0.01
-        while True:
-            try:
-                versions = await self._db.run(unit)
-                break
-            except PoolOverloadedError:
-                # Readers hold every pooled connection: wait for one. (Failing here
-                # would tear the LISTEN connection down for a busy pool.)
-                await trio.sleep(pause)
-                pause = min(2 * pause, 0.5)
+        # Readers holding every pooled connection make it wait (failing here would
+        # tear the LISTEN connection down for a busy pool).
+        versions = await waiting_out_overload(lambda: self._db.run(unit), first=0.01, ceiling=0.5)
         for name, version in versions.items():
             if version > self._marks.get(name, -1):
                 self._marks[name] = version

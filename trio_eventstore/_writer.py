@@ -17,8 +17,8 @@ import attrs
 import trio
 
 from . import _storage
-from ._errors import EventStoreClosedError, EventStoreError, PoolOverloadedError
-from ._pg import Database
+from ._errors import EventStoreClosedError, EventStoreError
+from ._pg import Database, waiting_out_overload
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
 
@@ -131,14 +131,7 @@ class GroupCommitWriter:
         Cancelled while in flight, it may commit (as any append)."""
         if self._closed:
             raise _closed_error()
-        pause = 0.005
-        while True:
-            try:
-                appended = await _storage.append(self._db, request)
-                break
-            except PoolOverloadedError:
-                await trio.sleep(pause)
-                pause = min(2 * pause, 0.1)
+        appended = await waiting_out_overload(lambda: _storage.append(self._db, request))
         self._on_written(request, appended)
         return appended
 
@@ -220,20 +213,13 @@ class GroupCommitWriter:
 
     async def _write(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]
-        pause = 0.005
-        while True:
-            try:
-                outcomes = await _storage.append_batch(self._db, requests)
-                break
-            except PoolOverloadedError:
-                # Readers hold every pooled connection: appends wait (back-pressure;
-                # callers own their timeouts), they do not fail.
-                await trio.sleep(pause)
-                pause = min(2 * pause, 0.1)
-            except Exception as exc:
-                for pending in batch:
-                    pending.finish(_own_copy(exc))
-                return
+        try:
+            # Readers holding every pooled connection make appends wait, not fail.
+            outcomes = await waiting_out_overload(lambda: _storage.append_batch(self._db, requests))
+        except Exception as exc:
+            for pending in batch:
+                pending.finish(_own_copy(exc))
+            return
         self._batches += 1
         self._appends += len(batch)
         self._largest = max(self._largest, len(batch))

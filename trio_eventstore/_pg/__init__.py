@@ -33,11 +33,12 @@ Modules, each importing only those below it:
 """
 
 from ._connection import Connection, open_connection, reconnect_delays
-from ._pool import Database, TransactionConnection, open_database
+from ._pool import Database, TransactionConnection, open_database, waiting_out_overload
 from ._translate import translate_error
 from ._units import CLEANUP_TIMEOUT, Conn, Row
 
 __all__ = [
+    "waiting_out_overload",
     "CLEANUP_TIMEOUT",
     "Conn",
     "Connection",

@@ -97,8 +97,8 @@ class _Wake:
     def __call__(self, _future: Any) -> None:
         trio.lowlevel.reschedule(self.task)
 
-    def queued(self, _future: Any) -> None:
-        trio.lowlevel.reschedule(self.task)
+    #: the same, as a callback `_call_soon` queues like any other (not a `_Wake`)
+    queued = __call__
 
 
 class AtOnce:
@@ -179,9 +179,7 @@ async def _run_inline(loop: Any, coro: Coroutine[Any, Any, T]) -> T:
             # too), the wake-up may run at once (`_Wake`); after other done-callbacks
             # it is queued behind them, so that they run first, in order.
             callbacks = yielded._callbacks
-            at_once = not callbacks or all(
-                getattr(cb, "__name__", None) == "_on_waiter_completed" for cb, _ in callbacks
-            )
+            at_once = not callbacks or all(_is_bookkeeping(cb) for cb, _ in callbacks)
             yielded.add_done_callback(wake if at_once else wake.queued)
         else:
             to_throw = RuntimeError(f"inline coroutine yielded {yielded!r}, not a future")
@@ -274,11 +272,11 @@ def _bookkeeping(callback: Any, args: tuple[Any, ...]) -> bool:
     """asyncpg's own done-callback on a query's reply future (``_on_waiter_completed``),
     for a reply that came (not a cancelled wait): it only clears a timer the reply
     already cleared, so it may run at once, and then the `_Wake` after it may too."""
-    return (
-        getattr(callback, "__name__", None) == "_on_waiter_completed"
-        and len(args) == 1
-        and not args[0].cancelled()
-    )
+    return _is_bookkeeping(callback) and len(args) == 1 and not args[0].cancelled()
+
+
+def _is_bookkeeping(callback: Any) -> bool:
+    return getattr(callback, "__name__", None) == "_on_waiter_completed"
 
 
 async def _io_task(self: Any, fd: Any, handle: Any, wait_ready: Any) -> None:

@@ -63,6 +63,22 @@ class _Admission:
         return self._slow_since is not None and time.monotonic() - self._slow_since >= self.interval
 
 
+async def waiting_out_overload(
+    call: Callable[[], Awaitable[T]], *, first: float = 0.005, ceiling: float = 0.1
+) -> T:
+    """``await call()``, again after a pause (``first``, doubling up to ``ceiling``)
+    each time it fails with `PoolOverloadedError`: for the store's own work (its writer,
+    its listener), which waits for a connection (back-pressure; callers own their
+    timeouts) instead of failing because readers hold them all."""
+    pause = first
+    while True:
+        try:
+            return await call()
+        except PoolOverloadedError:
+            await trio.sleep(pause)
+            pause = min(2 * pause, ceiling)
+
+
 class _Pool:
     """Connections owned on the Trio side: waiting for one is a Trio wait (cancellable,
     with the admission rules of `_Admission`), and a unit of work costs one bridge
