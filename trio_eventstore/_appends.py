@@ -252,6 +252,44 @@ ALL_APART_EVENTS = 256
 ALL_APART_LONE_EVENTS = 100
 
 
+def _lone_step(request: AppendRequest) -> str:
+    kind, version = request.kind, request.version
+    if kind == _sql.EXPECT_NO_STREAM or (kind == _sql.EXPECT_VERSION and version == 0):
+        return _sql.LONE_NEW
+    if kind == _sql.EXPECT_VERSION:
+        return _sql.LONE_VERSION
+    return _sql.LONE_EXISTS if kind == _sql.EXPECT_EXISTS else _sql.LONE_ANY
+
+
+async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
+    """``request`` in `_sql.append_lone`'s one lean statement; None when it wrote
+    nothing (the general statement then tells why)."""
+    step = _lone_step(request)
+    sql = _sql.append_lone(db.config.schema, db.config.column_data_type, step)
+    created_at = datetime.datetime.now(datetime.UTC)
+    events = request.events
+    params: list[object] = [
+        request.stream_uuid,
+        [e.event_id for e in events],
+        [e.event_type for e in events],
+        [e.causation_id for e in events],
+        [e.correlation_id for e in events],
+        [e.data for e in events],
+        [e.metadata for e in events],
+        created_at,
+    ]
+    if step == _sql.LONE_VERSION:
+        params.append(request.version)
+
+    async def unit(conn: Conn) -> Row | None:
+        return await conn.fetchrow(sql, *params)
+
+    row = await db.run(unit, statements=1)
+    if row is None:
+        return None
+    return Appended(int(row["before"]) + len(events), int(row["base"]) + 1, created_at)
+
+
 async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
     """Write ``requests`` (distinct streams, distinct event ids) in one statement; a
     batch of `ALL_APART_EVENTS` or more (an append alone: `ALL_APART_LONE_EVENTS`) in
@@ -260,6 +298,11 @@ async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[
     rows run before `$all` is locked, in parallel with other writers, and the lock is
     held over the `$all` rows' checks only."""
     n_events = sum(len(r.events) for r in requests)
+    if len(requests) == 1 and n_events < ALL_APART_LONE_EVENTS:
+        appended = await _write_lone(db, requests[0])
+        if appended is not None:
+            return [appended]
+        # Refused, or a case the lean statement leaves to the general one: it says why.
     if n_events < (ALL_APART_LONE_EVENTS if len(requests) == 1 else ALL_APART_EVENTS):
         sql, params, created_at = batch_statement(db.config, requests)
 

@@ -542,6 +542,92 @@ def append_batch(
     )
 
 
+#: The stream step of `append_lone`, by expected-version kind (``EXPECT_VERSION`` 0 is
+#: a new stream, as ``EXPECT_NO_STREAM``).
+LONE_NEW, LONE_VERSION, LONE_EXISTS, LONE_ANY = "new", "version", "exists", "any"
+
+
+@functools.lru_cache(maxsize=64)  # built once per schema and step: a hot path
+def append_lone(schema: str, column_data_type: str, step: str) -> str:
+    """One append, the way it usually goes, in ONE lean statement: what the Elixir
+    library's own insert statement does, with the expected version checked by the
+    statement itself instead of by a SELECT before it.
+
+    Parameters: $1 stream_uuid; per event: $2 id, $3 type, $4 causation id,
+    $5 correlation id, $6 data, $7 metadata; $8 created_at; ``LONE_VERSION`` only:
+    $9 the expected version (> 0).
+
+    The stream step (``step``) takes the stream row or writes nothing:
+    ``LONE_NEW`` creates it (``ON CONFLICT DO NOTHING``: a stream that exists is not
+    this statement's to judge); ``LONE_VERSION`` updates it only if it is live and at
+    the expected version (under READ COMMITTED an UPDATE that waited for a concurrent
+    writer checks the row that writer committed); ``LONE_EXISTS`` only if it is live;
+    ``LONE_ANY`` one or the other. Then, only if it took the stream: the events, then
+    the `$all` row, locked last and held to commit, then both stream_events rows of
+    each event (the same locks, in the same order, as `append_batch` and an Elixir
+    node; notifications in the same order too).
+
+    Returns one row (``stream_id``, ``before``: the stream's version before, ``base``:
+    the `$all` number before the first event) when the events are written, no row when
+    nothing was written: the stream step refused, and `append_batch` (``lone``) tells
+    why (or writes it: a stream at version 0 takes ``NO_STREAM``). A stored event id
+    fails the statement (unique violation)."""
+    s = quote_ident(schema)
+    n = "cardinality($2::uuid[])"
+    update = (
+        f"UPDATE {s}.streams SET stream_version = stream_version + {n}"
+        " WHERE stream_uuid = $1 AND deleted_at IS NULL"
+    )
+    updated = f" RETURNING stream_id, stream_version - {n} AS before"
+    insert = (
+        f"INSERT INTO {s}.streams (stream_uuid, stream_version) SELECT $1, {n}"
+        " WHERE true{}"
+        " ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id, 0::bigint AS before"
+    )
+    if step == LONE_NEW:
+        stream = "st AS (" + insert.format("") + ")"
+    elif step == LONE_VERSION:
+        stream = "st AS (" + update + " AND stream_version = $9::bigint" + updated + ")"
+    elif step == LONE_EXISTS:
+        stream = "st AS (" + update + updated + ")"
+    else:
+        assert step == LONE_ANY, step
+        stream = (
+            "upd AS ("
+            + update
+            + updated
+            + "), ins AS ("
+            + insert.format(" AND NOT EXISTS (SELECT 1 FROM upd)")
+            + "), st AS (SELECT * FROM upd UNION ALL SELECT * FROM ins)"
+        )
+    data = _stored("u.d", column_data_type)
+    meta = _stored("u.m", column_data_type, metadata=True)
+    return (
+        f"WITH {stream}, ev AS ("
+        f" INSERT INTO {s}.events"
+        " (event_id, event_type, causation_id, correlation_id, data, metadata, created_at)"
+        f" SELECT u.id, u.t, u.c, u.r, {data}, {meta}, $8"
+        " FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::bytea[],"
+        " $7::bytea[]) AS u(id, t, c, r, d, m)"
+        " WHERE EXISTS (SELECT 1 FROM st)"
+        " RETURNING 1"
+        "), a AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + {n}"
+        " WHERE stream_id = 0 AND EXISTS (SELECT 1 FROM st)"
+        " AND (SELECT count(*) FROM ev) >= 0"
+        f" RETURNING stream_version - {n} AS base"
+        "), se AS ("
+        f" INSERT INTO {s}.stream_events"
+        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+        " SELECT u.id, x.sid,"
+        " CASE WHEN x.sid = 0 THEN a.base + u.k ELSE st.before + u.k END,"
+        " st.stream_id, st.before + u.k"
+        " FROM st, a, unnest($2::uuid[]) WITH ORDINALITY AS u(id, k),"
+        " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
+        ") SELECT st.stream_id, st.before, a.base FROM st, a"
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def append_to_all(schema: str) -> str:
     """The `$all` half of a big batch (after `append_batch` with ``all_apart``, in the
