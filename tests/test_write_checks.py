@@ -26,7 +26,7 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
-from trio_eventstore import _serialization as serialization
+from trio_eventstore import _storable as storable
 
 MAX_BIGINT = 2**63 - 1
 
@@ -293,7 +293,7 @@ async def test_a_bytea_store_keeps_nul_characters(store: EventStore) -> None:
 def test_the_nul_escape_is_found_exactly(escaped: bytes, is_nul: bool) -> None:
     from trio_eventstore._storage import EncodedEvent
 
-    check = serialization.check_storable
+    check = storable.check_storable
     payload = EncodedEvent(uuid.uuid4(), "T", None, None, escaped, b"null")
     if is_nul:
         with pytest.raises(es.SerializationError, match="NUL"):
@@ -394,7 +394,7 @@ async def test_text_that_cannot_be_stored_is_refused_before_any_io(store: EventS
 async def test_an_append_too_large_for_one_message_is_refused(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serialization, "MAX_APPEND_BYTES", 10_000, raising=False)
+    monkeypatch.setattr(storable, "MAX_APPEND_BYTES", 10_000)
     big = EventData({"s": "x" * 6_000}, event_type="T")
     with pytest.raises(es.EventTooLargeError, match="append") as info:
         await store.append_to_stream("a", es.ANY_VERSION, [big, big])
@@ -421,7 +421,7 @@ async def test_an_append_too_large_for_one_message_is_refused(
 async def test_a_jsonb_store_refuses_documents_over_the_jsonb_limit(
     config: EventStoreConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serialization, "MAX_JSONB_BYTES", 1_000, raising=False)
+    monkeypatch.setattr(storable, "MAX_JSONB_BYTES", 1_000)
     async with open_store(config, column_data_type="jsonb") as store:
         with pytest.raises(es.EventTooLargeError, match="jsonb"):
             await store.append_to_stream(
@@ -450,7 +450,7 @@ async def test_the_jsonb_limit_is_postgres_own(config: EventStoreConfig) -> None
             await store.append_to_stream(
                 "a",
                 es.ANY_VERSION,
-                [EventData("x" * (serialization.MAX_JSONB_BYTES + 1), event_type="T")],
+                [EventData("x" * (storable.MAX_JSONB_BYTES + 1), event_type="T")],
             )
         await assert_nothing_written(store, "a")
 

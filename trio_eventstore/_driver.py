@@ -1,6 +1,10 @@
 """The driver of one persistent subscription of this store, per (stream, name): one task,
 owned by the store's nursery, carrying out `SubscriptionFSM`'s decisions.
 
+This module owns the task: sessions, the lease, reads, retries and hibernation. What
+needs no task (delivering to consumers, their acks and nacks, this store's appends handed
+over, checkpoints) is the driver's base, `Delivery` (`_delivery`).
+
 The driver creates (or finds) the subscription row, takes the Elixir advisory lock on the
 store's lock connection, then runs a *session*: read (`PageReader`), deliver, take acks,
 persist checkpoints, and take this store's own appends handed over without a read. The
@@ -31,39 +35,28 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import attrs
 import trio
 
 from . import _storage
-from ._config import EventStoreConfig
-from ._errors import (
-    CheckpointFailedError,
-    EventStoreError,
-    PoolOverloadedError,
-    StorageUnavailableError,
-    UnexpectedAckError,
-    single_errors,
-)
+from ._delivery import Delivery, DeliveryHost
+from ._errors import PoolOverloadedError, StorageUnavailableError, single_errors
 from ._fsm import SubscriptionFSM
+from ._inbox import Consumer, Signal
 from ._locks import Lease, LockKeeper, lock_key2
-from ._metrics import StoreMetrics
 from ._notifications import Notifier
-from ._pg import CLEANUP_TIMEOUT, Database
-from ._poison import ParkingLot, error_text
+from ._pg import CLEANUP_TIMEOUT
 from ._readahead import PageReader
-from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
+from ._subscription_types import SubscriptionOptions, SubscriptionStatistics
 from ._types import ALL_STREAMS, RecordedEvent
 
-__all__ = ["Consumer", "Driver", "DriverHost"]
+__all__ = ["Driver", "DriverHost"]
 
 logger = logging.getLogger("trio_eventstore.subscriptions")
 
 
-class DriverHost(Protocol):
+class DriverHost(DeliveryHost, Protocol):
     """What a driver needs from the registry that runs it (`Subscriptions`)."""
 
-    config: EventStoreConfig
-    db: Database
     notifier: Notifier
     #: the store's nursery: a hibernated driver's task is started again in it
     nursery: trio.Nursery
@@ -74,8 +67,6 @@ class DriverHost(Protocol):
     opening: trio.Semaphore
     locks: LockKeeper
     lock_key1: int
-    #: the store's counters (commit-to-delivery lag)
-    metrics: StoreMetrics
 
     def discard(self, driver: Driver) -> None:
         """The driver has stopped: forget it (a later join starts a new one)."""
@@ -90,156 +81,13 @@ class DriverHost(Protocol):
 _event_number: Callable[[RecordedEvent], int] = operator.attrgetter("event_number")
 
 
-class Signal:
-    """A flag tasks wait for (``set``), or a pulse that wakes those waiting now
-    (``pulse``). Its `trio.Event` exists only while a task waits: an idle subscription
-    keeps a few of these, and an Event with its set of waiters costs ~270 bytes."""
-
-    __slots__ = ("_event", "_is_set")
-
-    def __init__(self) -> None:
-        self._event: trio.Event | None = None
-        self._is_set = False
-
-    def is_set(self) -> bool:
-        return self._is_set
-
-    def set(self) -> None:
-        self._is_set = True
-        self.pulse()
-
-    def clear(self) -> None:
-        self._is_set = False
-
-    def pulse(self) -> None:
-        """Wake the tasks waiting now (those that wait later wait for the next one)."""
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
-
-    async def wait(self) -> None:
-        if self._is_set:
-            await trio.lowlevel.checkpoint()
-            return
-        event = self._event
-        if event is None:
-            event = self._event = trio.Event()
-        try:
-            await event.wait()
-        finally:
-            # Cancelled, and nobody else waits: drop it (it is made again when needed).
-            if self._event is event and not event.statistics().tasks_waiting:
-                self._event = None
-
-
-class Inbox:
-    """Batches for a consumer's task (unbounded: the FSM bounds what is in flight).
-    Lighter than a memory channel: a list while batches wait, and the waiting tasks
-    while none do. Several consumers may share one (partition groups: one consumer per
-    group, one task receiving them all): it ends once each of them has closed it."""
-
-    __slots__ = ("_batches", "_open", "_receivers")
-
-    def __init__(self) -> None:
-        self._batches: list[EventBatch] | None = None
-        self._receivers: list[trio.lowlevel.Task] | None = None
-        #: consumers still sending to it
-        self._open = 0
-
-    def attach(self) -> Inbox:
-        self._open += 1
-        return self
-
-    def send(self, batch: EventBatch) -> None:
-        if self._open <= 0:
-            raise trio.ClosedResourceError
-        if self._batches is None:
-            self._batches = [batch]
-        else:
-            self._batches.append(batch)
-        if self._receivers:
-            trio.lowlevel.reschedule(self._receivers.pop(0))
-
-    def close(self) -> None:
-        """One sender fewer; with none left, receivers get `trio.EndOfChannel` once the
-        inbox is empty."""
-        self._open -= 1
-        if self._open > 0:
-            return
-        receivers, self._receivers = self._receivers, None
-        for task in receivers or ():
-            trio.lowlevel.reschedule(task)
-
-    async def receive(self) -> EventBatch:
-        """The next batch (a checkpoint, as `trio.MemoryReceiveChannel.receive`).
-
-        Raises:
-            trio.EndOfChannel: closed, and every batch received.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            batches = self._batches
-            if batches:
-                batch = batches.pop(0)
-                if not batches:
-                    self._batches = None
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return batch
-            if self._open <= 0:
-                raise trio.EndOfChannel
-            task = trio.lowlevel.current_task()
-            if self._receivers is None:
-                self._receivers = [task]
-            else:
-                self._receivers.append(task)
-
-            def abort(_: object, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
-                if self._receivers is not None and task in self._receivers:
-                    self._receivers.remove(task)
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-@attrs.define(eq=False)
-class Consumer:
-    """One consumer of a driver: its `Inbox` of batches, received by the consumer's
-    task."""
-
-    consumer_id: int
-    buffer_size: int
-    inbox: Inbox
-    #: highest event number delivered in earlier sessions (their acks are stale)
-    stale_up_to: int = -1
-    delivered_high: int = -1
-    _closed: bool = attrs.field(default=False, init=False)
-
-    def send(self, batch: EventBatch) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError
-        self.inbox.send(batch)
-
-    def close(self) -> None:
-        """No more batches from this consumer's driver (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self.inbox.close()
-
-    async def receive(self) -> EventBatch:
-        return await self.inbox.receive()
-
-
-class Driver:
-    """One persistent subscription of this store: its consumers, its FSM, its task
-    (none while it hibernates)."""
+class Driver(Delivery):
+    """One persistent subscription of this store: its `Delivery`, and its task (none
+    while it hibernates), which takes the lock, reads and runs sessions."""
 
     __slots__ = (
-        "_checkpoint_lock",
         "_deferred",
-        "_delivered_high",
-        "_last_activity",
         "_lease",
-        "_next_consumer",
         "_opening",
         "_reader",
         "_running",
@@ -247,46 +95,24 @@ class Driver:
         "_waiting",
         "_wake_event",
         "_woken",
-        "checkpoint_time",
-        "checkpointed",
-        "consumers",
-        "delivered",
         "done",
         "failure",
-        "fsm",
-        "last_persisted",
         "lock_attempts",
-        "name",
-        "options",
-        "owner",
-        "poison",
-        "progress",
-        "redeliveries",
-        "session",
         "state",
-        "stream_uuid",
         "subscribed",
     )
+
+    owner: DriverHost  # more than `Delivery` needs
 
     def __init__(
         self, owner: DriverHost, stream_uuid: str, name: str, options: SubscriptionOptions
     ) -> None:
-        self.owner = owner
-        self.stream_uuid = stream_uuid
-        self.name = name
-        self.options = options
-        self.consumers: dict[int, Consumer] = {}
-        self.fsm: SubscriptionFSM[RecordedEvent] | None = None
-        self.session = 0
+        super().__init__(owner, stream_uuid, name, options)
         self.state = "starting"
         self.subscribed = Signal()
         self.failure: BaseException | None = None
         self.done = Signal()
         self.lock_attempts = 0
-        #: the persisted checkpoint, as this store last read or wrote it
-        self.last_persisted = 0
-        self.checkpointed = Signal()  # pulsed after every checkpoint write
-        self.progress = Signal()  # pulsed whenever last_ack advances
         #: a wake-up came (consumed by `_wait_wake`); the Event the task waits on, if it does
         self._woken = False
         self._wake_event: trio.Event | None = None
@@ -296,19 +122,8 @@ class Driver:
         #: the lease of the session in hand (kept while hibernating), and its cancel scope
         self._lease: Lease | None = None
         self._session_scope: trio.CancelScope | None = None
-        self._checkpoint_lock: trio.Lock | None = None  # while a checkpoint is written
         #: it holds one of the store's `DriverHost.opening` slots
         self._opening = False
-        #: figures for `statistics` (metrics): events delivered, and delivered again
-        #: (at or below the highest number this store delivered before; retries after
-        #: a `nack` are counted by `poison`)
-        self.delivered = 0
-        self.redeliveries = 0
-        self._delivered_high = -1
-        #: time.monotonic() when the checkpoint was last read or persisted by a session
-        self.checkpoint_time: float | None = None
-        self._last_activity = time.monotonic()
-        self._next_consumer = 0
         self._reader = PageReader(
             owner.db, owner.config, owner.notifier, stream_uuid, name, options.max_size
         )
@@ -317,10 +132,8 @@ class Driver:
         self._deferred: tuple[int, int] | None = None
         #: while waiting for the lock or to retry: cancelled when the last consumer leaves
         self._waiting: trio.CancelScope | None = None
-        #: retries of events given back (`nack`), parked events and their replays
-        self.poison = ParkingLot(owner.db, stream_uuid, name, options)
 
-    # -- consumer side (sync, called from consumers' tasks) ------------------------------
+    # -- waking (sync, called from consumers', appenders' and the notifier's tasks) ------
 
     def wake(self) -> None:
         """Something may need the task: wake it, or start it again if it hibernates."""
@@ -358,115 +171,10 @@ class Driver:
             scope.cancel()
         self.wake()
 
-    def add_consumer(self, buffer_size: int, inbox: Inbox | None = None) -> Consumer:
-        """A new consumer; its batches go to ``inbox`` when given (partition groups
-        share one), else to an inbox of its own."""
-        self._next_consumer += 1
-        consumer = Consumer(self._next_consumer, buffer_size, (inbox or Inbox()).attach())
-        self.consumers[consumer.consumer_id] = consumer
-        self._last_activity = time.monotonic()
-        if self.fsm is not None:
-            self.fsm.add_consumer(consumer.consumer_id, buffer_size)
-            self._deliver()
-        self.wake()
-        return consumer
-
     def remove_consumer(self, consumer: Consumer) -> None:
-        self.consumers.pop(consumer.consumer_id, None)
-        if self.fsm is not None:
-            self.fsm.remove_consumer(consumer.consumer_id)
-            self._deliver()
-        consumer.close()
+        super().remove_consumer(consumer)
         if not self.consumers and self._waiting is not None:
-            self._waiting.cancel()
-        self.wake()
-
-    def ack(self, consumer: Consumer, event_number: int) -> None:
-        fsm = self.fsm
-        cid = consumer.consumer_id
-        if fsm is not None and fsm.is_in_flight(cid, event_number):
-            before = fsm.last_ack
-            fsm.ack(cid, event_number)
-            self._last_activity = time.monotonic()
-            self._deliver()
-            self._signal_progress()
-            # Wake the task only when it has something to do: read (room came free),
-            # persist (the threshold is reached), or arm the checkpoint_after timer
-            # (the first acknowledgement since the last checkpoint). Waking it for
-            # every ack of a one-event buffer costs more than the ack itself.
-            if (
-                fsm.wants_read() is not None
-                or fsm.checkpoint_wanted()
-                or fsm.has_replay_acks
-                or (fsm.checkpoint_after > 0 and before <= fsm.last_persisted < fsm.last_ack)
-            ):
-                self.wake()
-            return
-        if _stale(fsm, consumer, event_number):
-            return  # it will come again
-        raise UnexpectedAckError(event_number=event_number)
-
-    def nack(
-        self,
-        consumer: Consumer,
-        event_number: int,
-        retry: bool,
-        error: BaseException | str | None,
-        *,
-        attempts: int | None = None,
-    ) -> None:
-        fsm = self.fsm
-        cid = consumer.consumer_id
-        if fsm is not None and fsm.is_in_flight(cid, event_number):
-            self.poison.nack(fsm, cid, event_number, retry, error_text(error), attempts)
-            self._last_activity = time.monotonic()
-            self._deliver()
-            self.wake()
-            return
-        if _stale(fsm, consumer, event_number):
-            return  # it will come again
-        raise UnexpectedAckError(event_number=event_number)
-
-    def parked_changed(self) -> None:
-        """This store replayed or discarded parked events of this subscription."""
-        self.poison.on_news()
-        self.wake()
-
-    def _on_parked_news(self) -> None:
-        self.poison.on_news()
-        self.wake()
-
-    # -- this store's own appends (sync, called from appenders' tasks) --------------------
-
-    def hand_over(self, request: _storage.AppendRequest, appended: _storage.Appended) -> None:
-        """This store just committed ``request``: take its events without a read if
-        everything before them has been read and they fit (else it reads them when
-        notified, as usual)."""
-        stream_uuid, events = request.stream_uuid, request.events
-        n = len(events)
-        fsm = self.fsm
-        all_numbers = self.stream_uuid == ALL_STREAMS
-        if fsm is None or not (all_numbers or self.stream_uuid == stream_uuid):
-            return
-        if self.options.selector is not None or self.options.partition_by is not None:
-            return  # user code: run it in the driver, never in the appender's task
-        first = appended.first_event_number if all_numbers else appended.version - n + 1
-        if fsm.last_read != first - 1 or fsm.held + n > fsm.max_size:
-            return
-        sizes = [len(e.data) + len(e.metadata) for e in events]
-        if fsm.max_bytes is not None and fsm.held_bytes + sum(sizes) > fsm.max_bytes:
-            return  # no room: the driver reads them when there is
-        try:
-            # Decoded for each driver, as a read would: consumers never share objects.
-            recorded = _storage.recorded_from_append(
-                self.owner.config, stream_uuid, appended, events, all_numbers=all_numbers
-            )
-        except Exception:  # a serializer that cannot decode: the driver reads and says so
-            return
-        fsm.on_events(recorded, at_head=fsm.at_head, sizes=sizes)
-        self._last_activity = time.monotonic()
-        self._deliver()
-        self.wake()
+            self._waiting.cancel()  # waiting for the lock or to retry: nobody needs it
 
     def own_append_finished(self, stream_uuid: str) -> None:
         """One of this store's appends to ``stream_uuid`` ended (committed, refused or
@@ -475,36 +183,6 @@ class Driver:
             self.wake()
 
     # -- the task -------------------------------------------------------------------------
-
-    def _signal_progress(self) -> None:
-        self.progress.pulse()
-
-    def last_ack(self) -> int:
-        return self.fsm.last_ack if self.fsm is not None else self.last_persisted
-
-    def _deliver(self) -> None:
-        fsm = self.fsm
-        if fsm is None:
-            return
-        for consumer_id, events in fsm.take_deliveries().items():
-            consumer = self.consumers.get(consumer_id)
-            if consumer is None:
-                continue
-            consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
-            epoch = fsm.epoch(consumer_id)
-            consumer.send(EventBatch(events, events, self.session, epoch))
-            self._count_delivery(events, fsm.at_head)
-
-    def _count_delivery(self, events: list[RecordedEvent], at_head: bool) -> None:
-        """Metrics: delivered, redelivered, and (at the head) commit-to-delivery lag."""
-        self.delivered += len(events)
-        high = self._delivered_high
-        if events[0].event_number <= high:
-            self.redeliveries += sum(1 for e in events if e.event_number <= high)
-        self._delivered_high = max(high, events[-1].event_number)
-        if at_head:
-            lag = time.time() - events[-1].created_at.timestamp()
-            self.owner.metrics.delivery_lag.observe(max(0.0, lag))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The driver's task: sessions, and waits between them. It ends when the last
@@ -616,6 +294,8 @@ class Driver:
             )
         self._waiting = None
         return lease
+
+    # -- sessions -------------------------------------------------------------------------
 
     async def _one_session(self) -> bool:
         """Run a session: take the lock first, unless a hibernated one is resumed.
@@ -840,77 +520,6 @@ class Driver:
         fsm.on_new_events()
         return True
 
-    async def _checkpoint_if_due(
-        self, *, final: bool = False, fsm: SubscriptionFSM[RecordedEvent] | None = None
-    ) -> None:
-        fsm = fsm or self.fsm
-        if fsm is None:
-            return
-        lock = self._checkpoint_lock
-        if lock is None:
-            if fsm.persisting is None and fsm.last_ack <= fsm.last_persisted:
-                # The usual case: nothing to write (`checkpoint_due` would say so),
-                # and no write under way; no lock needed (it exists only while used).
-                await trio.lowlevel.checkpoint()
-                return
-            lock = self._checkpoint_lock = trio.Lock()
-        try:
-            async with lock:
-                checkpoint = fsm.checkpoint_due(time.monotonic(), final=final)
-                if checkpoint is None:
-                    return
-                try:
-                    await _storage.checkpoint_subscription(
-                        self.owner.db, self.stream_uuid, self.name, checkpoint
-                    )
-                except BaseException:
-                    fsm.on_checkpoint_failed()
-                    raise
-                fsm.on_checkpoint_persisted(checkpoint, time.monotonic())
-                self.checkpoint_time = time.monotonic()
-                self.last_persisted = checkpoint
-                self.checkpointed.pulse()
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._checkpoint_lock = None
-
-    async def _final_checkpoint(self, fsm: SubscriptionFSM[RecordedEvent] | None) -> None:
-        try:
-            fsm = fsm or self.fsm
-            if fsm is not None:
-                await self.poison.forget_replayed(fsm)
-            await self._checkpoint_if_due(final=True, fsm=fsm)
-        except EventStoreError as exc:
-            logger.warning("subscription %r: final checkpoint failed: %s", self.name, exc)
-
-    async def flush(self) -> None:
-        """Persist the acknowledged prefix now (a consumer is leaving).
-
-        Raises:
-            CheckpointFailedError: it could not be persisted (its cause says why).
-        """
-        fsm = self.fsm
-        try:
-            if fsm is not None:
-                await self.poison.forget_replayed(fsm)
-            await self._checkpoint_if_due(final=True)
-        except EventStoreError as exc:
-            raise self.checkpoint_failed(fsm, str(exc)) from exc
-
-    def checkpoint_failed(
-        self, fsm: SubscriptionFSM[RecordedEvent] | None, why: str
-    ) -> CheckpointFailedError:
-        last_persisted = fsm.last_persisted if fsm is not None else self.last_persisted
-        checkpoint = fsm.last_ack if fsm is not None else None
-        return CheckpointFailedError(
-            f"subscription {self.name!r}: the checkpoint {checkpoint} could not be persisted "
-            f"({why}); events after {last_persisted} will be delivered again",
-            stream_uuid=self.stream_uuid,
-            subscription_name=self.name,
-            checkpoint=checkpoint,
-            last_persisted=last_persisted,
-        )
-
     def statistics(self) -> SubscriptionStatistics:
         fsm = self.fsm
         last_received = fsm.last_read if fsm else self.last_persisted
@@ -930,15 +539,6 @@ class Driver:
             parked=len(self.poison.records) if fsm else 0,
             redeliveries=self.poison.redeliveries,
         )
-
-
-def _stale(fsm: SubscriptionFSM[RecordedEvent] | None, consumer: Consumer, number: int) -> bool:
-    """Whether an ack (or nack) of ``number``, not in flight for ``consumer``, is of an
-    event that comes again: delivered by a session that lost its lock, or given back
-    with an event the consumer nacked."""
-    if fsm is None:
-        return number <= max(consumer.stale_up_to, consumer.delivered_high)
-    return number <= consumer.stale_up_to or fsm.was_given_back(consumer.consumer_id, number)
 
 
 def _retry_delay(failures: int, ceiling: float) -> float:

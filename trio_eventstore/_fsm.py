@@ -1,9 +1,9 @@
 """The persistent-subscription state machine, sans I/O.
 
 It decides what to read, which consumer gets which event, what is acknowledged and
-what checkpoint to persist; the driver task in `_driver` only carries out its
-decisions (reads, deliveries, checkpoint writes) and feeds results back. A Hypothesis
-stateful test drives it without a database.
+what checkpoint to persist; the driver (`_driver`: its task reads; `_delivery`: it
+delivers and writes checkpoints) only carries out its decisions and feeds results
+back. A Hypothesis stateful test drives it without a database.
 
 Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
 

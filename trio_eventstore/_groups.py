@@ -23,8 +23,9 @@ import trio
 
 from . import _storage
 from ._balance import group_name, group_of
-from ._driver import Consumer, Driver, Inbox
+from ._driver import Driver
 from ._errors import CheckpointFailedError, UnexpectedAckError
+from ._inbox import Consumer, Inbox
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._subscriptions import (
     Subscription,

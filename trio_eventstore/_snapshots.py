@@ -9,7 +9,7 @@ from . import _sql
 from ._appends import _translate_write_error
 from ._errors import DatabaseError, SnapshotNotFoundError
 from ._pg import Conn, Database
-from ._serialization import check_storable_snapshot
+from ._storable import check_storable_snapshot
 from ._types import SnapshotData
 
 __all__ = ["delete_snapshot", "read_snapshot", "record_snapshot"]

@@ -26,9 +26,10 @@ from ._errors import (
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
-from ._serialization import JsonSerializer, Serializer, check_storable
+from ._serialization import JsonSerializer, Serializer
 from ._sql import STREAM_SORT_COLUMNS
 from ._statistics import EventStoreStatistics, store_statistics
+from ._storable import check_storable
 from ._store_subscriptions import SubscriptionMethods
 from ._subscriptions import Subscriptions
 from ._types import (

@@ -14,7 +14,7 @@ import trio
 
 from . import _storage, _transient
 from ._config import EventStoreConfig
-from ._driver import Consumer, Driver, Inbox
+from ._driver import Driver
 from ._errors import (
     CheckpointFailedError,
     EventStoreClosedError,
@@ -22,6 +22,7 @@ from ._errors import (
     SubscriptionFailedError,
     TooManySubscribersError,
 )
+from ._inbox import Consumer, Inbox
 from ._locks import LockKeeper
 from ._metrics import StoreMetrics, TracingSpan
 from ._notifications import Notifier
