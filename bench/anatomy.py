@@ -47,7 +47,7 @@ async def _raw(config: EventStoreConfig, timing: Timing, *, statement: bool) -> 
         count += 1
         encoded = _storage.encode_events(config.serializer, events(1))
         request = _storage.AppendRequest.build(f"{prefix}-{count}", NO_STREAM, encoded)
-        sql, params, _ = _storage.batch_statement(config, [request])
+        sql, params, _ = _storage.lone_statement(config, request)
         await conn.fetch(sql, *params)
         return 1
 

@@ -240,6 +240,48 @@ async def test_cancelled_before_its_batch_writes_nothing(
     assert streams - {"in-flight"} == {"kept"} | {f"in-flight-{i}" for i in range(1, MAX_IN_FLIGHT)}
 
 
+async def test_appends_behind_one_written_by_its_caller_keep_their_order(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    """An append made while the writer is idle is written at once by its caller; the
+    appends made meanwhile queue up behind it (those to its stream wait for it, the
+    others go in a batch beside it), and each is checked after the ones before."""
+    outcomes: dict[str, object] = {}
+
+    async def append(name: str, stream: str, expected: object) -> None:
+        try:
+            outcomes[name] = await store.append_to_stream(stream, expected, [ev()])  # type: ignore[arg-type]
+        except Exception as exc:
+            outcomes[name] = type(exc)
+
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append, "first", "s", NO_STREAM)  # written at once: waits
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.statistics().writer.queued == 0  # type: ignore[union-attr]
+            for name, stream, expected in [
+                ("second", "s", 1),
+                ("stale", "s", 1),
+                ("elsewhere", "t", NO_STREAM),
+            ]:
+                nursery.start_soon(append, name, stream, expected)
+                await trio.testing.wait_all_tasks_blocked()
+            # "elsewhere" went in a batch (waiting for $all too); the others wait for "first".
+            assert store.statistics().writer.queued == 2  # type: ignore[union-attr]
+            await lock.release()
+    assert outcomes == {
+        "first": 1,
+        "second": 2,
+        "stale": WrongExpectedVersionError,
+        "elsewhere": 1,
+    }
+    events = [(s, v) for s, v, _ in await all_events(store)]
+    assert sorted(events) == [("s", 1), ("s", 2), ("t", 1)]
+    assert events.index(("s", 1)) < events.index(("s", 2))
+
+
 async def test_a_burst_waits_for_the_writer_instead_of_failing(
     initialized: EventStoreConfig,
 ) -> None:

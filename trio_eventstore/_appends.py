@@ -43,6 +43,7 @@ __all__ = [
     "batch_statement",
     "encode_events",
     "link",
+    "lone_statement",
     "recorded_from_append",
 ]
 
@@ -261,11 +262,13 @@ def _lone_step(request: AppendRequest) -> str:
     return _sql.LONE_EXISTS if kind == _sql.EXPECT_EXISTS else _sql.LONE_ANY
 
 
-async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
-    """``request`` in `_sql.append_lone`'s one lean statement; None when it wrote
-    nothing (the general statement then tells why)."""
+def lone_statement(
+    config: EventStoreConfig, request: AppendRequest
+) -> tuple[str, list[object], datetime.datetime]:
+    """`_sql.append_lone` for ``request``, its parameters and the created_at they give
+    the events (no I/O)."""
     step = _lone_step(request)
-    sql = _sql.append_lone(db.config.schema, db.config.column_data_type, step)
+    sql = _sql.append_lone(config.schema, config.column_data_type, step)
     created_at = datetime.datetime.now(datetime.UTC)
     events = request.events
     params: list[object] = [
@@ -280,6 +283,13 @@ async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
     ]
     if step == _sql.LONE_VERSION:
         params.append(request.version)
+    return sql, params, created_at
+
+
+async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
+    """``request`` in `_sql.append_lone`'s one lean statement; None when it wrote
+    nothing (the general statement then tells why)."""
+    sql, params, created_at = lone_statement(db.config, request)
 
     async def unit(conn: Conn) -> Row | None:
         return await conn.fetchrow(sql, *params)
@@ -287,7 +297,8 @@ async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
     row = await db.run(unit, statements=1)
     if row is None:
         return None
-    return Appended(int(row["before"]) + len(events), int(row["base"]) + 1, created_at)
+    n = len(request.events)
+    return Appended(int(row["before"]) + n, int(row["base"]) + 1, created_at)
 
 
 async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:

@@ -22,6 +22,7 @@ from ._appends import (  # the write path, re-exported: `_storage` is where call
     batch_statement,
     encode_events,
     link,
+    lone_statement,
     recorded_from_append,
 )
 from ._config import EventStoreConfig
@@ -55,6 +56,7 @@ __all__ = [
     "batch_statement",
     "encode_events",
     "link",
+    "lone_statement",
     "recorded_from_append",
     "stream_info",
 ]

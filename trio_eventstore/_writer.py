@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from . import _storage
-from ._errors import EventStoreClosedError, EventStoreError
+from ._errors import EventStoreClosedError, EventStoreError, StorageUnavailableError
 from ._pg import Database, waiting_out_overload
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
@@ -26,7 +26,8 @@ __all__ = ["GroupCommitWriter", "WriterStatistics"]
 MAX_BATCH_APPENDS = 500
 #: ... and about this many bytes (one bigger append goes alone).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
-#: Batches written at once (each on its own pooled connection).
+#: Batches written at once (each on its own pooled connection; a caller writing its own
+#: append while the writer is idle, `GroupCommitWriter._write_now`, takes a place).
 MAX_IN_FLIGHT = 2
 #: An append of at least this many events is written alone, in its caller's task, on
 #: its own pooled connection (`GroupCommitWriter.write_alone`): one commit is little
@@ -91,6 +92,8 @@ class GroupCommitWriter:
         self._closed = False
         self._streams_in_flight: set[str] = set()
         self._ids_in_flight: set[object] = set()
+        #: batches being written (by the workers, or by a caller: `_write_now`)
+        self._writing = 0
         self._batches = 0
         self._appends = 0
         self._largest = 0
@@ -111,6 +114,8 @@ class GroupCommitWriter:
         `DuplicateEventError` then means it is there)."""
         if self._closed:
             raise _closed_error()
+        if not self._writing and not self._queue:
+            return await self._write_now(request)
         pending = _Pending(request)
         self._queue.append(pending)
         self._idle.unpark()
@@ -124,6 +129,37 @@ class GroupCommitWriter:
             raise outcome
         assert outcome is not None
         return outcome
+
+    async def _write_now(self, request: _storage.AppendRequest) -> _storage.Appended:
+        """An append made while the writer is idle (nothing queued, no batch in flight):
+        written at once in the calling task, a batch of one without the hand-off to a
+        worker and back. Appends made meanwhile queue up behind it, as behind a batch;
+        any to its stream wait for it."""
+        stream, ids = request.stream_uuid, {e.event_id for e in request.events}
+        self._writing += 1
+        self._streams_in_flight.add(stream)
+        self._ids_in_flight |= ids
+        try:
+            for _ in range(10):
+                (outcome,) = await waiting_out_overload(
+                    lambda: _storage.append_batch(self._db, [request])
+                )
+                self._batches += 1
+                self._appends += 1
+                self._largest = max(self._largest, 1)
+                if isinstance(outcome, EventStoreError):
+                    raise outcome
+                if outcome is not None:
+                    self._on_written(request, outcome)
+                    return outcome
+                # None: the stream was created concurrently, nothing written: again.
+            raise StorageUnavailableError(f"stream {stream!r} is being created elsewhere")
+        finally:
+            self._writing -= 1
+            self._streams_in_flight.discard(stream)
+            self._ids_in_flight -= ids
+            if self._queue:
+                self._idle.unpark()  # what waited for it may go now
 
     async def write_alone(self, request: _storage.AppendRequest) -> _storage.Appended:
         """Write a big append (`ALONE_EVENTS`) in the calling task, outside the batches:
@@ -186,8 +222,9 @@ class GroupCommitWriter:
 
     async def _worker(self) -> None:
         while True:
-            batch = self._take() if self._queue else []
-            if not batch:  # nothing queued, or all of it waits for batches in flight
+            batch = self._take() if self._queue and self._writing < MAX_IN_FLIGHT else []
+            if not batch:  # nothing queued, all of it waits for batches in flight, or
+                # a caller writing its own (`_write_now`) holds the last place
                 await self._idle.park()
                 continue
             requests = [p.request for p in batch]
@@ -195,9 +232,11 @@ class GroupCommitWriter:
             ids = {e.event_id for r in requests for e in r.events}
             self._streams_in_flight |= streams
             self._ids_in_flight |= ids
+            self._writing += 1
             try:
                 await self._write(batch)
             finally:
+                self._writing -= 1
                 self._streams_in_flight -= streams
                 self._ids_in_flight -= ids
                 for pending in batch:
