@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Sequence
 import attrs
 import trio
 
-from . import _storage
+from . import _subscription_rows
 from ._balance import group_name, group_of
 from ._driver import Consumer, Driver, Inbox
 from ._errors import CheckpointFailedError, UnexpectedAckError
@@ -62,17 +62,18 @@ async def join_groups(
 ) -> GroupedSubscription:
     """Join every partition group of ``name`` in this store, as one consumer.
 
-    With ``start_from=CURRENT``, the groups' rows that do not exist yet all start at the
-    same event (the first group's row decides), so that no key loses events.
+    The groups' rows that do not exist yet are created first, in one transaction
+    (`_subscription_rows.seed_groups`): where the groups of another number of groups
+    were (at the lowest of their checkpoints, whose rows go), else at ``start_from``.
     """
     groups, partition_by = options.partition_groups, options.partition_by
     assert groups is not None
     assert partition_by is not None
-    start_from = options.start_from
-    if start_from is StartFrom.CURRENT:
-        _, start_from = await _storage.create_subscription(
-            subscriptions.db, stream_uuid, group_name(name, 0, groups), start_from
-        )
+    lowest = await _subscription_rows.seed_groups(
+        subscriptions.db, stream_uuid, name, groups, options.start_from
+    )
+    # Should a row be deleted meanwhile, its group starts with the others again.
+    start_from = lowest if options.start_from is StartFrom.CURRENT else options.start_from
     inbox = Inbox()  # every group's batches, for the one consumer task
     parts: list[tuple[Driver, Consumer]] = []
     try:
