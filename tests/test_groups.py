@@ -1,6 +1,6 @@
 """A subscription split into partition groups (``partition_groups``), in one store against
 a real server: its rows as a whole (delete, a changed number of groups), its parked events
-by its own name."""
+by its own name, and the statistics of its groups."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from trio_eventstore import (
     open_event_store,
 )
 from trio_eventstore.__main__ import main
+from trio_eventstore._groups import GroupedSubscription
 
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
@@ -297,3 +298,48 @@ def test_operator_cli_parked_list_of_a_grouped_subscription(
     args = ["--url", str(eventstore_config.url), "--schema", eventstore_config.schema]
     assert main(["parked", "list", "$all", "g", "--json", *args]) == 0
     assert '"event_number": 3' in capsys.readouterr().out
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+async def test_statistics_name_the_group_and_the_balance_member(
+    initialized: EventStoreConfig,
+) -> None:
+    config = initialized.with_changes(balance_subscriptions=True)
+    async with (
+        open_event_store(config) as store,
+        store.subscribe_to_all_streams("g", partition_by=_key, partition_groups=3) as sub,
+        store.subscribe_to_all_streams("plain") as plain,
+    ):
+        await sub.wait_subscribed()
+        await plain.wait_subscribed()
+        assert isinstance(sub, GroupedSubscription)
+        each = sub.group_statistics()
+        assert [(s.name, s.group, s.groups) for s in each] == [
+            (f"g#g{i}/3", i, 3) for i in range(3)
+        ]
+        whole = sub.statistics()
+        assert (whole.name, whole.group, whole.groups) == ("g", None, 3)
+        one = plain.statistics()
+        assert (one.group, one.groups) == (None, None)
+        member = store.statistics().balance_member
+        assert member is not None
+        assert len(member) == 8
+        assert store.statistics().balance_members == 1
+        details = store.statistics().subscription_details
+        assert {d.balance_member for d in details} == {member}
+        assert sorted((d.name, d.group) for d in details) == [
+            ("g#g0/3", 0),
+            ("g#g1/3", 1),
+            ("g#g2/3", 2),
+            ("plain", None),
+        ]
+    async with (
+        open_event_store(initialized) as store,
+        store.subscribe_to_all_streams("plain") as plain,
+    ):
+        await plain.wait_subscribed()
+        assert plain.statistics().balance_member is None
+        assert store.statistics().balance_member is None
+        assert store.statistics().balance_members == 0

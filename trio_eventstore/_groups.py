@@ -95,7 +95,7 @@ async def join_groups(
         with trio.CancelScope(shield=True):
             await _leave(subscriptions, parts)
         raise
-    return GroupedSubscription(parts, inbox, partition_by, groups)
+    return GroupedSubscription(parts, inbox, partition_by, groups, name)
 
 
 async def _leave(
@@ -126,8 +126,10 @@ class GroupedSubscription(Subscription):
         inbox: Inbox,
         partition_by: Callable[[RecordedEvent], Hashable],
         groups: int,
+        name: str,
     ) -> None:
         super().__init__(*parts[0])
+        self._name = name
         self._parts = parts
         self._inbox = inbox
         self._partition_by = partition_by
@@ -254,7 +256,8 @@ class GroupedSubscription(Subscription):
         }
         return attrs.evolve(
             first,
-            name=self._driver.name.rsplit("#g", 1)[0],
+            name=self._name,
+            group=None,
             last_received=min(s.last_received for s in each),
             last_ack=min(s.last_ack for s in each),
             last_persisted=min(s.last_persisted for s in each),
