@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_eventstore import (
     ANY_VERSION,
@@ -26,7 +28,14 @@ from trio_eventstore import (
     Subscription,
     open_event_store,
 )
-from trio_eventstore._balance import excess, fair_share, group_name, group_of, surplus
+from trio_eventstore._balance import (
+    excess,
+    fair_share,
+    group_name,
+    group_of,
+    split_group_name,
+    surplus,
+)
 from trio_eventstore._storage import subscription_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +178,20 @@ def test_the_group_of_a_key_is_the_same_in_every_process() -> None:
     ).stdout
     assert there.strip() == str(here)
     assert group_name("orders", 3, 8) == "orders#g3/8"
+
+
+@given(st.text(), st.integers(1, 1024), st.data())
+def test_a_group_row_name_is_read_back(name: str, groups: int, data: st.DataObject) -> None:
+    group = data.draw(st.integers(0, groups - 1))
+    assert split_group_name(group_name(name, group, groups)) == (name, group, groups)
+
+
+@pytest.mark.parametrize(
+    "name", ["orders", "orders#archive", "orders#g", "orders#g1", "orders#g1/1", "orders#g01/2",
+             "orders#g0/02", "orders#g0/2x", "orders#g-1/2", "orders#g٣/8"],
+)  # fmt: skip
+def test_only_names_group_name_makes_are_groups(name: str) -> None:
+    assert split_group_name(name) is None
 
 
 def test_the_surplus_handed_over_is_chosen_the_same_way_each_time() -> None:

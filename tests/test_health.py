@@ -29,6 +29,7 @@ from trio_eventstore import (
     EventStoreConfig,
     RecordedEvent,
     SubscriberSpec,
+    _storage,
     admin,
     open_event_store,
     open_subscriber_daemon,
@@ -181,7 +182,20 @@ async def test_metrics_are_prometheus_text_with_the_expected_series(
     assert series(samples, "eventstore_delivery_lag_seconds_count") >= 1
 
 
-async def test_health_live_and_ready(store: EventStore, daemon_port: int) -> None:
+@pytest.fixture
+def slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subscriptions' reads take 0.3 s: a subscription stays ``catching_up`` (already
+    ready) that long before it is ``running``."""
+    read_rows = _storage.read_rows
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep(0.3)
+        return await read_rows(*args, **kwargs)
+
+    monkeypatch.setattr(_storage, "read_rows", slow)
+
+
+async def test_health_live_and_ready(slow_reads: None, store: EventStore, daemon_port: int) -> None:
     with trio.fail_after(HANG_GUARD):
         status, _, body = await get(daemon_port, "/health/live")
         assert status == 200
@@ -191,6 +205,14 @@ async def test_health_live_and_ready(store: EventStore, daemon_port: int) -> Non
             if status == 200:
                 break
             await trio.sleep(0.05)
+        # Ready once the subscriber holds its subscription, caught up or not yet.
+        [sub] = json.loads(body)["checks"]["subscriptions"]["subscriptions"]
+        assert (sub["name"], sub["state"]) in (("counter", "catching_up"), ("counter", "running"))
+        while sub["state"] != "running":
+            await trio.sleep(0.05)
+            status2, _, body2 = await get(daemon_port, "/health?verbose=1")
+            assert status2 == 200
+            [sub] = json.loads(body2)["checks"]["subscriptions"]["subscriptions"]
         status2, _, body2 = await get(daemon_port, "/health?verbose=1")
     assert headers["content-type"] == "application/json"
     ready = json.loads(body)
@@ -201,8 +223,6 @@ async def test_health_live_and_ready(store: EventStore, daemon_port: int) -> Non
         "lock": True,
         "subscriptions": True,
     }
-    [sub] = ready["checks"]["subscriptions"]["subscriptions"]
-    assert (sub["name"], sub["state"]) == ("counter", "running")
     assert status2 == 200
     assert json.loads(body2)["status"] == "ready"
 

@@ -14,13 +14,14 @@ without talking.
 
 Partition groups: `group_of` sends a partition key to one of a fixed number of groups with
 a hash that is the same in every process (never Python's salted ``hash()``); each group is
-its own subscription row, named by `group_name`.
+its own subscription row, named by `group_name` (and read back by `split_group_name`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 from collections.abc import Hashable, Iterable, Sequence
 
@@ -36,6 +37,7 @@ __all__ = [
     "preferred",
     "score",
     "set_fingerprint",
+    "split_group_name",
     "surplus",
 ]
 
@@ -141,3 +143,19 @@ def group_of(key: Hashable, groups: int) -> int:
 def group_name(name: str, group: int, groups: int) -> str:
     """The subscription row of one partition group: ``<name>#g<group>/<groups>``."""
     return f"{name}#g{group}/{groups}"
+
+
+#: ``#g<group>/<groups>`` at the end of a name, as `group_name` writes the numbers.
+_GROUP_SUFFIX = re.compile(r"#g(0|[1-9][0-9]*)/([1-9][0-9]*)\Z")
+
+
+def split_group_name(row_name: str) -> tuple[str, int, int] | None:
+    """``(name, group, groups)`` of a partition group's row name, as `group_name` makes
+    it; None for any other name (``orders#archive``, ``orders#g1/1``, ``orders#g01/2``)."""
+    match = _GROUP_SUFFIX.search(row_name)
+    if match is None:
+        return None
+    group, groups = int(match[1]), int(match[2])
+    if group >= groups:
+        return None
+    return row_name[: match.start()], group, groups

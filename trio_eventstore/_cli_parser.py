@@ -27,6 +27,9 @@ _TASKS: dict[str, tuple[Callable[[EventStoreConfig], Awaitable[admin.AdminResult
 #: Tasks that destroy data: they ask for confirmation (or ``--yes``).
 _DESTRUCTIVE = ("drop", "reset")
 
+#: The help of a subscription name argument.
+_SUBSCRIPTION_NAME = "the subscription (one split into partition groups: all of its groups)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -116,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         help="set a subscription's checkpoint (refused while any node runs it)",
     )
     reset_sub.add_argument("stream_uuid")
-    reset_sub.add_argument("subscription_name")
+    reset_sub.add_argument("subscription_name", help=_SUBSCRIPTION_NAME)
     reset_sub.add_argument("position", type=int, help="deliver events above this number")
     reset_sub.add_argument(
         "--force",
@@ -129,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         help="delete a subscription (refused while any node runs it)",
     )
     delete_sub.add_argument("stream_uuid")
-    delete_sub.add_argument("subscription_name")
+    delete_sub.add_argument("subscription_name", help=_SUBSCRIPTION_NAME)
     parked = sub.add_parser(
         "parked",
         parents=[common],
@@ -140,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parked.add_argument("action", choices=["list", "replay", "discard"])
     parked.add_argument("stream_uuid", help="the subscription's stream ($all for all)")
-    parked.add_argument("subscription_name")
+    parked.add_argument("subscription_name", help=_SUBSCRIPTION_NAME)
     parked.add_argument("--event", action="append", metavar="EVENT_ID", help="an event id")
     run = sub.add_parser(
         "run",

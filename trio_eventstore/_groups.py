@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Sequence
 import attrs
 import trio
 
-from . import _storage
+from . import _subscription_rows
 from ._balance import group_name, group_of
 from ._driver import Driver
 from ._errors import CheckpointFailedError, UnexpectedAckError
@@ -63,17 +63,18 @@ async def join_groups(
 ) -> GroupedSubscription:
     """Join every partition group of ``name`` in this store, as one consumer.
 
-    With ``start_from=CURRENT``, the groups' rows that do not exist yet all start at the
-    same event (the first group's row decides), so that no key loses events.
+    The groups' rows that do not exist yet are created first, in one transaction
+    (`_subscription_rows.seed_groups`): where the groups of another number of groups
+    were (at the lowest of their checkpoints, whose rows go), else at ``start_from``.
     """
     groups, partition_by = options.partition_groups, options.partition_by
     assert groups is not None
     assert partition_by is not None
-    start_from = options.start_from
-    if start_from is StartFrom.CURRENT:
-        _, start_from = await _storage.create_subscription(
-            subscriptions.db, stream_uuid, group_name(name, 0, groups), start_from
-        )
+    lowest = await _subscription_rows.seed_groups(
+        subscriptions.db, stream_uuid, name, groups, options.start_from
+    )
+    # Should a row be deleted meanwhile, its group starts with the others again.
+    start_from = lowest if options.start_from is StartFrom.CURRENT else options.start_from
     inbox = Inbox()  # every group's batches, for the one consumer task
     parts: list[tuple[Driver, Consumer]] = []
     try:
@@ -95,7 +96,7 @@ async def join_groups(
         with trio.CancelScope(shield=True):
             await _leave(subscriptions, parts)
         raise
-    return GroupedSubscription(parts, inbox, partition_by, groups)
+    return GroupedSubscription(parts, inbox, partition_by, groups, name)
 
 
 async def _leave(
@@ -126,8 +127,10 @@ class GroupedSubscription(Subscription):
         inbox: Inbox,
         partition_by: Callable[[RecordedEvent], Hashable],
         groups: int,
+        name: str,
     ) -> None:
         super().__init__(*parts[0])
+        self._name = name
         self._parts = parts
         self._inbox = inbox
         self._partition_by = partition_by
@@ -254,7 +257,8 @@ class GroupedSubscription(Subscription):
         }
         return attrs.evolve(
             first,
-            name=self._driver.name.rsplit("#g", 1)[0],
+            name=self._name,
+            group=None,
             last_received=min(s.last_received for s in each),
             last_ack=min(s.last_ack for s in each),
             last_persisted=min(s.last_persisted for s in each),

@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from . import _schema_state, _sql, _storage
+from . import _schema_state, _sql, _storage, _subscription_rows
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseNotFoundError,
@@ -219,32 +219,38 @@ async def _while_nobody_runs_it(
     *args: object,
     beyond_head_ok: bool = True,
 ) -> None:
-    """Run ``statement`` holding the subscription's lock (so no node runs it).
-    Unless ``beyond_head_ok``, the first of ``args`` (a position) must not be beyond
-    the head of the stream (``$all``: the last event number).
+    """Run ``statement`` on the subscription's rows (its own and its partition
+    groups': their ids are its first parameter) holding their locks (so no node runs
+    it). Unless ``beyond_head_ok``, the first of ``args`` (a position) must not be
+    beyond the head of the stream (``$all``: the last event number).
 
     Raises:
         ValueError: the position is beyond the head.
         SubscriptionNotFoundError: no such subscription.
-        SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
+        SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it (or one of
+            its groups) right now.
     """
     schema = config.schema
 
     async def unit(conn: Conn) -> None:
-        row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
-        if row is None:
+        rows = await _subscription_rows.rows_of(conn, schema, stream_uuid, name)
+        if not rows:
             raise SubscriptionNotFoundError(stream_uuid=stream_uuid, subscription_name=name)
         state = await _schema_state.read_schema_state(conn, schema)
         assert state.lock_key is not None
-        key = (state.lock_key, lock_key2(int(row["subscription_id"])))
-        if not await conn.fetchval(_sql.TRY_LOCK, *key):
-            raise SubscriptionAlreadyExistsError(
-                f"subscription {name!r} on {stream_uuid!r} is active on another node "
-                "(its lock is held); stop it first",
-                stream_uuid=stream_uuid,
-                subscription_name=name,
-            )
+        locked: list[tuple[int, int]] = []
         try:
+            for row in rows:
+                key = (state.lock_key, lock_key2(row.subscription_id))
+                if not await conn.fetchval(_sql.TRY_LOCK, *key):
+                    what = repr(name) if row.group is None else f"{name!r} (group {row.name!r})"
+                    raise SubscriptionAlreadyExistsError(
+                        f"subscription {what} on {stream_uuid!r} is active on another node "
+                        "(its lock is held); stop it first",
+                        stream_uuid=stream_uuid,
+                        subscription_name=name,
+                    )
+                locked.append(key)
             if not beyond_head_ok:
                 info = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
                 head = int(info["stream_version"]) if info is not None else 0
@@ -256,23 +262,26 @@ async def _while_nobody_runs_it(
                         f"({head}): subscription {name!r} would skip every event appended "
                         f"up to {position}; give --force to set it anyway"
                     )
-            await conn.execute(statement, stream_uuid, name, *args)
+            await conn.execute(statement, [row.subscription_id for row in rows], *args)
         finally:
-            await conn.fetchval(_sql.UNLOCK, *key)
+            for key in locked:
+                await conn.fetchval(_sql.UNLOCK, *key)
 
     async with open_connection(config, session_mode=True, role=f"operator {schema}") as conn:
         await conn.run(unit)
 
 
 async def delete_subscription(config: EventStoreConfig, stream_uuid: str, name: str) -> None:
-    """Delete a subscription (its checkpoint), unless some node runs it."""
-    await _while_nobody_runs_it(config, stream_uuid, name, _sql.delete_subscription(config.schema))
+    """Delete a subscription (its checkpoint; with partition groups, every group's), in
+    one statement, unless some node runs it."""
+    await _while_nobody_runs_it(config, stream_uuid, name, _sql.delete_subscriptions(config.schema))
 
 
 async def reset_subscription(
     config: EventStoreConfig, stream_uuid: str, name: str, position: int, *, force: bool = False
 ) -> None:
-    """Set a subscription's checkpoint to ``position`` (its next event is position + 1).
+    """Set a subscription's checkpoint to ``position`` (its next event is position + 1);
+    with partition groups, every group's.
 
     Raises:
         ValueError: ``position`` is beyond the stream's head (the subscription would skip
@@ -286,7 +295,7 @@ async def reset_subscription(
         config,
         stream_uuid,
         name,
-        _sql.reset_subscription(config.schema),
+        _sql.reset_subscriptions(config.schema),
         position,
         beyond_head_ok=force,
     )

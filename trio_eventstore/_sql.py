@@ -1013,11 +1013,32 @@ def checkpoint_subscription(schema: str) -> str:
     )
 
 
-def delete_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name."""
+def create_subscriptions(schema: str) -> str:
+    """Parameters: stream_uuid, subscription_names (text array), last_seen. Each row
+    that does not exist yet."""
     return (
-        f"DELETE FROM {quote_ident(schema)}.subscriptions "
-        "WHERE stream_uuid = $1 AND subscription_name = $2"
+        f"INSERT INTO {quote_ident(schema)}.subscriptions "
+        "(stream_uuid, subscription_name, last_seen) SELECT $1, n, $3 FROM unnest($2::text[]) n "
+        "ON CONFLICT (stream_uuid, subscription_name) DO NOTHING"
+    )
+
+
+def subscription_rows(schema: str, *, lock: bool) -> str:
+    """Parameters: stream_uuid, subscription_name. The subscription's row and those
+    that may be its partition groups' (named ``<name>#g...``: the caller checks the
+    rest of the name), by id; ``lock``: locked until the transaction ends."""
+    return (
+        "SELECT subscription_id, subscription_name, last_seen "
+        f"FROM {quote_ident(schema)}.subscriptions WHERE stream_uuid = $1 "
+        "AND (subscription_name = $2 OR starts_with(subscription_name, $2 || '#g')) "
+        "ORDER BY subscription_id" + (" FOR UPDATE" if lock else "")
+    )
+
+
+def delete_subscriptions(schema: str) -> str:
+    """Parameter: subscription ids."""
+    return (
+        f"DELETE FROM {quote_ident(schema)}.subscriptions WHERE subscription_id = ANY($1::bigint[])"
     )
 
 
@@ -1042,11 +1063,11 @@ def read_events_by_id(schema: str, column_data_type: str) -> str:
     )
 
 
-def reset_subscription(schema: str) -> str:
-    """Parameters: stream_uuid, subscription_name, last_seen (may move backwards)."""
+def reset_subscriptions(schema: str) -> str:
+    """Parameters: subscription ids, last_seen (may move backwards)."""
     return (
-        f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $3 "
-        "WHERE stream_uuid = $1 AND subscription_name = $2"
+        f"UPDATE {quote_ident(schema)}.subscriptions SET last_seen = $2 "
+        "WHERE subscription_id = ANY($1::bigint[])"
     )
 
 

@@ -68,6 +68,10 @@ class EventStoreStatistics:
     delivery_lag: HistogramSnapshot = attrs.field(factory=lambda: _empty(LAG_BUCKETS))
     #: each persistent subscription of this store
     subscription_details: tuple[SubscriptionStatistics, ...] = ()
+    #: with ``balance_subscriptions``: this store's member id, and how many stores
+    #: (this one included) the last balancing round found running the same set
+    balance_member: str | None = None
+    balance_members: int = 0
 
 
 def store_statistics(
@@ -79,6 +83,7 @@ def store_statistics(
     pool = db.pool_statistics()
     metrics = subs.metrics
     drivers = subs.active()
+    balancing = config.balance_subscriptions
     return EventStoreStatistics(
         schema=config.schema,
         pool_size=int(pool["max_size"]),
@@ -107,4 +112,6 @@ def store_statistics(
         read_latency=metrics.read_latency.snapshot(),
         delivery_lag=metrics.delivery_lag.snapshot(),
         subscription_details=tuple(subscription_statistics(d) for d in drivers),
+        balance_member=subs.locks.member if balancing else None,
+        balance_members=len(subs.locks.others) + 1 if balancing else 0,
     )

@@ -256,13 +256,7 @@ async def create_subscription(
     schema = db.config.schema
 
     async def unit(conn: Conn) -> tuple[int, int]:
-        if start_from is StartFrom.ORIGIN:
-            initial = 0
-        elif start_from is StartFrom.CURRENT:
-            row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
-            initial = 0 if row is None else int(row["stream_version"])
-        else:
-            initial = start_from
+        initial = await start_position(conn, schema, stream_uuid, start_from)
         await conn.execute(_sql.create_subscription(schema), stream_uuid, name, initial)
         row = await conn.fetchrow(_sql.get_subscription(schema), stream_uuid, name)
         assert row is not None
@@ -271,15 +265,23 @@ async def create_subscription(
     return await db.run(unit)
 
 
+async def start_position(
+    conn: Conn, schema: str, stream_uuid: str, start_from: StartFrom | int
+) -> int:
+    """The checkpoint a new subscription row gets for ``start_from``: 0 from the origin,
+    the stream's version for CURRENT (0 before the stream exists), else the number."""
+    if start_from is StartFrom.ORIGIN:
+        return 0
+    if start_from is StartFrom.CURRENT:
+        row = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
+        return 0 if row is None else int(row["stream_version"])
+    return start_from
+
+
 async def checkpoint_subscription(
     db: Database, stream_uuid: str, name: str, last_seen: int
 ) -> None:
     await db.execute(_sql.checkpoint_subscription(db.config.schema), stream_uuid, name, last_seen)
-
-
-async def delete_subscription(db: Database, stream_uuid: str, name: str) -> bool:
-    status = await db.execute(_sql.delete_subscription(db.config.schema), stream_uuid, name)
-    return status != "DELETE 0"
 
 
 async def read_page(

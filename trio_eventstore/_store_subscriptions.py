@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from . import _parking, _storage
+from . import _parking, _subscription_rows
 from ._arguments import check_stream, parse_event_ids
+from ._balance import split_group_name
 from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
 from ._groups import join_groups
 from ._pg import Database
@@ -29,6 +30,9 @@ from ._types import ALL_STREAMS, RecordedEvent, StartFrom
 __all__ = ["SubscriptionMethods"]
 
 logger = logging.getLogger("trio_eventstore.subscriptions")
+
+#: `_parking.replay_parked` or `_parking.discard_parked`
+_ParkedChange = Callable[[Database, str, str, Sequence[uuid.UUID] | None], Awaitable[int]]
 
 
 class SubscriptionMethods:
@@ -183,17 +187,20 @@ class SubscriptionMethods:
         )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
-        """Delete a persistent subscription's row (its checkpoint).
+        """Delete a persistent subscription's row (its checkpoint); with partition groups,
+        the row of every group (of whatever number of groups it ran with), in one
+        transaction.
 
         Raises:
-            SubscriptionAlreadyExistsError: it is active in this store: leave it first.
+            SubscriptionAlreadyExistsError: it (or one of its groups) is active in this
+                store: leave it first.
             SubscriptionNotFoundError: there is no such subscription.
         """
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
         if any(
-            d.stream_uuid == stream_uuid and d.name == subscription_name
+            d.stream_uuid == stream_uuid and subscription_name in (d.name, _subscription_of(d.name))
             for d in self._subscriptions.active()
         ):
             raise SubscriptionAlreadyExistsError(
@@ -201,21 +208,26 @@ class SubscriptionMethods:
                 stream_uuid=stream_uuid,
                 subscription_name=subscription_name,
             )
-        if not await _storage.delete_subscription(self._db, stream_uuid, subscription_name):
+        if not await _subscription_rows.delete_rows(self._db, stream_uuid, subscription_name):
             raise SubscriptionNotFoundError(
                 stream_uuid=stream_uuid, subscription_name=subscription_name
             )
 
-    async def _require_subscription(self, stream_uuid: str, subscription_name: str) -> None:
-        """Raise `SubscriptionNotFoundError` unless the subscription has its row."""
-        if await _storage.subscription_checkpoint(self._db, stream_uuid, subscription_name) is None:
+    async def _row_names(self, stream_uuid: str, subscription_name: str) -> list[str]:
+        """The names of the subscription's rows: its own, or its partition groups'
+        (`SubscriptionNotFoundError` when it has none)."""
+        rows = await _subscription_rows.subscription_rows(self._db, stream_uuid, subscription_name)
+        if not rows:
             raise SubscriptionNotFoundError(
                 stream_uuid=stream_uuid, subscription_name=subscription_name
             )
+        return [row.name for row in rows]
 
     async def parked_events(self, stream_uuid: str, subscription_name: str) -> list[ParkedEvent]:
         """The events a persistent subscription has parked and not yet replayed or
-        discarded, by position (see `Subscription.nack` and `RetryPolicy`).
+        discarded, by position (see `Subscription.nack` and `RetryPolicy`); those of
+        every partition group, for a subscription split into groups (or pass a group's
+        row name, ``<name>#g<i>/<N>``, for that group's only).
 
         Raises:
             SubscriptionNotFoundError: there is no such subscription.
@@ -223,8 +235,12 @@ class SubscriptionMethods:
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
-        await self._require_subscription(stream_uuid, subscription_name)
-        return await _parking.list_parked(self._db, stream_uuid, subscription_name)
+        parked = [
+            event
+            for name in await self._row_names(stream_uuid, subscription_name)
+            for event in await _parking.list_parked(self._db, stream_uuid, name)
+        ]
+        return sorted(parked, key=lambda p: p.event.event_number)
 
     async def replay_parked(
         self,
@@ -233,7 +249,8 @@ class SubscriptionMethods:
         event_ids: Sequence[uuid.UUID | str] | None = None,
     ) -> int:
         """Ask for parked events (all, or those of ``event_ids``) to be delivered to the
-        subscription again; returns how many were asked for.
+        subscription again (to its partition groups, for a subscription split into
+        groups); returns how many were asked for.
 
         The node holding the subscription (this store or another) delivers them, before
         new events, at least once; an event leaves the parked list once acknowledged
@@ -242,14 +259,9 @@ class SubscriptionMethods:
         Raises:
             SubscriptionNotFoundError: there is no such subscription.
         """
-        self._check_open()
-        check_stream(stream_uuid)
-        check_stream(subscription_name, "subscription_name")
-        ids = parse_event_ids(event_ids)
-        await self._require_subscription(stream_uuid, subscription_name)
-        count = await _parking.replay_parked(self._db, stream_uuid, subscription_name, ids)
-        self._subscriptions.parked_changed(stream_uuid, subscription_name)
-        return count
+        return await self._change_parked(
+            _parking.replay_parked, stream_uuid, subscription_name, event_ids
+        )
 
     async def discard_parked(
         self,
@@ -257,20 +269,39 @@ class SubscriptionMethods:
         subscription_name: str,
         event_ids: Sequence[uuid.UUID | str] | None = None,
     ) -> int:
-        """Forget parked events (all, or those of ``event_ids``): they are never delivered
-        again (their links stay in the ``$parked-<name>`` stream). Returns how many.
+        """Forget parked events (all, or those of ``event_ids``; of every partition group,
+        for a subscription split into groups): they are never delivered again (their
+        links stay in the ``$parked-<name>`` stream). Returns how many.
 
         Raises:
             SubscriptionNotFoundError: there is no such subscription.
         """
+        return await self._change_parked(
+            _parking.discard_parked, stream_uuid, subscription_name, event_ids
+        )
+
+    async def _change_parked(
+        self,
+        change: _ParkedChange,
+        stream_uuid: str,
+        subscription_name: str,
+        event_ids: Sequence[uuid.UUID | str] | None,
+    ) -> int:
         self._check_open()
         check_stream(stream_uuid)
         check_stream(subscription_name, "subscription_name")
         ids = parse_event_ids(event_ids)
-        await self._require_subscription(stream_uuid, subscription_name)
-        count = await _parking.discard_parked(self._db, stream_uuid, subscription_name, ids)
-        self._subscriptions.parked_changed(stream_uuid, subscription_name)
+        count = 0
+        for name in await self._row_names(stream_uuid, subscription_name):
+            count += await change(self._db, stream_uuid, name, ids)
+            self._subscriptions.parked_changed(stream_uuid, name)
         return count
+
+
+def _subscription_of(row_name: str) -> str:
+    """The subscription a row belongs to: a partition group's, or its own."""
+    group = split_group_name(row_name)
+    return row_name if group is None else group[0]
 
 
 class _Joined:

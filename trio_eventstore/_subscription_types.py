@@ -267,3 +267,10 @@ class SubscriptionStatistics:
     #: events parked and not yet replayed or discarded, as this store's holder knows
     #: them (0 while it does not hold the subscription)
     parked: int = 0
+    #: with ``partition_groups``: the number of groups, and which one this is (None in
+    #: the figures of all the groups together, `Subscription.statistics`)
+    groups: int | None = None
+    group: int | None = None
+    #: with ``balance_subscriptions``: this store's member id among the stores that
+    #: share the subscriptions out (the ``<member>`` of its lock connection's name)
+    balance_member: str | None = None

@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from . import _storage, _transient
+from ._balance import split_group_name
 from ._config import EventStoreConfig
 from ._driver import Driver
 from ._errors import (
@@ -233,10 +234,15 @@ def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
             event = min(oldest, key=lambda item: item[0])[2]
             lag_seconds = max(0.0, time.time() - event.created_at.timestamp())
     checkpoint_time = driver.checkpoint_time
+    groups = driver.options.partition_groups
+    owner = driver.owner
     return attrs.evolve(
         stats,
         stream_uuid=driver.stream_uuid,
         name=driver.name,
+        groups=groups,
+        group=_group_number(driver.name) if groups is not None else None,
+        balance_member=owner.locks.member if owner.config.balance_subscriptions else None,
         role=_ROLES.get(stats.state, stats.state),
         lag=lag,
         lag_seconds=lag_seconds,
@@ -250,6 +256,11 @@ def subscription_statistics(driver: Driver) -> SubscriptionStatistics:
         # ``parked`` comes from the driver's poison-event handling
         redeliveries=driver.redeliveries,
     )
+
+
+def _group_number(row_name: str) -> int | None:
+    parsed = split_group_name(row_name)
+    return None if parsed is None else parsed[1]
 
 
 def is_current(driver: Driver, consumer: Consumer, batch: EventBatch) -> bool:
