@@ -404,3 +404,14 @@ async def test_a_link_and_a_batch_locking_its_original_stream_do_not_deadlock(
     assert 2 in outcomes  # the link: t at version 2
     [batch_outcome] = [o for o in outcomes if isinstance(o, list)]
     assert all(isinstance(o, _storage.Appended) for o in batch_outcome)
+
+
+def test_a_long_queue_is_shared_among_the_free_places() -> None:
+    """Under load the queue is split among the writer's free places (so that batches
+    follow each other through the `$all` lock), in batches of at least MIN_SHARE and
+    at most MAX_BATCH_APPENDS appends."""
+    assert _writer._share(40, 2) == 20
+    assert _writer._share(41, 2) == 21
+    assert _writer._share(40, 1) == 40
+    assert _writer._share(10, 2) == _writer.MIN_SHARE
+    assert _writer._share(5000, 2) == _writer.MAX_BATCH_APPENDS

@@ -193,16 +193,16 @@ _SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
 
 
 def batch_statement(
-    config: EventStoreConfig, requests: Sequence[AppendRequest], *, all_apart: bool = False
+    config: EventStoreConfig, requests: Sequence[AppendRequest], *, pipelined: bool = False
 ) -> tuple[str, tuple[object, ...], datetime.datetime]:
     """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
-    give the events (no I/O)."""
+    give the events (no I/O). ``pipelined``: the parameters of its first part."""
     sql = _sql.append_batch(
-        config.schema, config.column_data_type, lone=len(requests) == 1, all_apart=all_apart
+        config.schema, config.column_data_type, lone=len(requests) == 1, pipelined=pipelined
     )
     created_at = datetime.datetime.now(datetime.UTC)
     events = [e for r in requests for e in r.events]
-    params = (
+    params: tuple[object, ...] = (
         [r.stream_uuid for r in requests],
         [len(r.events) for r in requests],
         [r.kind for r in requests],
@@ -217,7 +217,29 @@ def batch_statement(
         [e.metadata for e in events],
         created_at,
     )
+    if pipelined:
+        params += (1,)
     return sql, params, created_at
+
+
+def _all_part(params: tuple[object, ...]) -> tuple[object, ...]:
+    """The parameters of a pipelined `_sql.append_batch`'s `$all` part, from those of
+    its first part: the events' appends, positions and ids, and created_at."""
+    empty: list[object] = []
+    return (
+        empty,
+        empty,
+        empty,
+        empty,
+        *params[4:7],
+        empty,
+        empty,
+        empty,
+        empty,
+        empty,
+        params[12],
+        2,
+    )
 
 
 def batch_outcomes(
@@ -227,7 +249,7 @@ def batch_outcomes(
     all_base: int = 0,
 ) -> list[Outcome]:
     """Each request's outcome, from the rows `batch_statement` returned (``all_base``:
-    what `_sql.append_to_all` returned, after a statement written ``all_apart``)."""
+    what the `$all` part of a ``pipelined`` statement returned)."""
     outcomes: list[Outcome] = []
     for request, row in zip(requests, rows, strict=True):
         outcome, before = int(row["outcome"]), int(row["before"])
@@ -247,8 +269,8 @@ def batch_outcomes(
 
 
 #: A batch of at least this many events (an append alone: `ALL_APART_LONE_EVENTS`) is
-#: written in a transaction of two statements (`_write_batch`): its round trips cost
-#: little next to its foreign-key checks.
+#: written as two statements sent together (`_write_batch`): its `$all` part holds the
+#: `$all` lock over half the foreign-key checks.
 ALL_APART_EVENTS = 256
 ALL_APART_LONE_EVENTS = 100
 
@@ -304,10 +326,10 @@ async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
 async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:
     """Write ``requests`` (distinct streams, distinct event ids) in one statement; a
     batch of `ALL_APART_EVENTS` or more (an append alone: `ALL_APART_LONE_EVENTS`) in
-    one transaction: the streams' rows, then
-    `$all` (`_sql.append_to_all`), so that the foreign-key checks of the streams'
-    rows run before `$all` is locked, in parallel with other writers, and the lock is
-    held over the `$all` rows' checks only."""
+    two, sent together (one round trip, one transaction: `_sql.append_batch`
+    ``pipelined``): the streams' rows, then `$all`, so that the foreign-key checks of
+    the streams' rows run before `$all` is locked, in parallel with other writers, and
+    the lock is held over the `$all` rows' checks and the commit only."""
     n_events = sum(len(r.events) for r in requests)
     if len(requests) == 1 and n_events < ALL_APART_LONE_EVENTS:
         appended = await _write_lone(db, requests[0])
@@ -323,25 +345,14 @@ async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[
         rows = await db.run(unit, statements=1 + n_events // 1000)
         return batch_outcomes(requests, rows, created_at)
 
-    sql, params, created_at = batch_statement(db.config, requests, all_apart=True)
-    to_all = _sql.append_to_all(db.config.schema)
+    sql, params, created_at = batch_statement(db.config, requests, pipelined=True)
 
-    async def apart(conn: Conn) -> tuple[list[Row], int]:
-        rows = await conn.fetch(sql, *params)
-        ids: list[uuid.UUID] = []
-        stream_ids: list[int] = []
-        versions: list[int] = []
-        for request, row in zip(requests, rows, strict=True):
-            if row["outcome"] == _sql.APPEND_OK:
-                before = int(row["before"])
-                ids += [e.event_id for e in request.events]
-                stream_ids += [int(row["stream_id"])] * len(request.events)
-                versions += range(before + 1, before + 1 + len(request.events))
-        base = int(await conn.fetchval(to_all, ids, stream_ids, versions)) if ids else 0
-        return rows, base
+    async def pipelined(conn: Conn) -> list[Row]:
+        return await conn.fetchmany(sql, [params, _all_part(params)])
 
-    rows, base = await db.transaction(apart, statements=4 + 2 * n_events // 1000)
-    return batch_outcomes(requests, rows, created_at, base)
+    rows = await db.run(pipelined, statements=2 + 2 * n_events // 1000)
+    base = next((int(r["all_base"]) for r in rows if r["k"] == 0), 0)
+    return batch_outcomes(requests, [r for r in rows if r["k"] != 0], created_at, base)
 
 
 async def append_batch(db: Database, requests: Sequence[AppendRequest]) -> list[Outcome]:

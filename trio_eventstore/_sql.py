@@ -414,7 +414,7 @@ def _creatable(kind: str, expected: str) -> str:
 
 @functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def append_batch(
-    schema: str, column_data_type: str, *, lone: bool = False, all_apart: bool = False
+    schema: str, column_data_type: str, *, lone: bool = False, pipelined: bool = False
 ) -> str:
     """Any number of appends, each to its own stream, in ONE statement (atomic on its
     own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
@@ -448,11 +448,16 @@ def append_batch(
     come from a locked stream checks its foreign key (``FOR KEY SHARE``) without waiting,
     so it can never wait in a cycle with an append.
 
-    ``all_apart``: everything but `$all` (for big batches, in a transaction that then
-    runs `append_to_all`): the statement writes the streams' own rows and returns
-    ``all_base`` as the append's offset in the batch; `$all` is neither locked nor
-    written. The foreign-key checks of the rows written here run when this statement
-    ends, before `$all` is locked, so the lock is held over half of them only.
+    ``pipelined``: for big batches, the statement is run twice in ONE round trip and one
+    transaction (``fetchmany``: two executions of one prepared statement before one
+    Sync), with $14 the part: 1 the streams' part, 2 the `$all` part. Part 1 is
+    everything but `$all`: it writes the streams' own rows, returns ``all_base`` as the
+    append's offset among those written, and records what it wrote in transaction-local
+    settings; its foreign-key checks run when it ends, before `$all` is locked. Part 2
+    (given only $5-$7 and $13; the other arrays empty) locks `$all` and numbers the
+    events written by part 1, in order; it returns one row, ``k`` 0 and ``all_base`` the
+    `$all` number before the first event (none when nothing was written). So the `$all`
+    lock is held over the `$all` rows' checks and the commit only, and no round trip.
     """
     s = quote_ident(schema)
     data = _stored("u.d", column_data_type)
@@ -463,7 +468,8 @@ def append_batch(
         " SELECT r.k::int AS k, r.uuid, r.n, r.kind, r.exp"
         " FROM unnest($1::text[], $2::bigint[], $3::int[], $4::bigint[])"
         " WITH ORDINALITY AS r(uuid, n, kind, exp, k)"
-        "), locked AS ("
+        + (" WHERE $14::int = 1" if pipelined else "")
+        + "), locked AS ("
         " SELECT s.stream_id, s.stream_uuid, s.stream_version, s.deleted_at"
         f" FROM {s}.streams s WHERE s.stream_uuid = ANY($1::text[])"
         " ORDER BY s.stream_uuid FOR NO KEY UPDATE"
@@ -476,7 +482,8 @@ def append_batch(
             else " SELECT u.a, (array_agg(u.id))[1] AS id"
             " FROM unnest($5::int[], $7::uuid[]) AS u(a, id)"
             f" JOIN {s}.events e ON e.event_id = u.id WHERE e.event_id = ANY($7::uuid[])"
-            " GROUP BY u.a"
+            + (" AND $14::int = 1" if pipelined else "")
+            + " GROUP BY u.a"
         )
         + "), created AS ("
         f" INSERT INTO {s}.streams (stream_uuid, stream_version)"
@@ -515,7 +522,7 @@ def append_batch(
         + (
             " SELECT 0::bigint AS base"
             " WHERE (SELECT count(*) FROM upd) >= 0 AND (SELECT count(*) FROM ev) >= 0"
-            if all_apart
+            if pipelined
             else f" UPDATE {s}.streams SET stream_version = stream_version + t.total"
             " FROM (SELECT sum(ok.n)::bigint AS total FROM ok) t"
             " WHERE stream_id = 0 AND t.total > 0"
@@ -532,14 +539,60 @@ def append_batch(
         " JOIN ok ON ok.k = u.a,"
         + (
             " LATERAL (VALUES (ok.stream_id)) AS x(sid)"
-            if all_apart
+            if pipelined
             else " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
         )
-        + ") SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
+        + ")"
+        + (_ALL_PART.format(s=s) if pipelined else "")
+        + " SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
         " d.id AS duplicate_id"
         " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true"
-        " LEFT JOIN dup d ON d.a = st.k ORDER BY st.k"
+        " LEFT JOIN dup d ON d.a = st.k"
+        + (
+            " CROSS JOIN rec"  # part 1: records what it wrote (one row per append)
+            " UNION ALL SELECT 0, NULL, NULL, NULL, a2.base, NULL FROM a2"
+            if pipelined
+            else ""
+        )
+        + " ORDER BY 1"
     )
+
+
+#: `append_batch`'s `$all` part when ``pipelined``: part 1 records the appends it wrote
+#: (``rec``: their indexes, stream ids and versions before, in transaction-local
+#: settings); part 2 reads them back (``wrote``), locks `$all` (``a2``) and inserts the
+#: `$all` rows of their events, in order.
+_ALL_PART = (
+    ", rec AS ("
+    " SELECT pg_catalog.set_config('trio_eventstore.k',"
+    " coalesce((SELECT array_agg(ok.k ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
+    " || pg_catalog.set_config('trio_eventstore.sid',"
+    " coalesce((SELECT array_agg(ok.stream_id ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
+    " || pg_catalog.set_config('trio_eventstore.before',"
+    " coalesce((SELECT array_agg(ok.before ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
+    " WHERE $14::int = 1"
+    "), wrote AS ("
+    " SELECT w.k, w.sid, w.before FROM unnest("
+    "nullif(pg_catalog.current_setting('trio_eventstore.k', true), '')::int[],"
+    " nullif(pg_catalog.current_setting('trio_eventstore.sid', true), '')::bigint[],"
+    " nullif(pg_catalog.current_setting('trio_eventstore.before', true), '')::bigint[])"
+    " AS w(k, sid, before) WHERE $14::int = 2"
+    "), evs AS ("
+    " SELECT u.id, wrote.sid, wrote.before + u.p AS v,"
+    " row_number() OVER (ORDER BY u.a, u.p) AS n"
+    " FROM unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
+    " JOIN wrote ON wrote.k = u.a"
+    "), a2 AS ("
+    " UPDATE {s}.streams SET stream_version = stream_version + t.total"
+    " FROM (SELECT count(*) AS total FROM evs) t"
+    " WHERE stream_id = 0 AND t.total > 0"
+    " RETURNING stream_version - t.total AS base"
+    "), se2 AS ("
+    " INSERT INTO {s}.stream_events"
+    " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+    " SELECT evs.id, 0, a2.base + evs.n, evs.sid, evs.v FROM a2, evs"
+    ")"
+)
 
 
 #: The stream step of `append_lone`, by expected-version kind (``EXPECT_VERSION`` 0 is
@@ -625,28 +678,6 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
         " FROM st, a, unnest($2::uuid[]) WITH ORDINALITY AS u(id, k),"
         " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
         ") SELECT st.stream_id, st.before, a.base FROM st, a"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def append_to_all(schema: str) -> str:
-    """The `$all` half of a big batch (after `append_batch` with ``all_apart``, in the
-    same transaction): lock `$all`, number the events after its head in the order
-    given. Parameters: $1 the event ids, $2 their streams' ids, $3 their versions in
-    those streams. Returns ``base``, the `$all` number before the first one."""
-    s = quote_ident(schema)
-    return (
-        "WITH a AS ("
-        f" UPDATE {s}.streams SET stream_version = stream_version + cardinality($1::uuid[])"
-        " WHERE stream_id = 0"
-        " RETURNING stream_version - cardinality($1::uuid[]) AS base"
-        "), se AS ("
-        f" INSERT INTO {s}.stream_events"
-        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
-        " SELECT u.id, 0, a.base + u.k, u.sid, u.v"
-        " FROM a, unnest($1::uuid[], $2::bigint[], $3::bigint[])"
-        " WITH ORDINALITY AS u(id, sid, v, k)"
-        ") SELECT base FROM a"
     )
 
 

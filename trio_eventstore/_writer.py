@@ -29,6 +29,9 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: Batches written at once (each on its own pooled connection; a caller writing its own
 #: append while the writer is idle, `GroupCommitWriter._write_now`, takes a place).
 MAX_IN_FLIGHT = 2
+#: A long queue is shared among the writer's free places (`_share`), in batches of at
+#: least this many appends.
+MIN_SHARE = 16
 #: An append of at least this many events is written alone, in its caller's task, on
 #: its own pooled connection (`GroupCommitWriter.write_alone`): one commit is little
 #: next to its rows, and several such appends are written in parallel.
@@ -171,7 +174,7 @@ class GroupCommitWriter:
         self._on_written(request, appended)
         return appended
 
-    def _take(self) -> list[_Pending]:
+    def _take(self, limit: int = MAX_BATCH_APPENDS) -> list[_Pending]:
         """The next batch, in queue order: at most one append per stream, and none to
         a stream a batch in flight writes to (later appends to a stream wait, so each
         is checked against the ones before it, in order), and no event id twice."""
@@ -188,7 +191,7 @@ class GroupCommitWriter:
             request = pending.request
             event_ids = [e.event_id for e in request.events]
             if (
-                len(batch) >= MAX_BATCH_APPENDS
+                len(batch) >= limit
                 or (batch and size + request.size > MAX_BATCH_BYTES)
                 or request.stream_uuid in streams
                 or not ids.isdisjoint(event_ids)
@@ -222,7 +225,8 @@ class GroupCommitWriter:
 
     async def _worker(self) -> None:
         while True:
-            batch = self._take() if self._queue and self._writing < MAX_IN_FLIGHT else []
+            free = MAX_IN_FLIGHT - self._writing
+            batch = self._take(_share(len(self._queue), free)) if self._queue and free > 0 else []
             if not batch:  # nothing queued, all of it waits for batches in flight, or
                 # a caller writing its own (`_write_now`) holds the last place
                 await self._idle.park()
@@ -274,6 +278,14 @@ class GroupCommitWriter:
                 self._on_written(pending.request, outcome)
                 pending.finish(outcome)
         self._queue.extendleft(reversed(retry))
+
+
+def _share(queued: int, free: int) -> int:
+    """How many of ``queued`` appends one of ``free`` places takes: an equal share, so
+    that under load the batches follow each other through the `$all` lock (one doing its
+    inserts while the one before it commits) instead of one batch carrying every caller
+    while the database waits for them between batches; at least `MIN_SHARE`."""
+    return min(MAX_BATCH_APPENDS, max(MIN_SHARE, -(-queued // free)))
 
 
 def _own_copy(exc: Exception) -> Exception:

@@ -6,7 +6,7 @@ socket) is terminated rather than reused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -54,6 +54,13 @@ class Conn:
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         return await _translated(self._conn.fetchval(sql, *args), self._config)
+
+    async def fetchmany(self, sql: str, args: Iterable[Sequence[object]]) -> list[Row]:
+        """``sql`` once per argument sequence, in ONE round trip and one transaction
+        (all executions sent before one Sync: outside a transaction, they commit or roll
+        back together); the rows of all of them, in order."""
+        rows: list[Row] = await _translated(self._conn.fetchmany(sql, args), self._config)
+        return rows
 
     async def execute(self, sql: str, *args: object) -> str:
         status: str = await _translated(self._conn.execute(sql, *args), self._config)
