@@ -100,3 +100,28 @@ async def test_a_busy_pool_does_not_drop_the_listener(initialized: EventStoreCon
         await trio.sleep(0.2)
         assert store.statistics().listener_reconnects == 0
         assert store.statistics().listener_connected
+
+
+async def test_the_listener_keeps_positions_only_of_streams_someone_waits_for(
+    initialized: EventStoreConfig,
+) -> None:
+    """A store that writes to many streams (every new aggregate is one) keeps no
+    per-stream state for them: its listener follows only the streams a subscription or
+    reader waits for (and `$all`). It used to keep two entries per stream it ever heard
+    of, for as long as the store was open."""
+    async with open_event_store(initialized) as store, open_event_store(initialized) as other:
+        notifier = store._subscriptions.notifier
+        async with store.subscribe("watched") as subscription:
+            for i in range(300):
+                await store.append_to_stream(f"mine-{i}", NO_STREAM, [event(i)])
+                await other.append_to_stream(f"theirs-{i}", NO_STREAM, [event(i)])
+            await store.append_to_stream("watched", NO_STREAM, [event(1)])
+            with trio.fail_after(10):
+                assert [e.data for e in await subscription.__anext__()] == [{"n": 1}]
+            await trio.sleep(0.2)  # the listener has read every notification by now
+            assert notifier.notifications >= 601
+            assert set(notifier._marks) <= {"$all", "watched"}
+            assert set(notifier._generations) <= {"$all", "watched"}
+            assert notifier.mark("watched") == 1
+        # Once nobody waits for it, it is forgotten too.
+        assert set(notifier._marks) <= {"$all"}

@@ -57,6 +57,8 @@ class Notifier:
         self._generations: dict[str, int] = {}
         self._watchers: dict[str, int] = {}
         self._listeners: dict[str, list[Callable[[], None]]] = {}
+        #: streams kept by `watch` (transient subscriptions), with how many keep each
+        self._watched: dict[str, int] = {}
         self._changed = _Wakeup()
         self.connected = False
         self.backend_pid: int | None = None
@@ -86,6 +88,7 @@ class Notifier:
         """Return once the stream's mark is above ``position``, or the marks were
         re-synced or polled (read the database to see what changed)."""
         self._watchers[stream_uuid] = self._watchers.get(stream_uuid, 0) + 1
+        self._marks.setdefault(stream_uuid, 0)
         try:
             while self.mark(stream_uuid) <= position:
                 wakeup = self._changed
@@ -96,6 +99,7 @@ class Notifier:
             self._watchers[stream_uuid] -= 1
             if not self._watchers[stream_uuid]:
                 del self._watchers[stream_uuid]
+                self._forget(stream_uuid)
 
     def add_listener(self, stream_uuid: str, wake: Callable[[], None]) -> None:
         """Call ``wake()`` (sync, must not block) when the stream's mark may have moved."""
@@ -108,10 +112,36 @@ class Notifier:
             listeners.remove(wake)
         if not listeners:
             self._listeners.pop(stream_uuid, None)
+            self._forget(stream_uuid)
 
     def watch(self, stream_uuid: str) -> None:
-        """Keep the stream's mark in re-syncs (subscriptions call this)."""
+        """Follow the stream (and keep its mark in re-syncs) until `unwatch`: a
+        transient subscription, from before its first read."""
+        self._watched[stream_uuid] = self._watched.get(stream_uuid, 0) + 1
         self._marks.setdefault(stream_uuid, 0)
+
+    def unwatch(self, stream_uuid: str) -> None:
+        count = self._watched.get(stream_uuid, 0) - 1
+        if count > 0:
+            self._watched[stream_uuid] = count
+            return
+        self._watched.pop(stream_uuid, None)
+        self._forget(stream_uuid)
+
+    def _followed(self, stream_uuid: str) -> bool:
+        """Whether anyone waits for the stream: only then is its mark kept (a store
+        writing to many streams would otherwise keep one for each, for ever)."""
+        return (
+            stream_uuid == "$all"
+            or stream_uuid in self._listeners
+            or stream_uuid in self._watchers
+            or stream_uuid in self._watched
+        )
+
+    def _forget(self, stream_uuid: str) -> None:
+        if not self._followed(stream_uuid):
+            self._marks.pop(stream_uuid, None)
+            self._generations.pop(stream_uuid, None)
 
     # -- writers --------------------------------------------------------------------------
 
@@ -138,6 +168,8 @@ class Notifier:
             return
         stream_uuid, _, _, last = parsed
         self.notifications += 1
+        if not self._followed(stream_uuid):
+            return  # nobody here reads it: whoever starts to reads the database first
         self._generations[stream_uuid] = self._generations.get(stream_uuid, 0) + 1
         if last > self._marks.get(stream_uuid, -1):
             self._marks[stream_uuid] = last

@@ -70,7 +70,11 @@ class SubscriptionMethods:
         selector: Callable[[RecordedEvent], bool] | None,
         mapper: Callable[[RecordedEvent], Any] | None,
     ) -> AsyncIterator[TransientSubscription]:
-        yield await self._subscriptions.transient(stream_uuid, selector, mapper)
+        subscription = await self._subscriptions.transient(stream_uuid, selector, mapper)
+        try:
+            yield subscription
+        finally:
+            self._subscriptions.notifier.unwatch(stream_uuid)
 
     def subscribe_to_stream(
         self,

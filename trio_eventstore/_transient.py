@@ -39,6 +39,9 @@ async def subscribe(
         position = info.stream_version
     except StreamNotFoundError:  # not yet: its first event is new
         position = 0
+    except BaseException:
+        owner.notifier.unwatch(stream_uuid)
+        raise
     return TransientSubscription(owner, stream_uuid, position, selector, mapper)
 
 
