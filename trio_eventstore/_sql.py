@@ -543,7 +543,7 @@ def append_batch(
             else " LATERAL (VALUES (ok.stream_id), (0::bigint)) AS x(sid)"
         )
         + ")"
-        + (_ALL_PART.format(s=s) if pipelined else "")
+        + (_all_part(s) if pipelined else "")
         + " SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
         " d.id AS duplicate_id"
         " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true"
@@ -558,41 +558,42 @@ def append_batch(
     )
 
 
-#: `append_batch`'s `$all` part when ``pipelined``: part 1 records the appends it wrote
+# `append_batch`'s `$all` part when ``pipelined``: part 1 records the appends it wrote
 #: (``rec``: their indexes, stream ids and versions before, in transaction-local
 #: settings); part 2 reads them back (``wrote``), locks `$all` (``a2``) and inserts the
 #: `$all` rows of their events, in order.
-_ALL_PART = (
-    ", rec AS ("
-    " SELECT pg_catalog.set_config('trio_eventstore.k',"
-    " coalesce((SELECT array_agg(ok.k ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
-    " || pg_catalog.set_config('trio_eventstore.sid',"
-    " coalesce((SELECT array_agg(ok.stream_id ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
-    " || pg_catalog.set_config('trio_eventstore.before',"
-    " coalesce((SELECT array_agg(ok.before ORDER BY ok.k) FROM ok), '{{}}')::text, true)"
-    " WHERE $14::int = 1"
-    "), wrote AS ("
-    " SELECT w.k, w.sid, w.before FROM unnest("
-    "nullif(pg_catalog.current_setting('trio_eventstore.k', true), '')::int[],"
-    " nullif(pg_catalog.current_setting('trio_eventstore.sid', true), '')::bigint[],"
-    " nullif(pg_catalog.current_setting('trio_eventstore.before', true), '')::bigint[])"
-    " AS w(k, sid, before) WHERE $14::int = 2"
-    "), evs AS ("
-    " SELECT u.id, wrote.sid, wrote.before + u.p AS v,"
-    " row_number() OVER (ORDER BY u.a, u.p) AS n"
-    " FROM unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
-    " JOIN wrote ON wrote.k = u.a"
-    "), a2 AS ("
-    " UPDATE {s}.streams SET stream_version = stream_version + t.total"
-    " FROM (SELECT count(*) AS total FROM evs) t"
-    " WHERE stream_id = 0 AND t.total > 0"
-    " RETURNING stream_version - t.total AS base"
-    "), se2 AS ("
-    " INSERT INTO {s}.stream_events"
-    " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
-    " SELECT evs.id, 0, a2.base + evs.n, evs.sid, evs.v FROM a2, evs"
-    ")"
-)
+def _all_part(s: str) -> str:
+    return (
+        ", rec AS ("
+        " SELECT pg_catalog.set_config('trio_eventstore.k',"
+        " coalesce((SELECT array_agg(ok.k ORDER BY ok.k) FROM ok), '{}')::text, true)"
+        " || pg_catalog.set_config('trio_eventstore.sid',"
+        " coalesce((SELECT array_agg(ok.stream_id ORDER BY ok.k) FROM ok), '{}')::text, true)"
+        " || pg_catalog.set_config('trio_eventstore.before',"
+        " coalesce((SELECT array_agg(ok.before ORDER BY ok.k) FROM ok), '{}')::text, true)"
+        " WHERE $14::int = 1"
+        "), wrote AS ("
+        " SELECT w.k, w.sid, w.before FROM unnest("
+        "nullif(pg_catalog.current_setting('trio_eventstore.k', true), '')::int[],"
+        " nullif(pg_catalog.current_setting('trio_eventstore.sid', true), '')::bigint[],"
+        " nullif(pg_catalog.current_setting('trio_eventstore.before', true), '')::bigint[])"
+        " AS w(k, sid, before) WHERE $14::int = 2"
+        "), evs AS ("
+        " SELECT u.id, wrote.sid, wrote.before + u.p AS v,"
+        " row_number() OVER (ORDER BY u.a, u.p) AS n"
+        " FROM unnest($5::int[], $6::int[], $7::uuid[]) AS u(a, p, id)"
+        " JOIN wrote ON wrote.k = u.a"
+        "), a2 AS ("
+        f" UPDATE {s}.streams SET stream_version = stream_version + t.total"
+        " FROM (SELECT count(*) AS total FROM evs) t"
+        " WHERE stream_id = 0 AND t.total > 0"
+        " RETURNING stream_version - t.total AS base"
+        "), se2 AS ("
+        f" INSERT INTO {s}.stream_events"
+        " (event_id, stream_id, stream_version, original_stream_id, original_stream_version)"
+        " SELECT evs.id, 0, a2.base + evs.n, evs.sid, evs.v FROM a2, evs"
+        ")"
+    )
 
 
 #: The stream step of `append_lone`, by expected-version kind (``EXPECT_VERSION`` 0 is
@@ -632,13 +633,16 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
         " WHERE stream_uuid = $1 AND deleted_at IS NULL"
     )
     updated = f" RETURNING stream_id, stream_version - {n} AS before"
-    insert = (
-        f"INSERT INTO {s}.streams (stream_uuid, stream_version) SELECT $1, {n}"
-        " WHERE true{}"
-        " ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id, 0::bigint AS before"
-    )
+
+    def insert(condition: str) -> str:
+        return (
+            f"INSERT INTO {s}.streams (stream_uuid, stream_version) SELECT $1, {n}"
+            f" WHERE true{condition}"
+            " ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id, 0::bigint AS before"
+        )
+
     if step == LONE_NEW:
-        stream = "st AS (" + insert.format("") + ")"
+        stream = "st AS (" + insert("") + ")"
     elif step == LONE_VERSION:
         stream = "st AS (" + update + " AND stream_version = $9::bigint" + updated + ")"
     elif step == LONE_EXISTS:
@@ -650,7 +654,7 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
             + update
             + updated
             + "), ins AS ("
-            + insert.format(" AND NOT EXISTS (SELECT 1 FROM upd)")
+            + insert(" AND NOT EXISTS (SELECT 1 FROM upd)")
             + "), st AS (SELECT * FROM upd UNION ALL SELECT * FROM ins)"
         )
     data = _stored("u.d", column_data_type)
