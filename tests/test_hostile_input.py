@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import trio_eventstore as es
@@ -442,6 +442,8 @@ async def schema_round_trip(test_database: str, schema: object) -> None:
 async def test_schema_names_work_or_are_refused_before_io(test_database: str) -> None:
     @settings(max_examples=min(settings().max_examples, 10))
     @given(SCHEMAS)
+    @example("{")  # once broke an append statement built with str.format
+    @example("a}b{0}")
     def fuzz(schema: str) -> None:
         run(schema_round_trip, test_database, schema)
 
