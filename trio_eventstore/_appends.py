@@ -290,19 +290,24 @@ def lone_statement(
     """`_sql.append_lone` for ``request``, its parameters and the created_at they give
     the events (no I/O)."""
     step = _lone_step(request)
-    sql = _sql.append_lone(config.schema, config.column_data_type, step)
-    created_at = datetime.datetime.now(datetime.UTC)
     events = request.events
-    params: list[object] = [
-        request.stream_uuid,
-        [e.event_id for e in events],
-        [e.event_type for e in events],
-        [e.causation_id for e in events],
-        [e.correlation_id for e in events],
-        [e.data for e in events],
-        [e.metadata for e in events],
-        created_at,
-    ]
+    single = len(events) == 1
+    sql = _sql.append_lone(config.schema, config.column_data_type, step, single=single)
+    created_at = datetime.datetime.now(datetime.UTC)
+    params: list[object] = [request.stream_uuid]
+    if single:
+        (e,) = events
+        params += [e.event_id, e.event_type, e.causation_id, e.correlation_id, e.data, e.metadata]
+    else:
+        params += [
+            [e.event_id for e in events],
+            [e.event_type for e in events],
+            [e.causation_id for e in events],
+            [e.correlation_id for e in events],
+            [e.data for e in events],
+            [e.metadata for e in events],
+        ]
+    params.append(created_at)
     if step == _sql.LONE_VERSION:
         params.append(request.version)
     return sql, params, created_at

@@ -231,7 +231,7 @@ LONE_NEW, LONE_VERSION, LONE_EXISTS, LONE_ANY = "new", "version", "exists", "any
 
 
 @functools.lru_cache(maxsize=64)  # built once per schema and step: a hot path
-def append_lone(schema: str, column_data_type: str, step: str) -> str:
+def append_lone(schema: str, column_data_type: str, step: str, *, single: bool = False) -> str:
     """One append, the way it usually goes, in ONE lean statement: what the Elixir
     library's own insert statement does, with the expected version checked by the
     statement itself instead of by a SELECT before it.
@@ -254,9 +254,12 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
     the `$all` number before the first event) when the events are written, no row when
     nothing was written: the stream step refused, and `append_batch` (``lone``) tells
     why (or writes it: a stream at version 0 takes ``NO_STREAM``). A stored event id
-    fails the statement (unique violation)."""
+    fails the statement (unique violation).
+
+    ``single``: for an append of one event, its parameters are values, not arrays (no
+    array to encode, decode and unnest)."""
     s = quote_ident(schema)
-    n = "cardinality($2::uuid[])"
+    n = "1::bigint" if single else "cardinality($2::uuid[])"
     update = (
         f"UPDATE {s}.streams SET stream_version = stream_version + {n}"
         " WHERE stream_uuid = $1 AND deleted_at IS NULL"
@@ -293,8 +296,13 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
         f" INSERT INTO {s}.events"
         " (event_id, event_type, causation_id, correlation_id, data, metadata, created_at)"
         f" SELECT u.id, u.t, u.c, u.r, {data}, {meta}, $8"
-        " FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::bytea[],"
-        " $7::bytea[]) AS u(id, t, c, r, d, m)"
+        + (
+            " FROM (VALUES ($2::uuid, $3::text, $4::uuid, $5::uuid, $6::bytea, $7::bytea))"
+            if single
+            else " FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::bytea[],"
+            " $7::bytea[])"
+        )
+        + " AS u(id, t, c, r, d, m)"
         " WHERE EXISTS (SELECT 1 FROM st)"
         " RETURNING 1"
         "), a AS ("
@@ -308,8 +316,12 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
         " SELECT u.id, x.sid,"
         " CASE WHEN x.sid = 0 THEN a.base + u.k ELSE st.before + u.k END,"
         " st.stream_id, st.before + u.k"
-        " FROM st, a, unnest($2::uuid[]) WITH ORDINALITY AS u(id, k),"
-        " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
+        + (
+            " FROM st, a, (VALUES ($2::uuid, 1::bigint)) AS u(id, k),"
+            if single
+            else " FROM st, a, unnest($2::uuid[]) WITH ORDINALITY AS u(id, k),"
+        )
+        + " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
         ") SELECT st.stream_id, st.before, a.base FROM st, a"
     )
 
