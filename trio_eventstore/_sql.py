@@ -632,13 +632,16 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
         " WHERE stream_uuid = $1 AND deleted_at IS NULL"
     )
     updated = f" RETURNING stream_id, stream_version - {n} AS before"
-    insert = (
-        f"INSERT INTO {s}.streams (stream_uuid, stream_version) SELECT $1, {n}"
-        " WHERE true{}"
-        " ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id, 0::bigint AS before"
-    )
+
+    def insert(condition: str) -> str:  # (no str.format: the schema's name may hold braces)
+        return (
+            f"INSERT INTO {s}.streams (stream_uuid, stream_version) SELECT $1, {n}"
+            f" WHERE true{condition}"
+            " ON CONFLICT (stream_uuid) DO NOTHING RETURNING stream_id, 0::bigint AS before"
+        )
+
     if step == LONE_NEW:
-        stream = "st AS (" + insert.format("") + ")"
+        stream = "st AS (" + insert("") + ")"
     elif step == LONE_VERSION:
         stream = "st AS (" + update + " AND stream_version = $9::bigint" + updated + ")"
     elif step == LONE_EXISTS:
@@ -650,7 +653,7 @@ def append_lone(schema: str, column_data_type: str, step: str) -> str:
             + update
             + updated
             + "), ins AS ("
-            + insert.format(" AND NOT EXISTS (SELECT 1 FROM upd)")
+            + insert(" AND NOT EXISTS (SELECT 1 FROM upd)")
             + "), st AS (SELECT * FROM upd UNION ALL SELECT * FROM ins)"
         )
     data = _stored("u.d", column_data_type)
