@@ -391,7 +391,7 @@ class EventStore(SubscriptionMethods):
             StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
         """
         self._check_open()
-        check_target(stream_uuid)
+        check_target(stream_uuid, written=False)
         check_expected_version(expected_version)
         if hard and not self._config.enable_hard_deletes:
             raise NotSupportedError("hard deletes are disabled (config enable_hard_deletes)")
