@@ -13,10 +13,14 @@ import trio
 
 from trio_eventstore import (
     ANY_VERSION,
+    NO_STREAM,
+    STREAM_EXISTS,
     DuplicateEventError,
     EventData,
     EventStoreConfig,
     StorageUnavailableError,
+    StreamExistsError,
+    WrongExpectedVersionError,
     open_event_store,
 )
 
@@ -60,3 +64,23 @@ async def test_an_ambiguous_append_retried_with_its_ids_is_stored_exactly_once(
             stored = await store.read_stream_forward("s")
     assert [e.event_id for e in stored[1:]] == [e.event_id for e in events]
     assert [e.stream_version for e in stored] == [1, 2, 3]
+
+
+async def test_a_retry_is_checked_for_its_expected_version_before_its_event_ids(
+    initialized: EventStoreConfig,
+) -> None:
+    """README (Writes, Cancellation): only a retry with `ANY_VERSION` or `STREAM_EXISTS`
+    tells a stored first attempt by `DuplicateEventError`; with `NO_STREAM` or a version
+    number the version is refused first, and the ids read back say what happened."""
+    events = [EventData({"n": n}, event_type="Counted", event_id=uuid.uuid4()) for n in (1, 2)]
+    async with open_event_store(initialized) as store:
+        assert await store.append_to_stream("s", NO_STREAM, events) == 2  # "timed out"
+        with pytest.raises(StreamExistsError):
+            await store.append_to_stream("s", NO_STREAM, events)
+        with pytest.raises(WrongExpectedVersionError):
+            await store.append_to_stream("s", 0, events)
+        for expected in (ANY_VERSION, STREAM_EXISTS):
+            with pytest.raises(DuplicateEventError):
+                await store.append_to_stream("s", expected, events)
+        after = await store.read_stream_forward("s", 1)
+        assert [e.event_id for e in after] == [e.event_id for e in events]

@@ -23,6 +23,7 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
+from trio_eventstore._pg import open_connection
 
 from .helpers import url_for
 
@@ -258,3 +259,66 @@ def test_errors_pickle_with_their_fields(error: es.EventStoreError) -> None:
     assert type(copy) is type(error)
     assert str(copy) == str(error)
     assert vars(copy) == vars(error)
+
+
+# A call in flight (in the caller's own task, outside the store's nursery) when the
+# store's block exits: it is waiting for the server, which a table lock holds up.
+IN_FLIGHT_CALLS: dict[str, tuple[str, Callable[[EventStore], Awaitable[object]]]] = {
+    "read": ("ACCESS EXCLUSIVE", lambda s: s.read_stream_forward("s")),
+    "lone append": ("EXCLUSIVE", lambda s: s.append_to_stream("s", ANY_VERSION, [_event()])),
+    "big append": (
+        "EXCLUSIVE",
+        lambda s: s.append_to_stream("s", ANY_VERSION, [_event(n) for n in range(150)]),
+    ),
+}
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+@pytest.mark.parametrize("name", sorted(IN_FLIGHT_CALLS))
+async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
+    initialized: EventStoreConfig, name: str, group_commit: bool
+) -> None:
+    """Before, the call waited for its statement's timeout on the closed asyncio loop,
+    and then the cancellation crashed Trio (`TrioInternalError`)."""
+    mode, call = IN_FLIGHT_CALLS[name]
+    config = initialized.with_changes(timeout=3.0, group_commit=group_commit)
+    outcome: list[BaseException] = []
+    done = trio.Event()
+
+    lock_now, locked = trio.Event(), trio.Event()
+
+    async def lock_tables() -> None:
+        # Connected before the store opens: on a loop of its own, not the store's.
+        async with open_connection(config) as blocker:
+            await lock_now.wait()
+            await blocker.execute("BEGIN")
+            for table in ("streams", "events"):
+                await blocker.execute(f'LOCK TABLE "{config.schema}".{table} IN {mode} MODE')
+            locked.set()
+            await trio.sleep_forever()
+
+    async def caller(store: EventStore) -> None:
+        try:
+            await call(store)
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lock_tables)
+        await trio.sleep(0.2)
+        async with open_event_store(config) as store:
+            await store.append_to_stream("s", NO_STREAM, [_event()])
+            lock_now.set()
+            await locked.wait()
+            nursery.start_soon(caller, store)
+            await trio.sleep(0.3)  # sent, and held up by the lock
+            assert not done.is_set()
+            closing = trio.current_time()
+        with trio.fail_after(2):  # not the statement's timeout (3 s): at once
+            await done.wait()
+        assert trio.current_time() - closing < 2
+        nursery.cancel_scope.cancel()
+    (error,) = outcome
+    assert isinstance(error, es.EventStoreClosedError), repr(error)
+    assert "closed" in str(error)

@@ -199,3 +199,26 @@ async def test_concurrent_lone_appends_of_every_kind_keep_streams_and_all_dense(
         versions = [e.stream_version for e in events if e.stream_uuid == name]
         assert versions == list(range(1, len(versions) + 1))
     assert sorted(written) == sorted((e.stream_uuid, e.stream_version) for e in events)
+
+
+@pytest.mark.parametrize("suffix", ["{}", "{0}", "}{"])
+async def test_the_lean_statements_write_to_a_schema_whose_name_has_braces(
+    config: EventStoreConfig, suffix: str
+) -> None:
+    """The lean statement was put together with `str.format` after the schema's name was
+    in it: braces in the name raised `ValueError`, or (``{}``) named another schema."""
+    cfg = config.with_changes(schema=config.schema + suffix)
+    await admin.create(cfg)
+    await admin.init(cfg)
+    try:
+        async with open_event_store(cfg) as store:
+            assert await store.append_to_stream("s", NO_STREAM, [event(1)]) == 1
+            assert await store.append_to_stream("s", ANY_VERSION, [event(2)]) == 2
+            assert await store.append_to_stream("t", ANY_VERSION, [event(3)]) == 1
+            assert await store.append_to_stream("s", 2, [event(4)]) == 3
+            assert await store.append_to_stream("s", STREAM_EXISTS, [event(5)]) == 4
+            events = await store.read_all_streams_forward()
+            assert [e.data for e in events] == [{"n": n} for n in range(1, 6)]
+    finally:
+        with trio.CancelScope(shield=True):
+            await admin.drop(cfg)

@@ -256,3 +256,35 @@ async def test_a_failing_notification_callback_keeps_the_listener(
         assert seen == ["one", "two"]
         assert await listener.fetchval("SELECT 1") == 1
     assert "a notification callback failed" in caplog.text
+
+
+async def test_cancelling_a_crossing_whose_loop_closed_under_it_raises_cancelled() -> None:
+    """A crossing still waiting when its loop closes (one the store could not wait
+    for) can never be woken by the loop: cancelling it raises `trio.Cancelled` in its
+    task, where it used to crash Trio (`TrioInternalError`: the loop is closed)."""
+    import trio_asyncio
+
+    from trio_eventstore._pg import _bridge
+
+    outcome: list[str] = []
+
+    async def crossing(loop: object, *, task_status: trio.TaskStatus[None]) -> None:
+        future = loop.create_future()  # type: ignore[attr-defined]
+
+        async def waits() -> None:
+            await future
+
+        task_status.started()
+        try:
+            await _bridge._run_inline(loop, waits())
+        except trio.Cancelled:
+            outcome.append("cancelled")
+            raise
+
+    async with trio.open_nursery() as nursery:
+        async with trio_asyncio.open_loop() as loop:
+            await nursery.start(crossing, loop)
+            await trio.sleep(0.05)
+        assert loop.is_closed()
+        nursery.cancel_scope.cancel()
+    assert outcome == ["cancelled"]

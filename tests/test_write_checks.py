@@ -9,12 +9,15 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import random
+import string
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
+import trio
 
 import trio_eventstore as es
 from trio_eventstore import (
@@ -389,6 +392,51 @@ async def test_text_that_cannot_be_stored_is_refused_before_any_io(store: EventS
 
 
 # -- sizes ----------------------------------------------------------------------------------
+
+
+def _incompressible(size: int) -> str:
+    """A stream id of ``size`` bytes that PostgreSQL cannot compress into its index."""
+    text = random.Random(size).choices(string.ascii_letters + string.digits, k=size)
+    return "".join(text)
+
+
+async def test_a_stream_id_too_long_for_postgres_index_is_refused_before_any_io(
+    store: EventStore,
+) -> None:
+    """PostgreSQL indexes stream ids (`ix_streams_stream_uuid`) in entries of at most
+    2704 bytes. A longer id that does not compress was refused by the server (a bare
+    `DatabaseError`), failing with it every other append of its group-commit batch."""
+    fits, too_long = _incompressible(2692), _incompressible(2693)
+    outcomes: dict[str, object] = {}
+
+    async def append(stream: str) -> None:
+        try:
+            events = [EventData({}, event_type="T")]
+            outcomes[stream] = await store.append_to_stream(stream, es.ANY_VERSION, events)
+        except Exception as exc:
+            outcomes[stream] = exc
+
+    others = [f"other-{n}" for n in range(8)]
+    async with trio.open_nursery() as nursery:  # one group-commit batch
+        for stream in (*others[:4], too_long, *others[4:]):
+            nursery.start_soon(append, stream)
+    assert [outcomes[stream] for stream in others] == [1] * 8
+    refused = outcomes[too_long]
+    assert isinstance(refused, ValueError), refused
+    assert _is_plain_value_error(refused)
+    assert "stream_uuid" in str(refused)
+    assert "2692 bytes" in str(refused)
+    big = [EventData({"n": n}, event_type="T") for n in range(150)]  # written alone
+    (linked,) = await store.read_stream_forward(others[0])
+    with pytest.raises(ValueError, match="stream_uuid"):
+        await store.append_to_stream(too_long, es.ANY_VERSION, big)
+    with pytest.raises(ValueError, match="stream_uuid"):
+        await store.link_to_stream(too_long, es.ANY_VERSION, [linked])
+    with pytest.raises(es.StreamNotFoundError):
+        await store.stream_info(too_long)
+    assert (await store.stream_info("$all")).stream_version == len(others)
+    assert await store.append_to_stream(fits, es.NO_STREAM, [EventData({}, event_type="T")]) == 1
+    assert (await store.stream_info(fits)).stream_uuid == fits
 
 
 async def test_an_append_too_large_for_one_message_is_refused(

@@ -33,6 +33,7 @@ from ._errors import (
     StreamDeletedError,
     StreamNotFoundError,
     SubscriptionAlreadyExistsError,
+    single_errors,
 )
 from ._serialization import load_serializer
 from ._store import EventStore, open_event_store
@@ -239,7 +240,7 @@ async def _parked(config: EventStoreConfig, args: argparse.Namespace) -> Any:
 async def _tail(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     # Ctrl-C (or SIGTERM) cancels the follow and closes the store cleanly, rather than
     # a KeyboardInterrupt that may land inside the driver's callbacks.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, single_errors():
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:

@@ -10,6 +10,7 @@ from ._types import ALL_STREAMS, MAX_BIGINT, ExpectedVersion, check_text
 
 __all__ = [
     "MAX_STREAM_UUID_BYTES",
+    "MAX_WRITTEN_STREAM_UUID_BYTES",
     "check_events",
     "check_expected_version",
     "check_int",
@@ -21,6 +22,11 @@ __all__ = [
 
 #: NOTIFY payloads hold "<stream_uuid>,<id>,<first>,<last>" and must stay under 8000 bytes.
 MAX_STREAM_UUID_BYTES = 7900
+
+#: PostgreSQL indexes stream ids (`ix_streams_stream_uuid`) in btree entries of at most
+#: 2704 bytes (8 KiB pages), 12 of them its own: a longer id is stored only if the server
+#: happens to compress it, so appends and links take none.
+MAX_WRITTEN_STREAM_UUID_BYTES = 2692
 
 
 def check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
@@ -49,10 +55,17 @@ def parse_event_ids(items: Sequence[uuid.UUID | str] | None) -> list[uuid.UUID] 
     return ids
 
 
-def check_target(stream_uuid: object) -> None:
+def check_target(stream_uuid: object, *, written: bool = True) -> None:
+    """A stream to append or link to (``written``), or to delete."""
     check_stream(stream_uuid)
     if stream_uuid == ALL_STREAMS:
         raise ValueError(f"stream_uuid: {ALL_STREAMS!r} cannot be written to or deleted")
+    assert isinstance(stream_uuid, str)
+    if written and len(stream_uuid.encode()) > MAX_WRITTEN_STREAM_UUID_BYTES:
+        raise ValueError(
+            f"stream_uuid: at most {MAX_WRITTEN_STREAM_UUID_BYTES} bytes to be written to "
+            "(PostgreSQL's index of stream ids takes no longer one)"
+        )
 
 
 def check_int(name: str, value: object, *, minimum: int) -> None:

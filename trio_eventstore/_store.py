@@ -107,7 +107,8 @@ class EventStore(SubscriptionMethods):
         Cancellation: an append cancelled before it is sent writes nothing; one
         cancelled while in flight may have committed (as with any driver's COMMIT).
         To retry safely, reuse the same event ids: `DuplicateEventError` then means
-        the first attempt is there.
+        the first attempt is there (the expected version is checked first: with
+        ``NO_STREAM`` or a number, read the stream to see whether the ids are there).
 
         Raises:
             WrongExpectedVersionError: the stream is not at ``expected_version``.
@@ -390,7 +391,7 @@ class EventStore(SubscriptionMethods):
             StreamNotFoundError, StreamDeletedError, WrongExpectedVersionError.
         """
         self._check_open()
-        check_target(stream_uuid)
+        check_target(stream_uuid, written=False)
         check_expected_version(expected_version)
         if hard and not self._config.enable_hard_deletes:
             raise NotSupportedError("hard deletes are disabled (config enable_hard_deletes)")

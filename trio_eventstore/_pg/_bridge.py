@@ -16,6 +16,7 @@ import contextlib
 import heapq
 import logging
 import types
+import weakref
 from asyncio.tasks import _enter_task, _leave_task
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - another trio-asyncio: its loop runs as
     _AsyncHandle = None
 
 from .._config import EventStoreConfig
-from .._errors import single_errors
+from .._errors import EventStoreClosedError, single_errors
 from ._translate import _translated
 
 T = TypeVar("T")
@@ -40,9 +41,63 @@ logger = logging.getLogger("trio_eventstore.pg")
 
 
 async def _cross(loop: Any, coro: Coroutine[Any, Any, T], config: EventStoreConfig | None) -> T:
-    """Run an asyncio coroutine on `loop` from Trio, translating driver errors."""
-    result: T = await _translated(_run_inline(loop, coro), config)
-    return result
+    """Run an asyncio coroutine on `loop` from Trio, translating driver errors.
+
+    Raises:
+        EventStoreClosedError: the loop (the store) closed before or while it ran.
+    """
+    crossings = _CROSSINGS.get(loop)
+    if crossings is None:  # a loop this module did not open: its owner closes it
+        result: T = await _translated(_run_inline(loop, coro), config)
+        return result
+    if crossings.closing:
+        coro.close()
+        raise EventStoreClosedError()
+    with trio.CancelScope() as scope:
+        crossings.scopes.add(scope)
+        try:
+            result = await _translated(_run_inline(loop, coro), config)
+            return result
+        finally:
+            crossings.left(scope)
+    raise EventStoreClosedError(
+        "the event store closed while a statement was in flight (an append may have been committed)"
+    )
+
+
+class _Crossings:
+    """The crossings in flight on a loop `_asyncio_loop` opened. Callers cross in their
+    own tasks, outside the store's nursery: before the loop closes they are cancelled
+    (`_cross` then raises `EventStoreClosedError`) and waited for, each running its
+    cleanup to the end, so that none is left waiting on a closed loop."""
+
+    __slots__ = ("closing", "drained", "scopes")
+
+    def __init__(self) -> None:
+        self.scopes: set[trio.CancelScope] = set()
+        self.closing = False
+        self.drained = trio.Event()
+
+    def left(self, scope: trio.CancelScope) -> None:
+        self.scopes.discard(scope)
+        if self.closing and not self.scopes:
+            self.drained.set()
+
+    async def close(self) -> None:
+        """Cancel every crossing and wait for them (shielded, bounded)."""
+        self.closing = True
+        if not self.scopes:
+            return
+        for scope in self.scopes:
+            scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await self.drained.wait()
+
+
+#: How long a closing loop waits for its cancelled crossings (as `_units.CLEANUP_TIMEOUT`).
+_CLOSE_TIMEOUT = 5.0
+
+_CROSSINGS: weakref.WeakKeyDictionary[Any, _Crossings] = weakref.WeakKeyDictionary()
 
 
 class _InlineTask:
@@ -139,6 +194,8 @@ async def _run_inline(loop: Any, coro: Coroutine[Any, Any, T]) -> T:
     def abort(raise_cancel_arg: Any) -> trio.lowlevel.Abort:
         nonlocal raise_cancel
         raise_cancel = raise_cancel_arg
+        if loop.is_closed():  # nothing will ever wake it (nor run its cleanup)
+            return trio.lowlevel.Abort.SUCCEEDED
         task.cancel()
         # The wake-up still comes: from the cancelled waiter, or (no waiter: a bare
         # yield) from the loop, and the coroutine then gets CancelledError.
@@ -223,7 +280,11 @@ async def _asyncio_loop() -> AsyncIterator[Any]:
             # the lock keeper): here it is only logged.
             new_loop.set_exception_handler(_log_asyncio_error)
             _run_ready_callbacks_together(new_loop)
-            yield new_loop
+            crossings = _CROSSINGS[new_loop] = _Crossings()
+            try:
+                yield new_loop
+            finally:
+                await crossings.close()
 
 
 def _run_ready_callbacks_together(loop: Any) -> None:
