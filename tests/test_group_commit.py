@@ -68,6 +68,21 @@ class AllLock:
         await self.conn.execute("COMMIT")
 
 
+async def record(
+    outcomes: dict[str, object],
+    name: str,
+    store: EventStore,
+    stream: str,
+    expected: object,
+    events: list[EventData],
+) -> None:
+    """Append, keeping the new version, or the type of the error, under ``name``."""
+    try:
+        outcomes[name] = await store.append_to_stream(stream, expected, events)  # type: ignore[arg-type]
+    except Exception as exc:
+        outcomes[name] = type(exc)
+
+
 async def all_events(store: EventStore) -> list[tuple[str, int, uuid.UUID]]:
     return [
         (e.stream_uuid, e.stream_version, e.event_id)
@@ -107,10 +122,7 @@ async def test_each_caller_gets_its_own_outcome(
     outcomes: dict[str, object] = {}
 
     async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
-        try:
-            outcomes[name] = await store.append_to_stream(stream, expected, events)  # type: ignore[arg-type]
-        except Exception as exc:
-            outcomes[name] = type(exc)
+        await record(outcomes, name, store, stream, expected, events)
 
     async with open_connection(initialized) as conn:
         lock = AllLock(conn, initialized.schema)
@@ -249,10 +261,7 @@ async def test_appends_behind_one_written_by_its_caller_keep_their_order(
     outcomes: dict[str, object] = {}
 
     async def append(name: str, stream: str, expected: object) -> None:
-        try:
-            outcomes[name] = await store.append_to_stream(stream, expected, [ev()])  # type: ignore[arg-type]
-        except Exception as exc:
-            outcomes[name] = type(exc)
+        await record(outcomes, name, store, stream, expected, [ev()])
 
     async with open_connection(initialized) as conn:
         lock = AllLock(conn, initialized.schema)

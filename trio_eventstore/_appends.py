@@ -192,6 +192,18 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
 _SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
 
 
+def _event_columns(events: Sequence[EncodedEvent]) -> list[list[object]]:
+    """The events' rows as the statements take them: one array per column."""
+    return [
+        [e.event_id for e in events],
+        [e.event_type for e in events],
+        [e.causation_id for e in events],
+        [e.correlation_id for e in events],
+        [e.data for e in events],
+        [e.metadata for e in events],
+    ]
+
+
 def batch_statement(
     config: EventStoreConfig, requests: Sequence[AppendRequest], *, pipelined: bool = False
 ) -> tuple[str, tuple[object, ...], datetime.datetime]:
@@ -209,12 +221,7 @@ def batch_statement(
         [r.version for r in requests],
         [k for k, r in enumerate(requests, 1) for _ in r.events],
         [p for r in requests for p in range(1, len(r.events) + 1)],
-        [e.event_id for e in events],
-        [e.event_type for e in events],
-        [e.causation_id for e in events],
-        [e.correlation_id for e in events],
-        [e.data for e in events],
-        [e.metadata for e in events],
+        *_event_columns(events),
         created_at,
     )
     if pipelined:
@@ -299,14 +306,7 @@ def lone_statement(
         (e,) = events
         params += [e.event_id, e.event_type, e.causation_id, e.correlation_id, e.data, e.metadata]
     else:
-        params += [
-            [e.event_id for e in events],
-            [e.event_type for e in events],
-            [e.causation_id for e in events],
-            [e.correlation_id for e in events],
-            [e.data for e in events],
-            [e.metadata for e in events],
-        ]
+        params += _event_columns(events)
     params.append(created_at)
     if step == _sql.LONE_VERSION:
         params.append(request.version)
