@@ -17,7 +17,14 @@ import attrs
 import trio
 
 from . import _storage
-from ._errors import EventStoreClosedError, EventStoreError, StorageUnavailableError
+from ._errors import (
+    DuplicateEventError,
+    EventStoreClosedError,
+    EventStoreError,
+    StreamDeletedError,
+    StreamNotFoundError,
+    WrongExpectedVersionError,
+)
 from ._pg import Database, waiting_out_overload
 
 __all__ = ["GroupCommitWriter", "WriterStatistics"]
@@ -73,6 +80,15 @@ class _Pending:
     def taken_back(self) -> bool:
         """Put back in the queue (to be retried), so not this batch's to fail."""
         return not self.taken
+
+
+#: What `_storage.append` raises for an append the database refused (it wrote nothing).
+_REFUSALS = (
+    WrongExpectedVersionError,
+    StreamNotFoundError,
+    StreamDeletedError,
+    DuplicateEventError,
+)
 
 
 def _closed_error() -> EventStoreClosedError:
@@ -143,20 +159,13 @@ class GroupCommitWriter:
         self._streams_in_flight.add(stream)
         self._ids_in_flight |= ids
         try:
-            for _ in range(10):
-                (outcome,) = await waiting_out_overload(
-                    lambda: _storage.append_batch(self._db, [request])
-                )
-                self._batches += 1
-                self._appends += 1
-                self._largest = max(self._largest, 1)
-                if isinstance(outcome, EventStoreError):
-                    raise outcome
-                if outcome is not None:
-                    self._on_written(request, outcome)
-                    return outcome
-                # None: the stream was created concurrently, nothing written: again.
-            raise StorageUnavailableError(f"stream {stream!r} is being created elsewhere")
+            appended = await self.write_alone(request)
+        except _REFUSALS:
+            self._count(1)  # a batch of one, refused
+            raise
+        else:
+            self._count(1)
+            return appended
         finally:
             self._writing -= 1
             self._streams_in_flight.discard(stream)
@@ -173,6 +182,12 @@ class GroupCommitWriter:
         appended = await waiting_out_overload(lambda: _storage.append(self._db, request))
         self._on_written(request, appended)
         return appended
+
+    def _count(self, appends: int) -> None:
+        """One statement written, carrying ``appends`` (committed or refused)."""
+        self._batches += 1
+        self._appends += appends
+        self._largest = max(self._largest, appends)
 
     def _take(self, limit: int = MAX_BATCH_APPENDS) -> list[_Pending]:
         """The next batch, in queue order: at most one append per stream, and none to
@@ -263,9 +278,7 @@ class GroupCommitWriter:
             for pending in batch:
                 pending.finish(_own_copy(exc))
             return
-        self._batches += 1
-        self._appends += len(batch)
-        self._largest = max(self._largest, len(batch))
+        self._count(len(batch))
         retry: list[_Pending] = []
         for pending, outcome in zip(batch, outcomes, strict=True):
             if outcome is None:
