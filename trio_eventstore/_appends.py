@@ -317,11 +317,7 @@ async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
     """``request`` in `_sql.append_lone`'s one lean statement; None when it wrote
     nothing (the general statement then tells why)."""
     sql, params, created_at = lone_statement(db.config, request)
-
-    async def unit(conn: Conn) -> Row | None:
-        return await conn.fetchrow(sql, *params)
-
-    row = await db.run(unit, statements=1)
+    row = await db.fetchrow_direct(sql, *params)
     if row is None:
         return None
     n = len(request.events)

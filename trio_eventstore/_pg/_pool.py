@@ -25,7 +25,11 @@ from .._errors import (
 )
 from ._bridge import _asyncio_loop, _cross
 from ._connection import _connect
+from ._translate import translate_error
 from ._units import Conn, Row, _close, _rollback, _statement, _unit_of_work
+from ._wire import Shape, Stale, Target, Unsupported, WireConnection
+from ._wire import connect as _wire_connect
+from ._wire import target as _wire_target
 
 __all__ = ["Database", "TransactionConnection", "open_database"]
 
@@ -95,6 +99,22 @@ class _Pool:
         #: callers waiting for a connection now; callers refused (`PoolOverloadedError`)
         self.waiting = 0
         self.overloads = 0
+        #: `_wire` connections (`Database.fetchrow_direct`): idle, and in use
+        self._idle_wire: list[WireConnection] = []
+        self._busy_wire: set[WireConnection] = set()
+        self._target: Target | None = None
+
+    def _make_room(self, wire: bool) -> None:
+        """Before a new connection of one kind: close an idle one of the other kind if
+        the pool is full (so that the pool never holds more than ``pool_size``)."""
+        if self.size < self.config.pool_size:
+            return
+        if wire and self._idle:
+            self._idle.pop(0).terminate()
+            self.size -= 1
+        elif not wire and self._idle_wire:
+            self._idle_wire.pop(0).close()
+            self.size -= 1
 
     async def _connect(self) -> Any:
         # No asyncpg command_timeout on pooled connections: `Database` bounds each
@@ -125,6 +145,7 @@ class _Pool:
             if not conn.is_closed():
                 return conn
             self.size -= 1
+        self._make_room(wire=False)
         try:
             conn = await self._connect()
         except BaseException:
@@ -132,6 +153,62 @@ class _Pool:
             raise
         self.size += 1
         return conn
+
+    async def acquire_wire(self) -> WireConnection:
+        """A `_wire` connection, under the same slots and admission as the others.
+
+        Raises:
+            Unsupported: the target needs what `_wire` does not speak.
+        """
+        if self.closed:
+            raise EventStoreClosedError()
+        if self._target is None:
+            self._target = _wire_target(self.config)
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.waiting += 1
+            try:
+                await self._wait_for_slot()
+            finally:
+                self.waiting -= 1
+        else:
+            self.admission.observe(0.0)
+        try:
+            while self._idle_wire:
+                conn = self._idle_wire.pop()
+                if conn.idle_and_open():
+                    break
+                conn.close()
+                self.size -= 1
+            else:
+                self._make_room(wire=True)
+                conn = await self._connect_wire(self._target)
+                self.size += 1
+        except BaseException:
+            self._slots.release()
+            raise
+        self._busy_wire.add(conn)
+        return conn
+
+    async def _connect_wire(self, target: Target) -> WireConnection:
+        timeout = self.config.timeout
+        with trio.move_on_after(timeout):
+            return await _wire_connect(
+                self.config, target, f"trio-eventstore pool {self.config.schema}"
+            )
+        raise StorageUnavailableError(f"could not connect to the database within {timeout:g} s")
+
+    def release_wire(self, conn: WireConnection) -> None:
+        """Back to the idle ones; closed if it is mid-exchange (cancelled) or the pool
+        is closing."""
+        self._busy_wire.discard(conn)
+        if conn.busy or conn.closed or self.closed:
+            conn.close()
+            self.size -= 1
+        else:
+            self._idle_wire.append(conn)
+        self._slots.release()
 
     async def _wait_for_slot(self) -> None:
         admission = self.admission
@@ -171,6 +248,11 @@ class _Pool:
 
     async def close(self) -> None:
         self.closed = True
+        # `_wire` statements in flight fail at once (`Database.fetchrow_direct`).
+        for wire in [*self._idle_wire, *self._busy_wire]:
+            wire.close()
+        self.size -= len(self._idle_wire)
+        self._idle_wire = []
         idle, self._idle = self._idle, []
         for conn in idle:
             with trio.CancelScope(shield=True):
@@ -188,6 +270,11 @@ class Database:
     def __init__(self, pool: _Pool, config: EventStoreConfig) -> None:
         self._pool = pool
         self._config = config
+        #: `fetchrow_direct`: off once `_wire` cannot connect as asyncpg would; the
+        #: shapes of the statements it ran; the statements it cannot run
+        self._wire_off = False
+        self._shapes: dict[str, Shape] = {}
+        self._not_direct: set[str] = set()
 
     @property
     def config(self) -> EventStoreConfig:
@@ -253,6 +340,68 @@ class Database:
             return await conn.execute(sql, *args)
 
         return await self.run(unit)
+
+    async def fetchrow_direct(self, sql: str, *args: object, statements: int = 1) -> Row | None:
+        """As ``run`` of ``conn.fetchrow(sql, *args)``, but sent straight from Trio
+        (`_wire`: no bridge crossing), for the hot statements. Falls back to asyncpg
+        when `_wire` cannot (an authentication method, a type, a TLS mode it does not
+        speak). Cancelled or timed out mid-statement, the connection is closed (the
+        statement may still commit, as with asyncpg)."""
+        if self._wire_off or sql in self._not_direct:
+            return await self._fetchrow(sql, args, statements)
+        pool = self._pool
+        try:
+            conn = await pool.acquire_wire()
+        except Unsupported:
+            self._wire_off = True
+            return await self._fetchrow(sql, args, statements)
+        try:
+            with trio.move_on_after(self._config.timeout * statements):
+                try:
+                    return await self._direct(conn, sql, args)
+                except Unsupported:
+                    self._not_direct.add(sql)
+                except EventStoreError:
+                    raise
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    conn.close()
+                    if pool.closed:
+                        raise EventStoreClosedError(
+                            "the event store closed while a statement was in flight "
+                            "(an append may have been committed)"
+                        ) from exc
+                    raise translate_error(exc, self._config) from exc
+            if sql not in self._not_direct:
+                # Cancelled mid-statement: `release_wire` closes the connection.
+                raise StorageUnavailableError("the database did not answer in time")
+        finally:
+            pool.release_wire(conn)
+        return await self._fetchrow(sql, args, statements)
+
+    async def _direct(self, conn: WireConnection, sql: str, args: Sequence[object]) -> Row | None:
+        for attempt in range(2):
+            shape = self._shapes.get(sql)
+            if shape is None:
+                shape = self._shapes[sql] = await conn.describe(sql)
+            try:
+                rows = await conn.fetch(sql, shape, args)
+            except (DatabaseError, Stale) as exc:
+                # The prepared statement is gone or changed (a schema change, a proxy's
+                # DISCARD): describe and prepare it again, once (as asyncpg does).
+                stale = isinstance(exc, Stale) or exc.sqlstate in ("0A000", "26000")
+                if attempt or not stale:
+                    raise
+                conn.forget(sql)
+                self._shapes.pop(sql, None)
+                continue
+            return rows[0] if rows else None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetchrow(self, sql: str, args: Sequence[object], statements: int) -> Row | None:
+        async def unit(conn: Conn) -> Row | None:
+            return await conn.fetchrow(sql, *args)
+
+        return await self.run(unit, statements=statements)
 
     @contextlib.asynccontextmanager
     async def open_transaction(self) -> AsyncIterator[TransactionConnection]:

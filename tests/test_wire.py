@@ -1,0 +1,290 @@
+"""The hot statements sent straight from Trio (`_pg._wire`, `Database.fetchrow_direct`):
+values as asyncpg sends and reads them, server errors as everywhere else, every
+authentication method a server may ask for, a fallback to asyncpg for what it does
+not speak, and connections left mid-statement never reused."""
+
+from __future__ import annotations
+
+import datetime
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+import trio_eventstore as es
+from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, admin, open_event_store
+from trio_eventstore._pg import Database, open_connection, open_database
+from trio_eventstore._tempcluster import temp_cluster
+
+
+@pytest.fixture
+async def db(initialized: EventStoreConfig) -> AsyncIterator[Database]:
+    async with open_database(initialized.with_changes(pool_size=2)) as database:
+        yield database
+
+
+async def both(db: Database, sql: str, *args: object) -> tuple[Any, Any]:
+    """The row as `_wire` reads it, and as asyncpg does."""
+    direct = await db.fetchrow_direct(sql, *args)
+    assert sql not in db._not_direct, "ran through asyncpg"
+    assert not db._wire_off
+
+    async def unit(conn: Any) -> Any:
+        return await conn.fetchrow(sql, *args)
+
+    return direct, await db.run(unit)
+
+
+#: A statement that sleeps; `end_sleepers` ends those left running by closed connections.
+SLEEP = "SELECT 1 AS one FROM pg_sleep({}) /* wire-sleep */"
+
+
+async def end_sleepers(config: EventStoreConfig) -> None:
+    async with open_connection(config) as conn:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%wire-sleep%' AND pid <> pg_backend_pid()"
+        )
+
+
+UTC = datetime.UTC
+TYPES: list[tuple[str, object]] = [
+    ("text", "grüße \u2603"),
+    ("text", ""),
+    ("varchar", "v"),
+    ("uuid", uuid.uuid4()),
+    ("bytea", b"\x00\xff bytes"),
+    ("bigint", -(2**63)),
+    ("int", 2**31 - 1),
+    ("smallint", -7),
+    ("boolean", True),
+    ("boolean", False),
+    ("timestamptz", datetime.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)),
+    ("timestamptz", datetime.datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ("timestamp", datetime.datetime(2001, 2, 3, 4, 5, 6, 7)),
+]
+
+
+@pytest.mark.parametrize(("type_", "value"), TYPES)
+async def test_values_read_back_as_asyncpg_reads_them(
+    db: Database, type_: str, value: object
+) -> None:
+    direct, driver = await both(db, f"SELECT $1::{type_} AS v, NULL::{type_} AS n", value)
+    assert direct["v"] == driver["v"] == value
+    assert direct[0] == value
+    assert direct["n"] is None
+    assert direct.get("n", 1) is None
+    assert list(direct.items()) == list(driver.items())
+
+
+ARRAYS = [
+    ([], [], [], []),
+    ([None], [None], [None], [None]),
+    (
+        ["a", "", "ü\u2603", None, "x,y"],
+        [b"", b"\x00\xff", None],
+        [0, -(2**63), 2**63 - 1],
+        [uuid.UUID(int=0), None, uuid.uuid4()],
+    ),
+    (
+        [str(i) for i in range(300)],
+        [bytes([i % 256]) * i for i in range(50)],
+        list(range(500)),
+        [uuid.uuid4() for _ in range(100)],
+    ),
+]
+
+
+@pytest.mark.parametrize("arrays", ARRAYS)
+async def test_arrays_are_sent_as_asyncpg_sends_them(
+    db: Database, arrays: tuple[list[Any], ...]
+) -> None:
+    sql = (
+        "SELECT md5(array_to_json($1::text[])::text) AS t, cardinality($2::bytea[]) AS nb,"
+        " md5(array_to_string($2::bytea[]::text[], ',', '*')) AS b,"
+        " md5(array_to_string($3::bigint[], ',', '*')) AS n,"
+        " md5(array_to_string($4::uuid[], ',', '*')) AS u"
+    )
+    direct, driver = await both(db, sql, *arrays)
+    assert tuple(direct) == tuple(driver)
+
+
+async def test_a_type_it_does_not_read_goes_through_asyncpg(db: Database) -> None:
+    sql = "SELECT $1::int AS i, 1.5::numeric AS n"
+    row = await db.fetchrow_direct(sql, 3)
+    assert row is not None
+    assert row["i"] == 3
+    assert str(row["n"]) == "1.5"
+    assert sql in db._not_direct
+    assert not db._wire_off
+
+
+async def test_a_server_error_is_translated_and_the_connection_reused(db: Database) -> None:
+    with pytest.raises(es.DatabaseError) as info:
+        await db.fetchrow_direct("SELECT 1 / $1::int AS x", 0)
+    assert info.value.sqlstate == "22012"
+    before = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    with pytest.raises(es.DatabaseError):
+        await db.fetchrow_direct("SELECT 1 / $1::int AS x", 0)
+    after = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    assert before is not None
+    assert after is not None
+    assert before["pid"] == after["pid"]
+
+
+async def test_a_statement_prepared_before_a_schema_change_is_prepared_again(
+    db: Database,
+) -> None:
+    table = f'"{db.config.schema}".wire_t'
+    await db.execute(f"CREATE TABLE {table} (a int)")
+    await db.execute(f"INSERT INTO {table} VALUES (1)")
+    sql = f"SELECT * FROM {table} WHERE a = $1::int"
+    assert (await db.fetchrow_direct(sql, 1)) == (1,)
+    await db.execute(f"ALTER TABLE {table} ADD COLUMN b text DEFAULT 'x'")
+    row = await db.fetchrow_direct(sql, 1)
+    assert row is not None
+    assert tuple(row) == (1, "x")
+
+
+async def test_cancelled_mid_statement_the_connection_is_closed_not_reused(
+    db: Database,
+) -> None:
+    first = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    assert first is not None
+    with trio.move_on_after(0.3) as scope:
+        await db.fetchrow_direct(SLEEP.format(2))
+    assert scope.cancelled_caught
+    await end_sleepers(db.config)
+    row = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    assert row is not None
+    assert row["pid"] != first["pid"]
+    with trio.fail_after(10):  # the server notices the closed socket and ends it
+        while await db.fetchval(  # noqa: ASYNC110 - polling the server
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", first["pid"]
+        ):
+            await trio.sleep(0.05)
+
+
+async def test_a_statement_past_the_timeout_fails_as_unavailable(
+    initialized: EventStoreConfig,
+) -> None:
+    async with open_database(initialized.with_changes(timeout=0.3)) as db:
+        with pytest.raises(es.StorageUnavailableError, match="did not answer in time"):
+            await db.fetchrow_direct(SLEEP.format(5))
+        await end_sleepers(initialized)
+        assert (await db.fetchrow_direct("SELECT 2 AS two")) == (2,)
+
+
+async def test_a_connection_the_server_ended_while_idle_is_not_used(db: Database) -> None:
+    row = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    assert row is not None
+    await db.fetchval("SELECT pg_terminate_backend($1)", row["pid"])
+    await trio.sleep(0.2)
+    again = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
+    assert again is not None
+    assert again["pid"] != row["pid"]
+
+
+async def test_the_pool_never_holds_more_than_its_size(initialized: EventStoreConfig) -> None:
+    name = f"trio-eventstore pool {initialized.schema}"[:63]
+    async with open_database(initialized.with_changes(pool_size=1)) as db:
+        for _ in range(3):
+            await db.fetchrow_direct("SELECT 1 AS one")
+            await db.fetchval("SELECT 1")
+        async with open_connection(initialized) as watcher:
+            n = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name
+            )
+        assert n == 1
+
+
+async def test_closing_the_store_fails_a_statement_in_flight(
+    initialized: EventStoreConfig,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        failed: list[BaseException] = []
+
+        async with open_database(initialized) as db:
+
+            async def slow() -> None:
+                try:
+                    await db.fetchrow_direct(SLEEP.format(30))
+                except es.EventStoreError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(slow)
+            await trio.sleep(0.3)
+    await end_sleepers(initialized)
+    assert len(failed) == 1
+    assert isinstance(failed[0], es.EventStoreClosedError)
+
+
+def _url(base: str, user: str, password: str | None, database: str, **query: str) -> str:
+    parts = urllib.parse.urlsplit(base)
+    host = parts.netloc.rsplit("@", 1)[1]
+    auth = user if password is None else f"{user}:{password}"
+    return urllib.parse.urlunsplit(
+        parts._replace(
+            netloc=f"{auth}@{host}", path=f"/{database}", query=urllib.parse.urlencode(query)
+        )
+    )
+
+
+HBA = [
+    "local all all trust",
+    "host all md5_user 127.0.0.1/32 md5",
+    "host all password_user 127.0.0.1/32 password",
+    "host all trust_user 127.0.0.1/32 trust",
+    "host all all 127.0.0.1/32 scram-sha-256",
+]
+
+
+@pytest.fixture(scope="module")
+def auth_server() -> Any:
+    with temp_cluster(hba=HBA) as cluster:
+        url = cluster.url()
+
+        async def setup() -> None:
+            async with open_connection(EventStoreConfig(url=url)) as conn:
+                await conn.execute("SET password_encryption = 'md5'")
+                await conn.execute("CREATE ROLE md5_user LOGIN CREATEDB PASSWORD 'md5 pw'")
+                await conn.execute("RESET password_encryption")
+                for role in ("password_user", "trust_user", "scram_user"):
+                    await conn.execute(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{role} pw'")
+
+        trio.run(setup)
+        yield url
+
+
+@pytest.mark.parametrize("user", ["md5_user", "password_user", "trust_user", "scram_user"])
+async def test_every_authentication_method_a_server_asks_for(auth_server: str, user: str) -> None:
+    password = "md5 pw" if user == "md5_user" else f"{user} pw"
+    config = EventStoreConfig(
+        url=_url(auth_server, user, password, f"db_{user}"), schema="wire", timeout=10.0
+    )
+    await admin.create(config)
+    await admin.init(config)
+    async with open_event_store(config) as store:
+        assert (
+            await store.append_to_stream("s", NO_STREAM, [EventData({"n": 1}, event_type="N")]) == 1
+        )
+        db: Database = store._db  # type: ignore[attr-defined]
+        assert not db._wire_off
+        assert db._pool._idle_wire, "the append did not go through _wire"
+        assert [e.data for e in await store.read_stream_forward("s")] == [{"n": 1}]
+
+
+async def test_what_it_does_not_speak_goes_through_asyncpg(initialized: EventStoreConfig) -> None:
+    url = initialized.url
+    assert url is not None
+    config = initialized.with_changes(url=url + "?target_session_attrs=read-write")
+    async with open_event_store(config) as store:
+        assert (
+            await store.append_to_stream("s", NO_STREAM, [EventData({"n": 1}, event_type="N")]) == 1
+        )
+        db: Database = store._db  # type: ignore[attr-defined]
+        assert db._wire_off
+        assert not db._pool._idle_wire
