@@ -10,6 +10,9 @@ it). The rest of the package talks to Postgres through what this package exports
 * `TransactionConnection`: a pooled connection inside a transaction, driven from Trio
   one statement per crossing (`Database.open_transaction`: for code that is not ours,
   such as a projection's handler);
+* `Database.fetchrow_direct`: one hot statement (a lone append) sent straight from Trio
+  by `_wire` (the extended query protocol, no asyncio, no crossing), with a fallback to
+  asyncpg for what `_wire` does not speak;
 * `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks);
   those that live as long as the store keep TCP keepalives on both ends, and reconnect
   after `reconnect_delays`.
@@ -27,6 +30,7 @@ Modules, each importing only those below it:
 
 * `_pool`: the Trio-side pool, admission, `Database`, `TransactionConnection`;
 * `_connection`: dedicated connections, connecting (TLS files, keepalives), LISTEN;
+  `_wire`: PostgreSQL's protocol spoken from Trio, for `Database.fetchrow_direct`;
 * `_bridge`: the trio-asyncio loop, its batching overrides, crossing into it;
   `_units`: the asyncio side of a unit of work on one connection (`Conn`);
 * `_translate`: driver error translation.
