@@ -128,18 +128,7 @@ class _Pool:
     async def acquire(self) -> Any:
         if self.closed:
             raise EventStoreClosedError()
-        try:
-            # A free connection: no cancel scope and no scheduling pass (the crossing
-            # that follows checkpoints anyway).
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            self.waiting += 1
-            try:
-                await self._wait_for_slot()
-            finally:
-                self.waiting -= 1
-        else:
-            self.admission.observe(0.0)
+        await self._take_slot()
         while self._idle:
             conn = self._idle.pop()
             if not conn.is_closed():
@@ -164,16 +153,7 @@ class _Pool:
             raise EventStoreClosedError()
         if self._target is None:
             self._target = _wire_target(self.config)
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            self.waiting += 1
-            try:
-                await self._wait_for_slot()
-            finally:
-                self.waiting -= 1
-        else:
-            self.admission.observe(0.0)
+        await self._take_slot()
         try:
             while self._idle_wire:
                 conn = self._idle_wire.pop()
@@ -209,6 +189,20 @@ class _Pool:
         else:
             self._idle_wire.append(conn)
         self._slots.release()
+
+    async def _take_slot(self) -> None:
+        try:
+            # A free connection: no cancel scope and no scheduling pass (the I/O that
+            # follows checkpoints anyway).
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.waiting += 1
+            try:
+                await self._wait_for_slot()
+            finally:
+                self.waiting -= 1
+        else:
+            self.admission.observe(0.0)
 
     async def _wait_for_slot(self) -> None:
         admission = self.admission
