@@ -24,7 +24,7 @@ from .._errors import (
     TLSError,
 )
 from ._bridge import _asyncio_loop, _cross
-from ._connection import _connect
+from ._connection import _connect, _settings
 from ._translate import translate_error
 from ._units import Conn, Row, _close, _rollback, _statement, _unit_of_work
 from ._wire import Shape, Stale, Target, Unsupported, WireConnection
@@ -103,6 +103,8 @@ class _Pool:
         self._idle_wire: list[WireConnection] = []
         self._busy_wire: set[WireConnection] = set()
         self._target: Target | None = None
+        #: what the pooled connections' application_name says (`_connection._settings`)
+        self.role = f"pool {config.schema}"
 
     def _make_room(self, wire: bool) -> None:
         """Before a new connection of one kind: close an idle one of the other kind if
@@ -120,9 +122,10 @@ class _Pool:
         # No asyncpg command_timeout on pooled connections: `Database` bounds each
         # unit of work on the Trio side (an asyncio timer per statement costs a
         # trip through the trio-asyncio loop each).
-        role = f"pool {self.config.schema}"
         return await _cross(
-            self.loop, _connect(self.config, None, False, role, command_timeout=None), self.config
+            self.loop,
+            _connect(self.config, None, False, self.role, command_timeout=None),
+            self.config,
         )
 
     async def acquire(self) -> Any:
@@ -174,9 +177,8 @@ class _Pool:
     async def _connect_wire(self, target: Target) -> WireConnection:
         timeout = self.config.timeout
         with trio.move_on_after(timeout):
-            return await _wire_connect(
-                self.config, target, f"trio-eventstore pool {self.config.schema}"
-            )
+            application_name = _settings(self.role)["application_name"]
+            return await _wire_connect(self.config, target, application_name)
         raise StorageUnavailableError(f"could not connect to the database within {timeout:g} s")
 
     def release_wire(self, conn: WireConnection) -> None:
@@ -349,24 +351,22 @@ class Database:
         except Unsupported:
             self._wire_off = True
             return await self._fetchrow(sql, args, statements)
+        # Failed or cancelled mid-statement, the connection is left busy: `release_wire`
+        # closes it.
         try:
-            with trio.move_on_after(self._config.timeout * statements):
+            with trio.move_on_after(self._config.timeout * statements) as scope:
                 try:
                     return await self._direct(conn, sql, args)
                 except Unsupported:
                     self._not_direct.add(sql)
-                except EventStoreError:
-                    raise
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    conn.close()
                     if pool.closed:
                         raise EventStoreClosedError(
                             "the event store closed while a statement was in flight "
                             "(an append may have been committed)"
                         ) from exc
                     raise translate_error(exc, self._config) from exc
-            if sql not in self._not_direct:
-                # Cancelled mid-statement: `release_wire` closes the connection.
+            if scope.cancelled_caught:
                 raise StorageUnavailableError("the database did not answer in time")
         finally:
             pool.release_wire(conn)

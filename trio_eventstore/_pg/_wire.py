@@ -66,8 +66,6 @@ class Target:
         for name in ("dsn", "host", "port", "user", "password", "database"):
             if name in wanted:
                 kwargs[name] = given.get(name)
-        if "direct_tls" in wanted:
-            kwargs["direct_tls"] = None
         addrs, params = parse(**kwargs)
         mode = getattr(getattr(params, "sslmode", None), "name", "disable")
         negotiation = getattr(getattr(params, "ssl_negotiation", None), "name", "postgres")
@@ -127,7 +125,6 @@ def _fields(body: bytes) -> dict[str, str]:
 _EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 _EPOCH_NAIVE = datetime.datetime(2000, 1, 1)
 _I64 = struct.Struct("!q")
-_I16S = struct.Struct("!h")
 _U32 = struct.Struct("!I")
 
 
@@ -174,7 +171,7 @@ _ENCODERS: dict[int, Callable[[Any], bytes]] = {
     17: _bytea,
     19: _text,
     20: _int8,
-    21: _I16S.pack,
+    21: _I16.pack,
     23: _I32.pack,
     25: _text,
     114: lambda v: v.encode() if isinstance(v, str) else bytes(v),
