@@ -27,9 +27,10 @@ from ._bridge import _asyncio_loop, _cross
 from ._connection import _connect, _settings
 from ._translate import translate_error
 from ._units import Conn, Row, _close, _rollback, _statement, _unit_of_work
-from ._wire import Shape, Stale, Target, Unsupported, WireConnection
+from ._wire import Target, WireConnection
 from ._wire import connect as _wire_connect
 from ._wire import target as _wire_target
+from ._wire_codecs import Shape, Stale, Unsupported
 
 __all__ = ["Database", "TransactionConnection", "open_database"]
 
