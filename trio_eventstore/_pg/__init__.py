@@ -33,6 +33,7 @@ Modules, each importing only those below it:
   `_wire`: PostgreSQL's protocol spoken from Trio, for `Database.fetchrow_direct`;
 * `_bridge`: the trio-asyncio loop, its batching overrides, crossing into it;
   `_units`: the asyncio side of a unit of work on one connection (`Conn`);
+  `_wire_codecs`: `_wire`'s binary parameters and rows;
 * `_translate`: driver error translation.
 """
 
