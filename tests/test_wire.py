@@ -16,7 +16,7 @@ import trio
 
 import trio_eventstore as es
 from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, admin, open_event_store
-from trio_eventstore._pg import Database, open_connection, open_database
+from trio_eventstore._pg import Database, open_connection, open_database, open_listener
 from trio_eventstore._tempcluster import temp_cluster
 
 
@@ -292,3 +292,79 @@ async def test_what_it_does_not_speak_goes_through_asyncpg(initialized: EventSto
         db: Database = store._db
         assert db._wire_off
         assert not db._pool._idle_wire
+        # The LISTEN session too, and it hears another store's appends.
+        notifier = store._subscriptions.notifier
+        assert notifier.transport == "asyncpg"
+        async with open_event_store(initialized) as other:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(notifier.wait_beyond, "t", 0)
+                    await trio.sleep(0.05)
+                    await other.append_to_stream("t", NO_STREAM, [EventData({}, event_type="N")])
+
+
+# -- the LISTEN session ---------------------------------------------------------------------
+
+
+async def notify(config: EventStoreConfig, *payloads: str) -> None:
+    from trio_eventstore import _sql
+
+    async with open_connection(config) as conn:
+        for payload in payloads:
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", _sql.notification_channel(config.schema), payload
+            )
+
+
+async def test_the_listen_session_is_spoken_from_trio(initialized: EventStoreConfig) -> None:
+    """The store's LISTEN session is a `_wire` connection: another store's appends wake
+    its readers; it is the backend the statistics name, with keepalives set."""
+    async with open_event_store(initialized) as store, open_event_store(initialized) as other:
+        notifier = store._subscriptions.notifier
+        assert notifier.transport == "wire"
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(notifier.wait_beyond, "s", 0)
+                await trio.sleep(0.05)
+                await other.append_to_stream("s", NO_STREAM, [EventData({"n": 1}, event_type="N")])
+        assert notifier.mark("$all") >= 1
+        async with open_connection(initialized) as conn:
+            row = await conn.fetch(
+                "SELECT application_name, query FROM pg_stat_activity WHERE pid = $1",
+                store.statistics().listener_pid,
+            )
+        assert row[0]["application_name"] == f"trio-eventstore listener {initialized.schema}"
+        assert row[0]["query"].startswith("LISTEN")
+
+
+async def test_a_failing_notification_callback_keeps_the_wire_listener(
+    initialized: EventStoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    got_two = trio.Event()
+
+    def callback(_channel: str, payload: str) -> None:
+        if payload == "boom":
+            raise RuntimeError("callback failed")
+        seen.append(payload)
+        if len(seen) == 2:
+            got_two.set()
+
+    async with open_listener(initialized, callback, role="test") as listener:
+        assert listener.transport == "wire"
+        await notify(initialized, "one", "boom", "two")
+        with trio.fail_after(10):
+            await got_two.wait()
+        assert seen == ["one", "two"]
+        assert not listener.lost.is_set()
+    assert "a notification callback failed" in caplog.text
+
+
+async def test_the_wire_listener_tells_when_its_session_ends(
+    initialized: EventStoreConfig,
+) -> None:
+    async with open_listener(initialized, lambda _c, _p: None, role="test") as listener:
+        async with open_connection(initialized) as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
+        with trio.fail_after(10):
+            await listener.lost.wait()

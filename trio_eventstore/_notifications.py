@@ -1,7 +1,8 @@
 """The notifier: LISTEN on the store's channel and keep per-stream high-water marks.
 
 Notifications are hints; whoever waits reads from the database. The notifier task
-owns one dedicated connection (``session_mode_url`` when set), with TCP keepalives.
+owns one dedicated connection (`open_listener`: spoken from Trio where it can be;
+``session_mode_url`` when set), with TCP keepalives.
 When that connection drops it reconnects (after `reconnect_delays`: short at first) and
 then re-reads the marks of every watched stream from the database, so nothing committed
 while it was deaf is missed (Elixir #205).
@@ -20,7 +21,7 @@ import trio
 from . import _sql
 from ._config import EventStoreConfig
 from ._errors import EventStoreError, StorageUnavailableError
-from ._pg import Conn, Database, open_connection, reconnect_delays, waiting_out_overload
+from ._pg import Conn, Database, open_listener, reconnect_delays, waiting_out_overload
 
 __all__ = ["Notifier", "parse_payload", "run_notifier"]
 
@@ -62,6 +63,8 @@ class Notifier:
         self._changed = _Wakeup()
         self.connected = False
         self.backend_pid: int | None = None
+        #: how the LISTEN session is spoken: "wire" (from Trio) or "asyncpg"
+        self.transport: str | None = None
         self.reconnects = 0
         self.notifications = 0
 
@@ -199,20 +202,18 @@ async def run_notifier(
     """The store's LISTEN task: reports started once LISTEN is live; afterwards it
     reconnects with back-off for as long as the store is open."""
     config = notifier._config
-    channel = _sql.notification_channel(config.schema)
     poll = config.notification_poll_interval
     delays = reconnect_delays()
     started = False
     while True:
         try:
-            async with open_connection(
-                config, session_mode=True, role=f"listener {config.schema}", keepalive=True
-            ) as conn:
-                lost = trio.Event()
-                conn.on_termination(lost.set)
-                await conn.listen(channel, notifier.on_notify)
+            async with open_listener(
+                config, notifier.on_notify, role=f"listener {config.schema}"
+            ) as listener:
+                lost = listener.lost
                 notifier.connected = True
-                notifier.backend_pid = conn.backend_pid
+                notifier.backend_pid = listener.backend_pid
+                notifier.transport = listener.transport
                 await notifier.resync()  # what was committed while we were not listening
                 if not started:
                     started = True

@@ -29,6 +29,7 @@ for that cleanup before `trio.Cancelled` propagates.
 Modules, each importing only those below it:
 
 * `_pool`: the Trio-side pool, admission, `Database`, `TransactionConnection`;
+  `_listener`: the store's LISTEN session (`_wire` where it can, else asyncpg);
 * `_connection`: dedicated connections, connecting (TLS files, keepalives), LISTEN;
   `_wire`: PostgreSQL's protocol spoken from Trio, for `Database.fetchrow_direct`;
 * `_bridge`: the trio-asyncio loop, its batching overrides, crossing into it;
@@ -38,6 +39,7 @@ Modules, each importing only those below it:
 """
 
 from ._connection import Connection, open_connection, reconnect_delays
+from ._listener import Listener, open_listener
 from ._pool import Database, TransactionConnection, open_database, waiting_out_overload
 from ._translate import translate_error
 from ._units import CLEANUP_TIMEOUT, Conn, Row
@@ -48,10 +50,12 @@ __all__ = [
     "Conn",
     "Connection",
     "Database",
+    "Listener",
     "Row",
     "TransactionConnection",
     "open_connection",
     "open_database",
+    "open_listener",
     "reconnect_delays",
     "translate_error",
 ]

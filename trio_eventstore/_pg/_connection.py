@@ -175,27 +175,39 @@ async def _keep_alive(conn: Any, keepalive: SessionKeepalive) -> None:
     PgBouncer refuses; on a Unix socket the server ignores them."""
     transport = getattr(conn, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
-            (socket.IPPROTO_TCP, getattr(socket, name), getattr(keepalive, field))
-            for name, field in _TCP_OPTIONS
-            if hasattr(socket, name)
-        ]
-        for level, option, value in options:
-            try:
-                sock.setsockopt(level, option, value)
-            except OSError as exc:  # pragma: no cover - a platform without the option
-                logger.debug("socket option %s not set: %s", option, exc)
-    settings = {
+    if sock is not None:
+        keep_socket_alive(sock, keepalive)
+    settings = server_keepalive_settings(keepalive)
+    try:
+        await conn.fetchval(_sql.SET_SESSION_SETTINGS, list(settings), list(settings.values()))
+    except asyncpg.PostgresError as exc:  # e.g. a proxy that refuses them: not fatal
+        logger.warning("TCP keepalive settings not applied: %s", exc)
+
+
+def keep_socket_alive(sock: Any, keepalive: SessionKeepalive) -> None:
+    """The client's side of `_keep_alive` (TCP sockets only)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+        (socket.IPPROTO_TCP, getattr(socket, name), getattr(keepalive, field))
+        for name, field in _TCP_OPTIONS
+        if hasattr(socket, name)
+    ]
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as exc:  # pragma: no cover - a platform without the option
+            logger.debug("socket option %s not set: %s", option, exc)
+
+
+def server_keepalive_settings(keepalive: SessionKeepalive) -> dict[str, str]:
+    """The server's side of `_keep_alive`: settings for `_sql.SET_SESSION_SETTINGS`."""
+    return {
         "tcp_keepalives_idle": str(keepalive.idle),
         "tcp_keepalives_interval": str(keepalive.interval),
         "tcp_keepalives_count": str(keepalive.count),
         "tcp_user_timeout": str(keepalive.user_timeout_ms),
     }
-    try:
-        await conn.fetchval(_sql.SET_SESSION_SETTINGS, list(settings), list(settings.values()))
-    except asyncpg.PostgresError as exc:  # e.g. a proxy that refuses them: not fatal
-        logger.warning("TCP keepalive settings not applied: %s", exc)
 
 
 def _check_tls_files(dsn: str | None) -> None:

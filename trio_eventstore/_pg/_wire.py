@@ -48,8 +48,8 @@ class Target:
 
     __slots__ = ("addrs", "database", "password", "server_settings", "ssl", "tls_required", "user")
 
-    def __init__(self, config: EventStoreConfig) -> None:
-        given = config.connect_params()
+    def __init__(self, config: EventStoreConfig, *, session_mode: bool = False) -> None:
+        given = config.connect_params(session_mode=session_mode)
         parse: Any = getattr(connect_utils, "_parse_connect_dsn_and_args")  # noqa: B009
         wanted = inspect.signature(parse).parameters
         kwargs: dict[str, Any] = dict.fromkeys(wanted)
@@ -73,9 +73,10 @@ class Target:
         self.server_settings: dict[str, str] = dict(params.server_settings or {})
 
 
-def target(config: EventStoreConfig) -> Target:
+def target(config: EventStoreConfig, *, session_mode: bool = False) -> Target:
+    """Where `connect` goes (``session_mode``: ``config.session_mode_url`` when set)."""
     try:
-        return Target(config)
+        return Target(config, session_mode=session_mode)
     except Unsupported:
         raise
     except Exception as exc:  # an asyncpg whose internals differ: use asyncpg itself
@@ -124,6 +125,13 @@ class WireConnection:
         #: an exchange started and not finished (cancelled, or the socket failed)
         self.busy = False
         self.closed = False
+        #: the server process (BackendKeyData)
+        self.backend_pid: int | None = None
+
+    @property
+    def raw_socket(self) -> trio.socket.SocketType:
+        """The connection's socket (to set options on)."""
+        return self._socket.socket
 
     # I/O
 
@@ -259,6 +267,30 @@ class WireConnection:
     def forget(self, sql: str) -> None:
         self._prepared.pop(sql, None)
 
+    async def simple_query(self, sql: str) -> None:
+        """Run ``sql`` (no parameters; rows, if any, ignored): the simple query protocol."""
+        self.busy = True
+        await self._send(_message(b"Q", _cstr(sql)))
+        await self._until_ready()
+        self.busy = False
+
+    async def notifications(self, callback: Callable[[str, str], None]) -> None:
+        """After LISTEN: ``callback(channel, payload)`` for each notification, as it
+        comes, until the connection ends (raises: `EventStoreError` for the server's
+        error, `OSError` or `trio.BrokenResourceError` for the socket's)."""
+        while True:
+            kind, body = await self._receive()
+            if kind == 65:  # A: NotificationResponse (pid, channel, payload)
+                end = body.index(b"\x00", 4)
+                channel = body[4:end].decode()
+                payload = body[end + 1 : body.index(b"\x00", end + 1)].decode()
+                callback(channel, payload)
+            elif kind == 69:  # E: the server ends the session (terminated, shut down)
+                fields = _fields(body)
+                self.close()
+                raise _server_error(fields, self._config)
+            # N (a notice), S (a parameter changed): nothing to do
+
 
 def _server_error(fields: dict[str, str], config: EventStoreConfig | None) -> EventStoreError:
     exc = asyncpg.PostgresError.new(fields)
@@ -321,7 +353,12 @@ async def _connect_one(
         )
         await conn._send(I32.pack(len(body) + 4) + body)
         await _authenticate(conn, where)
-        await conn._until_ready()
+
+        def on(kind: int, body: bytes) -> None:
+            if kind == 75:  # K: BackendKeyData
+                conn.backend_pid = I32.unpack_from(body)[0]
+
+        await conn._until_ready(on)
         return conn
     except BaseException:
         sock.socket.close()

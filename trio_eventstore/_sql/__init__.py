@@ -85,6 +85,7 @@ from ._streams import (
     STREAM_SORT_COLUMNS,
     count_streams,
     hard_delete_stream,
+    listen,
     lock_stream,
     notification_channel,
     notify_stream,
@@ -191,6 +192,7 @@ __all__ = [
     "paginate_streams",
     "count_streams",
     "stream_versions",
+    "listen",
     "notification_channel",
     "notify_stream",
     # _snapshots

@@ -164,6 +164,11 @@ def notification_channel(schema: str) -> str:
     return f"{schema}.events"
 
 
+def listen(schema: str) -> str:
+    """LISTEN on `notification_channel`."""
+    return f"LISTEN {quote_ident(notification_channel(schema))}"
+
+
 def notify_stream(schema: str) -> str:
     """Parameter: stream_uuid. A notification of the stream at its current version (as
     `notify_events()` sends for an append): a hint to re-read it, nothing more."""
