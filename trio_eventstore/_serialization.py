@@ -155,8 +155,13 @@ def _loads_many(payloads: list[bytes]) -> list[Any] | None:
 JSON_DECODER = "orjson" if _orjson is not None else "json"
 
 
+#: ``json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)``,
+#: without building an encoder for each call
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(value: object) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODE(value).encode()
 
 
 # -- plain JSON values -----------------------------------------------------------------------
