@@ -161,29 +161,42 @@ class WireConnection:
             data = data[sent:]
         await self._stream.send_all(data)
 
-    async def _receive(self) -> tuple[int, bytes]:
+    def _take(self) -> tuple[int, bytes] | None:
+        """The next whole message in the buffer, or None."""
         buffer = self._buffer
-        while True:
-            if len(buffer) >= 5:
-                kind, length = _HEADER.unpack_from(buffer)
-                end = 1 + length
-                if len(buffer) >= end:
-                    body = bytes(buffer[5:end])
-                    del buffer[:end]
-                    return kind[0], body
-            raw = self._raw
-            if raw is None:
-                data = await self._stream.receive_some(65536)
-            else:
-                # The reply comes later than this (a round trip): wait, then read.
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    data = raw.recv(65536)
-                except BlockingIOError:
-                    continue
-            if not data:
-                raise ConnectionResetError("the server closed the connection")
-            buffer += data
+        if len(buffer) < 5:
+            return None
+        kind, length = _HEADER.unpack_from(buffer)
+        end = 1 + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[5:end])
+        if end == len(buffer):
+            buffer.clear()
+        else:
+            del buffer[:end]
+        return kind[0], body
+
+    async def _fill(self) -> None:
+        """Read more of what the server sent into the buffer."""
+        raw = self._raw
+        if raw is None:
+            data = await self._stream.receive_some(65536)
+        else:
+            # The reply comes later than this (a round trip): wait, then read.
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                data = raw.recv(65536)
+            except BlockingIOError:
+                return
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        self._buffer += data
+
+    async def _receive(self) -> tuple[int, bytes]:
+        while (message := self._take()) is None:
+            await self._fill()
+        return message
 
     def idle_and_open(self) -> bool:
         """False when the server has closed this idle connection, or sent something
@@ -205,7 +218,11 @@ class WireConnection:
         """Read to ReadyForQuery; raise the server's error, if it sent one, after."""
         error: dict[str, str] | None = None
         while True:
-            kind, body = await self._receive()
+            message = self._take()  # the reply's messages mostly come in one read
+            if message is None:
+                await self._fill()
+                continue
+            kind, body = message
             if kind == 90:  # Z
                 break
             if kind == 69:  # E
