@@ -339,19 +339,13 @@ async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[
         # Refused, or a case the lean statement leaves to the general one: it says why.
     if n_events < (ALL_APART_LONE_EVENTS if len(requests) == 1 else ALL_APART_EVENTS):
         sql, params, created_at = batch_statement(db.config, requests)
-
-        async def unit(conn: Conn) -> list[Row]:
-            return await conn.fetch(sql, *params)
-
-        rows = await db.run(unit, statements=1 + n_events // 1000)
+        rows = await db.fetch_direct(sql, *params, statements=1 + n_events // 1000)
         return batch_outcomes(requests, rows, created_at)
 
     sql, params, created_at = batch_statement(db.config, requests, pipelined=True)
-
-    async def pipelined(conn: Conn) -> list[Row]:
-        return await conn.fetchmany(sql, [params, _all_part(params)])
-
-    rows = await db.run(pipelined, statements=2 + 2 * n_events // 1000)
+    rows = await db.fetchmany_direct(
+        sql, [params, _all_part(params)], statements=2 + 2 * n_events // 1000
+    )
     base = next((int(r["all_base"]) for r in rows if r["k"] == 0), 0)
     return batch_outcomes(requests, [r for r in rows if r["k"] != 0], created_at, base)
 

@@ -97,7 +97,7 @@ async def _connect(config: EventStoreConfig, role: str) -> WireConnection | None
             shape = await conn.describe(_sql.SET_SESSION_SETTINGS)
             try:
                 await conn.fetch(
-                    _sql.SET_SESSION_SETTINGS, shape, [list(settings), list(settings.values())]
+                    _sql.SET_SESSION_SETTINGS, shape, [(list(settings), list(settings.values()))]
                 )
             except DatabaseError as exc:  # e.g. a proxy that refuses them: not fatal
                 logger.warning("TCP keepalive settings not applied: %s", exc)

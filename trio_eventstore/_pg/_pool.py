@@ -344,14 +344,27 @@ class Database:
         when `_wire` cannot (an authentication method, a type, a TLS mode it does not
         speak). Cancelled or timed out mid-statement, the connection is closed (the
         statement may still commit, as with asyncpg)."""
+        rows = await self.fetchmany_direct(sql, (args,), statements=statements)
+        return rows[0] if rows else None
+
+    async def fetch_direct(self, sql: str, *args: object, statements: int = 1) -> Sequence[Row]:
+        """As ``run`` of ``conn.fetch(sql, *args)``, sent as `fetchrow_direct` is."""
+        return await self.fetchmany_direct(sql, (args,), statements=statements)
+
+    async def fetchmany_direct(
+        self, sql: str, args: Sequence[Sequence[object]], *, statements: int = 1
+    ) -> Sequence[Row]:
+        """As ``run`` of ``conn.fetchmany(sql, args)`` (each argument sequence executed,
+        all before one Sync: one round trip, one implicit transaction), sent as
+        `fetchrow_direct` is."""
         if self._wire_off or sql in self._not_direct:
-            return await self._fetchrow(sql, args, statements)
+            return await self._fetchmany(sql, args, statements)
         pool = self._pool
         try:
             conn = await pool.acquire_wire()
         except Unsupported:
             self._wire_off = True
-            return await self._fetchrow(sql, args, statements)
+            return await self._fetchmany(sql, args, statements)
         # Failed or cancelled mid-statement, the connection is left busy: `release_wire`
         # closes it.
         try:
@@ -371,15 +384,17 @@ class Database:
                 raise StorageUnavailableError("the database did not answer in time")
         finally:
             pool.release_wire(conn)
-        return await self._fetchrow(sql, args, statements)
+        return await self._fetchmany(sql, args, statements)
 
-    async def _direct(self, conn: WireConnection, sql: str, args: Sequence[object]) -> Row | None:
+    async def _direct(
+        self, conn: WireConnection, sql: str, args: Sequence[Sequence[object]]
+    ) -> Sequence[Row]:
         for attempt in range(2):
             shape = self._shapes.get(sql)
             if shape is None:
                 shape = self._shapes[sql] = await conn.describe(sql)
             try:
-                rows = await conn.fetch(sql, shape, args)
+                rows: Sequence[Row] = await conn.fetch(sql, shape, args)
             except (DatabaseError, Stale) as exc:
                 # The prepared statement is gone or changed (a schema change, a proxy's
                 # DISCARD): describe and prepare it again, once (as asyncpg does).
@@ -389,12 +404,16 @@ class Database:
                 conn.forget(sql)
                 self._shapes.pop(sql, None)
                 continue
-            return rows[0] if rows else None
+            return rows
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _fetchrow(self, sql: str, args: Sequence[object], statements: int) -> Row | None:
-        async def unit(conn: Conn) -> Row | None:
-            return await conn.fetchrow(sql, *args)
+    async def _fetchmany(
+        self, sql: str, args: Sequence[Sequence[object]], statements: int
+    ) -> list[Row]:
+        async def unit(conn: Conn) -> list[Row]:
+            if len(args) == 1:
+                return await conn.fetch(sql, *args[0])
+            return await conn.fetchmany(sql, args)
 
         return await self.run(unit, statements=statements)
 

@@ -88,6 +88,7 @@ def target(config: EventStoreConfig, *, session_mode: bool = False) -> Target:
 
 _HEADER = struct.Struct("!ci")
 _SYNC = b"S\x00\x00\x00\x04"
+_EXECUTE = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"  # the unnamed portal, every row
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _PROTOCOL = 196608  # 3.0
 
@@ -264,10 +265,14 @@ class WireConnection:
         self.busy = False
         return Shape(oids, columns)
 
-    async def fetch(self, sql: str, shape: Shape, params: Sequence[object]) -> list[WireRow]:
-        """Run ``sql`` once (prepared on this connection the first time, unless
-        ``statement_cache_size`` is 0: then parsed every time, as behind PgBouncer)."""
-        bind = shape.bind_parameters(params)
+    async def fetch(
+        self, sql: str, shape: Shape, params: Sequence[Sequence[object]]
+    ) -> list[WireRow]:
+        """Run ``sql`` once per parameter sequence, all before one Sync (one round trip;
+        outside a transaction, one implicit transaction): the rows of all, in order.
+        Prepared on this connection the first time, unless ``statement_cache_size`` is
+        0: then parsed every time, as behind PgBouncer."""
+        binds = [shape.bind_parameters(p) for p in params]
         name = self._prepared.get(sql)
         parse = b""
         if name is None:
@@ -286,11 +291,9 @@ class WireConnection:
                 bodies.append(body)
 
         self.busy = True
+        prefix = b"\x00" + name + b"\x00"
         await self._send(
-            parse
-            + _message(b"B", b"\x00" + name + b"\x00" + bind)
-            + b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
-            + _SYNC
+            parse + b"".join(_message(b"B", prefix + bind) + _EXECUTE for bind in binds) + _SYNC
         )
         try:
             await self._until_ready(on)
