@@ -291,6 +291,18 @@ async def test_what_it_does_not_speak_goes_through_asyncpg(initialized: EventSto
         )
         db: Database = store._db
         assert db._wire_off
+        # Group-commit batches and big appends (two statements before one Sync) too.
+        big = [EventData({"n": i}, event_type="N") for i in range(150)]
+        assert await store.append_to_stream("big", NO_STREAM, big) == 150
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(
+                    store.append_to_stream, f"c{k}", NO_STREAM, [EventData({}, event_type="N")]
+                )
+        writer = store.statistics().writer
+        assert writer is not None
+        assert writer.largest_batch > 1
+        assert len(await store.read_stream_forward("big", count=500)) == 150
         assert not db._pool._idle_wire
         # The LISTEN session too, and it hears another store's appends.
         notifier = store._subscriptions.notifier
@@ -368,3 +380,32 @@ async def test_the_wire_listener_tells_when_its_session_ends(
             assert await conn.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
         with trio.fail_after(10):
             await listener.lost.wait()
+
+
+async def test_several_executions_before_one_sync_share_a_transaction(db: Database) -> None:
+    """`fetchmany_direct` (a big append's two statements): one round trip, one implicit
+    transaction, the rows of each execution in order; an error in a later execution
+    rolls back the earlier ones."""
+    sql = (
+        "SELECT coalesce(current_setting('wire.v', true), '') AS before,"
+        " set_config('wire.v', $1, true) AS after"
+    )
+    rows = await db.fetchmany_direct(sql, [("a",), ("b",)])
+    assert sql not in db._not_direct
+    assert not db._wire_off
+    assert [(r["before"], r["after"]) for r in rows] == [("", "a"), ("a", "b")]
+    [row] = await db.fetchmany_direct(sql, [("c",)])
+    assert (row["before"], row["after"]) == ("", "c")  # the transaction ended at the Sync
+
+    table = f"wire_{uuid.uuid4().hex}"
+    await db.execute(f"CREATE TABLE {table} (n int PRIMARY KEY)")
+    try:
+        insert = f"INSERT INTO {table} (n) VALUES ($1) RETURNING n"
+        with pytest.raises(es.DatabaseError) as caught:
+            await db.fetchmany_direct(insert, [(1,), (2,), (1,)])
+        assert caught.value.sqlstate == "23505"
+        assert insert not in db._not_direct
+        [row] = await db.fetch_direct(f"SELECT count(*) AS n FROM {table}")
+        assert row["n"] == 0
+    finally:
+        await db.execute(f"DROP TABLE {table}")
