@@ -125,3 +125,40 @@ async def test_the_listener_keeps_positions_only_of_streams_someone_waits_for(
             assert notifier.mark("watched") == 1
         # Once nobody waits for it, it is forgotten too.
         assert set(notifier._marks) <= {"$all"}
+
+
+async def test_a_store_listens_only_once_something_waits_for_news(
+    initialized: EventStoreConfig,
+) -> None:
+    """A store that only writes keeps its notification session idle (the server sends
+    it nothing for the appends); the first subscription makes it LISTEN, and from its
+    start every commit on the database wakes it."""
+
+    async def listener_query(store_pid: int | None) -> str:
+        async with open_connection(initialized) as conn:
+            query: str = await conn.fetchval(
+                "SELECT query FROM pg_stat_activity WHERE pid = $1", store_pid
+            )
+        return query
+
+    with trio.fail_after(20):
+        async with open_event_store(initialized) as store, open_event_store(initialized) as other:
+            notifier = store._subscriptions.notifier
+            for n in range(3):
+                await store.append_to_stream(f"w{n}", NO_STREAM, [event(n)])
+                await other.append_to_stream(f"o{n}", NO_STREAM, [event(n)])
+            await trio.sleep(0.2)
+            stats = store.statistics()
+            assert stats.listener_connected
+            assert not notifier.listening
+            assert notifier.notifications == 0
+            assert not (await listener_query(stats.listener_pid)).startswith("LISTEN")
+
+            async with store.subscribe("later") as sub:
+                assert notifier.listening
+                assert (await listener_query(stats.listener_pid)).startswith("LISTEN")
+                await other.append_to_stream("later", NO_STREAM, [event(9)])
+                async for batch in sub:
+                    assert [e.data for e in batch] == [{"n": 9}]
+                    break
+            assert notifier.notifications >= 1

@@ -334,6 +334,7 @@ async def test_the_listen_session_is_spoken_from_trio(initialized: EventStoreCon
     async with open_event_store(initialized) as store, open_event_store(initialized) as other:
         notifier = store._subscriptions.notifier
         assert notifier.transport == "wire"
+        await notifier.ensure_listening()
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(notifier.wait_beyond, "s", 0)
@@ -364,6 +365,8 @@ async def test_a_failing_notification_callback_keeps_the_wire_listener(
 
     async with open_listener(initialized, callback, role="test") as listener:
         assert listener.transport == "wire"
+        await notify(initialized, "not listening yet")
+        await listener.listen()
         await notify(initialized, "one", "boom", "two")
         with trio.fail_after(10):
             await got_two.wait()

@@ -61,7 +61,13 @@ class Notifier:
         #: streams kept by `watch` (transient subscriptions), with how many keep each
         self._watched: dict[str, int] = {}
         self._changed = _Wakeup()
+        #: set when somebody first follows a stream (a subscription): LISTEN from then on
+        self.wanted = trio.Event()
         self.connected = False
+        #: LISTEN is live (connected, and wanted)
+        self.listening = False
+        #: the first LISTEN is live and the marks re-synced, or the attempt ended
+        self._first_listen = trio.Event()
         self.backend_pid: int | None = None
         #: how the LISTEN session is spoken: "wire" (from Trio) or "asyncpg"
         self.transport: str | None = None
@@ -69,6 +75,15 @@ class Notifier:
         self.notifications = 0
 
     # -- readers --------------------------------------------------------------------------
+
+    async def ensure_listening(self) -> None:
+        """Ask for LISTEN (the first subscription does) and wait until it is live and the
+        marks re-synced: what is committed from then on wakes the readers at once. Does
+        not wait while the session is down (readers then rely on the re-sync that
+        follows its reconnection, as always)."""
+        self.wanted.set()
+        if self.connected and not self.listening:
+            await self._first_listen.wait()
 
     def mark(self, stream_uuid: str) -> int:
         """The highest version known for the stream (0 when none is known)."""
@@ -90,6 +105,7 @@ class Notifier:
     async def wait_beyond(self, stream_uuid: str, position: int) -> None:
         """Return once the stream's mark is above ``position``, or the marks were
         re-synced or polled (read the database to see what changed)."""
+        self.wanted.set()
         self._watchers[stream_uuid] = self._watchers.get(stream_uuid, 0) + 1
         self._marks.setdefault(stream_uuid, 0)
         try:
@@ -106,6 +122,7 @@ class Notifier:
 
     def add_listener(self, stream_uuid: str, wake: Callable[[], None]) -> None:
         """Call ``wake()`` (sync, must not block) when the stream's mark may have moved."""
+        self.wanted.set()
         self._marks.setdefault(stream_uuid, 0)
         self._listeners.setdefault(stream_uuid, []).append(wake)
 
@@ -120,6 +137,7 @@ class Notifier:
     def watch(self, stream_uuid: str) -> None:
         """Follow the stream (and keep its mark in re-syncs) until `unwatch`: a
         transient subscription, from before its first read."""
+        self.wanted.set()
         self._watched[stream_uuid] = self._watched.get(stream_uuid, 0) + 1
         self._marks.setdefault(stream_uuid, 0)
 
@@ -199,8 +217,18 @@ class Notifier:
 async def run_notifier(
     notifier: Notifier, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """The store's LISTEN task: reports started once LISTEN is live; afterwards it
+    """The store's notification task: reports started once its session is connected;
+    LISTENs (and re-syncs the marks) once somebody follows a stream (`Notifier.wanted`:
+    a store that only writes never LISTENs, and costs the server nothing per append);
     reconnects with back-off for as long as the store is open."""
+    try:
+        await _notify_forever(notifier, task_status)
+    finally:
+        notifier.connected = notifier.listening = False
+        notifier._first_listen.set()  # nobody waits for a store that has closed
+
+
+async def _notify_forever(notifier: Notifier, task_status: trio.TaskStatus[None]) -> None:
     config = notifier._config
     poll = config.notification_poll_interval
     delays = reconnect_delays()
@@ -214,13 +242,18 @@ async def run_notifier(
                 notifier.connected = True
                 notifier.backend_pid = listener.backend_pid
                 notifier.transport = listener.transport
-                await notifier.resync()  # what was committed while we were not listening
                 if not started:
                     started = True
                     task_status.started()
-                else:
-                    logger.info("notifier reconnected; marks re-synced")
                 delays = reconnect_delays()
+                await _first(notifier.wanted, lost)
+                if not lost.is_set():
+                    await listener.listen()
+                    notifier.listening = True
+                    await notifier.resync()  # what was committed while we were not listening
+                    notifier._first_listen.set()
+                    if notifier.reconnects:
+                        logger.info("notifier reconnected; marks re-synced")
                 while not lost.is_set():
                     with trio.move_on_after(poll if poll > 0 else math.inf):
                         await lost.wait()
@@ -230,9 +263,22 @@ async def run_notifier(
             if not started:
                 raise
             logger.warning("notifier connection lost (%s); reconnecting", exc)
-        notifier.connected = False
+        notifier.connected = notifier.listening = False
+        notifier._first_listen.set()  # nobody waits for a session that is down
         if not started:
             raise StorageUnavailableError("the notification connection closed during startup")
         notifier.reconnects += 1
         notifier._wake(resynced=True)  # readers re-read the database themselves
         await trio.sleep(next(delays))
+
+
+async def _first(*events: trio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)

@@ -388,6 +388,7 @@ class Subscriptions:
         consumer (starting its driver if none runs); its batches go to ``inbox`` when
         given (partition groups share one)."""
         self.check_open()
+        await self.notifier.ensure_listening()
         key = (stream_uuid, name)
         driver = self._drivers.get(key)
         if driver is not None and not driver.consumers and not driver.done.is_set():

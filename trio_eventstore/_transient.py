@@ -35,6 +35,7 @@ async def subscribe(
     owner.check_open()
     owner.notifier.watch(stream_uuid)
     try:
+        await owner.notifier.ensure_listening()
         info = await _storage.stream_info(owner.db, stream_uuid)
         position = info.stream_version
     except StreamNotFoundError:  # not yet: its first event is new

@@ -311,17 +311,22 @@ class WireConnection:
     def forget(self, sql: str) -> None:
         self._prepared.pop(sql, None)
 
-    async def simple_query(self, sql: str) -> None:
-        """Run ``sql`` (no parameters; rows, if any, ignored): the simple query protocol."""
-        self.busy = True
+    async def send_query(self, sql: str) -> None:
+        """Send ``sql`` (no parameters) with the simple query protocol; its answer is
+        read by `notifications`."""
         await self._send(_message(b"Q", _cstr(sql)))
-        await self._until_ready()
-        self.busy = False
 
-    async def notifications(self, callback: Callable[[str, str], None]) -> None:
-        """After LISTEN: ``callback(channel, payload)`` for each notification, as it
-        comes, until the connection ends (raises: `EventStoreError` for the server's
-        error, `OSError` or `trio.BrokenResourceError` for the socket's)."""
+    async def notifications(
+        self,
+        callback: Callable[[str, str], None],
+        replied: Callable[[EventStoreError | None], None],
+    ) -> None:
+        """Read the connection until it ends: ``callback(channel, payload)`` for each
+        notification (after LISTEN), ``replied(None or the server's error)`` at the end
+        of the answer to each `send_query`. Raises when the connection ends:
+        `EventStoreError` for the server's error, `OSError` or
+        `trio.BrokenResourceError` for the socket's."""
+        error: EventStoreError | None = None
         while True:
             kind, body = await self._receive()
             if kind == 65:  # A: NotificationResponse (pid, channel, payload)
@@ -329,11 +334,16 @@ class WireConnection:
                 channel = body[4:end].decode()
                 payload = body[end + 1 : body.index(b"\x00", end + 1)].decode()
                 callback(channel, payload)
-            elif kind == 69:  # E: the server ends the session (terminated, shut down)
+            elif kind == 69:  # E
                 fields = _fields(body)
-                self.close()
-                raise _server_error(fields, self._config)
-            # N (a notice), S (a parameter changed): nothing to do
+                if fields.get("S") in ("FATAL", "PANIC"):  # the session ends
+                    self.close()
+                    raise _server_error(fields, self._config)
+                error = _server_error(fields, self._config)
+            elif kind == 90:  # Z: a query answered
+                replied(error)
+                error = None
+            # C (a query's completion), N (a notice), S (a parameter changed): nothing
 
 
 def _server_error(fields: dict[str, str], config: EventStoreConfig | None) -> EventStoreError:
