@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from ._btree import MAX_ENTRY_BYTES, MAX_RAW_BYTES, entry_size, fits
 from ._types import ALL_STREAMS, MAX_BIGINT, ExpectedVersion, check_text
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "MAX_WRITTEN_STREAM_UUID_BYTES",
     "check_events",
     "check_expected_version",
+    "check_indexed",
     "check_int",
     "check_stream",
     "check_target",
@@ -26,7 +28,7 @@ MAX_STREAM_UUID_BYTES = 7900
 #: PostgreSQL indexes stream ids (`ix_streams_stream_uuid`) in btree entries of at most
 #: 2704 bytes (8 KiB pages), 12 of them its own: a longer id is stored only if the server
 #: happens to compress it, so appends and links take none.
-MAX_WRITTEN_STREAM_UUID_BYTES = 2692
+MAX_WRITTEN_STREAM_UUID_BYTES = MAX_RAW_BYTES
 
 
 def check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
@@ -65,6 +67,17 @@ def check_target(stream_uuid: object, *, written: bool = True) -> None:
         raise ValueError(
             f"stream_uuid: at most {MAX_WRITTEN_STREAM_UUID_BYTES} bytes to be written to "
             "(PostgreSQL's index of stream ids takes no longer one)"
+        )
+
+
+def check_indexed(what: str, index: str, values: tuple[str, ...], limit: str) -> None:
+    """Raise `ValueError` unless PostgreSQL's btree ``index`` takes the entry of a row of
+    ``values`` (as the server compresses them: see `_btree`). ``what`` names the
+    arguments, ``limit`` says how long they may be."""
+    if not fits(*values):
+        raise ValueError(
+            f"{what}: too long for PostgreSQL's index of {index}: {limit} (these make an "
+            f"index entry of {entry_size(*values)} bytes; it takes at most {MAX_ENTRY_BYTES})"
         )
 
 

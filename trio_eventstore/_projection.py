@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import attrs
 
 from . import _sql
+from ._arguments import check_indexed
+from ._btree import MAX_RAW_BYTES
 from ._errors import DatabaseError
 from ._pg import TransactionConnection
 from ._store import EventStore
@@ -112,6 +114,12 @@ class Projection:
 
     def __attrs_post_init__(self) -> None:
         _check_name("name", self.name)
+        check_indexed(
+            "name",
+            "projection names (projection_versions)",
+            (self.name,),
+            f"at most {MAX_RAW_BYTES} bytes of text that does not compress",
+        )
         _check_name("schema", self.schema)
         if not callable(self.handler):
             raise TypeError("handler: expected an async function (conn, event)")

@@ -7,6 +7,8 @@ import datetime
 
 from . import _sql
 from ._appends import _translate_write_error
+from ._arguments import check_indexed
+from ._btree import MAX_RAW_BYTES
 from ._errors import DatabaseError, SnapshotNotFoundError
 from ._pg import Conn, Database
 from ._storable import check_storable_snapshot
@@ -16,6 +18,12 @@ __all__ = ["delete_snapshot", "read_snapshot", "record_snapshot"]
 
 
 async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
+    check_indexed(
+        "source_uuid",
+        "snapshot ids",
+        (snapshot.source_uuid,),
+        f"at most {MAX_RAW_BYTES} bytes of text that does not compress",
+    )
     serializer = db.config.serializer
     source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
     data = serializer.serialize(snapshot.data)

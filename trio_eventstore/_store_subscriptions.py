@@ -11,8 +11,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import _parking, _subscription_rows
-from ._arguments import check_stream, parse_event_ids
-from ._balance import split_group_name
+from ._arguments import check_indexed, check_stream, parse_event_ids
+from ._balance import group_name, split_group_name
+from ._btree import MAX_RAW_BYTES, MAX_RAW_PAIR_BYTES
 from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
 from ._groups import join_groups
 from ._pg import Database
@@ -121,6 +122,10 @@ class SubscriptionMethods:
                 ``concurrency_limit`` lets several consumers share it).
             TooManySubscribersError: ``concurrency_limit`` consumers already share it.
             InvalidStartFromError: ``start_from`` is not ORIGIN, CURRENT or an int >= 0.
+            ValueError: (among bad arguments) ``stream_uuid`` and ``subscription_name``
+                too long together for PostgreSQL's indexes: for the subscription's row,
+                or for the record of an event it parks (at most 2646 bytes together of
+                text that does not compress; longer if PostgreSQL compresses it).
             CheckpointFailedError: (from the block's exit) the last acknowledgements could
                 not be persisted; they are delivered again next time.
         """
@@ -142,6 +147,7 @@ class SubscriptionMethods:
             retry_policy=retry_policy,
             undecodable=undecodable,
         )
+        _check_indexable(stream_uuid, subscription_name, options.partition_groups)
         return self._subscribe_to_stream(stream_uuid, subscription_name, options)
 
     def _subscribe_to_stream(
@@ -300,6 +306,55 @@ class SubscriptionMethods:
             count += await change(self._db, stream_uuid, name, ids)
             self._subscriptions.parked_changed(stream_uuid, name)
         return count
+
+
+#: An event id, to check that the key of a park record fits. (Where the key fits only
+#: because it compresses, another event's may compress up to an 8-byte step worse.)
+_SAMPLE_EVENT_ID = uuid.UUID("c3a0e5f1-9b27-4d68-8e14-70f2b6d9a35c")
+
+
+def _check_indexable(stream_uuid: str, name: str, groups: int | None) -> None:
+    """Raise `ValueError` unless what the subscription writes fits PostgreSQL's btree
+    indexes (the server refuses it otherwise, late: when the subscription starts, or when
+    it parks an event): its row (each group's), the key of an event's park record
+    (snapshots) and its parked stream (streams). Pure: before any I/O."""
+    for row in _row_samples(name, groups):
+        group = "" if row == name else f" (with the group suffix {row[len(name) :]!r})"
+        both = f"stream_uuid and subscription_name{group}"
+        check_indexed(
+            both,
+            "subscriptions",
+            (stream_uuid, row),
+            f"together at most about {MAX_RAW_PAIR_BYTES} bytes of text that does not compress",
+        )
+        key = _parking.record_key(stream_uuid, row, _SAMPLE_EVENT_ID)
+        extra = len(key.encode()) - len(stream_uuid.encode()) - len(name.encode())
+        check_indexed(
+            both,
+            "snapshot ids, where each event the subscription parks is recorded under the "
+            "key '$parked-<subscription_name>|<stream_uuid>|<event id>'",
+            (key,),
+            f"together at most {MAX_RAW_BYTES - extra} bytes of text that does not compress",
+        )
+        stream = _parking.parked_stream(row)
+        extra = len(stream.encode()) - len(name.encode())
+        check_indexed(
+            f"subscription_name{group}",
+            "stream ids, where the events the subscription parks are linked into the "
+            "stream '$parked-<subscription_name>'",
+            (stream,),
+            f"at most {MAX_RAW_BYTES - extra} bytes of text that does not compress",
+        )
+
+
+def _row_samples(name: str, groups: int | None) -> list[str]:
+    """The names of the subscription's rows to check: its own, or its groups' (the last
+    group of each length of number, longest first: the others differ from one of them
+    in a digit only)."""
+    if groups is None:
+        return [name]
+    last = {len(str(group)): group for group in range(groups)}
+    return [group_name(name, group, groups) for group in sorted(last.values(), reverse=True)]
 
 
 def _subscription_of(row_name: str) -> str:
