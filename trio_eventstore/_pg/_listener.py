@@ -14,7 +14,7 @@ import trio
 
 from .. import _sql
 from .._config import EventStoreConfig, session_keepalive
-from .._errors import DatabaseError, EventStoreError, StorageUnavailableError
+from .._errors import DatabaseError, EventStoreError, StorageUnavailableError, single_errors
 from ._connection import (
     _settings,
     keep_socket_alive,
@@ -67,12 +67,14 @@ async def open_listener(
         return
     try:
         listener = Listener(conn.backend_pid, "wire")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read, conn, callback, listener)
-            try:
-                yield listener
-            finally:
-                nursery.cancel_scope.cancel()
+        # An error of the caller's block is its own, not wrapped in an ExceptionGroup.
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read, conn, callback, listener)
+                try:
+                    yield listener
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         conn.close()
 
