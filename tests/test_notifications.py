@@ -162,3 +162,39 @@ async def test_a_store_listens_only_once_something_waits_for_news(
                     assert [e.data for e in batch] == [{"n": 9}]
                     break
             assert notifier.notifications >= 1
+
+
+async def test_a_failed_re_read_of_positions_reconnects_and_keeps_the_store_open(
+    initialized: EventStoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poll's re-read of stream positions fails (the server restarts): the listener
+    reconnects, as when its own connection drops. It used to close the whole store: the
+    LISTEN session's task group wrapped the error in an ExceptionGroup, which the
+    listener's reconnect loop did not catch."""
+    from trio_eventstore import StorageUnavailableError
+    from trio_eventstore._notifications import Notifier
+
+    calls = 0
+    resync = Notifier.resync
+
+    async def failing_once(self: Notifier) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first poll, on a live LISTEN session
+            raise StorageUnavailableError("database unavailable (test)")
+        await resync(self)
+
+    monkeypatch.setattr(Notifier, "resync", failing_once)
+    config = initialized.with_changes(notification_poll_interval=0.05)
+    async with open_event_store(config) as store:
+        await store._subscriptions.notifier.ensure_listening()  # LISTEN, and so the polls
+        with trio.fail_after(10):
+            while True:  # reconnected, and connected again
+                await trio.sleep(0.05)
+                stats = store.statistics()
+                if stats.listener_reconnects and stats.listener_connected:
+                    break
+        async with store.subscribe("s") as subscription:
+            await store.append_to_stream("s", NO_STREAM, [event(1)])
+            with trio.fail_after(10):
+                assert [e.data for e in await subscription.__anext__()] == [{"n": 1}]

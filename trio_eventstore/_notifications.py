@@ -56,6 +56,9 @@ class Notifier:
         self._marks: dict[str, int] = {}
         #: per stream, how many notifications and re-syncs have touched its mark
         self._generations: dict[str, int] = {}
+        #: per stream, the id of its ``streams`` row as last heard of: a stream deleted
+        #: and created again is another row (a reader following the old one reads nothing)
+        self._ids: dict[str, int] = {}
         self._watchers: dict[str, int] = {}
         self._listeners: dict[str, list[Callable[[], None]]] = {}
         #: streams kept by `watch` (transient subscriptions), with how many keep each
@@ -93,6 +96,19 @@ class Notifier:
         """Take this before reading the stream; pass it to `settle` after."""
         return self._generations.get(stream_uuid, 0)
 
+    def heard_another_row(self, stream_uuid: str, stream_id: int) -> bool:
+        """Whether the stream was last heard of as another row than ``stream_id``: it was
+        deleted and created again (ask the database; pass what it says to `settle_row`)."""
+        heard = self._ids.get(stream_uuid)
+        return heard is not None and heard != stream_id
+
+    def settle_row(self, stream_uuid: str, stream_id: int, generation: int) -> None:
+        """A read that began at ``generation`` found the stream's row is ``stream_id``
+        while another was heard of: what was heard is older unless a notification or
+        re-sync came since (a reader found the new row before its notification came)."""
+        if self._generations.get(stream_uuid, 0) == generation and self._followed(stream_uuid):
+            self._ids[stream_uuid] = stream_id
+
     def settle(self, stream_uuid: str, head: int, generation: int) -> None:
         """A read of the stream that began at ``generation`` found nothing above
         ``head``: a higher mark is stale unless a notification or re-sync came since
@@ -102,14 +118,19 @@ class Notifier:
         if self._generations.get(stream_uuid, 0) == generation and self.mark(stream_uuid) > head:
             self._marks[stream_uuid] = head
 
-    async def wait_beyond(self, stream_uuid: str, position: int) -> None:
+    async def wait_beyond(
+        self, stream_uuid: str, position: int, stream_id: int | None = None
+    ) -> None:
         """Return once the stream's mark is above ``position``, or the marks were
-        re-synced or polled (read the database to see what changed)."""
+        re-synced or polled (read the database to see what changed), or (given the
+        ``stream_id`` of the row read) the stream is heard of as another row."""
         self.wanted.set()
         self._watchers[stream_uuid] = self._watchers.get(stream_uuid, 0) + 1
         self._marks.setdefault(stream_uuid, 0)
         try:
-            while self.mark(stream_uuid) <= position:
+            while self.mark(stream_uuid) <= position and not (
+                stream_id is not None and self.heard_another_row(stream_uuid, stream_id)
+            ):
                 wakeup = self._changed
                 await wakeup.event.wait()
                 if wakeup.resynced:
@@ -163,6 +184,7 @@ class Notifier:
         if not self._followed(stream_uuid):
             self._marks.pop(stream_uuid, None)
             self._generations.pop(stream_uuid, None)
+            self._ids.pop(stream_uuid, None)
 
     # -- writers --------------------------------------------------------------------------
 
@@ -187,30 +209,43 @@ class Notifier:
         if parsed is None:
             logger.warning("ignoring a malformed notification payload %r", payload[:200])
             return
-        stream_uuid, _, _, last = parsed
+        stream_uuid, stream_id, _, last = parsed
         self.notifications += 1
         if not self._followed(stream_uuid):
             return  # nobody here reads it: whoever starts to reads the database first
         self._generations[stream_uuid] = self._generations.get(stream_uuid, 0) + 1
-        if last > self._marks.get(stream_uuid, -1):
-            self._marks[stream_uuid] = last
+        self._heard(stream_uuid, stream_id, last)
         self._wake(resynced=False, stream_uuid=stream_uuid)
+
+    def _heard(self, stream_uuid: str, stream_id: int, version: int) -> None:
+        """The stream's row ``stream_id`` is at ``version``. Another row than the one
+        heard of before is the stream created again: its versions start at 1 again."""
+        another_row = self._ids.get(stream_uuid, stream_id) != stream_id
+        if another_row or version > self._marks.get(stream_uuid, -1):
+            self._marks[stream_uuid] = version
+        self._ids[stream_uuid] = stream_id
 
     async def resync(self) -> None:
         """Read the marks of every watched stream (and ``$all``) from the database."""
         names = sorted({"$all", *self._marks, *self._watchers})
         sql = _sql.stream_versions(self._config.schema)
+        before = dict(self._generations)
 
-        async def unit(conn: Conn) -> dict[str, int]:
-            return {r[0]: int(r[1]) for r in await conn.fetch(sql, names)}
+        async def unit(conn: Conn) -> dict[str, tuple[int, int]]:
+            return {r[0]: (int(r[1]), int(r[2])) for r in await conn.fetch(sql, names)}
 
         # Readers holding every pooled connection make it wait (failing here would
         # tear the LISTEN connection down for a busy pool).
-        versions = await waiting_out_overload(lambda: self._db.run(unit), first=0.01, ceiling=0.5)
-        for name, version in versions.items():
-            if version > self._marks.get(name, -1):
-                self._marks[name] = version
+        rows = await waiting_out_overload(lambda: self._db.run(unit), first=0.01, ceiling=0.5)
+        for name, (stream_id, version) in rows.items():
+            if not self._followed(name):
+                continue  # forgotten meanwhile
+            another_row = self._ids.get(name, stream_id) != stream_id
+            if another_row and self._generations.get(name, 0) != before.get(name, 0):
+                continue  # heard of as another row during this read: that came later
+            if another_row or version > self.mark(name):
                 self._generations[name] = self._generations.get(name, 0) + 1
+            self._heard(name, stream_id, version)
         self._wake(resynced=True)
 
 

@@ -91,6 +91,8 @@ class PageReader:
         self.reads += 1
         db, config, notifier = self._db, self._config, self._notifier
         stream_id = self._stream_id
+        if stream_id is not None and notifier.heard_another_row(self._stream_uuid, stream_id):
+            stream_id = await self._follow_new_row(stream_id)
         ahead, self._prefetch = self._prefetch, None
         rows: list[Row] | None = None
         generation = notifier.generation(self._stream_uuid)
@@ -122,6 +124,19 @@ class PageReader:
             head = _storage.row_event_number(rows[-1]) if rows else after
             notifier.settle(self._stream_uuid, head, generation)
         return _parking.decode_rows(config, rows), sizes, not full
+
+    async def _follow_new_row(self, stream_id: int) -> int | None:
+        """The stream was heard of as another row than ``stream_id``, the one read: if
+        the database says so too, it was deleted (and created again): read the new row,
+        above the same position (the checkpoint is a version, whichever the row)."""
+        generation = self._notifier.generation(self._stream_uuid)
+        current = await _storage.readable_stream_id(self._db, self._stream_uuid)
+        if current == stream_id:  # the row read is newer than what was heard
+            self._notifier.settle_row(self._stream_uuid, stream_id, generation)
+        else:
+            self.cancel_read_ahead()
+            self._stream_id = current
+        return current
 
     def _fetch_ahead(
         self, nursery: trio.Nursery, stream_id: int, after: int, budget: int | None

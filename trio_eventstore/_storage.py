@@ -288,21 +288,13 @@ async def read_page(
     db: Database, stream_uuid: str, after: int, limit: int, stream_id: int | None
 ) -> tuple[list[RecordedEvent], bool, int | None]:
     """Events above ``after`` (at most ``limit``), whether that reached the head, and
-    the stream's id (pass it back: one statement per page then). A stream that does not
-    exist (yet) or was deleted reads as empty."""
-    config = db.config
+    the id of the stream's row they were read from (pass it back: one statement per page
+    then). A stream that does not exist (yet) or was deleted reads as empty (id None)."""
     if stream_id is None:
-        try:
-            events = await read(db, stream_uuid, after + 1, limit, forward=True)
-        except (StreamNotFoundError, StreamDeletedError):
+        stream_id = await readable_stream_id(db, stream_uuid)
+        if stream_id is None:
             return [], True, None
-        if events or stream_uuid == "$all":
-            info_id = 0 if stream_uuid == "$all" else None
-            if info_id is None:
-                info_id = (await stream_info(db, stream_uuid)).stream_id
-            return events, len(events) < limit, info_id
-        return events, True, None
-    events = recorded(config, await read_rows(db, stream_id, after, limit))
+    events = recorded(db.config, await read_rows(db, stream_id, after, limit))
     return events, len(events) < limit, stream_id
 
 

@@ -1,5 +1,9 @@
 """Transient subscriptions: no task, no lock, no checkpoint; the consumer's own iteration
-reads the events appended after it subscribed, waking on the stream's notifications."""
+reads the events appended after it subscribed, waking on the stream's notifications.
+
+A subscription follows the stream by its name: when the stream is hard-deleted and
+created again (a new ``streams`` row, with another id), it goes on with the new stream's
+events, from its version 1 (as the Elixir library's subscribers receive them)."""
 
 from __future__ import annotations
 
@@ -34,16 +38,17 @@ async def subscribe(
     """A transient subscription to the events appended to ``stream_uuid`` from now on."""
     owner.check_open()
     owner.notifier.watch(stream_uuid)
+    stream_id: int | None
     try:
         await owner.notifier.ensure_listening()
         info = await _storage.stream_info(owner.db, stream_uuid)
-        position = info.stream_version
+        position, stream_id = info.stream_version, info.stream_id
     except StreamNotFoundError:  # not yet: its first event is new
-        position = 0
+        position, stream_id = 0, None
     except BaseException:
         owner.notifier.unwatch(stream_uuid)
         raise
-    return TransientSubscription(owner, stream_uuid, position, selector, mapper)
+    return TransientSubscription(owner, stream_uuid, position, stream_id, selector, mapper)
 
 
 class TransientSubscription:
@@ -54,6 +59,7 @@ class TransientSubscription:
         owner: TransientHost,
         stream_uuid: str,
         position: int,
+        stream_id: int | None,
         selector: Callable[[RecordedEvent], bool] | None,
         mapper: Callable[[RecordedEvent], Any] | None,
     ) -> None:
@@ -62,21 +68,27 @@ class TransientSubscription:
         self.position = position
         self._selector = selector
         self._mapper = mapper
-        self._stream_id: int | None = None
+        #: the ``streams`` row read (None: the stream does not exist yet, or was deleted)
+        self._stream_id = stream_id
 
     def __aiter__(self) -> TransientSubscription:
         return self
 
     async def __anext__(self) -> list[Any]:
         owner = self._owner
+        notifier = owner.notifier
         while True:
             owner.check_open()
-            generation = owner.notifier.generation(self._stream_uuid)
+            generation = notifier.generation(self._stream_uuid)
+            if self._stream_id is not None and notifier.heard_another_row(
+                self._stream_uuid, self._stream_id
+            ):
+                await self._follow_new_row(generation)
             events, _, self._stream_id = await _storage.read_page(
                 owner.db, self._stream_uuid, self.position, 1000, self._stream_id
             )
             if not events:  # a notification of a version beyond this was stale
-                owner.notifier.settle(self._stream_uuid, self.position, generation)
+                notifier.settle(self._stream_uuid, self.position, generation)
             if events:
                 self.position = events[-1].event_number
                 if self._selector is not None:
@@ -84,4 +96,15 @@ class TransientSubscription:
                 if events:
                     return events if self._mapper is None else [self._mapper(e) for e in events]
                 continue
-            await owner.notifier.wait_beyond(self._stream_uuid, self.position)
+            await notifier.wait_beyond(self._stream_uuid, self.position, self._stream_id)
+
+    async def _follow_new_row(self, generation: int) -> None:
+        """The stream was heard of as another row than the one read: if the database
+        says so too, it was deleted (and created again): read the new row from its
+        first event."""
+        current = await _storage.readable_stream_id(self._owner.db, self._stream_uuid)
+        if current == self._stream_id:  # the row read is newer than what was heard
+            assert current is not None
+            self._owner.notifier.settle_row(self._stream_uuid, current, generation)
+        else:
+            self._stream_id, self.position = current, 0

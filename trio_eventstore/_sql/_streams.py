@@ -152,9 +152,10 @@ def count_streams(schema: str) -> str:
 
 
 def stream_versions(schema: str) -> str:
-    """Parameter: array of stream_uuid. Current version of each existing stream."""
+    """Parameter: array of stream_uuid. The id and current version of each existing
+    stream."""
     return (
-        f"SELECT stream_uuid, stream_version FROM {quote_ident(schema)}.streams "
+        f"SELECT stream_uuid, stream_id, stream_version FROM {quote_ident(schema)}.streams "
         "WHERE stream_uuid = ANY($1::text[])"
     )
 
