@@ -182,6 +182,29 @@ async def test_a_statement_past_the_timeout_fails_as_unavailable(
         assert again["two"] == 2
 
 
+async def test_in_a_store_one_task_times_statements_out(initialized: EventStoreConfig) -> None:
+    """A store times its straight-from-Trio statements out with one task
+    (`Database.watch_statements`), not a cancel scope each: a statement past its
+    deadline fails the same way, within the timeout and a quarter of it, on a
+    connection then closed."""
+    async with open_event_store(initialized.with_changes(timeout=0.4)) as store:
+        db: Database = store._db
+        assert db._watched
+        started = trio.current_time()
+        with pytest.raises(es.StorageUnavailableError, match="did not answer in time"):
+            await db.fetchrow_direct(SLEEP.format(5))
+        assert 0.4 <= trio.current_time() - started < 0.4 * 1.25 + 0.3
+        assert not db._pool._busy_wire
+        await end_sleepers(initialized)
+        again = await db.fetchrow_direct("SELECT 2 AS two")
+        assert again is not None
+        assert again["two"] == 2
+        # A statement within its time is not disturbed by the watch.
+        slow = await db.fetchrow_direct(SLEEP.format(0.2))
+        assert slow is not None
+    assert not db._watched
+
+
 async def test_a_connection_the_server_ended_while_idle_is_not_used(db: Database) -> None:
     row = await db.fetchrow_direct("SELECT pg_backend_pid() AS pid")
     assert row is not None

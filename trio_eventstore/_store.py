@@ -473,6 +473,7 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
             _schema_state.check_schema(state, config)
             assert state.lock_key is not None
             async with trio.open_nursery() as nursery:
+                await nursery.start(database.watch_statements)
                 notifier = Notifier(config, database)
                 await nursery.start(run_notifier, notifier)
                 locks = LockKeeper(config)

@@ -140,6 +140,10 @@ class WireConnection:
         self.closed = False
         #: the server process (BackendKeyData)
         self.backend_pid: int | None = None
+        #: when the exchange in flight is due (trio's clock; `Database.watch_statements`)
+        self.deadline: float | None = None
+        #: closed because the exchange in flight was past its deadline
+        self.timed_out = False
 
     @property
     def raw_socket(self) -> trio.socket.SocketType:
