@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import trio
 
-from trio_eventstore import EventStoreConfig, admin
+from trio_eventstore import (
+    ANY_VERSION,
+    EventData,
+    EventStore,
+    EventStoreConfig,
+    RecordedEvent,
+    admin,
+)
 
 #: Data written by the real Elixir EventStore 1.4.8 (provenance: reference/README.md).
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -31,3 +40,34 @@ class Role:
         the config that connects as this role."""
         await admin.grant(config, self.name)
         return config.with_changes(username=self.name, password=self.password)
+
+
+def ev(n: int, **kw: object) -> EventData:
+    """A small event numbered ``n`` (read it back with `n_of`)."""
+    return EventData({"n": n}, event_type="Counted", **kw)  # type: ignore[arg-type]
+
+
+def n_of(event: RecordedEvent) -> int:
+    assert isinstance(event.data, dict)
+    value: int = event.data["n"]
+    return value
+
+
+async def append(store: EventStore, stream: str, *ns: int) -> None:
+    await store.append_to_stream(stream, ANY_VERSION, [ev(n) for n in ns])
+
+
+def failing_callback() -> tuple[Callable[[str, str], None], list[str], trio.Event]:
+    """A notification callback that raises for the payload "boom": (it, the payloads it
+    took, an event set once it took two)."""
+    seen: list[str] = []
+    got_two = trio.Event()
+
+    def callback(_channel: str, payload: str) -> None:
+        if payload == "boom":
+            raise RuntimeError("callback failed")
+        seen.append(payload)
+        if len(seen) == 2:
+            got_two.set()
+
+    return callback, seen, got_two

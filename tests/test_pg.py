@@ -12,6 +12,8 @@ from trio_eventstore import EventStoreConfig
 from trio_eventstore._pg import Conn, Database, open_database
 from trio_eventstore._sql import quote_ident
 
+from .helpers import failing_callback
+
 
 @pytest.fixture
 async def db(initialized: EventStoreConfig) -> AsyncIterator[Database]:
@@ -237,15 +239,7 @@ async def test_a_failing_notification_callback_keeps_the_listener(
     the connection goes on listening."""
     from trio_eventstore._pg import open_connection
 
-    seen: list[str] = []
-    got_two = trio.Event()
-
-    def callback(_channel: str, payload: str) -> None:
-        if payload == "boom":
-            raise RuntimeError("callback failed")
-        seen.append(payload)
-        if len(seen) == 2:
-            got_two.set()
+    callback, seen, got_two = failing_callback()
 
     async with open_connection(initialized) as listener, open_connection(initialized) as other:
         await listener.listen("test_channel", callback)

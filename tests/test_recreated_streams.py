@@ -9,7 +9,6 @@ import trio
 import trio_eventstore as es
 from trio_eventstore import (
     ANY_VERSION,
-    EventData,
     EventStore,
     EventStoreConfig,
     RecordedEvent,
@@ -17,21 +16,9 @@ from trio_eventstore import (
 )
 from trio_eventstore._notifications import Notifier
 
+from .helpers import append, n_of
+
 HANG_GUARD = 10  # seconds: the bug was a subscriber waiting for ever
-
-
-def ev(n: int) -> EventData:
-    return EventData({"n": n}, event_type="Counted")
-
-
-def n_of(event: RecordedEvent) -> int:
-    assert isinstance(event.data, dict)
-    value: int = event.data["n"]
-    return value
-
-
-async def append(store: EventStore, stream: str, *ns: int) -> None:
-    await store.append_to_stream(stream, ANY_VERSION, [ev(n) for n in ns])
 
 
 async def recreate(store: EventStore, stream: str, *ns: int) -> None:

@@ -24,23 +24,9 @@ from trio_eventstore import (
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import quote_ident
 
-from .helpers import Role
+from .helpers import Role, append, ev, n_of
 
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
-
-
-def ev(n: int, **kw: object) -> EventData:
-    return EventData({"n": n}, event_type="Counted", **kw)  # type: ignore[arg-type]
-
-
-def n_of(event: RecordedEvent) -> int:
-    assert isinstance(event.data, dict)
-    value: int = event.data["n"]
-    return value
-
-
-async def append(store: EventStore, stream: str, *ns: int) -> None:
-    await store.append_to_stream(stream, ANY_VERSION, [ev(n) for n in ns])
 
 
 async def take(sub: es.Subscription, count: int, *, ack: bool = True) -> list[RecordedEvent]:

@@ -19,6 +19,8 @@ from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, admin, open_
 from trio_eventstore._pg import Database, open_connection, open_database, open_listener
 from trio_eventstore._tempcluster import temp_cluster
 
+from .helpers import failing_callback
+
 
 @pytest.fixture
 async def db(initialized: EventStoreConfig) -> AsyncIterator[Database]:
@@ -376,15 +378,7 @@ async def test_the_listen_session_is_spoken_from_trio(initialized: EventStoreCon
 async def test_a_failing_notification_callback_keeps_the_wire_listener(
     initialized: EventStoreConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen: list[str] = []
-    got_two = trio.Event()
-
-    def callback(_channel: str, payload: str) -> None:
-        if payload == "boom":
-            raise RuntimeError("callback failed")
-        seen.append(payload)
-        if len(seen) == 2:
-            got_two.set()
+    callback, seen, got_two = failing_callback()
 
     async with open_listener(initialized, callback, role="test") as listener:
         assert listener.transport == "wire"
