@@ -28,10 +28,11 @@ for that cleanup before `trio.Cancelled` propagates.
 
 Modules, each importing only those below it:
 
-* `_pool`: the Trio-side pool, admission, `Database`, `TransactionConnection`;
+* `_pool`: the Trio-side pool, admission, `Database`;
   `_listener`: the store's LISTEN session (`_wire` where it can, else asyncpg);
 * `_connection`: dedicated connections, connecting (TLS files, keepalives), LISTEN;
   `_wire`: PostgreSQL's protocol spoken from Trio, for `Database.fetchrow_direct`;
+  `_transaction`: `TransactionConnection` (`Database.open_transaction`);
 * `_bridge`: the trio-asyncio loop, its batching overrides, crossing into it;
   `_units`: the asyncio side of a unit of work on one connection (`Conn`);
   `_wire_codecs`: `_wire`'s binary parameters and rows;
@@ -40,7 +41,8 @@ Modules, each importing only those below it:
 
 from ._connection import Connection, open_connection, reconnect_delays
 from ._listener import Listener, open_listener
-from ._pool import Database, TransactionConnection, open_database, waiting_out_overload
+from ._pool import Database, open_database, waiting_out_overload
+from ._transaction import TransactionConnection
 from ._translate import translate_error
 from ._units import CLEANUP_TIMEOUT, Conn, Row
 
