@@ -72,14 +72,17 @@ def _redact_url(url: str | None) -> str | None:
     if url is None:
         return None
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None and not _secret_values(parts.query):
+    # No driver reads a fragment, but what follows a stray "#" (a query, a password)
+    # is still the user's text: hidden whole.
+    fragment = "***" if parts.fragment else ""
+    if parts.password is None and not _secret_values(parts.query) and not fragment:
         return url
     netloc = parts.netloc
     if parts.password is not None:
         userinfo, host = netloc.rsplit("@", 1)
         netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
     query = _redact_query(parts.query)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))
 
 
 def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
@@ -419,7 +422,8 @@ class EventStoreConfig:
                 parts = urllib.parse.urlsplit(url)
                 if parts.password:
                     found += [parts.password, urllib.parse.unquote(parts.password)]
-                for value in _secret_values(parts.query):
+                fragment = parts.fragment.replace("?", "&")  # a query after a stray "#"
+                for value in _secret_values(parts.query) + _secret_values(fragment):
                     found += [value, urllib.parse.unquote_plus(value)]
         return sorted(set(found), key=len, reverse=True)
 
