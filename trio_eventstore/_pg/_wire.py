@@ -1,8 +1,10 @@
 """PostgreSQL's extended query protocol spoken straight from Trio, for the hot
-statements (`Database.fetchrow_direct`: a lone append). No asyncio, no bridge
-crossing: one ``send_all`` and the reads of the reply, in the calling task. Measured
-against asyncpg on plain asyncio, the same lean append statement: 0.43-0.46 ms vs
-0.54-0.56 ms p50; through the bridge, 0.63-0.71 ms.
+statements (`Database.fetchmany_direct`: every append, alone or in a batch) and the
+LISTEN session (`_listener`). No asyncio, no bridge crossing: one send and the reads
+of the reply, in the calling task (without TLS, on the socket itself: trio's stream
+methods each add a pass of its scheduler). Measured against asyncpg on plain asyncio,
+the same lean append statement: 0.43-0.46 ms vs 0.54-0.56 ms p50; through the bridge,
+0.63-0.71 ms.
 
 Narrow on purpose. The connection target is asyncpg's own reading of the store's
 settings (``connect_utils._parse_connect_dsn_and_args``: URL, environment, passfile,
