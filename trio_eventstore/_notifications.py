@@ -83,10 +83,12 @@ class Notifier:
         """Ask for LISTEN (the first subscription does) and wait until it is live and the
         marks re-synced: what is committed from then on wakes the readers at once. Does
         not wait while the session is down (readers then rely on the re-sync that
-        follows its reconnection, as always)."""
+        follows its reconnection, as always), nor longer than ``timeout`` (the re-sync
+        waits for a pooled connection: one its caller holds must not block it)."""
         self.wanted.set()
         if self.connected and not self.listening:
-            await self._first_listen.wait()
+            with trio.move_on_after(self._config.timeout):
+                await self._first_listen.wait()
 
     def mark(self, stream_uuid: str) -> int:
         """The highest version known for the stream (0 when none is known)."""
