@@ -567,3 +567,26 @@ async def test_a_transient_subscription_does_not_replay_history_after_a_failed_l
     with pytest.raises(StorageUnavailableError):
         async with store.subscribe("old"):
             pass
+
+
+async def test_a_cancelled_wait_subscribed_raises_cancelled_not_a_group(
+    initialized: EventStoreConfig,
+) -> None:
+    """A standby's `wait_subscribed`, cancelled: `trio.Cancelled` itself (its two waits
+    run in an internal nursery; they used to come out as a group of two)."""
+    caught: list[BaseException] = []
+    async with (
+        open_event_store(initialized) as a,
+        open_event_store(initialized) as b,
+        a.subscribe_to_all_streams("z") as holder,
+    ):
+        await holder.wait_subscribed()
+        async with b.subscribe_to_all_streams("z") as standby:
+            with trio.move_on_after(0.3):
+                try:
+                    await standby.wait_subscribed()
+                except BaseException as exc:
+                    caught.append(exc)
+                    raise
+    assert len(caught) == 1
+    assert isinstance(caught[0], trio.Cancelled)

@@ -482,7 +482,9 @@ class DatabaseNotFoundError(DatabaseError, LookupError):
 @contextlib.contextmanager
 def single_errors() -> Iterator[None]:
     """Never hand the caller an ExceptionGroup that holds a single error: re-raise the
-    error itself (trio nurseries wrap even one error in a group)."""
+    error itself (trio nurseries wrap even one error in a group); nor one that holds
+    only `trio.Cancelled` (tasks of an internal nursery cancelled together): re-raise
+    the first."""
     try:
         yield
     except BaseExceptionGroup as group:
@@ -490,5 +492,11 @@ def single_errors() -> Iterator[None]:
         while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
             inner = inner.exceptions[0]
         if inner is group:
-            raise
+            cancelled, rest = group.split(trio.Cancelled)
+            if cancelled is None or rest is not None:
+                raise
+            first: BaseException = cancelled
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         raise inner from inner.__cause__

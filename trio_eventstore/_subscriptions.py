@@ -22,6 +22,7 @@ from ._errors import (
     SubscriptionAlreadyExistsError,
     SubscriptionFailedError,
     TooManySubscribersError,
+    single_errors,
 )
 from ._inbox import Consumer, Inbox
 from ._locks import LockKeeper
@@ -112,18 +113,19 @@ class Subscription:
             if self._driver.subscribed.is_set() and self._driver.failure is None:
                 return
             _raise_if_stopped(self._driver)
-            async with trio.open_nursery() as nursery:
+            with single_errors():  # cancelled, a `trio.Cancelled`, not a group of two
+                async with trio.open_nursery() as nursery:
 
-                async def subscribed() -> None:
-                    await self._driver.subscribed.wait()
-                    nursery.cancel_scope.cancel()
+                    async def subscribed() -> None:
+                        await self._driver.subscribed.wait()
+                        nursery.cancel_scope.cancel()
 
-                async def failed() -> None:
-                    await self._driver.done.wait()
-                    nursery.cancel_scope.cancel()
+                    async def failed() -> None:
+                        await self._driver.done.wait()
+                        nursery.cancel_scope.cancel()
 
-                nursery.start_soon(subscribed)
-                nursery.start_soon(failed)
+                    nursery.start_soon(subscribed)
+                    nursery.start_soon(failed)
 
     async def wait_acked(self, event_number: int) -> None:
         """Wait until every event up to ``event_number`` has been acknowledged (or
