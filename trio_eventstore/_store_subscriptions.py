@@ -321,12 +321,7 @@ def _check_indexable(stream_uuid: str, name: str, groups: int | None) -> None:
     for row in _row_samples(name, groups):
         group = "" if row == name else f" (with the group suffix {row[len(name) :]!r})"
         both = f"stream_uuid and subscription_name{group}"
-        check_indexed(
-            both,
-            "subscriptions",
-            (stream_uuid, row),
-            f"together at most about {MAX_RAW_PAIR_BYTES} bytes of text that does not compress",
-        )
+        # The tighter limit first: its message states the limit that holds.
         key = _parking.record_key(stream_uuid, row, _SAMPLE_EVENT_ID)
         extra = len(key.encode()) - len(stream_uuid.encode()) - len(name.encode())
         check_indexed(
@@ -335,6 +330,12 @@ def _check_indexable(stream_uuid: str, name: str, groups: int | None) -> None:
             "key '$parked-<subscription_name>|<stream_uuid>|<event id>'",
             (key,),
             f"together at most {MAX_RAW_BYTES - extra} bytes of text that does not compress",
+        )
+        check_indexed(
+            both,
+            "subscriptions",
+            (stream_uuid, row),
+            f"together at most about {MAX_RAW_PAIR_BYTES} bytes of text that does not compress",
         )
         stream = _parking.parked_stream(row)
         extra = len(stream.encode()) - len(name.encode())
