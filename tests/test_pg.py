@@ -282,3 +282,14 @@ async def test_cancelling_a_crossing_whose_loop_closed_under_it_raises_cancelled
         assert loop.is_closed()
         nursery.cancel_scope.cancel()
     assert outcome == ["cancelled"]
+
+
+async def test_a_lost_connection_has_no_backend_pid(initialized: EventStoreConfig) -> None:
+    """Statistics read the lock connection's pid at any time: once the connection has
+    ended it is None (asyncpg's own call raised AttributeError then)."""
+    from trio_eventstore._pg import open_connection
+
+    async with open_connection(initialized) as conn:
+        assert isinstance(conn.backend_pid, int)
+        conn.terminate()
+        assert conn.backend_pid is None

@@ -111,8 +111,15 @@ class Connection:
         self._conn.add_termination_listener(on_close)
 
     @property
-    def backend_pid(self) -> int:
-        pid: int = self._conn.get_server_pid()
+    def backend_pid(self) -> int | None:
+        """The server process; None once the connection has ended (statistics ask for it
+        at any time, also while the connection is being lost)."""
+        if self._conn.is_closed():
+            return None
+        try:
+            pid: int = self._conn.get_server_pid()
+        except AttributeError:  # asyncpg drops its protocol object as the connection ends
+            return None
         return pid
 
     def is_closed(self) -> bool:
