@@ -88,6 +88,9 @@ class Run:
     cpu: float
     latencies: list[float]
     errors: dict[str, int]
+    #: ours: the group-commit writer's statements and the appends they carried (warm-up
+    #: included), to show how many appends share a commit
+    writer: tuple[int, int] = (0, 0)
 
     @property
     def rate(self) -> float:
@@ -113,6 +116,11 @@ class Run:
         """Client CPU per event, in microseconds."""
         return self.cpu / self.events * 1e6 if self.events else float("nan")
 
+    @property
+    def per_statement(self) -> float:
+        statements, appends = self.writer
+        return appends / statements if statements else float("nan")
+
     def summary(self) -> dict[str, Any]:
         return {
             "ev_s": round(self.rate, 1),
@@ -121,6 +129,7 @@ class Run:
             "p99_ms": round(self.p99, 3),
             "cpu_us_per_event": round(self.cpu_per_event, 1),
             "errors": dict(self.errors),
+            **({"appends_per_statement": round(self.per_statement, 1)} if self.writer[0] else {}),
         }
 
 
@@ -237,7 +246,14 @@ async def ours(
 ) -> Run:
     async with open_event_store(config) as store:
         work = OurAppends(store, f"ours-{uuid.uuid4().hex[:8]}", batch, fresh=fresh)
-        return await drive_trio(writers, work.one, timing)
+        before = store.statistics().writer
+        run = await drive_trio(writers, work.one, timing)
+        after = store.statistics().writer
+        if before is None or after is None:  # group commit off
+            return run
+        return attrs.evolve(
+            run, writer=(after.batches - before.batches, after.appends - before.appends)
+        )
 
 
 def has_group_commit() -> bool:
@@ -591,9 +607,10 @@ class Report:
         )
         for side, run in runs.items():
             errors = ", ".join(f"{n} x{c}" for n, c in run.errors.items()) or "-"
+            shared = f"  ({run.per_statement:.1f} appends/statement)" if run.writer[0] else ""
             print(
                 f"  {side:8} {run.rate:10.1f} {run.appends:8d} {run.p50:9.2f} {run.p99:9.2f} "
-                f"{run.cpu_per_event:10.1f}  {errors}"
+                f"{run.cpu_per_event:10.1f}  {errors}{shared}"
             )
         self.data[title] = {side: run.summary() for side, run in runs.items()}
         for metric, baseline, goal in comparisons:
@@ -786,4 +803,5 @@ def _merge(runs: list[Run]) -> Run:
         sum(r.cpu for r in runs),
         [t for r in runs for t in r.latencies],
         dict(errors),
+        (sum(r.writer[0] for r in runs), sum(r.writer[1] for r in runs)),
     )
