@@ -97,6 +97,41 @@ def test_an_unencoded_at_sign_in_the_password_is_refused() -> None:
     assert EventStoreConfig(url="postgresql://u:s%40cret@h/d").connect_params()["dsn"]
 
 
+@pytest.mark.parametrize(
+    ("url", "fixed"),
+    [
+        ("postgresql://u:Kq#Wz@h:5432/d", "postgresql://u:Kq%23Wz@h:5432/d"),
+        ("postgresql://u:Kq#Wz@h/d", "postgresql://u:Kq%23Wz@h/d"),
+        # (the driver would connect to host "u", port 9071)
+        ("postgresql://u:9071#Wz@h/d", "postgresql://u:9071%23Wz@h/d"),
+        ("postgresql://u#Kq:Wz@h/d", "postgresql://u%23Kq:Wz@h/d"),
+        ("postgresql://u:Kq?Wz@h:5432/d", "postgresql://u:Kq%3FWz@h:5432/d"),
+        ("postgresql://u:Kq?Wz@h/d?sslmode=require", "postgresql://u:Kq%3FWz@h/d?sslmode=require"),
+        ("postgresql://u:Kq?W=z@h:5432/d", "postgresql://u:Kq%3FW=z@h:5432/d"),
+    ],
+)
+def test_an_unencoded_hash_or_question_mark_in_the_password_is_refused(
+    url: str, fixed: str
+) -> None:
+    # URL parsers end the address at "#" (a fragment) or "?" (a query): the password
+    # would be cut short and what follows it taken for a port ("not a number").
+    char, encoded = ("#", "%23") if "#" in url else ("?", "%3F")
+    with pytest.raises(ValueError, match=f"'\\{char}'.*percent-encode.*{encoded}") as refused:
+        EventStoreConfig(url=url)
+    message = str(refused.value)
+    assert "port" not in message
+    for secret in ("Kq", "Wz", "W=z", "9071"):
+        assert secret not in message
+    assert EventStoreConfig(url=fixed).connect_params()["dsn"] == fixed
+
+
+def test_a_query_or_fragment_after_the_address_is_not_taken_for_a_password() -> None:
+    # A user name with "@" in the query is the driver's business, not a cut password.
+    EventStoreConfig(url="postgresql://h?user=me@corp", database="d")
+    EventStoreConfig(url="postgresql://h:5432?user=me@corp", database="d")
+    EventStoreConfig(url="postgresql://u:pw@h/d#note")
+
+
 @pytest.mark.parametrize("query", ["bad", "&password=pw", "a=1&&b=2"])
 def test_a_malformed_query_is_refused_when_configured(query: str) -> None:
     # (The driver refuses it too, but only when connecting.)

@@ -322,3 +322,44 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
     (error,) = outcome
     assert isinstance(error, es.EventStoreClosedError), repr(error)
     assert "closed" in str(error)
+
+
+
+async def test_a_persistent_subscription_outside_the_store_raises_closed_and_keeps_acks(
+    initialized: EventStoreConfig,
+) -> None:
+    """A consumer task outside the store's block: when the store closes, its iteration
+    raises `EventStoreClosedError` (as a transient subscription's does), and the
+    acknowledgements below the checkpoint threshold are persisted by the store's close
+    (its block's exit raises nothing: nothing was lost)."""
+    outcome: list[BaseException] = []
+    acked: list[int] = []
+    all_acked = trio.Event()
+
+    async def consume(store: EventStore, task_status: Any) -> None:
+        async with store.subscribe_to_stream("s", "p", checkpoint_threshold=100) as sub:
+            await sub.wait_subscribed()
+            task_status.started()
+            try:
+                async for batch in sub:
+                    acked.extend(e.event_number for e in batch.events)
+                    sub.ack(batch)
+                    if len(acked) == 3:
+                        all_acked.set()
+            except Exception as exc:
+                outcome.append(exc)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, open_event_store(initialized) as store:
+            await store.append_to_stream("s", ANY_VERSION, [_event(n) for n in range(3)])
+            await nursery.start(consume, store)
+            await all_acked.wait()
+        assert acked == [1, 2, 3]
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], es.EventStoreClosedError)
+        # The acknowledgements were persisted: a fresh subscriber gets only what follows.
+        async with open_event_store(initialized) as store:
+            await store.append_to_stream("s", ANY_VERSION, [_event(3)])
+            async with store.subscribe_to_stream("s", "p") as sub:
+                batch = await sub.__anext__()
+                assert [e.event_number for e in batch.events] == [4]

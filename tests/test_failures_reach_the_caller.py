@@ -167,3 +167,36 @@ async def test_wait_subscribed_returns_when_the_store_stops_first(
                 await trio.sleep(0.3)  # it tries the lock, which the holder has
     assert len(outcome) == 1
     assert isinstance(outcome[0], es.SubscriptionFailedError)
+
+
+async def test_acks_the_closing_store_cannot_persist_raise_from_the_block_outside_it(
+    fast: EventStoreConfig, owner: Connection
+) -> None:
+    """A consumer in a task outside the store's block: the store's close cannot persist
+    its acknowledgements, so its block's exit says so (and the events come again)."""
+    outcome: list[BaseException] = []
+    acked = trio.Event()
+
+    async def consume(store: EventStore) -> None:
+        try:
+            async with store.subscribe_to_stream("s", "p", checkpoint_threshold=100) as sub:
+                await take_and_ack(sub, 1)
+                acked.set()
+                with pytest.raises(es.EventStoreClosedError):
+                    await sub.__anext__()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as outside, open_event_store(fast) as store:
+            await store.append_to_stream("s", ANY_VERSION, [ev(1)])
+            outside.start_soon(consume, store)
+            await acked.wait()
+            await rename_subscriptions(owner, fast.schema, "subscriptions", "gone")
+    assert len(outcome) == 1
+    error = outcome[0]
+    assert isinstance(error, es.CheckpointFailedError)
+    assert (error.checkpoint, error.last_persisted) == (1, 0)
+    await rename_subscriptions(owner, fast.schema, "gone", "subscriptions")
+    async with open_event_store(fast) as store, store.subscribe_to_stream("s", "p") as sub:
+        assert await take_and_ack(sub, 1) == [1]

@@ -286,6 +286,7 @@ def assert_hidden(password: str, text: str) -> None:
 @given(st.one_of(secret_urls(), _ANY.map(lambda url: (SECRET, url))))
 @example((SECRET, f"postgresql://@:/0#?&password={SECRET}"))  # a query after a stray "#"
 @example((SECRET, f"postgresql://:{SECRET}@:/0#?password={SECRET}"))
+@example((SECRET, f"postgresql://:{SECRET}@:/0??password={SECRET}"))  # a stray "?"
 def test_config_urls_raise_only_value_or_type_errors_and_hide_passwords(
     case: tuple[str, str],
 ) -> None:

@@ -227,3 +227,40 @@ async def test_tls_required_from_a_server_without_it(server_url: str) -> None:
     with pytest.raises(es.TLSError, match="does not accept TLS"):
         async with open_event_store(config):
             pytest.fail("opened a store without TLS under ssl_mode=require")
+
+
+def _event(n: int) -> EventData:
+    return EventData({"n": n}, event_type="E")
+
+
+async def test_a_tls_connection_the_server_ended_while_idle_is_not_used(
+    tls_server: TLSServer,
+) -> None:
+    """The server ends an idle TLS connection of the direct protocol (`_wire`): the next
+    append takes another connection instead of failing on it (as without TLS)."""
+    database = "tls_idle"
+    config = client_config(tls_server, "fields", database)
+    with trio.fail_after(HANG_GUARD):
+        await admin.create(config)
+        await admin.init(config)
+        try:
+            async with open_event_store(config) as store:
+                await store.append_to_stream("s", ANY_VERSION, [_event(1)])
+                pool = store._db._pool
+                assert len(pool._idle_wire) == 1
+                idle = pool._idle_wire[0]
+                assert isinstance(idle._stream, trio.SSLStream)  # TLS, straight from Trio
+                assert idle.idle_and_open()
+                await _execute(
+                    url_for(tls_server.url, database),
+                    f"SELECT pg_terminate_backend({idle.backend_pid})",
+                )
+                await trio.sleep(0.2)  # its FATAL message and its end reach the socket
+                await store.append_to_stream("s", ANY_VERSION, [_event(2)])
+                assert idle.closed
+                assert [e.data for e in await store.read_stream_forward("s")] == [
+                    {"n": 1},
+                    {"n": 2},
+                ]
+        finally:
+            await admin.drop(config.with_changes(schema="public"))

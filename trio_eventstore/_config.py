@@ -32,8 +32,11 @@ MAX_SCHEMA_BYTES = 63 - len(".events")
 ColumnDataType = Literal["bytea", "jsonb"]
 
 
-#: Query parameters that hold secrets (the driver reads both).
-_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+def _is_secret(name: str) -> bool:
+    """Whether a query parameter may hold a secret: the driver reads ``password`` and
+    ``sslpassword``; any name holding "password" is hidden too (``??password=``, after
+    a stray ``?``, is still the user's password)."""
+    return "password" in urllib.parse.unquote_plus(name).lower()
 
 
 def _secret_values(query: str) -> list[str]:
@@ -41,7 +44,7 @@ def _secret_values(query: str) -> list[str]:
     found = []
     for field in query.split("&"):
         name, sep, value = field.partition("=")
-        if sep and value and urllib.parse.unquote_plus(name) in _SECRET_PARAMETERS:
+        if sep and value and _is_secret(name):
             found.append(value)
     return found
 
@@ -50,7 +53,7 @@ def _redact_query(query: str) -> str:
     fields = []
     for field in query.split("&"):
         name, sep, _ = field.partition("=")
-        if sep and urllib.parse.unquote_plus(name) in _SECRET_PARAMETERS:
+        if sep and _is_secret(name):
             field = f"{name}=***"
         fields.append(field)
     return "&".join(fields)
@@ -153,6 +156,7 @@ def _check_url(name: str, url: str | None) -> None:
         raise ValueError(
             f"{name}: expected a postgresql:// or postgres:// URL, got scheme {parts.scheme!r}"
         )
+    _check_address_not_cut(name, parts)
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
@@ -169,6 +173,37 @@ def _check_url(name: str, url: str | None) -> None:
             ) from None
     if "\x00" in urllib.parse.unquote(parts.netloc + parts.path + parts.query):
         raise ValueError(f"{name}: holds a NUL character (%00), which PostgreSQL cannot take")
+
+
+def _check_address_not_cut(name: str, parts: urllib.parse.SplitResult) -> None:
+    """Refuse a ``#`` or ``?`` written as such in the user name or password: URL parsers
+    (the driver's too) end the address there, taking the rest for a fragment or a query,
+    and the password's first part for a port. The message never shows the password."""
+    if "@" in parts.netloc:
+        return
+    if "@" in parts.fragment:
+        char, encoded = "#", "%23"
+    elif "@" in parts.query and not parts.path and _query_holds_the_address(parts):
+        char, encoded = "?", "%3F"
+    else:
+        return
+    raise ValueError(
+        f"{name}: a '{char}' in the user name or password ends the URL's address there; "
+        f"percent-encode it: '{char}' as {encoded} (and '@' as %40, ':' as %3A, '/' as %2F, "
+        "'?' as %3F, '#' as %23, '%' as %25)"
+    )
+
+
+def _query_holds_the_address(parts: urllib.parse.SplitResult) -> bool:
+    """Whether the query of a URL whose address has no ``@`` begins with the rest of a
+    password and the address (``?ss@host:5432/db``) rather than parameters (a driver's
+    ``?user=me@corp``): the port before it is not a number, or an ``@`` comes before
+    any ``=``."""
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return True
+    return "=" not in parts.query.split("@", 1)[0]
 
 
 _DURATIONS = (

@@ -39,7 +39,12 @@ import trio
 
 from . import _storage
 from ._delivery import Delivery, DeliveryHost
-from ._errors import PoolOverloadedError, StorageUnavailableError, single_errors
+from ._errors import (
+    CheckpointFailedError,
+    PoolOverloadedError,
+    StorageUnavailableError,
+    single_errors,
+)
 from ._fsm import SubscriptionFSM
 from ._inbox import Consumer, Signal
 from ._locks import Lease, LockKeeper, lock_key2
@@ -95,6 +100,7 @@ class Driver(Delivery):
         "_waiting",
         "_wake_event",
         "_woken",
+        "closing_failure",
         "done",
         "failure",
         "lock_attempts",
@@ -132,6 +138,9 @@ class Driver(Delivery):
         self._deferred: tuple[int, int] | None = None
         #: while waiting for the lock or to retry: cancelled when the last consumer leaves
         self._waiting: trio.CancelScope | None = None
+        #: the store closed with acknowledgements it could not persist: the blocks of
+        #: the consumers still in it raise this when they exit
+        self.closing_failure: CheckpointFailedError | None = None
 
     # -- waking (sync, called from consumers', appenders' and the notifier's tasks) ------
 
@@ -377,6 +386,32 @@ class Driver(Delivery):
             await lease.release()
         if lost:
             self.state = "disconnected"
+        if (
+            self.owner.closed
+            and fsm is not None
+            and fsm.last_ack > fsm.last_persisted
+            and self.closing_failure is None
+        ):
+            self.closing_failure = self.checkpoint_failed(
+                fsm, "the store closed before it was persisted"
+            )
+
+    async def flush_at_close(self) -> None:
+        """The store is closing: persist the acknowledged prefix while this store still
+        holds the lock (its lock connection closes with it). A failure is kept for the
+        consumers still in the subscription's block (`closing_failure`)."""
+        lease, fsm = self._lease, self.fsm
+        if lease is None or fsm is None or lease.lost.is_set():
+            return
+        try:
+            await self.flush()
+        except CheckpointFailedError as exc:
+            self.closing_failure = exc
+
+    def unpersisted(self) -> bool:
+        """Whether acknowledgements of the session in hand wait to be persisted."""
+        fsm = self.fsm
+        return fsm is not None and fsm.last_ack > fsm.last_persisted
 
     def _end_session(self) -> None:
         fsm = self.fsm

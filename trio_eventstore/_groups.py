@@ -24,7 +24,7 @@ import trio
 from . import _subscription_rows
 from ._balance import group_name, group_of
 from ._driver import Driver
-from ._errors import CheckpointFailedError, UnexpectedAckError
+from ._errors import CheckpointFailedError, EventStoreClosedError, UnexpectedAckError
 from ._inbox import Consumer, Inbox
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._subscriptions import (
@@ -147,6 +147,8 @@ class GroupedSubscription(Subscription):
                 for driver, _ in self._parts:
                     if driver.failure is not None:
                         _raise_if_stopped(driver)
+                if self._parts[0][0].owner.closed:  # as a transient subscription
+                    raise EventStoreClosedError() from None
                 raise StopAsyncIteration from None
             driver, consumer = self._part_of(batch.events[-1])
             if is_current(driver, consumer, batch):

@@ -488,5 +488,5 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 try:
                     yield EventStore(config, database, subscriptions, writer)
                 finally:
-                    subscriptions.close()
+                    await subscriptions.close()
                 nursery.cancel_scope.cancel()

@@ -91,6 +91,8 @@ class Subscription:
                         stream_uuid=self._driver.stream_uuid,
                         subscription_name=self._driver.name,
                     ) from failure
+                if self._driver.owner.closed:  # as a transient subscription
+                    raise EventStoreClosedError() from None
                 raise StopAsyncIteration from None
             if is_current(self._driver, self._consumer, batch):
                 mapper = self._driver.options.mapper
@@ -364,11 +366,23 @@ class Subscriptions:
         if self.closed:
             raise EventStoreClosedError()
 
-    def close(self) -> None:
-        """The store is closing: refuse new work, and wake transient subscriptions
-        waiting for events (they then raise `EventStoreClosedError`)."""
+    async def close(self) -> None:
+        """The store is closing: refuse new work, wake transient subscriptions waiting
+        for events (they then raise `EventStoreClosedError`), and persist the
+        acknowledgements of every persistent subscription while its lock is held
+        (shielded, bounded), for consumers that are still in a subscription's block
+        (tasks outside the store's block): their iteration then raises
+        `EventStoreClosedError`, and leaving their block raises `CheckpointFailedError`
+        if what they acknowledged could not be persisted."""
         self.closed = True
         self.notifier.wake_all()
+        due = [driver for driver in self._drivers.values() if driver.unpersisted()]
+        if not due:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for driver in due:
+                    nursery.start_soon(driver.flush_at_close)
 
     async def transient(
         self,
@@ -433,6 +447,8 @@ class Subscriptions:
                 await driver.done.wait()
         if not flushed and fsm is not None and fsm.last_ack > fsm.last_persisted:
             failure = driver.checkpoint_failed(fsm, f"no answer within {CLEANUP_TIMEOUT:g} s")
+        if failure is None and driver.closing_failure is not None:
+            failure = driver.closing_failure  # the store closed first: see `close`
         return failure
 
     def append_started(self, stream_uuid: str) -> int:

@@ -129,10 +129,12 @@ class WireConnection:
         self._raw: socket.socket | None = (
             raw if stream is sock and isinstance(raw, socket.socket) else None
         )
-        self._poll: Any = None  # select.poll for `idle_and_open`
-        if self._raw is not None:
+        #: with TLS, the stream over the socket (what it decrypted and holds is seen too)
+        self._tls = stream if isinstance(stream, trio.SSLStream) else None
+        self._poll: Any = None  # select.poll of the socket, for `idle_and_open`
+        if isinstance(raw, socket.socket) and (self._raw is not None or self._tls is not None):
             self._poll = select.poll()
-            self._poll.register(self._raw, select.POLLIN)
+            self._poll.register(raw, select.POLLIN)
         self._config = config
         self._buffer = bytearray()
         self._prepared: dict[str, bytes] = {}
@@ -208,10 +210,17 @@ class WireConnection:
     def idle_and_open(self) -> bool:
         """False when the server has closed this idle connection, or sent something
         unasked (a FATAL error as it shut down): then it must not be used. One
-        non-blocking poll (readable: the end of the stream, or a message nobody asked
-        for; or an error, or a hang-up); not for TLS (the socket holds records, not
-        messages), where a connection the server dropped fails at its next statement."""
+        non-blocking poll of the socket (readable: the end of the stream, or a message
+        nobody asked for; or an error, or a hang-up). With TLS the same poll holds: the
+        server sends nothing to an idle session (PostgreSQL does not renegotiate, and
+        session tickets come with the handshake, before its first reply), so any record
+        that arrives is its farewell (the FATAL error, then the TLS close). Bytes the
+        TLS stream already decrypted and holds, or that this connection read past its
+        last reply, are unasked too. (Records the TLS stream has read and not yet
+        decrypted are not seen: then, as without this check, the next statement fails.)"""
         if self.closed or self.busy:
+            return False
+        if self._buffer or (self._tls is not None and self._tls.pending()):
             return False
         return self._poll is None or not self._poll.poll(0)
 
