@@ -1,5 +1,5 @@
 """The subscriber daemon's values: handlers, `SubscriberSpec`, `SubscriberStatistics`
-and `HandlerFailedError` (the daemon itself is in `_daemon`)."""
+and `HandlerFailedError` (the daemon itself is in `_daemon` and `_daemon_runner`)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The persistent-subscription state machine, sans I/O.
 
-It decides what to read, which consumer gets which event, what is acknowledged and
-what checkpoint to persist; the driver (`_driver`: its task reads; `_delivery`: it
-delivers and writes checkpoints) only carries out its decisions and feeds results
-back. A Hypothesis stateful test drives it without a database.
+It decides what to read, which consumer gets which event (its base: `_fsm_dispatch`),
+what is acknowledged and what checkpoint to persist; the driver (`_driver`: its task
+reads; `_delivery`: it delivers and writes checkpoints) only carries out its decisions
+and feeds results back. A Hypothesis stateful test drives it without a database.
 
 Ports ``EventStore.Subscriptions.SubscriptionFsm`` with these differences:
 
@@ -30,48 +30,19 @@ import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Generic, TypeVar
-
-import attrs
+from typing import TypeVar
 
 from ._errors import UnexpectedAckError
+from ._fsm_dispatch import UNPARTITIONED, Consumer, Dispatcher
 
-__all__ = ["Consumer", "SubscriptionFSM"]
+__all__ = ["SubscriptionFSM"]
 
 E = TypeVar("E")
 
-#: Marker key for "no partitioning": such events may go to any consumer.
-_UNPARTITIONED = object()
-
-_event = itemgetter(2)
 _first = itemgetter(0)
 
 
-@attrs.define(eq=False)
-class Consumer(Generic[E]):
-    """One competing consumer of a subscription."""
-
-    consumer_id: int
-    buffer_size: int
-    # (event_number, partition key, event), in delivery order
-    in_flight: list[tuple[int, Hashable, E]] = attrs.Factory(list)
-    #: it gave back its first in-flight event (`SubscriptionFSM.nack`): nothing more
-    #: until that one is redelivered or parked
-    waiting: bool = False
-    #: bumped by each `SubscriptionFSM.nack`: deliveries made before it are stale
-    epoch: int = 0
-    #: the events its last nack gave back with the nacked one (acks of them are stale)
-    given_back: frozenset[int] = frozenset()
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.waiting else self.buffer_size - len(self.in_flight)
-
-    def owns(self, key: Hashable) -> bool:
-        return any(k == key for _, k, _ in self.in_flight)
-
-
-class SubscriptionFSM(Generic[E]):
+class SubscriptionFSM(Dispatcher[E]):
     """Decides delivery and checkpoints for one persistent subscription.
 
     Args:
@@ -100,19 +71,14 @@ class SubscriptionFSM(Generic[E]):
         "_last_checkpoint_time",
         "_n_acked",
         "_order",
-        "_outbox",
         "_refill_at",
         "_replay_acked",
-        "_round_robin",
         "_sizes",
-        "_to_park",
         "_unacked",
         "at_head",
         "checkpoint_after",
         "checkpoint_threshold",
-        "consumers",
         "held_bytes",
-        "held_keys",
         "last_ack",
         "last_persisted",
         "last_read",
@@ -120,12 +86,7 @@ class SubscriptionFSM(Generic[E]):
         "max_size",
         "number_of",
         "park_if",
-        "parking",
-        "partition_by",
-        "pending",
         "persisting",
-        "replay_pending",
-        "replaying",
         "selector",
     )
 
@@ -142,6 +103,7 @@ class SubscriptionFSM(Generic[E]):
         selector: Callable[[E], bool] | None = None,
         park_if: Callable[[E], bool] | None = None,
     ) -> None:
+        super().__init__(partition_by=partition_by)
         self.number_of = number_of
         self.max_size = max_size
         self._refill_at = (max_size + 1) // 2  # free room that makes a read worth it
@@ -152,7 +114,6 @@ class SubscriptionFSM(Generic[E]):
         self.held_bytes = 0
         self.checkpoint_threshold = checkpoint_threshold
         self.checkpoint_after = checkpoint_after
-        self.partition_by = partition_by
         self.selector = selector
         #: highest event number read from the store
         self.last_read = last_seen
@@ -162,36 +123,21 @@ class SubscriptionFSM(Generic[E]):
         self.last_persisted = last_seen
         #: a write of this checkpoint is under way
         self.persisting: int | None = None
-        self.consumers: dict[int, Consumer[E]] = {}
-        #: read, not yet delivered: (event_number, key, event), sorted by number
-        self.pending: list[tuple[int, Hashable, E]] = []
         #: read and not yet in the acknowledged prefix: event_number -> acknowledged?
         self._unacked: dict[int, bool] = {}
         self._order: list[int] = []  # the keys of _unacked, ascending
         self._sizes: list[int] = []  # the size of each event of _order, in that order
         self._n_acked = 0  # how many values of _unacked are True
-        #: deliveries decided but not yet handed over by the driver
-        self._outbox: dict[int, list[E]] = {}
         #: reading reached the head of the stream and nothing newer is known
         self.at_head = False
         self._last_checkpoint_time: float | None = None
-        self._round_robin = 0
         #: events that have entered the acknowledged prefix, ever; and that count when
         #: the last checkpoint write was decided
         self._acked_total = 0
         self._acked_at_checkpoint = 0
         self._acked_at_write = 0
         self.park_if = park_if
-        #: partitions whose events are parked instead of delivered (a parked event holds
-        #: its partition until it is replayed or discarded)
-        self.held_keys: set[Hashable] = set()
-        #: events to park, not yet taken by the driver; and all those being parked
-        self._to_park: list[tuple[int, Hashable, E]] = []
-        self.parking: set[int] = set()
-        #: replayed events (numbers at or below the checkpoint) to deliver first; those
-        #: in flight; and those acknowledged, not yet taken by the driver
-        self.replay_pending: list[tuple[int, Hashable, E]] = []
-        self.replaying: set[int] = set()
+        #: replayed events acknowledged, not yet taken by the driver
         self._replay_acked: list[int] = []
 
     # -- questions the driver asks ------------------------------------------------------
@@ -224,11 +170,6 @@ class SubscriptionFSM(Generic[E]):
         if self.max_bytes is None:
             return None
         return max(1, self.max_bytes - self.held_bytes)
-
-    def take_deliveries(self) -> dict[int, list[E]]:
-        """Deliveries decided since the last call: consumer id -> events, in order."""
-        out, self._outbox = self._outbox, {}
-        return out
 
     def checkpoint_due(self, now: float, *, final: bool = False) -> int | None:
         """The checkpoint to persist now, or None."""
@@ -266,43 +207,7 @@ class SubscriptionFSM(Generic[E]):
             return None
         return self._last_checkpoint_time + self.checkpoint_after
 
-    def epoch(self, consumer_id: int) -> int:
-        """The consumer's delivery epoch (-1: no such consumer). A `nack` starts a new
-        one: what was delivered to the consumer before it and not yet taken by the
-        consumer (queued in its channel) is stale, and must never reach it."""
-        consumer = self.consumers.get(consumer_id)
-        return -1 if consumer is None else consumer.epoch
-
-    def was_given_back(self, consumer_id: int, event_number: int) -> bool:
-        """Whether the consumer's last `nack` gave ``event_number`` back with the nacked
-        event (and it is not in flight for it again): an ack of it is stale."""
-        consumer = self.consumers.get(consumer_id)
-        return consumer is not None and event_number in consumer.given_back
-
-    def in_flight_of(self, consumer_id: int) -> list[int]:
-        return [n for n, _, _ in self.consumers[consumer_id].in_flight]
-
-    def is_in_flight(self, consumer_id: int, event_number: int) -> bool:
-        return self._position(consumer_id, event_number) is not None
-
     # -- inputs ---------------------------------------------------------------------------
-
-    def add_consumer(self, consumer_id: int, buffer_size: int) -> None:
-        if consumer_id in self.consumers:
-            raise ValueError(f"consumer {consumer_id} is already subscribed")
-        if buffer_size < 1:
-            raise ValueError("buffer_size: must be >= 1")
-        self.consumers[consumer_id] = Consumer(consumer_id, buffer_size)
-        self._dispatch()
-
-    def remove_consumer(self, consumer_id: int) -> None:
-        """A consumer left or crashed: its unacknowledged events go back to the front."""
-        consumer = self.consumers.pop(consumer_id, None)
-        self._outbox.pop(consumer_id, None)
-        if consumer is None:
-            return
-        self._give_back(consumer.in_flight)
-        self._dispatch()
 
     def on_events(
         self, events: Iterable[E], *, at_head: bool, sizes: Sequence[int] | None = None
@@ -333,7 +238,7 @@ class SubscriptionFSM(Generic[E]):
                     self._sizes.extend(sizes)
                     self.held_bytes += sum(sizes)
                 unacked.update(zip(numbers, repeat(False)))
-                pending.extend(zip(numbers, repeat(_UNPARTITIONED), events))
+                pending.extend(zip(numbers, repeat(UNPARTITIONED), events))
                 self.at_head = at_head
                 self._dispatch()
                 return
@@ -351,7 +256,7 @@ class SubscriptionFSM(Generic[E]):
                 self._n_acked += 1
                 continue
             unacked[number] = False
-            key = _UNPARTITIONED if partition_by is None else self.key_of(event)
+            key = UNPARTITIONED if partition_by is None else self.key_of(event)
             if park_if is not None and park_if(event):
                 self._to_park.append((number, key, event))
                 self.parking.add(number)
@@ -469,25 +374,6 @@ class SubscriptionFSM(Generic[E]):
                         self._n_acked += 1
                     return
 
-    def _give_back(self, items: Iterable[tuple[int, Hashable, E]]) -> None:
-        for item in items:
-            lane = self.replay_pending if item[0] in self.replaying else self.pending
-            bisect.insort(lane, item, key=lambda it: it[0])
-
-    def key_of(self, event: E) -> Hashable:
-        """The partition of ``event`` (a key function that raises: no partition)."""
-        if self.partition_by is None:
-            return _UNPARTITIONED
-        try:
-            return self.partition_by(event)
-        except Exception:
-            return _UNPARTITIONED
-
-    def take_parks(self) -> list[tuple[int, Hashable, E]]:
-        """Events to park decided since the last call: (number, partition key, event)."""
-        out, self._to_park = self._to_park, []
-        return out
-
     def parked(self, event_number: int) -> None:
         """An event of `take_parks` is parked: it counts as acknowledged."""
         if event_number in self.parking:
@@ -497,16 +383,6 @@ class SubscriptionFSM(Generic[E]):
                 self._n_acked += 1
             self._advance_ack()
             self._dispatch()
-
-    def hold(self, key: Hashable) -> None:
-        """Park the later events of partition ``key`` instead of delivering them."""
-        if key is not _UNPARTITIONED:
-            self.held_keys.add(key)
-            self._dispatch()
-
-    def release(self, key: Hashable) -> None:
-        self.held_keys.discard(key)
-        self._dispatch()
 
     def replay(self, items: Iterable[tuple[int, E]]) -> None:
         """Deliver these parked events again (numbers at or below `last_ack`), first."""
@@ -521,11 +397,6 @@ class SubscriptionFSM(Generic[E]):
             self.replaying.add(number)
             bisect.insort(self.replay_pending, (number, self.key_of(event), event), key=_first)
         self._dispatch()
-
-    @property
-    def has_parks(self) -> bool:
-        """Whether `take_parks` has events."""
-        return bool(self._to_park)
 
     @property
     def has_replay_acks(self) -> bool:
@@ -569,19 +440,6 @@ class SubscriptionFSM(Generic[E]):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _position(self, consumer_id: int, event_number: int) -> int | None:
-        """Where ``event_number`` is in the consumer's in-flight list (None: not there)."""
-        consumer = self.consumers.get(consumer_id)
-        if consumer is None or not consumer.in_flight:
-            return None
-        in_flight = consumer.in_flight
-        if in_flight[-1][0] == event_number:  # the usual ack: a whole batch
-            return len(in_flight) - 1
-        for index, (number, _, _) in enumerate(in_flight):
-            if number == event_number:
-                return index
-        return None
-
     def _advance_ack(self) -> None:
         order, unacked = self._order, self._unacked
         count = len(order)
@@ -606,71 +464,3 @@ class SubscriptionFSM(Generic[E]):
                 self.held_bytes -= sum(self._sizes[:i])
                 del self._sizes[:i]
             self._acked_total += i
-
-    def _dispatch(self) -> None:
-        if self.replay_pending and self.consumers:
-            self._dispatch_lane(self.replay_pending, replays=True)
-        if not self.pending or not self.consumers:
-            return
-        consumers = list(self.consumers.values())
-        if self.partition_by is None and len(consumers) == 1 and not self.replay_pending:
-            # The common case, one consumer and no partitions: hand over a slice.
-            consumer = consumers[0]
-            take = min(consumer.capacity, len(self.pending))
-            if take > 0:
-                items = self.pending[:take]
-                del self.pending[:take]
-                consumer.in_flight.extend(items)
-                self._outbox.setdefault(consumer.consumer_id, []).extend(map(_event, items))
-            return
-        self._dispatch_lane(self.pending, replays=False)
-
-    def _dispatch_lane(self, lane: list[tuple[int, Hashable, E]], *, replays: bool) -> None:
-        consumers = list(self.consumers.values())
-        held = self.held_keys if not replays else ()
-        free = sum(max(0, c.capacity) for c in consumers)
-        if free == 0 and not held:
-            return
-        blocked: set[Any] = set()
-        if not replays:  # a partition with replays to deliver waits for them
-            blocked.update(key for _, key, _ in self.replay_pending)
-        remaining: list[tuple[int, Hashable, E]] = []
-        for index, item in enumerate(lane):
-            _, key, event = item
-            if held and key in held:
-                self._to_park.append(item)  # behind its partition's parked event
-                self.parking.add(item[0])
-                continue
-            if free == 0:  # nobody can take more: keep the rest as it is
-                remaining.extend(i for i in lane[index:] if not (held and i[1] in held))
-                for later in lane[index:]:
-                    if held and later[1] in held:
-                        self._to_park.append(later)
-                        self.parking.add(later[0])
-                break
-            if key is not _UNPARTITIONED and key in blocked:
-                remaining.append(item)
-                continue
-            target = self._choose(consumers, key)
-            if target is None:
-                if key is not _UNPARTITIONED:
-                    blocked.add(key)
-                remaining.append(item)
-                continue
-            target.in_flight.append(item)
-            free -= 1
-            self._outbox.setdefault(target.consumer_id, []).append(event)
-        lane[:] = remaining
-
-    def _choose(self, consumers: list[Consumer[E]], key: Hashable) -> Consumer[E] | None:
-        if key is not _UNPARTITIONED:
-            for consumer in consumers:
-                if consumer.owns(key):
-                    return consumer if consumer.capacity > 0 else None
-        count = len(consumers)
-        for offset in range(count):
-            consumer = consumers[(self._round_robin + offset) % count]
-            if consumer.capacity > 0:
-                self._round_robin = (self._round_robin + offset + 1) % count
-                return consumer
-        return None

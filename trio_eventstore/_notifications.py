@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -23,7 +24,7 @@ from ._config import EventStoreConfig
 from ._errors import EventStoreError, StorageUnavailableError
 from ._pg import Conn, Database, open_listener, reconnect_delays, waiting_out_overload
 
-__all__ = ["Notifier", "parse_payload", "run_notifier"]
+__all__ = ["Notifier", "parse_payload", "run_notifier", "wait_any"]
 
 logger = logging.getLogger("trio_eventstore.notifications")
 
@@ -283,7 +284,7 @@ async def _notify_forever(notifier: Notifier, task_status: trio.TaskStatus[None]
                     started = True
                     task_status.started()
                 delays = reconnect_delays()
-                await _first(notifier.wanted, lost)
+                await wait_any(notifier.wanted, lost)
                 if not lost.is_set():
                     await listener.listen()
                     notifier.listening = True
@@ -309,12 +310,17 @@ async def _notify_forever(notifier: Notifier, task_status: trio.TaskStatus[None]
         await trio.sleep(next(delays))
 
 
-async def _first(*events: trio.Event) -> None:
-    """Wait until one of ``events`` is set."""
+class _Waitable(Protocol):
+    async def wait(self) -> None: ...
+
+
+async def wait_any(*events: _Waitable) -> None:
+    """Wait until the ``wait()`` of one of ``events`` returns (a `trio.Event` or an
+    `_inbox.Signal`)."""
     async with trio.open_nursery() as nursery:
         for event in events:
 
-            async def wait(event: trio.Event = event) -> None:
+            async def wait(event: _Waitable = event) -> None:
                 await event.wait()
                 nursery.cancel_scope.cancel()
 

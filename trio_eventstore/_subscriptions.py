@@ -27,7 +27,7 @@ from ._errors import (
 from ._inbox import Consumer, Inbox
 from ._locks import LockKeeper
 from ._metrics import StoreMetrics, TracingSpan
-from ._notifications import Notifier
+from ._notifications import Notifier, wait_any
 from ._pg import CLEANUP_TIMEOUT, Database
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._transient import TransientSubscription
@@ -116,18 +116,7 @@ class Subscription:
                 return
             _raise_if_stopped(self._driver)
             with single_errors():  # cancelled, a `trio.Cancelled`, not a group of two
-                async with trio.open_nursery() as nursery:
-
-                    async def subscribed() -> None:
-                        await self._driver.subscribed.wait()
-                        nursery.cancel_scope.cancel()
-
-                    async def failed() -> None:
-                        await self._driver.done.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(subscribed)
-                    nursery.start_soon(failed)
+                await wait_any(self._driver.subscribed, self._driver.done)
 
     async def wait_acked(self, event_number: int) -> None:
         """Wait until every event up to ``event_number`` has been acknowledged (or
