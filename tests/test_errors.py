@@ -324,7 +324,6 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
     assert "closed" in str(error)
 
 
-
 async def test_a_persistent_subscription_outside_the_store_raises_closed_and_keeps_acks(
     initialized: EventStoreConfig,
 ) -> None:

@@ -29,6 +29,7 @@ EXPECTED = {
     "StreamInfo",
     "StreamStatus",
     "open_event_store",
+    "new_event_id",
     "EventStoreError",
     "WrongExpectedVersionError",
     "StreamExistsError",

@@ -75,6 +75,7 @@ from ._types import (
     StreamInfo,
     StreamStatus,
     UndecodedEvent,
+    new_event_id,
 )
 from ._writer import WriterStatistics
 
@@ -152,4 +153,5 @@ __all__ = [
     "WriterStatistics",
     "WrongExpectedVersionError",
     "open_event_store",
+    "new_event_id",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import enum
+import os
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +28,7 @@ __all__ = [
     "StreamInfo",
     "StreamStatus",
     "UndecodedEvent",
+    "new_event_id",
 ]
 
 #: The stream of every event, in commit order.
@@ -114,8 +117,38 @@ def _optional_uuid(value: object) -> uuid.UUID | None:
     return None if value is None else _to_uuid(value)
 
 
+#: The last id's millisecond and counter (`new_event_id`).
+_last_id_ms = 0
+_id_counter = 0
+_RAND_B = (1 << 62) - 1
+_VERSION_7_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
+
+
+def new_event_id() -> uuid.UUID:
+    """A new event id: a time-ordered UUID, version 7 (RFC 9562): the Unix time in
+    milliseconds, a 12-bit counter (ids made in one millisecond, or while the clock
+    steps back, still increase within the process) and 62 random bits.
+
+    Ids that grow with time are added at the right edge of the events' indexes instead
+    of on a random page each, so appends touch and log fewer index pages (after each
+    checkpoint, PostgreSQL logs every page it changes whole). `EventData` takes one by
+    default; use it for ids you make yourself (e.g. to retry an append safely)."""
+    global _last_id_ms, _id_counter
+    ms = time.time_ns() // 1_000_000
+    if ms > _last_id_ms:
+        _last_id_ms, _id_counter = ms, 0
+    else:
+        _id_counter += 1
+        if _id_counter > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+            _last_id_ms, _id_counter = _last_id_ms + 1, 0
+    rand_b = int.from_bytes(os.urandom(8)) & _RAND_B
+    return uuid.UUID(
+        int=(_last_id_ms << 80) | _VERSION_7_AND_VARIANT | (_id_counter << 64) | rand_b
+    )
+
+
 def _new_event_id(value: object) -> uuid.UUID:
-    return uuid.uuid4() if value is None else _to_uuid(value)
+    return new_event_id() if value is None else _to_uuid(value)
 
 
 def _check_event_type(_instance: object, _attribute: object, value: str | None) -> None:
@@ -135,7 +168,8 @@ class EventData:
     """An event to append: ``data`` is a registered attrs/dataclass instance, or plain JSON
     values together with an explicit ``event_type``.
 
-    Ids may be given as `uuid.UUID` or str; ``event_id`` defaults to a new random UUID.
+    Ids may be given as `uuid.UUID` or str; ``event_id`` defaults to `new_event_id()` (a
+    new time-ordered UUID).
     """
 
     data: object
