@@ -42,7 +42,7 @@ def _uuid(value: Any) -> bytes:
 
 
 def _bytea(value: Any) -> bytes:
-    return bytes(value)
+    return value if type(value) is bytes else bytes(value)
 
 
 def _micros(delta: datetime.timedelta) -> int:
