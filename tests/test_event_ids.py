@@ -36,7 +36,7 @@ def test_ids_still_increase_in_one_millisecond_and_when_the_clock_steps_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1_900_000_000_000 * 1_000_000]
-    monkeypatch.setattr(types.time, "time_ns", lambda: clock[0])
+    monkeypatch.setattr(time, "time_ns", lambda: clock[0])
     # the generator's state is restored afterwards (or later ids would be dated 2030)
     monkeypatch.setattr(types, "_last_id_ms", 0)
     monkeypatch.setattr(types, "_id_counter", 0)
