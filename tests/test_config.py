@@ -108,18 +108,26 @@ def test_an_unencoded_at_sign_in_the_password_is_refused() -> None:
         ("postgresql://u:Kq?Wz@h:5432/d", "postgresql://u:Kq%3FWz@h:5432/d"),
         ("postgresql://u:Kq?Wz@h/d?sslmode=require", "postgresql://u:Kq%3FWz@h/d?sslmode=require"),
         ("postgresql://u:Kq?W=z@h:5432/d", "postgresql://u:Kq%3FW=z@h:5432/d"),
+        ("postgresql://u:Kq/Wz@h/d", "postgresql://u:Kq%2FWz@h/d"),
+        ("postgresql://u:Kq/Wz@h:5432/d", "postgresql://u:Kq%2FWz@h:5432/d"),
     ],
 )
-def test_an_unencoded_hash_or_question_mark_in_the_password_is_refused(
+def test_an_unencoded_hash_question_mark_or_slash_in_the_password_is_refused(
     url: str, fixed: str
 ) -> None:
-    # URL parsers end the address at "#" (a fragment) or "?" (a query): the password
-    # would be cut short and what follows it taken for a port ("not a number").
-    char, encoded = ("#", "%23") if "#" in url else ("?", "%3F")
+    # URL parsers end the address at "#" (a fragment), "?" (a query) or "/" (the path):
+    # the password would be cut short and what follows it taken for a port ("not a
+    # number").
+    char, encoded = next(
+        (c, e)
+        for c, e in (("#", "%23"), ("?", "%3F"), ("/", "%2F"))
+        if c in url.split("@")[0][len("postgresql://") :]
+    )
     with pytest.raises(ValueError, match=f"'\\{char}'.*percent-encode.*{encoded}") as refused:
         EventStoreConfig(url=url)
     message = str(refused.value)
     assert "port" not in message
+    assert message.count(encoded) == 1  # named once, not again among the others
     for secret in ("Kq", "Wz", "W=z", "9071"):
         assert secret not in message
     assert EventStoreConfig(url=fixed).connect_params()["dsn"] == fixed

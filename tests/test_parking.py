@@ -594,6 +594,8 @@ async def test_daemon_parks_a_poison_event_of_a_batch_and_goes_on(
                 await done.wait()
                 await _parked_become(store, "d", [4])
                 assert daemon.statistics()[0].parked == 1
+            # the last status (a status file's, once stopped) still counts it
+            assert (daemon.statistics()[0].state, daemon.statistics()[0].parked) == ("stopped", 1)
         assert handled == [1, 2, 3, 5, 6, 7, 8]
         [parked] = await store.parked_events("s", "d")
         assert (parked.event.event_number, parked.attempts) == (4, 2)

@@ -364,6 +364,12 @@ async def test_snapshots(store: EventStore) -> None:
     await store.delete_snapshot("agg")
     with pytest.raises(es.SnapshotNotFoundError):
         await store.read_snapshot("agg")
+    # plain values name no type: the error says which field to give
+    with pytest.raises(
+        es.SerializationError, match=r"SnapshotData\(source_type=\.\.\.\)"
+    ) as refused:
+        await store.record_snapshot(es.SnapshotData(source_uuid="agg", source_version=5, data={}))
+    assert "EventData" not in str(refused.value)
 
 
 async def test_paginate_streams(store: EventStore) -> None:

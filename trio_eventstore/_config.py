@@ -182,16 +182,22 @@ def _check_address_not_cut(name: str, parts: urllib.parse.SplitResult) -> None:
     if "@" in parts.netloc:
         return
     if "@" in parts.fragment:
-        char, encoded = "#", "%23"
+        char = "#"
     elif "@" in parts.query and not parts.path and _query_holds_the_address(parts):
-        char, encoded = "?", "%3F"
+        char = "?"
+    elif "@" in parts.path.partition("/")[2].partition("/")[0] and not _port_parses(parts):
+        char = "/"  # "user:pa/ss@host/db": the address ends at the "/", the port is "pa"
     else:
         return
+    others = ", ".join(f"'{c}' as {e}" for c, e in _URL_ESCAPES.items() if c != char)
     raise ValueError(
         f"{name}: a '{char}' in the user name or password ends the URL's address there; "
-        f"percent-encode it: '{char}' as {encoded} (and '@' as %40, ':' as %3A, '/' as %2F, "
-        "'?' as %3F, '#' as %23, '%' as %25)"
+        f"percent-encode it: '{char}' as {_URL_ESCAPES[char]} (and {others})"
     )
+
+
+#: What to percent-encode in a URL's user name or password.
+_URL_ESCAPES = {"@": "%40", ":": "%3A", "/": "%2F", "?": "%3F", "#": "%23", "%": "%25"}
 
 
 def _query_holds_the_address(parts: urllib.parse.SplitResult) -> bool:
@@ -199,11 +205,15 @@ def _query_holds_the_address(parts: urllib.parse.SplitResult) -> bool:
     password and the address (``?ss@host:5432/db``) rather than parameters (a driver's
     ``?user=me@corp``): the port before it is not a number, or an ``@`` comes before
     any ``=``."""
+    return not _port_parses(parts) or "=" not in parts.query.split("@", 1)[0]
+
+
+def _port_parses(parts: urllib.parse.SplitResult) -> bool:
     try:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        return True
-    return "=" not in parts.query.split("@", 1)[0]
+        return False
+    return True
 
 
 _DURATIONS = (

@@ -41,6 +41,10 @@ __all__ = ["SubscriberDaemon"]
 logger = logging.getLogger("trio_eventstore.daemon")
 
 #: The subscription's state -> the subscriber's, while the subscriber itself runs.
+#: Subscription states in which this node holds the subscription (and knows its parked
+#: events).
+_HOLDING = frozenset({"catching_up", "subscribed", "hibernating"})
+
 _SUBSCRIPTION_STATES = {
     "starting": "starting",
     "subscribing": "starting",
@@ -126,7 +130,8 @@ class SubscriberDaemon:
                 stats.last_ack = now.last_ack
                 stats.last_checkpoint = now.last_persisted
             stats.head = max(stats.head, now.head)
-            stats.parked = now.parked
+            if now.state in _HOLDING:  # else the last count it knew as the holder
+                stats.parked = now.parked
             if phase == "subscribed":
                 stats.state = _SUBSCRIPTION_STATES.get(now.state, now.state)
         return list(self._stats.values())

@@ -196,7 +196,8 @@ class SubscriberStatistics:
     last_ack: int = 0
     last_checkpoint: int = 0
     head: int = 0
-    #: events parked by this subscriber's subscription, as its holder knows them
+    #: events parked by this subscriber's subscription, as its holder knows them (once
+    #: this node no longer holds it, e.g. stopped: the last count it knew as the holder)
     parked: int = 0
 
     @property

@@ -9,12 +9,30 @@ from . import _sql
 from ._appends import _translate_write_error
 from ._arguments import check_indexed
 from ._btree import MAX_RAW_BYTES
-from ._errors import DatabaseError, SnapshotNotFoundError
+from ._errors import (
+    DatabaseError,
+    SerializationError,
+    SnapshotNotFoundError,
+    UnknownEventTypeError,
+)
 from ._pg import Conn, Database
+from ._serialization import Serializer
 from ._storable import check_storable_snapshot
 from ._types import SnapshotData
 
 __all__ = ["delete_snapshot", "read_snapshot", "record_snapshot"]
+
+
+def _source_type_of(serializer: Serializer, data: object) -> str:
+    try:
+        return serializer.event_type_of(data)
+    except UnknownEventTypeError:
+        raise
+    except SerializationError:
+        raise SerializationError(
+            f"cannot name the source type of a snapshot of a {type(data).__name__}: register "
+            "its class, or give SnapshotData(source_type=...) for plain JSON values"
+        ) from None
 
 
 async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
@@ -25,7 +43,7 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
         f"at most {MAX_RAW_BYTES} bytes of text that does not compress",
     )
     serializer = db.config.serializer
-    source_type = snapshot.source_type or serializer.event_type_of(snapshot.data)
+    source_type = snapshot.source_type or _source_type_of(serializer, snapshot.data)
     data = serializer.serialize(snapshot.data)
     metadata = serializer.serialize_metadata(snapshot.metadata)
     check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)
