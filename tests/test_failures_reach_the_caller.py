@@ -146,7 +146,8 @@ async def test_wait_subscribed_names_its_cause(fast: EventStoreConfig, owner: Co
 async def test_wait_subscribed_returns_when_the_store_stops_first(
     fast: EventStoreConfig,
 ) -> None:
-    """A consumer waiting for the lock when its store closes is told, not left spinning."""
+    """A consumer waiting for the lock when its store closes is told (the store closed),
+    not left spinning."""
     outcome: list[BaseException] = []
 
     async def consumer(store: EventStore, waiting: trio.Event) -> None:
@@ -166,7 +167,7 @@ async def test_wait_subscribed_returns_when_the_store_stops_first(
                 await waiting.wait()
                 await trio.sleep(0.3)  # it tries the lock, which the holder has
     assert len(outcome) == 1
-    assert isinstance(outcome[0], es.SubscriptionFailedError)
+    assert isinstance(outcome[0], es.EventStoreClosedError)  # as iteration says it
 
 
 async def test_acks_the_closing_store_cannot_persist_raise_from_the_block_outside_it(

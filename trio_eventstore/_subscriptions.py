@@ -110,6 +110,7 @@ class Subscription:
 
         Raises:
             SubscriptionFailedError: the subscription failed.
+            EventStoreClosedError: the store closed first.
         """
         while True:
             if self._driver.subscribed.is_set() and self._driver.failure is None:
@@ -124,6 +125,7 @@ class Subscription:
 
         Raises:
             SubscriptionFailedError: the subscription failed.
+            EventStoreClosedError: the store closed first.
         """
         driver = self._driver
         while driver.last_ack() < event_number:
@@ -135,6 +137,7 @@ class Subscription:
 
         Raises:
             SubscriptionFailedError: the subscription failed.
+            EventStoreClosedError: the store closed first.
         """
         driver = self._driver
         while driver.last_persisted < event_number:
@@ -276,6 +279,8 @@ def _raise_if_stopped(driver: Driver) -> None:
             subscription_name=driver.name,
         ) from failure
     if driver.done.is_set():
+        if driver.owner.closed:  # as iteration, and a transient subscription
+            raise EventStoreClosedError()
         raise SubscriptionFailedError(
             f"subscription {driver.name!r} has stopped",
             stream_uuid=driver.stream_uuid,
