@@ -19,6 +19,7 @@ from trio_eventstore import (
     EventData,
     EventStore,
     EventStoreConfig,
+    StreamDeletedError,
     StreamExistsError,
     StreamNotFoundError,
     WrongExpectedVersionError,
@@ -181,6 +182,127 @@ async def test_each_caller_gets_its_own_outcome(
     for stream in ("x", "existing", "y"):
         versions = [v for s, v, _ in events if s == stream]
         assert versions == sorted(versions) == list(range(1, len(versions) + 1))
+
+
+async def test_a_batch_of_expected_versions_gives_each_its_outcome(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    """A batch whose appends all expect a version (or no stream, or version 0): stale,
+    deleted, existing and taken-id ones refused alone, each with its own error; the
+    others committed together, densely numbered."""
+    await store.append_to_stream("existing", NO_STREAM, [ev(1)])
+    await store.append_to_stream("gone", NO_STREAM, [ev(1)])
+    await store.delete_stream("gone", 1)
+    taken = uuid.uuid4()
+    await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
+    outcomes: dict[str, object] = {}
+
+    async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
+        await record(outcomes, name, store, stream, expected, events)
+
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            for i in range(MAX_IN_FLIGHT):
+                nursery.start_soon(append, f"first-{i}", f"s-first-{i}", NO_STREAM, [ev()])
+                await trio.testing.wait_all_tasks_blocked()
+            queued = [
+                ("x1", "x", NO_STREAM, [ev(), ev()]),
+                ("x2", "x", 2, [ev()]),  # after x1, in the batch after
+                ("stale", "existing", 5, [ev()]),
+                ("exists", "existing", NO_STREAM, [ev()]),
+                ("deleted", "gone", 1, [ev()]),
+                ("ok1", "y", NO_STREAM, [ev(), ev(), ev()]),
+                ("ok2", "z", 0, [ev()]),  # version 0: a new stream
+                ("ok3", "other", 1, [ev()]),
+            ]
+            for args in queued:
+                nursery.start_soon(append, *args)
+                await trio.testing.wait_all_tasks_blocked()
+            await lock.release()
+    assert outcomes == {
+        **{f"first-{i}": 1 for i in range(MAX_IN_FLIGHT)},
+        "x1": 2,
+        "x2": 3,
+        "stale": WrongExpectedVersionError,
+        "exists": StreamExistsError,
+        "deleted": StreamDeletedError,
+        "ok1": 3,
+        "ok2": 1,
+        "ok3": 2,
+    }
+    events = await all_events(store)
+    info = await store.stream_info("$all")
+    assert info.stream_version == len(events)
+    assert [e.event_number for e in await store.read_all_streams_forward(0, 1000)] == list(
+        range(1, len(events) + 1)
+    )
+    for stream, count in (("x", 3), ("existing", 1), ("y", 3), ("z", 1), ("other", 2)):
+        assert [v for s, v, _ in events if s == stream] == list(range(1, count + 1))
+
+    # A taken event id among appends that expect versions: only its append is refused.
+    outcomes.clear()
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            for i in range(MAX_IN_FLIGHT):
+                nursery.start_soon(append, f"again-{i}", f"s-first-{i}", 1, [ev()])
+                await trio.testing.wait_all_tasks_blocked()
+            for args in [
+                ("dup", "d", NO_STREAM, [ev(), ev(0, taken)]),
+                ("fine", "x", 3, [ev()]),
+                ("new", "w", NO_STREAM, [ev()]),
+            ]:
+                nursery.start_soon(append, *args)
+                await trio.testing.wait_all_tasks_blocked()
+            await lock.release()
+    assert outcomes == {
+        **{f"again-{i}": 2 for i in range(MAX_IN_FLIGHT)},
+        "dup": DuplicateEventError,
+        "fine": 4,
+        "new": 1,
+    }
+    assert "d" not in [s for s, _, _ in await all_events(store)]
+
+
+async def test_stores_writing_overlapping_streams_with_expected_versions_never_deadlock(
+    initialized: EventStoreConfig,
+) -> None:
+    """As below, with expected versions: batches from two stores expect the same
+    versions of overlapping streams, new and existing, that arrive in opposite orders.
+    One winner per expected version, no deadlock, `$all` dense."""
+    failures: list[type[BaseException]] = []
+
+    async def append(store: EventStore, stream: str, expected: object) -> None:
+        try:
+            await store.append_to_stream(stream, expected, [ev()])  # type: ignore[arg-type]
+        except (StreamExistsError, WrongExpectedVersionError) as exc:
+            failures.append(type(exc))
+
+    async with open_event_store(initialized) as a, open_event_store(initialized) as b:
+        streams: list[str] = []
+        attempts = 0
+        for round_ in range(20):
+            streams = streams[::2] + [f"v-{round_}-{i:02}" for i in range(16)]
+            attempts += len(streams)
+            versions = {}
+            for stream in streams:
+                try:
+                    versions[stream] = (await a.stream_info(stream)).stream_version
+                except StreamNotFoundError:
+                    versions[stream] = 0
+            async with trio.open_nursery() as nursery:
+                for stream, reverse in zip(streams, streams[::-1], strict=True):
+                    nursery.start_soon(append, a, stream, versions[stream] or NO_STREAM)
+                    nursery.start_soon(append, b, reverse, versions[reverse] or NO_STREAM)
+        info = await a.stream_info("$all")
+        numbers = [e.event_number for e in await a.read_all_streams_forward(0, 100_000)]
+        assert numbers == list(range(1, info.stream_version + 1))
+        # Each stream had two appends expecting the same version per round: one won.
+        assert len(numbers) + len(failures) == 2 * attempts
+        assert len(failures) == len(numbers) == attempts
 
 
 async def test_big_concurrent_appends_number_all_densely(store: EventStore) -> None:
