@@ -3,6 +3,7 @@ errors carry their facts as attributes (and survive pickling)."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
+from trio_eventstore._driver import Driver
 from trio_eventstore._pg import open_connection
 
 from .helpers import url_for
@@ -322,6 +324,48 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
     (error,) = outcome
     assert isinstance(error, es.EventStoreClosedError), repr(error)
     assert "closed" in str(error)
+
+
+async def test_acks_the_store_close_missed_but_its_final_checkpoint_got_raise_nothing(
+    initialized: EventStoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's close could not persist a subscription's acks (here: it says so
+    without trying), but the session's own final checkpoint, a moment later, did: the
+    consumer's block outside the store's must not report them lost."""
+
+    async def failed_flush(driver: Driver) -> None:
+        fsm = driver.fsm
+        driver.closing_failure = driver.checkpoint_failed(fsm, "simulated")
+
+    monkeypatch.setattr(Driver, "flush_at_close", failed_flush)
+    acked = trio.Event()
+    left: list[BaseException | None] = []
+
+    async def consume(store: EventStore, task_status: Any) -> None:
+        try:
+            async with store.subscribe_to_stream("s", "p", checkpoint_threshold=100) as sub:
+                await sub.wait_subscribed()
+                task_status.started()
+                with contextlib.suppress(es.EventStoreClosedError):
+                    async for batch in sub:
+                        sub.ack(batch)
+                        acked.set()
+        except BaseException as exc:
+            left.append(exc)
+            raise
+        left.append(None)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, open_event_store(initialized) as store:
+            await store.append_to_stream("s", ANY_VERSION, [_event(1)])
+            await nursery.start(consume, store)
+            await acked.wait()
+    assert left == [None]
+    async with open_event_store(initialized) as store:  # and they are persisted
+        await store.append_to_stream("s", ANY_VERSION, [_event(2)])
+        async with store.subscribe_to_stream("s", "p") as sub:
+            batch = await sub.__anext__()
+            assert [e.event_number for e in batch.events] == [2]
 
 
 async def test_a_persistent_subscription_outside_the_store_raises_closed_and_keeps_acks(

@@ -386,15 +386,13 @@ class Driver(Delivery):
             await lease.release()
         if lost:
             self.state = "disconnected"
-        if (
-            self.owner.closed
-            and fsm is not None
-            and fsm.last_ack > fsm.last_persisted
-            and self.closing_failure is None
-        ):
-            self.closing_failure = self.checkpoint_failed(
-                fsm, "the store closed before it was persisted"
-            )
+        if self.owner.closed and fsm is not None:
+            if fsm.last_ack <= fsm.last_persisted:
+                self.closing_failure = None  # the final checkpoint got it after all
+            elif self.closing_failure is None:
+                self.closing_failure = self.checkpoint_failed(
+                    fsm, "the store closed before it was persisted"
+                )
 
     async def flush_at_close(self) -> None:
         """The store is closing: persist the acknowledged prefix while this store still
@@ -407,6 +405,9 @@ class Driver(Delivery):
             await self.flush()
         except CheckpointFailedError as exc:
             self.closing_failure = exc
+        except Exception as exc:  # never in place of what is leaving the store's block
+            logger.exception("subscription %r: persisting acks at close failed", self.name)
+            self.closing_failure = self.checkpoint_failed(fsm, f"{type(exc).__name__}: {exc}")
 
     def unpersisted(self) -> bool:
         """Whether acknowledgements of the session in hand wait to be persisted."""

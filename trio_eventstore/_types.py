@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import enum
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -117,9 +118,11 @@ def _optional_uuid(value: object) -> uuid.UUID | None:
     return None if value is None else _to_uuid(value)
 
 
-#: The last id's millisecond and counter (`new_event_id`).
+#: The last id's millisecond and counter (`new_event_id`), and the lock that keeps ids
+#: made in several threads increasing too.
 _last_id_ms = 0
 _id_counter = 0
+_id_lock = threading.Lock()
 _RAND_B = (1 << 62) - 1
 _VERSION_7_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
 
@@ -127,24 +130,25 @@ _VERSION_7_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
 def new_event_id() -> uuid.UUID:
     """A new event id: a time-ordered UUID, version 7 (RFC 9562): the Unix time in
     milliseconds, a 12-bit counter (ids made in one millisecond, or while the clock
-    steps back, still increase within the process) and 62 random bits.
+    steps back, still increase within the process, whichever thread makes them) and
+    62 random bits.
 
     Ids that grow with time are added at the right edge of the events' indexes instead
     of on a random page each, so appends touch and log fewer index pages (after each
     checkpoint, PostgreSQL logs every page it changes whole). `EventData` takes one by
     default; use it for ids you make yourself (e.g. to retry an append safely)."""
     global _last_id_ms, _id_counter
-    ms = time.time_ns() // 1_000_000
-    if ms > _last_id_ms:
-        _last_id_ms, _id_counter = ms, 0
-    else:
-        _id_counter += 1
-        if _id_counter > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
-            _last_id_ms, _id_counter = _last_id_ms + 1, 0
     rand_b = int.from_bytes(os.urandom(8)) & _RAND_B
-    return uuid.UUID(
-        int=(_last_id_ms << 80) | _VERSION_7_AND_VARIANT | (_id_counter << 64) | rand_b
-    )
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _last_id_ms:
+            _last_id_ms, _id_counter = ms, 0
+        else:
+            _id_counter += 1
+            if _id_counter > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+                _last_id_ms, _id_counter = _last_id_ms + 1, 0
+        high = (_last_id_ms << 80) | (_id_counter << 64)
+    return uuid.UUID(int=high | _VERSION_7_AND_VARIANT | rand_b)
 
 
 def _new_event_id(value: object) -> uuid.UUID:
