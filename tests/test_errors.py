@@ -329,12 +329,15 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
 async def test_acks_the_store_close_missed_but_its_final_checkpoint_got_raise_nothing(
     initialized: EventStoreConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The store's close could not persist a subscription's acks (here: it says so
-    without trying), but the session's own final checkpoint, a moment later, did: the
-    consumer's block outside the store's must not report them lost."""
+    """The store's close reported a subscription's acks unpersisted (here: simulated,
+    after persisting them, as when its attempt failed and a later one got them): the
+    session's end finds them persisted, and the consumer's block outside the store's
+    must not report them lost."""
+    real_flush_at_close = Driver.flush_at_close
 
     async def failed_flush(driver: Driver) -> None:
         fsm = driver.fsm
+        await real_flush_at_close(driver)
         driver.closing_failure = driver.checkpoint_failed(fsm, "simulated")
 
     monkeypatch.setattr(Driver, "flush_at_close", failed_flush)
