@@ -53,4 +53,3 @@ def test_a_given_id_is_kept() -> None:
     given = uuid.uuid4()
     assert EventData({"a": 1}, event_type="T", event_id=given).event_id == given
     assert EventData({"a": 1}, event_type="T", event_id=str(given)).event_id == given
-
