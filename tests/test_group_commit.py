@@ -91,6 +91,40 @@ async def all_events(store: EventStore) -> list[tuple[str, int, uuid.UUID]]:
     ]
 
 
+async def queued_behind_the_batches_in_flight(
+    store: EventStore,
+    config: EventStoreConfig,
+    outcomes: dict[str, object],
+    queued: list[tuple[str, str, object, list[EventData]]],
+    *,
+    first: str = "first",
+    first_expected: object = NO_STREAM,
+) -> None:
+    """Append ``queued`` ((name, stream, expected, events)), in this order, while the
+    writer's batches in flight (an append each, ``{first}-{i}`` to ``s-first-{i}``) wait
+    for the `$all` lock, held from another connection: they form the next batch. Each
+    outcome is recorded under its name."""
+
+    async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
+        await record(outcomes, name, store, stream, expected, events)
+
+    async with open_connection(config) as conn:
+        lock = AllLock(conn, config.schema)
+        await lock.take()
+        async with trio.open_nursery() as nursery:
+            # The first appends take the writer's batches in flight; they wait for the
+            # $all lock ...
+            for i in range(MAX_IN_FLIGHT):
+                nursery.start_soon(append, f"{first}-{i}", f"s-first-{i}", first_expected, [ev()])
+                await trio.testing.wait_all_tasks_blocked()
+            # ... while these queue up, in this order, for the next batch.
+            for args in queued:
+                nursery.start_soon(append, *args)
+                await trio.testing.wait_all_tasks_blocked()
+            assert store.statistics().writer.queued == len(queued)  # type: ignore[union-attr]
+            await lock.release()
+
+
 async def test_concurrent_appends_share_batches(store: EventStore) -> None:
     async with trio.open_nursery() as nursery:
         for i in range(60):
@@ -121,36 +155,18 @@ async def test_each_caller_gets_its_own_outcome(
     taken = uuid.uuid4()
     await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
     outcomes: dict[str, object] = {}
-
-    async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
-        await record(outcomes, name, store, stream, expected, events)
-
-    async with open_connection(initialized) as conn:
-        lock = AllLock(conn, initialized.schema)
-        await lock.take()
-        async with trio.open_nursery() as nursery:
-            # The first appends take the writer's batches in flight; they wait for the
-            # $all lock ...
-            for i in range(MAX_IN_FLIGHT):
-                nursery.start_soon(append, f"first-{i}", f"s-first-{i}", NO_STREAM, [ev()])
-                await trio.testing.wait_all_tasks_blocked()
-            # ... while these queue up, in this order, for the next batch.
-            queued = [
-                ("x1", "x", NO_STREAM, [ev()]),
-                ("x2", "x", 1, [ev()]),  # checked after x1: succeeds
-                ("x3", "x", 1, [ev()]),  # after x2: wrong version
-                ("wrong", "existing", 5, [ev()]),
-                ("exists", "existing", NO_STREAM, [ev()]),
-                ("missing", "nowhere", STREAM_EXISTS, [ev()]),
-                ("dup", "d", ANY_VERSION, [ev(), ev(0, taken)]),
-                ("ok1", "y", ANY_VERSION, [ev(), ev()]),
-                ("ok2", "existing", 1, [ev()]),
-            ]
-            for args in queued:
-                nursery.start_soon(append, *args)
-                await trio.testing.wait_all_tasks_blocked()
-            assert store.statistics().writer.queued == len(queued)  # type: ignore[union-attr]
-            await lock.release()
+    queued: list[tuple[str, str, object, list[EventData]]] = [
+        ("x1", "x", NO_STREAM, [ev()]),
+        ("x2", "x", 1, [ev()]),  # checked after x1: succeeds
+        ("x3", "x", 1, [ev()]),  # after x2: wrong version
+        ("wrong", "existing", 5, [ev()]),
+        ("exists", "existing", NO_STREAM, [ev()]),
+        ("missing", "nowhere", STREAM_EXISTS, [ev()]),
+        ("dup", "d", ANY_VERSION, [ev(), ev(0, taken)]),
+        ("ok1", "y", ANY_VERSION, [ev(), ev()]),
+        ("ok2", "existing", 1, [ev()]),
+    ]
+    await queued_behind_the_batches_in_flight(store, initialized, outcomes, queued)
     assert outcomes == {
         **{f"first-{i}": 1 for i in range(MAX_IN_FLIGHT)},
         "x1": 1,
@@ -196,31 +212,17 @@ async def test_a_batch_of_expected_versions_gives_each_its_outcome(
     taken = uuid.uuid4()
     await store.append_to_stream("other", NO_STREAM, [ev(2, taken)])
     outcomes: dict[str, object] = {}
-
-    async def append(name: str, stream: str, expected: object, events: list[EventData]) -> None:
-        await record(outcomes, name, store, stream, expected, events)
-
-    async with open_connection(initialized) as conn:
-        lock = AllLock(conn, initialized.schema)
-        await lock.take()
-        async with trio.open_nursery() as nursery:
-            for i in range(MAX_IN_FLIGHT):
-                nursery.start_soon(append, f"first-{i}", f"s-first-{i}", NO_STREAM, [ev()])
-                await trio.testing.wait_all_tasks_blocked()
-            queued = [
-                ("x1", "x", NO_STREAM, [ev(), ev()]),
-                ("x2", "x", 2, [ev()]),  # after x1, in the batch after
-                ("stale", "existing", 5, [ev()]),
-                ("exists", "existing", NO_STREAM, [ev()]),
-                ("deleted", "gone", 1, [ev()]),
-                ("ok1", "y", NO_STREAM, [ev(), ev(), ev()]),
-                ("ok2", "z", 0, [ev()]),  # version 0: a new stream
-                ("ok3", "other", 1, [ev()]),
-            ]
-            for args in queued:
-                nursery.start_soon(append, *args)
-                await trio.testing.wait_all_tasks_blocked()
-            await lock.release()
+    queued: list[tuple[str, str, object, list[EventData]]] = [
+        ("x1", "x", NO_STREAM, [ev(), ev()]),
+        ("x2", "x", 2, [ev()]),  # after x1, in the batch after
+        ("stale", "existing", 5, [ev()]),
+        ("exists", "existing", NO_STREAM, [ev()]),
+        ("deleted", "gone", 1, [ev()]),
+        ("ok1", "y", NO_STREAM, [ev(), ev(), ev()]),
+        ("ok2", "z", 0, [ev()]),  # version 0: a new stream
+        ("ok3", "other", 1, [ev()]),
+    ]
+    await queued_behind_the_batches_in_flight(store, initialized, outcomes, queued)
     assert outcomes == {
         **{f"first-{i}": 1 for i in range(MAX_IN_FLIGHT)},
         "x1": 2,
@@ -243,21 +245,14 @@ async def test_a_batch_of_expected_versions_gives_each_its_outcome(
 
     # A taken event id among appends that expect versions: only its append is refused.
     outcomes.clear()
-    async with open_connection(initialized) as conn:
-        lock = AllLock(conn, initialized.schema)
-        await lock.take()
-        async with trio.open_nursery() as nursery:
-            for i in range(MAX_IN_FLIGHT):
-                nursery.start_soon(append, f"again-{i}", f"s-first-{i}", 1, [ev()])
-                await trio.testing.wait_all_tasks_blocked()
-            for args in [
-                ("dup", "d", NO_STREAM, [ev(), ev(0, taken)]),
-                ("fine", "x", 3, [ev()]),
-                ("new", "w", NO_STREAM, [ev()]),
-            ]:
-                nursery.start_soon(append, *args)
-                await trio.testing.wait_all_tasks_blocked()
-            await lock.release()
+    queued = [
+        ("dup", "d", NO_STREAM, [ev(), ev(0, taken)]),
+        ("fine", "x", 3, [ev()]),
+        ("new", "w", NO_STREAM, [ev()]),
+    ]
+    await queued_behind_the_batches_in_flight(
+        store, initialized, outcomes, queued, first="again", first_expected=1
+    )
     assert outcomes == {
         **{f"again-{i}": 2 for i in range(MAX_IN_FLIGHT)},
         "dup": DuplicateEventError,
