@@ -40,11 +40,11 @@ __all__ = ["SubscriberDaemon"]
 
 logger = logging.getLogger("trio_eventstore.daemon")
 
-#: The subscription's state -> the subscriber's, while the subscriber itself runs.
 #: Subscription states in which this node holds the subscription (and knows its parked
 #: events).
 _HOLDING = frozenset({"catching_up", "subscribed", "hibernating"})
 
+#: The subscription's state -> the subscriber's, while the subscriber itself runs.
 _SUBSCRIPTION_STATES = {
     "starting": "starting",
     "subscribing": "starting",
