@@ -133,6 +133,14 @@ def test_an_unencoded_hash_question_mark_or_slash_in_the_password_is_refused(
     assert EventStoreConfig(url=fixed).connect_params()["dsn"] == fixed
 
 
+def test_several_hosts_each_with_its_port() -> None:
+    EventStoreConfig(url="postgresql://u:p@h1:5432,h2:5433/d")
+    EventStoreConfig(url="postgresql://u:p@[::1]:5432,h2/d?target_session_attrs=read-write")
+    for bad in ("h1:5432,h2:54x3", "h1:5432,h2:99999"):
+        with pytest.raises(ValueError, match="port"):
+            EventStoreConfig(url=f"postgresql://u:p@{bad}/d")
+
+
 def test_a_query_or_fragment_after_the_address_is_not_taken_for_a_password() -> None:
     # A user name with "@" in the query is the driver's business, not a cut password.
     EventStoreConfig(url="postgresql://h?user=me@corp", database="d")

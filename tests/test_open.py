@@ -162,3 +162,20 @@ async def test_shared_pool_outlives_its_opener(initialized: EventStoreConfig) ->
         first_closed.set()
         order.append("first closed")
     assert order == ["second used the pool", "first closed"]
+
+
+async def test_a_url_of_several_hosts_with_ports_reaches_the_one_that_answers(
+    initialized: EventStoreConfig,
+) -> None:
+    """``host1:port1,host2:port2``, as the driver takes it (tried in turn): the first
+    address has no server, the second is ours. Appends (the store's own protocol path)
+    and reads (the driver's) both get there."""
+    assert initialized.url is not None
+    parts = urllib.parse.urlsplit(initialized.url)
+    userinfo, _, address = parts.netloc.rpartition("@")
+    several = parts._replace(netloc=f"{userinfo}@127.0.0.1:{free_port()},{address}")
+    config = initialized.with_changes(url=urllib.parse.urlunsplit(several))
+    async with open_event_store(config) as store:
+        await store.append_to_stream("s", es.NO_STREAM, [es.EventData({"a": 1}, event_type="T")])
+        [event] = await store.read_stream_forward("s")
+        assert event.data == {"a": 1}

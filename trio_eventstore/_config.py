@@ -157,9 +157,7 @@ def _check_url(name: str, url: str | None) -> None:
             f"{name}: expected a postgresql:// or postgres:// URL, got scheme {parts.scheme!r}"
         )
     _check_address_not_cut(name, parts)
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
+    if not _port_parses(parts):
         raise ValueError(f"{name}: the port is not a number between 0 and 65535") from None
     if parts.netloc.count("@") > 1:
         # The driver would take what follows the first "@" for the host.
@@ -209,10 +207,17 @@ def _query_holds_the_address(parts: urllib.parse.SplitResult) -> bool:
 
 
 def _port_parses(parts: urllib.parse.SplitResult) -> bool:
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return False
+    """Whether the URL's port, or each host's (``h1:5432,h2:5433``: several hosts, which
+    the driver tries in turn), is a number from 0 to 65535 (or absent)."""
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if "," in hosts else [None]:
+        try:
+            if host is None:
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            else:
+                urllib.parse.urlsplit(f"//{host}").port  # noqa: B018 - the same, for one
+        except ValueError:
+            return False
     return True
 
 
