@@ -158,7 +158,7 @@ def _check_url(name: str, url: str | None) -> None:
         )
     _check_address_not_cut(name, parts)
     if not _port_parses(parts):
-        raise ValueError(f"{name}: the port is not a number between 0 and 65535") from None
+        raise ValueError(f"{name}: the port is not a number between 0 and 65535")
     if parts.netloc.count("@") > 1:
         # The driver would take what follows the first "@" for the host.
         raise ValueError(f"{name}: write an '@' in the user name or password as %40")

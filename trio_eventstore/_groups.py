@@ -24,7 +24,7 @@ import trio
 from . import _subscription_rows
 from ._balance import group_name, group_of
 from ._driver import Driver
-from ._errors import CheckpointFailedError, EventStoreClosedError, UnexpectedAckError
+from ._errors import CheckpointFailedError, UnexpectedAckError
 from ._inbox import Consumer, Inbox
 from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionStatistics
 from ._subscriptions import (
@@ -32,6 +32,7 @@ from ._subscriptions import (
     Subscriptions,
     _raise_if_stopped,
     is_current,
+    iteration_ended,
     subscription_statistics,
 )
 from ._types import RecordedEvent, StartFrom
@@ -147,9 +148,7 @@ class GroupedSubscription(Subscription):
                 for driver, _ in self._parts:
                     if driver.failure is not None:
                         _raise_if_stopped(driver)
-                if self._parts[0][0].owner.closed:  # as a transient subscription
-                    raise EventStoreClosedError() from None
-                raise StopAsyncIteration from None
+                raise iteration_ended(self._parts[0][0]) from None
             driver, consumer = self._part_of(batch.events[-1])
             if is_current(driver, consumer, batch):
                 mapper = driver.options.mapper

@@ -33,7 +33,7 @@ from ._subscription_types import EventBatch, SubscriptionOptions, SubscriptionSt
 from ._transient import TransientSubscription
 from ._types import ALL_STREAMS, RecordedEvent
 
-__all__ = ["Subscription", "Subscriptions", "is_current"]
+__all__ = ["Subscription", "Subscriptions", "is_current", "iteration_ended"]
 
 
 class Subscription:
@@ -91,9 +91,7 @@ class Subscription:
                         stream_uuid=self._driver.stream_uuid,
                         subscription_name=self._driver.name,
                     ) from failure
-                if self._driver.owner.closed:  # as a transient subscription
-                    raise EventStoreClosedError() from None
-                raise StopAsyncIteration from None
+                raise iteration_ended(self._driver) from None
             if is_current(self._driver, self._consumer, batch):
                 mapper = self._driver.options.mapper
                 if mapper is None:
@@ -268,6 +266,13 @@ def is_current(driver: Driver, consumer: Consumer, batch: EventBatch) -> bool:
         and batch.session == driver.session
         and batch.epoch == fsm.epoch(consumer.consumer_id)
     )
+
+
+def iteration_ended(driver: Driver) -> Exception:
+    """What ends a consumer's iteration once its subscription stopped without failing:
+    `EventStoreClosedError` when the store closed (as a transient subscription's
+    iteration ends), else StopAsyncIteration."""
+    return EventStoreClosedError() if driver.owner.closed else StopAsyncIteration()
 
 
 def _raise_if_stopped(driver: Driver) -> None:
