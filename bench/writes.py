@@ -674,6 +674,37 @@ def run(config: EventStoreConfig, quick: bool, *, json_out: str | None = None) -
     return report.data
 
 
+#: Streams (of `SEED_EVENTS` events each) a store holds before the write benchmarks.
+SEED_STREAMS, SEED_EVENTS = 10_000, 2
+
+
+async def _stream_count(config: EventStoreConfig) -> int:
+    conn = await asyncpg.connect(**config.connect_params())
+    try:
+        return int(await conn.fetchval(f'SELECT count(*) FROM "{config.schema}".streams'))
+    finally:
+        await conn.close()
+
+
+async def seed(config: EventStoreConfig, have: int) -> None:
+    """Fill the store up to `SEED_STREAMS` streams (it holds ``have``), so that every side
+    measures a store in use. On empty tables just vacuumed, PostgreSQL plans sequential
+    scans (for the `$all` row, for the foreign-key checks) and a connection keeps those
+    plans while the tables grow under the measurement: whichever side ran first paid for
+    it (the first slice of one writer's new streams ran at half speed)."""
+    prefix = f"seed-{uuid.uuid4().hex[:8]}"
+    missing = iter(range(max(0, SEED_STREAMS - have)))
+    async with open_event_store(config) as store:
+
+        async def writer() -> None:
+            for k in missing:
+                await store.append_to_stream(f"{prefix}-{k}", NO_STREAM, events(SEED_EVENTS))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(writer)
+
+
 def alternate(measures: dict[str, Callable[[Timing], Run]], timing: Timing) -> dict[str, Run]:
     """Measure each side in ``ROUNDS`` slices, taking turns (in a rotating order), and
     merge each side's slices: on a shared machine the load drifts over a run, and
@@ -703,6 +734,7 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
 
     # Lone writers, 1-event appends. The floor (one autocommit INSERT per event) shows
     # what a commit flush alone costs on this server.
+    trio.run(seed, config, run_asyncio(_stream_count(config)))
     vacuum(config)
     for title, fresh in (
         ("1 writer, 1-event appends, each to a new stream (NO_STREAM)", True),
