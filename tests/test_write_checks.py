@@ -520,6 +520,13 @@ class NoEquality:
     qty: int
 
 
+@attrs.frozen
+class Flagged:
+    on: bool
+    price: float
+    tags: list[int]
+
+
 @pytest.mark.parametrize("strict", [False, True])
 async def test_a_registered_class_with_a_field_of_another_type_is_refused(
     config: EventStoreConfig, strict: bool
@@ -542,3 +549,28 @@ async def test_a_registered_class_with_a_field_of_another_type_is_refused(
         await store.append_to_stream("o", es.ANY_VERSION, [EventData(Counted(qty=1))])
         events = await store.read_all_streams_forward()
         assert [e.data for e in events][1] == Counted(qty=1)
+
+
+async def test_a_bool_must_read_back_as_a_bool(config: EventStoreConfig) -> None:
+    """``True`` in an ``int`` field would read back as ``1`` (equal, so equality alone let
+    it through), ``1`` in a ``bool`` field as ``True``: refused. An int in a ``float``
+    field reads back as the float the field declares: taken."""
+    serializer = JsonSerializer()
+    serializer.register(Counted, event_type="Counted")
+    serializer.register(Flagged, event_type="Flagged")
+    async with open_store(config, serializer=serializer) as store:
+        for wrong in (
+            Counted(qty=True),
+            Flagged(on=1, price=1.5, tags=[]),  # type: ignore[arg-type]
+            Flagged(on=True, price=1.5, tags=[1, False]),
+        ):
+            with pytest.raises(es.SerializationError, match="would read back as"):
+                await store.append_to_stream("b", es.ANY_VERSION, [EventData(wrong)])
+        await assert_nothing_written(store, "b")
+        await store.append_to_stream(
+            "b", es.ANY_VERSION, [EventData(Flagged(on=False, price=2, tags=[0, 1]))]
+        )
+        (event,) = await store.read_stream_forward("b")
+        assert event.data == Flagged(on=False, price=2.0, tags=[0, 1])
+        assert type(event.data.on) is bool
+        assert type(event.data.price) is float

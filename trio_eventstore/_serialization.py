@@ -166,6 +166,19 @@ def _dumps(value: object) -> bytes:
     return _ENCODE(value).encode()
 
 
+def _bools_kept(sent: object, back: object) -> bool:
+    """Whether the JSON values ``sent`` and ``back`` (equal as Python values) hold their
+    bools in the same places: ``True`` stored in an ``int`` field reads back as ``1``,
+    ``1`` in a ``bool`` field as ``True``."""
+    if type(sent) is bool or type(back) is bool:
+        return type(sent) is type(back)
+    if type(sent) is dict and type(back) is dict:
+        return all(key not in back or _bools_kept(item, back[key]) for key, item in sent.items())
+    if type(sent) is list and type(back) is list:
+        return all(map(_bools_kept, sent, back))
+    return True
+
+
 # -- plain JSON values -----------------------------------------------------------------------
 
 #: Values that are JSON as they are (bool is an int; floats are checked to be finite).
@@ -416,8 +429,9 @@ class JsonSerializer:
         """A registered class's instance must read back as itself: cattrs writes a field
         whatever its value, so ``qty="ten"`` in an ``int`` field would be stored and then
         fail every read of its stream (and ``qty=1.7`` would read back as ``1``)."""
+        sent = _loads(payload)
         try:
-            back: object = self.converter.structure(_loads(payload), cls)
+            back: object = self.converter.structure(sent, cls)
         except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
             why = (
                 "; ".join(cattrs.transform_error(exc))
@@ -432,6 +446,8 @@ class JsonSerializer:
                 same = bool(back == data)
             except Exception:  # an exotic __eq__: the structuring above is the check
                 same = True
+            if same:  # equality cannot tell True from 1: a bool must read back as a bool
+                same = _bools_kept(sent, self.converter.unstructure(back))
             if not same:
                 raise SerializationError(
                     f"{data!r} would read back as {back!r} (a field does not hold its "
