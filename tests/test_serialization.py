@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import json
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trio_eventstore as es
 from trio_eventstore import EventData, EventStoreConfig, JsonSerializer, admin, open_event_store
@@ -226,6 +229,51 @@ def test_json_decoding_with_and_without_the_fast_extra(payload: bytes, expected:
 
     assert _serialization._loads(payload) == expected
     assert _serialization._stdlib_loads(payload) == expected
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_plain_values_encode_as_the_standard_library_does(value: object) -> None:
+    """With the `fast` extra, plain values are encoded by orjson: the same JSON text as
+    the standard library's (floats may be spelled otherwise, as the same number), and
+    what orjson refuses (integers beyond 64 bits) goes to the standard library."""
+    from trio_eventstore import _serialization
+
+    fast = _serialization._dumps_plain(value)
+    assert json.loads(fast) == json.loads(_serialization._dumps(value))
+    if not any(isinstance(x, float) for x in _leaves(value)):
+        assert fast == _serialization._dumps(value)
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def test_plain_values_orjson_refuses_are_encoded_or_refused_as_before() -> None:
+    from trio_eventstore import _serialization
+
+    deep: object = 1
+    for _ in range(300):  # orjson stops at 254 levels
+        deep = [deep]
+    assert _serialization._dumps_plain(deep) == b"[" * 300 + b"1" + b"]" * 300
+    assert _serialization._dumps_plain({"n": 2**70}) == b'{"n":1180591620717411303424}'
+    with pytest.raises(es.SerializationError, match="surrogates not allowed"):
+        JsonSerializer().serialize({"s": "\ud800"})
 
 
 def test_json_decoding_rejects_garbage() -> None:

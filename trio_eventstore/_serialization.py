@@ -166,6 +166,22 @@ def _dumps(value: object) -> bytes:
     return _ENCODE(value).encode()
 
 
+def _dumps_plain(value: object) -> bytes:
+    """`_dumps` of plain JSON values (checked by `_check_plain`), by orjson when it is
+    installed (ten times faster; the same bytes, but for how a float is spelled, e.g.
+    ``0.00001`` for ``1e-05``: the same number). What orjson refuses (an integer beyond 64
+    bits, a lone surrogate, nesting past its limit of 254) goes to the standard library,
+    which takes it or says why not."""
+    if _orjson is not None:
+        try:
+            result: bytes = _orjson.dumps(value)
+        except TypeError:
+            pass
+        else:
+            return result
+    return _dumps(value)
+
+
 def _bools_kept(sent: object, back: object) -> bool:
     """Whether the JSON values ``sent`` and ``back`` (equal as Python values) hold their
     bools in the same places: ``True`` stored in an ``int`` field reads back as ``1``,
@@ -421,7 +437,7 @@ class JsonSerializer:
             return payload
         plain = _plain_json(data, "$")
         try:
-            return _dumps(plain)
+            return _dumps_plain(plain)
         except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
             raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
 
@@ -494,7 +510,7 @@ class JsonSerializer:
             return b"null"
         plain = _plain_json(dict(metadata), "metadata")
         try:
-            return _dumps(plain)
+            return _dumps_plain(plain)
         except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
             raise SerializationError(f"cannot serialize metadata: {exc}") from exc
 
