@@ -6,6 +6,7 @@ not speak, and connections left mid-statement never reused."""
 from __future__ import annotations
 
 import datetime
+import struct
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
@@ -91,6 +92,13 @@ ARRAYS = [
         [0, -(2**63), 2**63 - 1],
         [uuid.UUID(int=0), None, uuid.uuid4()],
     ),
+    (  # values of another type than usual: taken as asyncpg takes them
+        ["only"],
+        [bytearray(b"ab"), memoryview(b"cd")],
+        [7],
+        ["00000000-0000-0000-0000-000000000001", uuid.UUID(int=2)],
+    ),
+    ([None, "a"], [None, None], [None, 1], [None, None, None]),
     (
         [str(i) for i in range(300)],
         [bytes([i % 256]) * i for i in range(50)],
@@ -112,6 +120,18 @@ async def test_arrays_are_sent_as_asyncpg_sends_them(
     )
     direct, driver = await both(db, sql, *arrays)
     assert tuple(direct) == tuple(driver)
+
+
+def test_an_array_value_of_the_wrong_type_is_refused_before_sending() -> None:
+    from trio_eventstore._pg._wire_codecs import Shape
+
+    shape = Shape([1009, 1016, 2951], [])
+    with pytest.raises(TypeError, match="expected a str, got int"):
+        shape.bind_parameters([["a", 1], [1], [uuid.uuid4()]])
+    with pytest.raises(struct.error, match="not an integer"):
+        shape.bind_parameters([["a"], [1, 2.5], [uuid.uuid4()]])
+    with pytest.raises(ValueError, match="badly formed"):
+        shape.bind_parameters([["a"], [1], ["not a uuid"]])
 
 
 async def test_a_type_it_does_not_read_goes_through_asyncpg(db: Database) -> None:

@@ -103,15 +103,58 @@ _ARRAYS = {
 }
 
 
+def _fixed_width(element_struct: str, width: int) -> Callable[[Any], bytes]:
+    pack = struct.Struct("!i" + element_struct).pack
+    return lambda values: b"".join([pack(width, value) for value in values])
+
+
+def _uuids(values: Any) -> bytes:
+    return b"".join([b"\x00\x00\x00\x10" + value.bytes for value in values])
+
+
+def _texts(values: Any) -> bytes:
+    pack = I32.pack
+    return b"".join([pack(len(data)) + data for data in [value.encode() for value in values]])
+
+
+def _byteas(values: Any) -> bytes:
+    pack = I32.pack
+    return b"".join([pack(len(value)) + value for value in values])
+
+
+#: element type -> its array's elements encoded in one pass, for arrays without NULLs
+#: whose values are all of the usual type; it raises (TypeError, AttributeError,
+#: struct.error, UnicodeError) on any other, and `_array_encoder` then encodes the array
+#: the general way, which takes or refuses each value as `_ENCODERS` does.
+_FAST_ARRAYS: dict[int, Callable[[Any], bytes]] = {
+    17: _byteas,
+    20: _fixed_width("q", 8),
+    21: _fixed_width("h", 2),
+    23: _fixed_width("i", 4),
+    25: _texts,
+    1043: _texts,
+    2950: _uuids,
+}
+
+
 def _array_encoder(element: int) -> Callable[[Any], bytes]:
     encode = _ENCODERS[element]
     pack = I32.pack
+    header = struct.Struct("!iiiii").pack
+    fast = _FAST_ARRAYS.get(element)
 
     def encode_array(values: Any) -> bytes:
         if isinstance(values, str | bytes) or not isinstance(values, Sequence):
             raise TypeError(f"expected a sequence, got {type(values).__name__}")
         if not values:
             return struct.pack("!iii", 0, 0, element)
+        if values[0] is None and values.count(None) == len(values):
+            return header(1, 1, element, len(values), 1) + _NULL * len(values)
+        if fast is not None:
+            try:
+                return header(1, 0, element, len(values), 1) + fast(values)
+            except (TypeError, AttributeError, struct.error, UnicodeError):
+                pass  # a NULL, or a value of another type: the general way
         parts = []
         nulls = 0
         for value in values:
@@ -122,7 +165,7 @@ def _array_encoder(element: int) -> Callable[[Any], bytes]:
                 data = encode(value)
                 parts.append(pack(len(data)))
                 parts.append(data)
-        return struct.pack("!iiiii", 1, nulls, element, len(values), 1) + b"".join(parts)
+        return header(1, nulls, element, len(values), 1) + b"".join(parts)
 
     return encode_array
 
