@@ -83,6 +83,16 @@ async def test_values_read_back_as_asyncpg_reads_them(
     assert list(direct.items()) == list(driver.items())
 
 
+async def test_rows_of_integers_read_back_as_asyncpg_reads_them(db: Database) -> None:
+    """Rows of integer columns only have one layout when none is NULL (read in one
+    unpack), another when one is."""
+    sql = "SELECT $1::bigint AS a, $2::int AS b, $3::smallint AS c"
+    for values in ((-(2**63), 2**31 - 1, -(2**15)), (0, None, 7), (None, None, None)):
+        direct, driver = await both(db, sql, *values)
+        assert tuple(direct) == tuple(driver) == values
+        assert (direct["a"], direct["c"]) == values[::2]
+
+
 ARRAYS = [
     ([], [], [], []),
     ([None], [None], [None], [None]),
