@@ -4,6 +4,7 @@ does, for the types the store's statements use (`Shape`: one statement's)."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -231,7 +232,7 @@ class WireRow(tuple[Any, ...]):
 class Shape:
     """What a statement takes and returns (learned once per store: `WireConnection.describe`)."""
 
-    __slots__ = ("decoders", "encoders", "ints", "oids", "row")
+    __slots__ = ("decoders", "encoders", "ints", "oids", "row", "widths")
 
     def __init__(self, oids: list[int], columns: list[tuple[str, int]]) -> None:
         self.oids = oids
@@ -242,12 +243,15 @@ class Shape:
                 raise Unsupported(f"result type {oid}")
             decoders.append(_DECODERS[oid])
         self.decoders = decoders
-        #: rows of integers only, none NULL, have one layout: read in one unpack
+        #: the leading integer columns, read in one unpack when none of them is NULL
+        #: (their length fields are then ``widths``)
         self.ints: struct.Struct | None = None
-        if columns and all(oid in _INT_WIDTHS for _name, oid in columns):
-            self.ints = struct.Struct(
-                "!h" + "".join("i" + _INT_WIDTHS[oid] for _name, oid in columns)
-            )
+        self.widths: tuple[int, ...] = ()
+        leading = list(itertools.takewhile(lambda c: c[1] in _INT_WIDTHS, columns))
+        if leading:
+            codes = [_INT_WIDTHS[oid] for _name, oid in leading]
+            self.ints = struct.Struct("!h" + "".join("i" + code for code in codes))
+            self.widths = tuple(struct.calcsize("!" + code) for code in codes)
         names: dict[str, int] = {}
         for i, (name, _oid) in enumerate(columns):
             names.setdefault(name, i)  # the first of two same-named columns, as asyncpg
@@ -270,18 +274,24 @@ class Shape:
         return b"".join(parts)
 
     def decode(self, body: bytes) -> WireRow:
+        decoders = self.decoders
         ints = self.ints
-        if ints is not None and len(body) == ints.size:  # a NULL would make it shorter
-            fields = ints.unpack(body)
-            if fields[0] == len(self.decoders):
-                whole: WireRow = self.row(fields[2::2])
-                return whole
-        if I16.unpack_from(body)[0] != len(self.decoders):
-            raise Stale()
-        values: list[Any] = []
-        offset = 2
+        if ints is not None and len(body) >= ints.size:
+            fields = ints.unpack_from(body)
+            if fields[0] != len(decoders):
+                raise Stale()
+            if fields[1::2] == self.widths:  # none of them NULL
+                values: list[Any] = list(fields[2::2])
+                offset = ints.size
+                decoders = decoders[len(values) :]
+            else:
+                values, offset = [], 2
+        else:
+            if I16.unpack_from(body)[0] != len(decoders):
+                raise Stale()
+            values, offset = [], 2
         unpack = I32.unpack_from
-        for decode in self.decoders:
+        for decode in decoders:
             (n,) = unpack(body, offset)
             offset += 4
             if n < 0:
