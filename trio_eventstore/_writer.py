@@ -66,20 +66,40 @@ class WriterStatistics:
 class _Pending:
     """One caller's append, from the queue to its outcome."""
 
-    __slots__ = ("abandoned", "done", "outcome", "request", "taken")
+    __slots__ = ("abandoned", "outcome", "request", "taken", "waiter")
 
     def __init__(self, request: _storage.AppendRequest) -> None:
         self.request = request
-        self.done = trio.Event()
         self.outcome: _storage.Appended | BaseException | None = None
         #: in a batch being written (the caller can no longer take it back)
         self.taken = False
         #: the caller went away (cancelled): drop it unless it is being written
         self.abandoned = False
+        #: the caller's task while it waits for the outcome (`wait`)
+        self.waiter: trio.lowlevel.Task | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
 
     def finish(self, outcome: _storage.Appended | BaseException) -> None:
         self.outcome = outcome
-        self.done.set()
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> None:
+        """Until `finish` (a trio.Event's wait, without the event: one per append)."""
+        if self.outcome is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def taken_back(self) -> bool:
         """Put back in the queue (to be retried), so not this batch's to fail."""
@@ -143,7 +163,7 @@ class GroupCommitWriter:
         self._queue.append(pending)
         self._idle.unpark()
         try:
-            await pending.done.wait()
+            await pending.wait()
         except BaseException:
             pending.abandoned = True
             raise
@@ -263,7 +283,7 @@ class GroupCommitWriter:
                 self._streams_in_flight -= streams
                 self._ids_in_flight -= ids
                 for pending in batch:
-                    if not pending.done.is_set() and not pending.taken_back():
+                    if not pending.finished and not pending.taken_back():
                         pending.finish(
                             EventStoreClosedError(
                                 "the event store closed while the append was being "
