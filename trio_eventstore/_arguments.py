@@ -31,13 +31,18 @@ MAX_STREAM_UUID_BYTES = 7900
 MAX_WRITTEN_STREAM_UUID_BYTES = MAX_RAW_BYTES
 
 
+def _utf8_length(text: str) -> int:
+    """``len(text.encode())``, without encoding an ASCII text (the usual stream id)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def check_stream(stream_uuid: object, name: str = "stream_uuid") -> None:
     if not isinstance(stream_uuid, str):
         raise TypeError(f"{name}: expected a str, got {type(stream_uuid).__name__}")
     if not stream_uuid:
         raise ValueError(f"{name}: must not be empty")
     check_text(name, stream_uuid)
-    if len(stream_uuid.encode()) > MAX_STREAM_UUID_BYTES:
+    if _utf8_length(stream_uuid) > MAX_STREAM_UUID_BYTES:
         raise ValueError(
             f"{name}: at most {MAX_STREAM_UUID_BYTES} bytes (it travels in NOTIFY payloads)"
         )
@@ -63,7 +68,7 @@ def check_target(stream_uuid: object, *, written: bool = True) -> None:
     if stream_uuid == ALL_STREAMS:
         raise ValueError(f"stream_uuid: {ALL_STREAMS!r} cannot be written to or deleted")
     assert isinstance(stream_uuid, str)
-    if written and len(stream_uuid.encode()) > MAX_WRITTEN_STREAM_UUID_BYTES:
+    if written and _utf8_length(stream_uuid) > MAX_WRITTEN_STREAM_UUID_BYTES:
         raise ValueError(
             f"stream_uuid: at most {MAX_WRITTEN_STREAM_UUID_BYTES} bytes to be written to "
             "(PostgreSQL's index of stream ids takes no longer one)"

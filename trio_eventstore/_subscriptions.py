@@ -465,7 +465,10 @@ class Subscriptions:
 
     def _concerned(self, stream_uuid: str) -> list[Driver]:
         """The drivers an append to ``stream_uuid`` concerns: its own, and ``$all``'s."""
-        return [*self._by_stream.get(stream_uuid, ()), *self._by_stream.get(ALL_STREAMS, ())]
+        by_stream = self._by_stream
+        if not by_stream:  # no subscription in this store: an append's usual case
+            return []
+        return [*by_stream.get(stream_uuid, ()), *by_stream.get(ALL_STREAMS, ())]
 
     def newest_own_append(self, stream_uuid: str) -> int | None:
         """The newest of this store's appends in flight that writes to ``stream_uuid``
