@@ -264,32 +264,24 @@ class GroupCommitWriter:
 
     async def _worker(self) -> None:
         while True:
-            free = MAX_IN_FLIGHT - self._writing
-            batch = self._take(_share(len(self._queue), free)) if self._queue and free > 0 else []
-            if not batch:  # nothing queued, all of it waits for batches in flight, or
-                # a caller writing its own (`_write_now`) holds the last place
+            if not self._queue or self._writing >= MAX_IN_FLIGHT:
                 await self._idle.park()
                 continue
-            requests = [p.request for p in batch]
-            streams = {r.stream_uuid for r in requests}
-            ids = {e.event_id for r in requests for e in r.events}
-            self._streams_in_flight |= streams
-            self._ids_in_flight |= ids
-            self._writing += 1
+            # A pooled connection first, then the appends: until the batch is taken its
+            # appends stay queued, and one whose caller is cancelled meanwhile is dropped
+            # (nothing of it was sent).
+            reservation = await waiting_out_overload(self._db.reserve_slot)
             try:
-                await self._write(batch)
+                free = MAX_IN_FLIGHT - self._writing
+                batch = self._take(_share(len(self._queue), free)) if free > 0 else []
+                if batch:
+                    await self._write_taken(batch)
             finally:
-                self._writing -= 1
-                self._streams_in_flight -= streams
-                self._ids_in_flight -= ids
-                for pending in batch:
-                    if not pending.finished and not pending.taken_back():
-                        pending.finish(
-                            EventStoreClosedError(
-                                "the event store closed while the append was being "
-                                "written; it may have been committed"
-                            )
-                        )
+                reservation.release()
+            if not batch:  # nothing queued any more, all of it waits for batches in
+                # flight, or a caller writing its own (`_write_now`) holds the last place
+                await self._idle.park()
+                continue
             # Let the callers just answered run first: one that appends again joins the
             # next batch instead of waiting for the one after it (no timer: a batch
             # goes out as soon as they have run).
@@ -297,6 +289,28 @@ class GroupCommitWriter:
                 await trio.lowlevel.checkpoint()
             if self._queue:
                 self._idle.unpark()  # what this batch held back may go now, in parallel
+
+    async def _write_taken(self, batch: list[_Pending]) -> None:
+        requests = [p.request for p in batch]
+        streams = {r.stream_uuid for r in requests}
+        ids = {e.event_id for r in requests for e in r.events}
+        self._streams_in_flight |= streams
+        self._ids_in_flight |= ids
+        self._writing += 1
+        try:
+            await self._write(batch)
+        finally:
+            self._writing -= 1
+            self._streams_in_flight -= streams
+            self._ids_in_flight -= ids
+            for pending in batch:
+                if not pending.finished and not pending.taken_back():
+                    pending.finish(
+                        EventStoreClosedError(
+                            "the event store closed while the append was being "
+                            "written; it may have been committed"
+                        )
+                    )
 
     async def _write(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]

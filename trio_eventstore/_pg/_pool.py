@@ -6,6 +6,7 @@ pools shared between stores (`open_database`)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ from ._wire import connect as _wire_connect
 from ._wire import target as _wire_target
 from ._wire_codecs import Shape, Stale, Unsupported
 
-__all__ = ["Database", "TransactionConnection", "open_database"]
+__all__ = ["Database", "SlotReservation", "TransactionConnection", "open_database"]
 
 T = TypeVar("T")
 
@@ -83,6 +84,39 @@ async def waiting_out_overload(
         except PoolOverloadedError:
             await trio.sleep(pause)
             pause = min(2 * pause, ceiling)
+
+
+class SlotReservation:
+    """A pooled connection's place, taken ahead by a task (`Database.reserve_slot`) for
+    the next connection it acquires, which then does not wait."""
+
+    __slots__ = ("_pool", "held")
+
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        #: not yet taken by a connection (nor released)
+        self.held = True
+
+    def take(self, pool: _Pool) -> bool:
+        """Whether this is ``pool``'s place, still held: then it is the caller's now."""
+        if self._pool is not pool or not self.held:
+            return False
+        self.held = False
+        return True
+
+    def release(self) -> None:
+        """Give the place back, unless a connection took it (then its release does)."""
+        if self.held:
+            self.held = False
+            self._pool._slots.release()
+        if _RESERVED.get() is self:
+            _RESERVED.set(None)
+
+
+#: The place the current task reserved (`Database.reserve_slot`), if any.
+_RESERVED: contextvars.ContextVar[SlotReservation | None] = contextvars.ContextVar(
+    "trio_eventstore_reserved_slot", default=None
+)
 
 
 class _Pool:
@@ -198,7 +232,20 @@ class _Pool:
             self._idle_wire.append(conn)
         self._slots.release()
 
+    async def reserve(self) -> SlotReservation:
+        """Take a place now, for the next connection this task acquires."""
+        if self.closed:
+            raise EventStoreClosedError()
+        await self._take_slot()
+        reservation = SlotReservation(self)
+        _RESERVED.set(reservation)
+        return reservation
+
     async def _take_slot(self) -> None:
+        reserved = _RESERVED.get()
+        if reserved is not None and reserved.take(self):
+            _RESERVED.set(None)
+            return
         try:
             # A free connection: no cancel scope and no scheduling pass (the I/O that
             # follows checkpoints anyway).
@@ -283,6 +330,14 @@ class Database:
     @property
     def config(self) -> EventStoreConfig:
         return self._config
+
+    async def reserve_slot(self) -> SlotReservation:
+        """Wait for a pooled connection's place (as any statement does: it may raise
+        `PoolOverloadedError`) and keep it for the next statement this task sends, which
+        then does not wait. `SlotReservation.release` gives it back if none did. For
+        work that must not be committed to until a connection is free (the group-commit
+        writer takes appends from its queue only then)."""
+        return await self._pool.reserve()
 
     async def _run(
         self,
