@@ -1,0 +1,66 @@
+"""Cancelled appends, as the README states them: one cancelled before its statement is
+sent writes nothing; one cancelled after may have committed."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_eventstore import (
+    ANY_VERSION,
+    EventData,
+    EventStoreConfig,
+    StreamNotFoundError,
+    open_event_store,
+)
+from trio_eventstore._pg import open_connection
+
+
+def _event() -> EventData:
+    return EventData({}, event_type="T")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="write path: a group-commit batch that waits for a pooled connection is written "
+    "once it gets one, although its callers were cancelled before anything was sent",
+)
+async def test_appends_cancelled_while_their_batch_waits_for_a_connection_write_nothing(
+    initialized: EventStoreConfig,
+) -> None:
+    """``pool_size=1``: a lone append holds the only connection (a table lock holds it up);
+    of three appends made meanwhile, the writer takes the first in a batch, which waits for
+    a connection, and queues the others: nothing of theirs is sent. Their callers are
+    cancelled; the README says they are dropped and write nothing. The queued ones are;
+    the one in the batch is written once the lock goes."""
+    config = initialized.with_changes(pool_size=1)
+    waiting = [f"waiting-{i}" for i in range(3)]
+    async with open_event_store(config) as store, open_connection(config) as blocker:
+        await blocker.execute("BEGIN")
+        await blocker.execute(f'LOCK TABLE "{config.schema}".streams IN EXCLUSIVE MODE')
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.append_to_stream, "first", ANY_VERSION, [_event()])
+            await trio.testing.wait_all_tasks_blocked()
+            scopes: list[trio.CancelScope] = []
+
+            async def append(stream: str) -> None:
+                with trio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await store.append_to_stream(stream, ANY_VERSION, [_event()])
+
+            for stream in waiting:
+                nursery.start_soon(append, stream)
+                await trio.testing.wait_all_tasks_blocked()
+            for scope in scopes:  # nothing sent: no connection is free
+                scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            await blocker.execute("ROLLBACK")  # the lock goes: "first" commits
+        stored = []
+        for stream in waiting:
+            try:
+                await store.stream_info(stream)
+                stored.append(stream)
+            except StreamNotFoundError:
+                pass
+        assert stored == []
