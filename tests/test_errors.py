@@ -326,6 +326,58 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
     assert "closed" in str(error)
 
 
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_calls_waiting_for_a_connection_when_the_store_closes_write_nothing(
+    initialized: EventStoreConfig, group_commit: bool
+) -> None:
+    """Calls waiting for a pooled connection when the store's block exits raise
+    `EventStoreClosedError` and write nothing. Before, each took the slot that the closing
+    store's connection freed, opened a new connection and ran its append after the block
+    had exited (it returned a version, or deadlocked with a DROP SCHEMA run after it)."""
+    config = initialized.with_changes(timeout=5.0, pool_size=1, group_commit=group_commit)
+    outcomes: dict[str, object] = {}
+    lock_now, locked = trio.Event(), trio.Event()
+
+    unlock = trio.CancelScope()
+
+    async def lock_tables() -> None:
+        with unlock:
+            async with open_connection(config) as blocker:
+                await lock_now.wait()
+                await blocker.execute("BEGIN")
+                for table in ("streams", "events"):
+                    await blocker.execute(f'LOCK TABLE "{config.schema}".{table} IN EXCLUSIVE MODE')
+                locked.set()
+                await trio.sleep_forever()
+
+    async def caller(store: EventStore, stream: str) -> None:
+        try:
+            outcomes[stream] = await store.append_to_stream(stream, NO_STREAM, [_event()])
+        except Exception as exc:
+            outcomes[stream] = exc
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock_tables)
+            async with open_event_store(config) as store:
+                await store.append_to_stream("s", NO_STREAM, [_event()])
+                lock_now.set()
+                await locked.wait()
+                nursery.start_soon(caller, store, "held")  # holds the only connection
+                await trio.sleep(0.3)
+                for stream in ("w1", "w2", "w3"):  # wait for it
+                    nursery.start_soon(caller, store, stream)
+                await trio.sleep(0.3)
+            await trio.sleep(0.3)
+            unlock.cancel()  # the lock goes: what was sent may commit now
+    for stream in ("w1", "w2", "w3"):
+        assert isinstance(outcomes[stream], es.EventStoreClosedError), outcomes
+    async with open_event_store(config) as store:
+        for stream in ("w1", "w2", "w3"):
+            with pytest.raises(es.StreamNotFoundError):
+                await store.stream_info(stream)
+
+
 async def test_acks_the_store_close_missed_but_its_final_checkpoint_got_raise_nothing(
     initialized: EventStoreConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

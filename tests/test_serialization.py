@@ -153,6 +153,71 @@ def test_unknown_types_and_bad_data() -> None:
     assert lenient.deserialize_metadata(None) is None
 
 
+@attrs.frozen
+class Typed:
+    at: datetime.datetime
+    color: Color
+    inner: Inner
+    pair: tuple[int, int] = (0, 0)
+
+
+@attrs.frozen
+class Timed:
+    at: datetime.time
+
+
+def _typed(**changes: Any) -> Typed:
+    good = Typed(
+        at=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
+        color=Color.RED,
+        inner=Inner(
+            datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), decimal.Decimal(1)
+        ),
+    )
+    return attrs.evolve(good, **changes)
+
+
+WRONG_FIELDS = [
+    pytest.param({"at": "2024-01-02"}, id="str-in-datetime"),
+    pytest.param({"color": "red"}, id="str-in-enum"),
+    pytest.param({"inner": {"at": "2024-01-02", "amount": "1"}}, id="dict-in-class"),
+    pytest.param({"pair": [1]}, id="short-list-in-tuple"),
+]
+
+
+@pytest.mark.parametrize("changes", WRONG_FIELDS)
+async def test_a_wrong_field_value_is_a_serialization_error(
+    config: EventStoreConfig, changes: dict[str, Any]
+) -> None:
+    """cattrs's hooks fail on a field of the wrong type with whatever the value raises
+    (``AttributeError: 'str' object has no attribute 'isoformat'``, ``IndexError``): the
+    append raises `SerializationError`, before any I/O, as for any other bad data."""
+    serializer = JsonSerializer()
+    serializer.register(Typed, event_type="Typed")
+    with pytest.raises(es.SerializationError):
+        serializer.serialize(_typed(**changes))
+    store_config = config.with_changes(serializer=serializer)
+    await admin.create(store_config)
+    await admin.init(store_config)
+    try:
+        async with open_event_store(store_config) as store:
+            with pytest.raises(es.SerializationError):
+                await store.append_to_stream("w", es.ANY_VERSION, [EventData(_typed(**changes))])
+            assert (await store.stream_info("$all")).stream_version == 0
+    finally:
+        await admin.drop(store_config)
+
+
+def test_stored_data_its_class_cannot_read_is_a_serialization_error() -> None:
+    """Data another program stored under a type registered to a class cattrs has no hook
+    for (a ``datetime.time`` field) reads as `SerializationError`, not as cattrs's own
+    error."""
+    serializer = JsonSerializer()
+    serializer.register(Timed, event_type="Timed")
+    with pytest.raises(es.SerializationError, match="does not fit"):
+        serializer.deserialize(b'{"at":"01:00:00"}', "Timed")
+
+
 class ReprSerializer:
     """A user's own format: not JSON at all (fine for a bytea store)."""
 

@@ -91,6 +91,21 @@ def _structure_datetime(value: object, _: type) -> datetime.datetime:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+#: What a converter's hooks raise on a value of the wrong type, besides cattrs's own errors:
+#: ``'str' object has no attribute 'isoformat'`` (a str in a datetime field), an
+#: IndexError (a short list in a tuple field), a type with no hook at all.
+_HOOK_ERRORS = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    RecursionError,
+    cattrs.BaseValidationError,
+    cattrs.StructureHandlerNotFoundError,
+)
+
+
 def _new_converter() -> cattrs.Converter:
     converter = make_converter()
     converter.register_unstructure_hook(decimal.Decimal, str)
@@ -411,7 +426,7 @@ class JsonSerializer:
             return
         try:
             self.converter.structure(_loads(self.serialize(data)), cls)
-        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
+        except _HOOK_ERRORS as exc:
             raise SerializationError(
                 f"{event_type!r} data does not fit {cls.__qualname__}, the class registered "
                 f"for it, so it would not read back: {exc}"
@@ -430,7 +445,7 @@ class JsonSerializer:
         if _is_record_class(cls):
             try:
                 payload = _dumps(self.converter.unstructure(data))
-            except (TypeError, ValueError, RecursionError, cattrs.BaseValidationError) as exc:
+            except _HOOK_ERRORS as exc:
                 raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
             if cls in self._by_class:
                 self._check_round_trip(data, cls, payload)
@@ -448,7 +463,7 @@ class JsonSerializer:
         sent = _loads(payload)
         try:
             back: object = self.converter.structure(sent, cls)
-        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
+        except _HOOK_ERRORS as exc:
             why = (
                 "; ".join(cattrs.transform_error(exc))
                 if isinstance(exc, cattrs.BaseValidationError)
@@ -499,7 +514,7 @@ class JsonSerializer:
             return value
         try:
             return self.converter.structure(value, cls)
-        except (TypeError, ValueError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
+        except _HOOK_ERRORS as exc:
             raise SerializationError(
                 f"stored {event_type!r} data does not fit {cls.__qualname__}: {exc}"
             ) from exc

@@ -168,6 +168,7 @@ class _Pool:
         if self.closed:
             raise EventStoreClosedError()
         await self._take_slot()
+        self._still_open()
         while self._idle:
             conn = self._idle.pop()
             if not conn.is_closed():
@@ -193,6 +194,7 @@ class _Pool:
         if self._target is None:
             self._target = _wire_target(self.config)
         await self._take_slot()
+        self._still_open()
         try:
             while self._idle_wire:
                 conn = self._idle_wire.pop()
@@ -203,6 +205,9 @@ class _Pool:
             else:
                 self._make_room(wire=True)
                 conn = await self._connect_wire(self._target)
+                if self.closed:  # closed while connecting: the connection is not its to use
+                    conn.close()
+                    raise EventStoreClosedError()
                 self.size += 1
         except BaseException:
             self._slots.release()
@@ -237,9 +242,19 @@ class _Pool:
         if self.closed:
             raise EventStoreClosedError()
         await self._take_slot()
+        self._still_open()
         reservation = SlotReservation(self)
         _RESERVED.set(reservation)
         return reservation
+
+    def _still_open(self) -> None:
+        """After waiting for a slot: raise `EventStoreClosedError` (giving the slot back)
+        if the pool closed meanwhile. A caller waiting when the store closed gets the
+        slot a closing connection frees, and must not open a new connection with it
+        and write after the store's block has exited."""
+        if self.closed:
+            self._slots.release()
+            raise EventStoreClosedError()
 
     async def _take_slot(self) -> None:
         reserved = _RESERVED.get()
