@@ -247,6 +247,11 @@ async def test_links_keep_original_stream_and_version(store: EventStore) -> None
         await store.link_to_stream("l", 3, [a[0]])
     with pytest.raises(es.EventNotFoundError):
         await store.link_to_stream("l", 3, [uuid.uuid4()])
+    # One event twice in one link, as in one append: refused before any I/O.
+    with pytest.raises(es.DuplicateEventError, match="given twice") as twice:
+        await store.link_to_stream("m", NO_STREAM, [b[0], str(b[0].event_id)])
+    assert twice.value.event_id == b[0].event_id
+    assert twice.value.stream_uuid == "m"
     with pytest.raises(es.WrongExpectedVersionError):
         await store.link_to_stream("l", 2, [b[0]])
     # Links are not in $all.

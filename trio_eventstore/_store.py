@@ -20,6 +20,7 @@ from ._arguments import (
 )
 from ._config import EventStoreConfig
 from ._errors import (
+    DuplicateEventError,
     NotSupportedError,
     single_errors,
 )
@@ -181,7 +182,7 @@ class EventStore(SubscriptionMethods):
             WrongExpectedVersionError, StreamExistsError, StreamNotFoundError,
             StreamDeletedError: as for `append_to_stream`.
             EventNotFoundError: an event does not exist.
-            DuplicateEventError: an event is already in the stream.
+            DuplicateEventError: an event is already in the stream, or given twice.
         """
         self._check_open()
         check_target(stream_uuid)
@@ -199,7 +200,12 @@ class EventStore(SubscriptionMethods):
                 except ValueError:
                     raise ValueError(f"events: not an event id: {item!r}") from None
         if len(set(ids)) != len(ids):
-            raise ValueError("events: the same event is given twice")
+            twice = next(i for k, i in enumerate(ids) if i in ids[:k])
+            raise DuplicateEventError(
+                f"event {twice} is given twice for {stream_uuid!r}",
+                stream_uuid=stream_uuid,
+                event_id=twice,
+            )
         return await _storage.link(self._db, stream_uuid, expected_version, ids)
 
     async def read_stream_forward(
