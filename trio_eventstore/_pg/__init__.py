@@ -13,6 +13,8 @@ it). The rest of the package talks to Postgres through what this package exports
 * `Database.fetchrow_direct`: one hot statement (a lone append) sent straight from Trio
   by `_wire` (the extended query protocol, no asyncio, no crossing), with a fallback to
   asyncpg for what `_wire` does not speak;
+* `Database.reserve_slot`: a pooled connection's place taken ahead for the next statement
+  (the group-commit writer takes appends from its queue only once it holds one);
 * `open_connection`: one dedicated connection (admin tasks, LISTEN, advisory locks);
   those that live as long as the store keep TCP keepalives on both ends, and reconnect
   after `reconnect_delays`.
