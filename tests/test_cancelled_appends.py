@@ -3,12 +3,14 @@ sent writes nothing; one cancelled after may have committed."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
+    EventStoreClosedError,
     EventStoreConfig,
     StreamNotFoundError,
     open_event_store,
@@ -58,3 +60,37 @@ async def test_appends_cancelled_while_their_batch_waits_for_a_connection_write_
             except StreamNotFoundError:
                 pass
         assert stored == []
+
+
+async def test_appends_queued_when_the_pool_closes_under_the_writer_fail_alone(
+    initialized: EventStoreConfig,
+) -> None:
+    """The writer waits for a pooled connection before it takes appends; should the pool
+    close meanwhile (under a store still open), the queued appends fail with
+    `EventStoreClosedError`, write nothing, and the store itself stays up."""
+    config = initialized.with_changes(pool_size=1)
+    async with open_event_store(config) as store, open_connection(config) as blocker:
+        await blocker.execute("BEGIN")
+        await blocker.execute(f'LOCK TABLE "{config.schema}".streams IN EXCLUSIVE MODE')
+        outcomes: dict[str, object] = {}
+
+        async def append(stream: str) -> None:
+            try:
+                outcomes[stream] = await store.append_to_stream(stream, ANY_VERSION, [_event()])
+            except EventStoreClosedError as exc:
+                outcomes[stream] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append, "first")  # holds the only connection
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(append, "queued")  # the writer waits for a connection
+            await trio.testing.wait_all_tasks_blocked()
+            await store._db._pool.close()
+            with trio.fail_after(5):
+                while len(outcomes) < 2:
+                    await trio.sleep(0.01)
+            assert isinstance(outcomes["queued"], EventStoreClosedError)
+            await blocker.execute("ROLLBACK")
+    async with open_event_store(config) as store:
+        with pytest.raises(StreamNotFoundError):
+            await store.stream_info("queued")

@@ -270,7 +270,13 @@ class GroupCommitWriter:
             # A pooled connection first, then the appends: until the batch is taken its
             # appends stay queued, and one whose caller is cancelled meanwhile is dropped
             # (nothing of it was sent).
-            reservation = await waiting_out_overload(self._db.reserve_slot)
+            try:
+                reservation = await waiting_out_overload(self._db.reserve_slot)
+            except Exception as exc:  # the pool closed under the store: the appends fail
+                for pending in self._queue:
+                    pending.finish(_own_copy(exc))
+                self._queue.clear()
+                continue
             try:
                 free = MAX_IN_FLIGHT - self._writing
                 batch = self._take(_share(len(self._queue), free)) if free > 0 else []
