@@ -73,12 +73,15 @@ async def test_appends_queued_when_the_pool_closes_under_the_writer_fail_alone(
         await blocker.execute("BEGIN")
         await blocker.execute(f'LOCK TABLE "{config.schema}".streams IN EXCLUSIVE MODE')
         outcomes: dict[str, object] = {}
+        both = trio.Event()
 
         async def append(stream: str) -> None:
             try:
                 outcomes[stream] = await store.append_to_stream(stream, ANY_VERSION, [_event()])
             except EventStoreClosedError as exc:
                 outcomes[stream] = exc
+            if len(outcomes) == 2:
+                both.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(append, "first")  # holds the only connection
@@ -87,8 +90,7 @@ async def test_appends_queued_when_the_pool_closes_under_the_writer_fail_alone(
             await trio.testing.wait_all_tasks_blocked()
             await store._db._pool.close()
             with trio.fail_after(5):
-                while len(outcomes) < 2:
-                    await trio.sleep(0.01)
+                await both.wait()
             assert isinstance(outcomes["queued"], EventStoreClosedError)
             await blocker.execute("ROLLBACK")
     async with open_event_store(config) as store:

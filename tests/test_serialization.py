@@ -170,9 +170,7 @@ def _typed(**changes: Any) -> Typed:
     good = Typed(
         at=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
         color=Color.RED,
-        inner=Inner(
-            datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), decimal.Decimal(1)
-        ),
+        inner=Inner(datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), decimal.Decimal(1)),
     )
     return attrs.evolve(good, **changes)
 
