@@ -265,6 +265,21 @@ def test_errors_pickle_with_their_fields(error: es.EventStoreError) -> None:
 
 # A call in flight (in the caller's own task, outside the store's nursery) when the
 # store's block exits: it is waiting for the server, which a table lock holds up.
+async def hold_table_locks(
+    config: EventStoreConfig, mode: str, lock_now: trio.Event, locked: trio.Event
+) -> None:
+    """Once ``lock_now`` is set, lock the streams and events tables in ``mode`` (then
+    set ``locked``) until cancelled. Connected before the store opens: on a loop of its
+    own, not the store's."""
+    async with open_connection(config) as blocker:
+        await lock_now.wait()
+        await blocker.execute("BEGIN")
+        for table in ("streams", "events"):
+            await blocker.execute(f'LOCK TABLE "{config.schema}".{table} IN {mode} MODE')
+        locked.set()
+        await trio.sleep_forever()
+
+
 IN_FLIGHT_CALLS: dict[str, tuple[str, Callable[[EventStore], Awaitable[object]]]] = {
     "read": ("ACCESS EXCLUSIVE", lambda s: s.read_stream_forward("s")),
     "lone append": ("EXCLUSIVE", lambda s: s.append_to_stream("s", ANY_VERSION, [_event()])),
@@ -290,14 +305,7 @@ async def test_a_call_in_flight_when_the_store_closes_raises_closed_at_once(
     lock_now, locked = trio.Event(), trio.Event()
 
     async def lock_tables() -> None:
-        # Connected before the store opens: on a loop of its own, not the store's.
-        async with open_connection(config) as blocker:
-            await lock_now.wait()
-            await blocker.execute("BEGIN")
-            for table in ("streams", "events"):
-                await blocker.execute(f'LOCK TABLE "{config.schema}".{table} IN {mode} MODE')
-            locked.set()
-            await trio.sleep_forever()
+        await hold_table_locks(config, mode, lock_now, locked)
 
     async def caller(store: EventStore) -> None:
         try:
@@ -342,13 +350,7 @@ async def test_calls_waiting_for_a_connection_when_the_store_closes_write_nothin
 
     async def lock_tables() -> None:
         with unlock:
-            async with open_connection(config) as blocker:
-                await lock_now.wait()
-                await blocker.execute("BEGIN")
-                for table in ("streams", "events"):
-                    await blocker.execute(f'LOCK TABLE "{config.schema}".{table} IN EXCLUSIVE MODE')
-                locked.set()
-                await trio.sleep_forever()
+            await hold_table_locks(config, "EXCLUSIVE", lock_now, locked)
 
     async def caller(store: EventStore, stream: str) -> None:
         try:
