@@ -30,7 +30,9 @@ for that cleanup before `trio.Cancelled` propagates.
 
 Modules, each importing only those below it:
 
-* `_pool`: the Trio-side pool, admission, `Database`;
+* `_database`: `Database` (units of work, statements sent straight by `_wire`,
+  Trio-driven transactions), `open_database` (pools shared between stores);
+* `_pool`: the Trio-side pool: slots, admission (overload), `reserve_slot`'s places;
   `_listener`: the store's LISTEN session (`_wire` where it can, else asyncpg);
 * `_connection`: dedicated connections, connecting (TLS files, keepalives), LISTEN;
   `_wire`: PostgreSQL's protocol spoken from Trio, for `Database.fetchrow_direct`;
@@ -42,8 +44,9 @@ Modules, each importing only those below it:
 """
 
 from ._connection import Connection, open_connection, reconnect_delays
+from ._database import Database, open_database
 from ._listener import Listener, open_listener
-from ._pool import Database, open_database, waiting_out_overload
+from ._pool import waiting_out_overload
 from ._transaction import TransactionConnection
 from ._translate import translate_error
 from ._units import CLEANUP_TIMEOUT, Conn, Row
