@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +14,7 @@ from trio_eventstore import EventStoreConfig
 from trio_eventstore._pg import Conn, Database, open_database
 from trio_eventstore._sql import quote_ident
 
+from .faultproxy import POOL, Delay, open_fault_proxy
 from .helpers import failing_callback
 
 
@@ -293,3 +296,50 @@ async def test_a_lost_connection_has_no_backend_pid(initialized: EventStoreConfi
         assert isinstance(conn.backend_pid, int)
         conn.terminate()
         assert conn.backend_pid is None
+
+
+async def test_a_unit_whose_connection_opens_after_the_pool_closed_writes_nothing(
+    initialized: EventStoreConfig, test_database: str
+) -> None:
+    """A unit that had to open a new connection, and was still connecting when the pool
+    closed, raises `EventStoreClosedError` and sends nothing (the closing loop ends the
+    connect; one that completes while `close` is still closing idle connections is
+    refused by `_Pool.acquire`)."""
+    parts = urllib.parse.urlsplit(test_database)
+    assert parts.hostname is not None and parts.port is not None
+    outcome: list[object] = []
+    async with open_fault_proxy(parts.hostname, parts.port) as proxy:
+        assert initialized.url is not None
+        config = initialized.with_changes(
+            url=proxy.url_for(initialized.url), pool_size=2, timeout=10.0
+        )
+
+        async def late_insert(db: Database) -> None:
+            try:
+                outcome.append(await db.execute(insert_sql(db), "late"))
+            except es.EventStoreClosedError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                async with open_database(config) as db:
+                    before = await count(db)
+                    held = trio.Event()
+
+                    async def hold(conn: Conn) -> None:  # keeps the open connection busy
+                        held.set()
+                        await conn.execute("SELECT pg_sleep(0.5)")
+
+                    async def holder() -> None:
+                        with contextlib.suppress(es.EventStoreClosedError):
+                            await db.run(hold)
+
+                    nursery.start_soon(holder)
+                    await held.wait()
+                    proxy.set(POOL, Delay(0.2))  # the next connection takes > 1 s to open
+                    nursery.start_soon(late_insert, db)
+                    await trio.sleep(0.3)  # it is connecting
+                proxy.clear()
+        async with open_database(initialized) as db:
+            assert await count(db) == before
+    assert len(outcome) == 1 and isinstance(outcome[0], es.EventStoreClosedError), outcome

@@ -37,8 +37,10 @@ T = TypeVar("T")
 class Database:
     """The store's connection pool, seen from Trio.
 
-    Every method is one crossing of the bridge: a whole unit of work runs on one
-    pooled connection on the asyncio side.
+    A unit of work (`transaction`, `run`, `fetch`, ...) is one crossing of the bridge: it
+    runs whole on one pooled connection on the asyncio side. The ``*_direct`` statements
+    do not cross at all (`_wire`, from Trio); `open_transaction` crosses once per
+    statement.
     """
 
     def __init__(self, pool: _Pool, config: EventStoreConfig) -> None:

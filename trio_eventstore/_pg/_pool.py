@@ -168,6 +168,10 @@ class _Pool:
         except BaseException:
             self._slots.release()
             raise
+        if self.closed:  # closed while connecting (`close` still closing the idle ones)
+            conn.terminate()
+            self._slots.release()
+            raise EventStoreClosedError()
         self.size += 1
         return conn
 
