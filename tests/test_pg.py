@@ -306,7 +306,8 @@ async def test_a_unit_whose_connection_opens_after_the_pool_closed_writes_nothin
     connect; one that completes while `close` is still closing idle connections is
     refused by `_Pool.acquire`)."""
     parts = urllib.parse.urlsplit(test_database)
-    assert parts.hostname is not None and parts.port is not None
+    assert parts.hostname is not None
+    assert parts.port is not None
     outcome: list[object] = []
     async with open_fault_proxy(parts.hostname, parts.port) as proxy:
         assert initialized.url is not None
@@ -342,4 +343,5 @@ async def test_a_unit_whose_connection_opens_after_the_pool_closed_writes_nothin
                 proxy.clear()
         async with open_database(initialized) as db:
             assert await count(db) == before
-    assert len(outcome) == 1 and isinstance(outcome[0], es.EventStoreClosedError), outcome
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], es.EventStoreClosedError), outcome
