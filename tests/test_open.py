@@ -134,11 +134,15 @@ async def test_shared_connection_pool(initialized: EventStoreConfig) -> None:
             await second.stream_info("$all")
         # The first store still works after the second closed.
         await first.stream_info("$all")
-    other = shared.with_changes(pool_size=4)
     async with open_event_store(shared):
-        with pytest.raises(ValueError, match="shared_connection_pool"):
-            async with open_event_store(other):
-                pass
+        for other in (
+            shared.with_changes(pool_size=4),
+            shared.with_changes(queue_target=shared.queue_target * 2),
+            shared.with_changes(queue_interval=shared.queue_interval * 2),
+        ):
+            with pytest.raises(ValueError, match="shared_connection_pool"):
+                async with open_event_store(other):
+                    pass
 
 
 async def test_shared_pool_outlives_its_opener(initialized: EventStoreConfig) -> None:

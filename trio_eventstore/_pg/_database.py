@@ -306,6 +306,8 @@ def _shared_key(config: EventStoreConfig) -> tuple[object, ...]:
         tuple(sorted((k, repr(v)) for k, v in params.items())),
         config.pool_size,
         config.timeout,
+        config.queue_target,  # the admission rules are the pool's
+        config.queue_interval,
     )
 
 
