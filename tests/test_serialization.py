@@ -69,6 +69,23 @@ def test_round_trip_of_rich_types() -> None:
     assert serializer.deserialize(payload, serializer.event_type_of(value)) == value
 
 
+def test_a_decimal_nan_reads_back_as_nan() -> None:
+    """A NaN is not equal to itself, so the check that a registered class's instance reads
+    back as itself refused a ``Decimal('NaN')`` field ("would read back as" the same
+    value); it is stored, and reads back as NaN (signalling NaN and infinities too)."""
+    serializer = JsonSerializer()
+    serializer.register(Inner)
+    at = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    for text in ("NaN", "-NaN", "sNaN", "Infinity", "-Infinity"):
+        value = Inner(at, decimal.Decimal(text))
+        back = serializer.deserialize(serializer.serialize(value), serializer.event_type_of(value))
+        assert isinstance(back, Inner)
+        assert str(back.amount) == str(value.amount)
+    serializer.register(Plain)
+    with pytest.raises(es.SerializationError, match="would read back"):  # still checked
+        serializer.serialize(Plain(x=True))  # type: ignore[arg-type]
+
+
 def test_event_type_names_and_registry_rules() -> None:
     serializer = JsonSerializer()
     assert serializer.register(Plain) is Plain

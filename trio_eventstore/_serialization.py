@@ -479,6 +479,11 @@ class JsonSerializer:
                 same = True
             if same:  # equality cannot tell True from 1: a bool must read back as a bool
                 same = _bools_kept(sent, self.converter.unstructure(back))
+            else:  # NaN (a Decimal's) is not equal to itself: then it must write the same
+                try:
+                    same = _dumps(self.converter.unstructure(back)) == payload
+                except _HOOK_ERRORS:
+                    same = False
             if not same:
                 raise SerializationError(
                     f"{data!r} would read back as {back!r} (a field does not hold its "
