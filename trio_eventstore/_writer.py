@@ -96,7 +96,10 @@ class _Pending:
         self.waiter = trio.lowlevel.current_task()
 
         def abort(_: object) -> trio.lowlevel.Abort:
+            # Abandoned now, not when the caller's task next runs: a writer woken in the
+            # same scheduling pass may run first, and must not take it.
             self.waiter = None
+            self.abandoned = True
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
