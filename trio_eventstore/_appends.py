@@ -65,17 +65,34 @@ def encode_events(serializer: Serializer, events: Sequence[EventData]) -> list[E
     encoded = []
     for event in events:
         event_type = event.event_type or serializer.event_type_of(event.data)
+        data = serializer.serialize(event.data)
+        metadata = serializer.serialize_metadata(event.metadata)
+        if type(data) is not bytes:
+            data = _payload(serializer, "serialize", data)
+        if type(metadata) is not bytes:
+            metadata = _payload(serializer, "serialize_metadata", metadata)
         encoded.append(
             EncodedEvent(
                 event_id=event.event_id,
                 event_type=event_type,
                 causation_id=event.causation_id,
                 correlation_id=event.correlation_id,
-                data=serializer.serialize(event.data),
-                metadata=serializer.serialize_metadata(event.metadata),
+                data=data,
+                metadata=metadata,
             )
         )
     return encoded
+
+
+def _payload(serializer: Serializer, method: str, value: object) -> bytes:
+    """What a serializer's ``method`` returned, as bytes: a bytes-like value is copied;
+    anything else is refused here, before it is queued (in a batch it would fail the
+    batch's other appends)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise SerializationError(
+        f"{type(serializer).__name__}.{method} returned {type(value).__name__}, not bytes"
+    )
 
 
 def _expectation(expected: ExpectedVersion | int) -> tuple[int, int]:
