@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 
 import pytest
@@ -183,3 +184,32 @@ async def test_a_url_of_several_hosts_with_ports_reaches_the_one_that_answers(
         await store.append_to_stream("s", es.NO_STREAM, [es.EventData({"a": 1}, event_type="T")])
         [event] = await store.read_stream_forward("s")
         assert event.data == {"a": 1}
+
+
+async def test_another_service_on_the_port_is_not_called_a_tls_refusal() -> None:
+    """A server that is not PostgreSQL (here it greets as SSH does) answers the TLS
+    request with bytes no PostgreSQL server sends: under the default ssl_mode (prefer),
+    which requires no TLS, that is not a TLS problem, and the message says to check
+    the host and port."""
+
+    async def greet(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
+        await trio.sleep(HANG_GUARD)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, greet, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        url = f"postgresql://postgres:pw@127.0.0.1:{port}/x"
+        with trio.fail_after(HANG_GUARD), pytest.raises(es.StorageUnavailableError) as info:
+            async with open_event_store(EventStoreConfig(url=url, timeout=5)):
+                pytest.fail("opened a store on another service")
+        assert not isinstance(info.value, es.TLSError)
+        assert "is this PostgreSQL's host and port?" in str(info.value)
+        required = EventStoreConfig(url=url, timeout=5, ssl_mode="require")
+        with trio.fail_after(HANG_GUARD), pytest.raises(es.TLSError) as tls:
+            async with open_event_store(required):
+                pytest.fail("opened a store on another service")
+        assert "check the host and port" in str(tls.value)
+        nursery.cancel_scope.cancel()

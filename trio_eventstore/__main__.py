@@ -60,7 +60,9 @@ def _http_port(args: argparse.Namespace) -> int | None:
 def _specs(args: argparse.Namespace) -> list[SubscriberSpec]:
     specs = []
     for item in args.handlers:
-        target, _, name = item.partition("=")
+        target, equals, name = item.partition("=")
+        if equals and not name:
+            raise ValueError(f"handler {item!r}: no subscription name after '='")
         specs.append(
             SubscriberSpec(
                 name=name or target,
@@ -134,9 +136,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> EventStoreConfig:
     overrides: dict[str, Any] = {}
-    if args.url:
+    # Given, even empty, wins: an empty `--schema "$UNSET"` must not mean schema public
+    # (`drop` would take the whole database), nor `--url ""` the environment's URL.
+    if args.url is not None:
         overrides["url"] = args.url
-    if args.schema:
+    if args.schema is not None:
         overrides["schema"] = args.schema
     if getattr(args, "column_data_type", None):
         overrides["column_data_type"] = args.column_data_type
@@ -189,6 +193,8 @@ async def _subscriptions(config: EventStoreConfig, args: argparse.Namespace) -> 
 async def _show(config: EventStoreConfig, args: argparse.Namespace) -> Any:
     """Stream the events out as they are read (pages of 1000), with progress on stderr
     for long reads."""
+    if args.count < 1:
+        raise ValueError(f"--count: must be >= 1, got {args.count}")
     shown = 0
     async with open_event_store(config) as store:
         async for event in store.stream_forward(args.stream_uuid, start_version=args.start):

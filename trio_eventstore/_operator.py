@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 
 from . import _schema_state, _sql, _storage, _subscription_rows
+from ._arguments import check_int
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseNotFoundError,
@@ -184,12 +185,20 @@ async def parked_command(
             for p in parked
         ]
         return rows, f"{len(rows)} parked events"
-    ids = [uuid.UUID(i) for i in event_ids] if event_ids else None
+    ids = [_event_id("--event", i) for i in event_ids] if event_ids else None
     if action == "replay":
         count = await store.replay_parked(stream_uuid, name, ids)
         return [], f"{count} parked events to be replayed"
     count = await store.discard_parked(stream_uuid, name, ids)
     return [], f"{count} parked events discarded"
+
+
+def _event_id(option: str, text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        prefix = f"{option}: " if option else ""
+        raise ValueError(f"{prefix}not an event id: {text!r}") from None
 
 
 async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
@@ -199,10 +208,7 @@ async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
         ValueError: not a UUID.
         LookupError: no such event.
     """
-    try:
-        ident = uuid.UUID(event_id)
-    except ValueError:
-        raise ValueError(f"not an event id: {event_id!r}") from None
+    ident = _event_id("", event_id)
     config = store.config
     rows = await store._db.fetch(_sql.read_event(config.schema, config.column_data_type), ident)
     if not rows:
@@ -289,8 +295,7 @@ async def reset_subscription(
         SubscriptionNotFoundError: no such subscription.
         SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
     """
-    if position < 0:
-        raise ValueError("position: must be >= 0")
+    check_int("position", position, minimum=0)
     await _while_nobody_runs_it(
         config,
         stream_uuid,

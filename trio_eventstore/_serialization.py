@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import enum
 import json
 import math
 import uuid
@@ -265,7 +266,8 @@ def _check_plain(value: object, depth: int = 1) -> None:
                     exc.path.append(index)
                     raise
         return
-    raise _NotJson(f"a {cls.__name__} value is not JSON{_hint(value)}")
+    article = "an" if cls.__name__[:1] in "aeiouAEIO" else "a"
+    raise _NotJson(f"{article} {cls.__name__} value is not JSON{_hint(value)}")
 
 
 def _hint(value: object) -> str:
@@ -273,6 +275,10 @@ def _hint(value: object) -> str:
         return " (it would read back as a str): decode it, or use a registered class"
     if isinstance(value, (datetime.date, datetime.time, decimal.Decimal, uuid.UUID)):
         return " (it would read back as a str): convert it, or use a registered class"
+    if isinstance(value, enum.Enum):
+        return (
+            " (an enum member would read back as its value): use its .value, or a registered class"
+        )
     if isinstance(value, (tuple, set, frozenset)):
         return " (it would read back as a list): use a list"
     if _is_record_class(type(value)):

@@ -157,8 +157,12 @@ def _new_event_id(value: object) -> uuid.UUID:
 
 def _check_event_type(_instance: object, _attribute: object, value: str | None) -> None:
     if value is not None:
-        if not isinstance(value, str) or not value:
-            raise TypeError("event_type: expected a non-empty str or None")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"event_type: expected a non-empty str or None, got {type(value).__name__}"
+            )
+        if not value:
+            raise ValueError("event_type: must not be empty (None: named after the class)")
         check_text("event_type", value)
 
 

@@ -71,7 +71,15 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import strategies as st
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installation
+    raise ModuleNotFoundError(
+        f"trio_eventstore.testing needs the testing extra ({exc.name} is missing): "
+        "pip install 'trio-eventstore[testing]'",
+        name=exc.name,
+    ) from exc
 
 from ._store import EventStore
 from ._subscriptions import Subscription

@@ -5,8 +5,10 @@ is the one place on the asyncio side where it happens."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -40,6 +42,18 @@ _PG_HBA = re.compile(
     r'(?:no pg_hba\.conf entry|pg_hba\.conf rejects connection) for host "(?P<host>[^"]*)", '
     r'user "(?P<user>[^"]*)", database "(?P<database>[^"]*)"(?:, (?P<enc>[^"]*encryption))?'
 )
+
+
+def _tls_required(config: EventStoreConfig) -> bool:
+    """Whether the connection's ``sslmode`` (the config's, else the URL's, else
+    ``PGSSLMODE``, else ``prefer``) refuses a server without TLS."""
+    mode = config.ssl_mode
+    if mode is None and config.url:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.url).query)
+        mode = query.get("sslmode", [None])[-1]
+    if mode is None:
+        mode = os.environ.get("PGSSLMODE")
+    return mode in ("require", "verify-ca", "verify-full")
 
 
 def translate_error(exc: BaseException, config: EventStoreConfig | None = None) -> EventStoreError:
@@ -78,9 +92,17 @@ def translate_error(exc: BaseException, config: EventStoreConfig | None = None) 
         )
     if isinstance(exc, ssl.SSLError):
         return TLSError(f"the TLS handshake failed: {message}")
-    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in message:
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        # asyncpg's words for a refusal ("N") where TLS is required, and for an answer
+        # that no PostgreSQL server gives (another service on that port) in any mode.
+        if config is not None and not _tls_required(config):
+            return StorageUnavailableError(
+                "the server did not answer as PostgreSQL does (is this PostgreSQL's host "
+                f"and port?): {message}"
+            )
         return TLSError(
-            f"the server does not accept TLS connections, which ssl_mode requires: {message}"
+            "the server does not accept TLS connections, which ssl_mode requires (or it is "
+            f"not a PostgreSQL server: check the host and port): {message}"
         )
     if isinstance(exc, asyncpg.ClientConfigurationError) and (
         "ssl" in message.lower() or "certificate" in message.lower()

@@ -1,0 +1,60 @@
+"""Bad input from users: the right error class, and a message that says what to do."""
+
+from __future__ import annotations
+
+import enum
+import subprocess
+import sys
+
+import pytest
+
+import trio_eventstore as es
+from trio_eventstore import ANY_VERSION, EventData
+
+
+class Colour(enum.StrEnum):
+    RED = "red"
+
+
+def test_an_empty_event_type_is_a_value_error_a_wrong_type_a_type_error() -> None:
+    with pytest.raises(ValueError, match="event_type: must not be empty"):
+        EventData({"a": 1}, event_type="")
+    with pytest.raises(TypeError, match="event_type: expected a non-empty str or None, got int"):
+        EventData({"a": 1}, event_type=5)  # type: ignore[arg-type]
+
+
+async def test_plain_values_that_are_not_json_are_named_in_plain_words(
+    event_store: es.EventStore,
+) -> None:
+    cases = {
+        # An enum member (a str enum's too) reads back as its value.
+        "$.colour: a Colour value is not JSON (an enum member would read back as its value)": {
+            "colour": Colour.RED
+        },
+        "$.x: an object value is not JSON": {"x": object()},
+        "$.x: an ellipsis value is not JSON": {"x": ...},
+    }
+    for message, data in cases.items():
+        with pytest.raises(es.SerializationError) as info:
+            await event_store.append_to_stream(
+                "plain", ANY_VERSION, [EventData(data, event_type="Plain")]
+            )
+        assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(es.StreamNotFoundError):
+        await event_store.read_stream_forward("plain")  # nothing was written
+
+
+def test_the_testing_module_without_its_extra_says_which_extra() -> None:
+    script = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "try:\n"
+        "    import trio_eventstore.testing\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name); print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    name, message = result.stdout.splitlines()
+    assert name == "hypothesis"
+    assert "pip install 'trio-eventstore[testing]'" in message
