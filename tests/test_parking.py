@@ -154,6 +154,22 @@ async def test_nack_without_retry_parks_at_once(cfg: EventStoreConfig) -> None:
         assert (n_of(parked.event), parked.attempts, parked.error) == (2, 1, "bad data")
 
 
+async def test_an_empty_list_acks_nothing_and_cannot_be_given_back(cfg: EventStoreConfig) -> None:
+    """``ack([])`` (a handler that processed none of what it got) is a no-op: it raised
+    ``TypeError`` "expected ... a list of events"; ``nack([])`` names what is wrong."""
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub", buffer_size=2) as sub:
+            batch = await _next(sub)
+            sub.ack([])
+            sub.ack(())
+            with pytest.raises(ValueError, match="empty list"):
+                sub.nack([])
+            assert (sub.statistics().last_ack, sub.statistics().in_flight) == (0, 2)
+            sub.ack(batch)
+            await sub.wait_checkpointed(2)
+
+
 @pytest.fixture(params=["owner", "application-role"])
 async def role_cfg(
     request: pytest.FixtureRequest, cfg: EventStoreConfig, application_role: Role

@@ -227,6 +227,12 @@ async def test_large_batch_is_chunked_and_atomic(store: EventStore) -> None:
     with pytest.raises(es.DuplicateEventError):
         await store.append_to_stream("big2", ANY_VERSION, again)
     assert (await store.stream_info("$all")).stream_version == 2500
+    # One event id twice in one append: refused before any I/O, naming it (as a link).
+    with pytest.raises(es.DuplicateEventError, match="given twice") as twice:
+        await store.append_to_stream("big2", ANY_VERSION, [deposit(), again[5], again[5]])
+    assert twice.value.event_id == again[5].event_id
+    assert twice.value.stream_uuid == "big2"
+    assert str(again[5].event_id) in str(twice.value)
 
 
 async def test_links_keep_original_stream_and_version(store: EventStore) -> None:

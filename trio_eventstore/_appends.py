@@ -130,7 +130,15 @@ class AppendRequest:
         """Raises DuplicateEventError when an event id occurs twice (before any I/O)."""
         ids = {e.event_id for e in events}
         if len(ids) != len(events):
-            raise DuplicateEventError(f"the same event id is given twice for {stream_uuid!r}")
+            seen: set[uuid.UUID] = set()
+            for event in events:
+                if event.event_id in seen:
+                    raise DuplicateEventError(
+                        f"event id {event.event_id} is given twice for {stream_uuid!r}",
+                        stream_uuid=stream_uuid,
+                        event_id=event.event_id,
+                    )
+                seen.add(event.event_id)
         kind, version = _expectation(expected)
         size = sum(len(e.data) + len(e.metadata) + len(e.event_type) for e in events)
         size += len(stream_uuid) + ROW_OVERHEAD * len(events)

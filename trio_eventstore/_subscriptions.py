@@ -148,9 +148,13 @@ class Subscription:
         """Acknowledge the given event and every event delivered to this subscriber
         before it (sync, non-blocking).
 
+        An empty list acknowledges nothing.
+
         Raises:
             UnexpectedAckError: the event is not in flight for this subscriber.
         """
+        if isinstance(events_or_event_number, list | tuple) and not events_or_event_number:
+            return  # e.g. a handler that processed none of what it was given
         number = _ack_number(events_or_event_number)
         target = self._target(events_or_event_number, number)
         if target is not None:
@@ -186,6 +190,8 @@ class Subscription:
             raise TypeError("retry: expected a bool")
         if error is not None and not isinstance(error, (BaseException, str)):
             raise TypeError("error: expected an exception, a str or None")
+        if isinstance(event_or_event_number, list | tuple) and not event_or_event_number:
+            raise ValueError("nack: an empty list holds no event to give back")
         number = _nack_number(event_or_event_number)
         target = self._target(_first_event(event_or_event_number), number)
         if target is not None:
