@@ -97,6 +97,8 @@ async def _noop(conn: TransactionConnection, event: Any) -> None:
         ({"name": 1, "schema": "rm"}, TypeError),
         ({"name": "p", "schema": ""}, ValueError),
         ({"name": "p", "schema": "r\x00m"}, ValueError),
+        ({"name": "p", "schema": "r" * 64}, ValueError),  # PostgreSQL would cut it to 63
+        ({"name": "p", "schema": "é" * 32}, ValueError),  # 64 bytes
         ({"name": "p", "schema": "rm", "batch": 1}, TypeError),
         ({"name": "p", "schema": "rm", "setup": 3}, TypeError),
         ({"name": "p", "schema": "rm", "handler": "nope"}, TypeError),

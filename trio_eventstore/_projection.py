@@ -62,6 +62,10 @@ class _HasStore(Protocol):
     def store(self) -> EventStore: ...
 
 
+#: PostgreSQL's longest identifier (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
+
+
 def _check_name(field: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{field}: expected a str, got {type(value).__name__}")
@@ -121,6 +125,11 @@ class Projection:
             f"at most {MAX_RAW_BYTES} bytes of text that does not compress",
         )
         _check_name("schema", self.schema)
+        if len(self.schema.encode()) > MAX_IDENTIFIER_BYTES:
+            raise ValueError(
+                f"schema: at most {MAX_IDENTIFIER_BYTES} bytes (PostgreSQL cuts longer names "
+                f"short, so two of them could name one schema); got {len(self.schema.encode())}"
+            )
         if not callable(self.handler):
             raise TypeError("handler: expected an async function (conn, event)")
         if not isinstance(self.batch, bool):
