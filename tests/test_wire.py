@@ -104,6 +104,31 @@ async def test_rows_of_integers_read_back_as_asyncpg_reads_them(db: Database) ->
         assert (direct["a"], direct["t"]) == values[::3]
 
 
+_INT_ROWS = st.tuples(
+    st.none() | st.integers(-(2**15), 2**15 - 1),
+    st.none() | st.integers(-(2**31), 2**31 - 1),
+    st.none() | st.integers(-(2**63), 2**63 - 1),
+    st.none() | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
+    st.none() | st.integers(-(2**63), 2**63 - 1),
+)
+
+
+async def test_rows_of_any_integers_read_back_as_asyncpg_reads_them(db: Database) -> None:
+    """Hypothesis: leading integer columns of each width, any of them NULL, then others."""
+    sql = (
+        "SELECT $1::smallint AS a, $2::int AS b, $3::bigint AS c, $4::text AS t,"
+        " $5::bigint AS d"
+    )
+
+    @settings(max_examples=100, deadline=None)
+    @given(_INT_ROWS)
+    def fuzz(values: tuple[object, ...]) -> None:
+        direct, driver = trio.from_thread.run(both, db, sql, *values)
+        assert tuple(direct) == tuple(driver) == values
+
+    await trio.to_thread.run_sync(fuzz)
+
+
 ARRAYS = [
     ([], [], [], []),
     ([None], [None], [None], [None]),
