@@ -199,13 +199,15 @@ class EventStore(SubscriptionMethods):
                     ids.append(uuid.UUID(item))
                 except ValueError:
                     raise ValueError(f"events: not an event id: {item!r}") from None
-        if len(set(ids)) != len(ids):
-            twice = next(i for k, i in enumerate(ids) if i in ids[:k])
-            raise DuplicateEventError(
-                f"event {twice} is given twice for {stream_uuid!r}",
-                stream_uuid=stream_uuid,
-                event_id=twice,
-            )
+        seen: set[uuid.UUID] = set()
+        for event_id in ids:
+            if event_id in seen:
+                raise DuplicateEventError(
+                    f"event {event_id} is given twice for {stream_uuid!r}",
+                    stream_uuid=stream_uuid,
+                    event_id=event_id,
+                )
+            seen.add(event_id)
         return await _storage.link(self._db, stream_uuid, expected_version, ids)
 
     async def read_stream_forward(
