@@ -574,3 +574,53 @@ async def test_a_bool_must_read_back_as_a_bool(config: EventStoreConfig) -> None
         assert event.data == Flagged(on=False, price=2.0, tags=[0, 1])
         assert type(event.data.on) is bool
         assert type(event.data.price) is float
+
+
+class TextSerializer(JsonSerializer):
+    """A user's serializer that breaks the protocol for some data: a str, not bytes."""
+
+    def serialize(self, data: object) -> bytes:
+        payload = super().serialize(data)
+        return payload.decode() if data == {"text": True} else payload  # type: ignore[return-value]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a serializer's payload that is not bytes is not refused before I/O: its append "
+        "is batched, the batch's Bind fails to encode (TypeError), and `_writer._write` "
+        "fails every append of the batch with it"
+    ),
+)
+async def test_a_payload_that_is_not_bytes_fails_its_own_append_only(
+    initialized: EventStoreConfig,
+) -> None:
+    """``pool_size=1``: a lone append holds the only connection (a table lock holds it
+    up) while two appends queue: one whose serializer returned a str, one good. The bad
+    one fails with `SerializationError`; the good one, batched with it, is written."""
+    from trio_eventstore._pg import open_connection
+
+    config = initialized.with_changes(pool_size=1, serializer=TextSerializer())
+    outcomes: dict[str, object] = {}
+    async with open_event_store(config) as store, open_connection(config) as blocker:
+        await blocker.execute("BEGIN")
+        await blocker.execute(f'LOCK TABLE "{config.schema}".streams IN EXCLUSIVE MODE')
+
+        async def append(stream: str, data: dict[str, bool]) -> None:
+            try:
+                await store.append_to_stream(
+                    stream, es.ANY_VERSION, [EventData(data, event_type="T")]
+                )
+                outcomes[stream] = "written"
+            except Exception as exc:
+                outcomes[stream] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append, "first", {})
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(append, "good", {})
+            nursery.start_soon(append, "bad", {"text": True})
+            await trio.testing.wait_all_tasks_blocked()
+            await blocker.execute("ROLLBACK")
+    assert isinstance(outcomes["bad"], es.SerializationError), outcomes
+    assert outcomes["good"] == "written", outcomes
