@@ -136,7 +136,9 @@ async def test_an_append_cancelled_as_a_connection_comes_free_writes_nothing(
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(queued)
                 await trio.testing.wait_all_tasks_blocked()
-                assert store.statistics().writer.queued == 1
+                writer = store.statistics().writer
+                assert writer is not None
+                assert writer.queued == 1
                 await blocker.execute("ROLLBACK")
             assert scope.cancelled_caught
         await trio.testing.wait_all_tasks_blocked()

@@ -115,10 +115,7 @@ _INT_ROWS = st.tuples(
 
 async def test_rows_of_any_integers_read_back_as_asyncpg_reads_them(db: Database) -> None:
     """Hypothesis: leading integer columns of each width, any of them NULL, then others."""
-    sql = (
-        "SELECT $1::smallint AS a, $2::int AS b, $3::bigint AS c, $4::text AS t,"
-        " $5::bigint AS d"
-    )
+    sql = "SELECT $1::smallint AS a, $2::int AS b, $3::bigint AS c, $4::text AS t, $5::bigint AS d"
 
     @settings(max_examples=100, deadline=None)
     @given(_INT_ROWS)
@@ -177,7 +174,7 @@ def _ints(bits: int) -> st.SearchStrategy[list[int | None]]:
 _BUFFERS = st.one_of(
     st.binary(max_size=8),
     st.binary(max_size=8).map(bytearray),
-    st.binary(max_size=8).map(memoryview),
+    st.binary(max_size=8).map(lambda v: memoryview(v)),
     st.lists(st.integers(-(2**15), 2**15 - 1), max_size=4).map(lambda v: array.array("h", v)),
     st.lists(st.integers(0, 2**32 - 1), max_size=4).map(lambda v: memoryview(array.array("I", v))),
 )
@@ -209,7 +206,7 @@ async def test_arrays_of_any_values_are_sent_as_asyncpg_sends_them(db: Database)
     @example(([2**15 - 1] * 70_000, [-1] * 70_000, [None] * 70_000, ["é"] * 70_000, [], []))
     @example(([], [], [], [], [memoryview(array.array("h", [1, 2]))], []))
     def fuzz(arrays: tuple[list[Any], ...]) -> None:
-        direct = trio.from_thread.run(db.fetchrow_direct, sql, *arrays)
+        direct: Any = trio.from_thread.run(db.fetchrow_direct, sql, *arrays)
         assert sql not in db._not_direct, "ran through asyncpg"
         # A buffer is sent as its bytes (asyncpg takes an array.array for a sub-array).
         *same, buffers, uuids = arrays
