@@ -247,6 +247,36 @@ def test_a_bool_must_read_back_as_a_bool_in_tuples_and_under_keys_of_any_type(
     assert serializer.deserialize(serializer.serialize(right), "Keyed") == right
 
 
+@attrs.frozen
+class Nested:
+    value: Any
+
+
+def test_nesting_too_deep_for_a_registered_class_is_a_serialization_error() -> None:
+    """However deep, and wherever the stack's limit falls (a few frames more or less),
+    serializing a registered class's instance either works or raises
+    `SerializationError`, never the `RecursionError` of its read-back check."""
+    serializer = JsonSerializer()
+    serializer.register(Nested, event_type="Nested")
+
+    def refused(depth: int, frames: int) -> bool:
+        if frames:
+            return refused(depth, frames - 1)
+        value: list[Any] = []
+        for _ in range(depth):
+            value = [value]
+        try:
+            serializer.serialize(Nested(value))
+        except es.SerializationError:
+            return True
+        return False
+
+    for frames in range(8):
+        depth = 1
+        while not refused(depth, frames):
+            depth += 1
+
+
 class ReprSerializer:
     """A user's own format: not JSON at all (fine for a bytea store)."""
 

@@ -475,8 +475,8 @@ class JsonSerializer:
         """A registered class's instance must read back as itself: cattrs writes a field
         whatever its value, so ``qty="ten"`` in an ``int`` field would be stored and then
         fail every read of its stream (and ``qty=1.7`` would read back as ``1``)."""
-        sent = _loads(payload)
         try:
+            sent = _loads(payload)
             back: object = self.converter.structure(sent, cls)
         except _HOOK_ERRORS as exc:
             why = (
@@ -493,7 +493,10 @@ class JsonSerializer:
             except Exception:  # an exotic __eq__: the structuring above is the check
                 same = True
             if same:  # equality cannot tell True from 1: a bool must read back as a bool
-                same = _bools_kept(sent, self.converter.unstructure(back))
+                try:
+                    same = _bools_kept(sent, self.converter.unstructure(back))
+                except _HOOK_ERRORS as exc:  # nested deeper than the stack takes it again
+                    raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
             if not same:
                 raise SerializationError(
                     f"{data!r} would read back as {back!r} (a field does not hold its "
