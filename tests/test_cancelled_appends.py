@@ -26,10 +26,10 @@ async def test_appends_cancelled_while_their_batch_waits_for_a_connection_write_
     initialized: EventStoreConfig,
 ) -> None:
     """``pool_size=1``: a lone append holds the only connection (a table lock holds it up);
-    of three appends made meanwhile, the writer takes the first in a batch, which waits for
-    a connection, and queues the others: nothing of theirs is sent. Their callers are
-    cancelled; the README says they are dropped and write nothing. The queued ones are;
-    the one in the batch is written once the lock goes."""
+    three appends made meanwhile stay queued, since the writer waits for a connection
+    before it takes any: nothing of theirs is sent. Their callers are cancelled; the README
+    says they are dropped and write nothing, and none is written once the lock goes (the
+    writer used to take the first into a batch that then waited, and wrote it)."""
     config = initialized.with_changes(pool_size=1)
     waiting = [f"waiting-{i}" for i in range(3)]
     async with open_event_store(config) as store, open_connection(config) as blocker:

@@ -233,6 +233,67 @@ def test_stored_data_its_class_cannot_read_is_a_serialization_error() -> None:
         serializer.deserialize(b'{"at":"01:00:00"}', "Timed")
 
 
+@attrs.frozen
+class Keyed:
+    pair: tuple[int, int] = (0, 0)
+    flags: dict[int, bool] = attrs.field(factory=dict)
+    counts: dict[int, int] = attrs.field(factory=dict)
+    spans: tuple[tuple[int, bool], ...] = ()
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(Keyed(pair=(True, 1)), id="bool-in-tuple"),
+        pytest.param(Keyed(flags={1: 1}), id="int-in-bool-under-int-key"),  # type: ignore[dict-item]
+        pytest.param(Keyed(counts={1: True}), id="bool-in-int-under-int-key"),
+        pytest.param(Keyed(spans=((1, 1),)), id="int-in-bool-in-nested-tuple"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_bool_must_read_back_as_a_bool_in_tuples_and_under_keys_of_any_type(
+    wrong: Keyed,
+) -> None:
+    """A bool where an int is declared reads back as ``1`` (and ``1`` where a bool is, as
+    ``True``): refused wherever it is, also in a ``tuple`` field (which cattrs writes
+    from a tuple) and in a dict with keys that JSON writes as strings."""
+    serializer = JsonSerializer()
+    serializer.register(Keyed, event_type="Keyed")
+    with pytest.raises(es.SerializationError, match="would read back as"):
+        serializer.serialize(wrong)
+    right = Keyed(pair=(1, 2), flags={1: True, 2: False}, counts={3: 0}, spans=((4, True),))
+    assert serializer.deserialize(serializer.serialize(right), "Keyed") == right
+
+
+@attrs.frozen
+class Nested:
+    value: Any
+
+
+def test_nesting_too_deep_for_a_registered_class_is_a_serialization_error() -> None:
+    """However deep, and wherever the stack's limit falls (a few frames more or less),
+    serializing a registered class's instance either works or raises
+    `SerializationError`, never the `RecursionError` of its read-back check."""
+    serializer = JsonSerializer()
+    serializer.register(Nested, event_type="Nested")
+
+    def refused(depth: int, frames: int) -> bool:
+        if frames:
+            return refused(depth, frames - 1)
+        value: list[Any] = []
+        for _ in range(depth):
+            value = [value]
+        try:
+            serializer.serialize(Nested(value))
+        except es.SerializationError:
+            return True
+        return False
+
+    for frames in range(8):
+        depth = 1
+        while not refused(depth, frames):
+            depth += 1
+
+
 class ReprSerializer:
     """A user's own format: not JSON at all (fine for a bytea store)."""
 

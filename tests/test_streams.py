@@ -235,6 +235,17 @@ async def test_large_batch_is_chunked_and_atomic(store: EventStore) -> None:
     assert str(again[5].event_id) in str(twice.value)
 
 
+async def test_a_long_link_with_an_event_twice_is_refused_at_once(store: EventStore) -> None:
+    """Finding which event is given twice takes one pass, not one per event (30,000
+    ids took minutes, with the event loop blocked)."""
+    ids = [uuid.uuid4() for _ in range(30_000)]
+    started = trio.current_time()
+    with pytest.raises(es.DuplicateEventError) as twice:
+        await store.link_to_stream("long", NO_STREAM, [*ids, ids[-1]])
+    assert twice.value.event_id == ids[-1]
+    assert trio.current_time() - started < 5
+
+
 async def test_links_keep_original_stream_and_version(store: EventStore) -> None:
     await store.append_to_stream("a", NO_STREAM, [deposit(1), deposit(2)])
     await store.append_to_stream("b", NO_STREAM, [deposit(3)])

@@ -5,6 +5,7 @@ not speak, and connections left mid-statement never reused."""
 
 from __future__ import annotations
 
+import array
 import datetime
 import struct
 import urllib.parse
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import trio_eventstore as es
 from trio_eventstore import NO_STREAM, EventData, EventStoreConfig, admin, open_event_store
@@ -34,11 +37,14 @@ async def both(db: Database, sql: str, *args: object) -> tuple[Any, Any]:
     direct = await db.fetchrow_direct(sql, *args)
     assert sql not in db._not_direct, "ran through asyncpg"
     assert not db._wire_off
+    return direct, await via_asyncpg(db, sql, *args)
 
+
+async def via_asyncpg(db: Database, sql: str, *args: object) -> Any:
     async def unit(conn: Any) -> Any:
         return await conn.fetchrow(sql, *args)
 
-    return direct, await db.run(unit)
+    return await db.run(unit)
 
 
 #: A statement that sleeps; `end_sleepers` ends those left running by closed connections.
@@ -98,6 +104,28 @@ async def test_rows_of_integers_read_back_as_asyncpg_reads_them(db: Database) ->
         assert (direct["a"], direct["t"]) == values[::3]
 
 
+_INT_ROWS = st.tuples(
+    st.none() | st.integers(-(2**15), 2**15 - 1),
+    st.none() | st.integers(-(2**31), 2**31 - 1),
+    st.none() | st.integers(-(2**63), 2**63 - 1),
+    st.none() | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
+    st.none() | st.integers(-(2**63), 2**63 - 1),
+)
+
+
+async def test_rows_of_any_integers_read_back_as_asyncpg_reads_them(db: Database) -> None:
+    """Hypothesis: leading integer columns of each width, any of them NULL, then others."""
+    sql = "SELECT $1::smallint AS a, $2::int AS b, $3::bigint AS c, $4::text AS t, $5::bigint AS d"
+
+    @settings(max_examples=100, deadline=None)
+    @given(_INT_ROWS)
+    def fuzz(values: tuple[object, ...]) -> None:
+        direct, driver = trio.from_thread.run(both, db, sql, *values)
+        assert tuple(direct) == tuple(driver) == values
+
+    await trio.to_thread.run_sync(fuzz)
+
+
 ARRAYS = [
     ([], [], [], []),
     ([None], [None], [None], [None]),
@@ -135,6 +163,58 @@ async def test_arrays_are_sent_as_asyncpg_sends_them(
     )
     direct, driver = await both(db, sql, *arrays)
     assert tuple(direct) == tuple(driver)
+
+
+def _ints(bits: int) -> st.SearchStrategy[list[int | None]]:
+    return st.lists(st.none() | st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1), max_size=8)
+
+
+#: bytea values as a serializer may return them: any object with the buffer protocol,
+#: whose items may be wider than a byte (its length then is not its size in bytes)
+_BUFFERS = st.one_of(
+    st.binary(max_size=8),
+    st.binary(max_size=8).map(bytearray),
+    st.binary(max_size=8).map(lambda v: memoryview(v)),
+    st.lists(st.integers(-(2**15), 2**15 - 1), max_size=4).map(lambda v: array.array("h", v)),
+    st.lists(st.integers(0, 2**32 - 1), max_size=4).map(lambda v: memoryview(array.array("I", v))),
+)
+
+#: Arrays of the element types that `_wire` encodes in one pass when it can.
+_ARRAY_ARGS = st.tuples(
+    _ints(16),
+    _ints(32),
+    _ints(64),
+    st.lists(
+        st.none() | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
+        max_size=8,
+    ),
+    st.lists(st.none() | _BUFFERS, max_size=8),
+    st.lists(st.none() | st.uuids() | st.uuids().map(str), max_size=8),
+)
+
+
+async def test_arrays_of_any_values_are_sent_as_asyncpg_sends_them(db: Database) -> None:
+    """Hypothesis: arrays of each type, with NULLs or without, empty or long, read back
+    (as text, which both read alike) as what asyncpg sends."""
+    sql = (
+        "SELECT $1::smallint[]::text AS a, $2::int[]::text AS b, $3::bigint[]::text AS c,"
+        " $4::text[]::text AS d, $5::bytea[]::text AS e, $6::uuid[]::text AS f"
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(_ARRAY_ARGS)
+    @example(([2**15 - 1] * 70_000, [-1] * 70_000, [None] * 70_000, ["é"] * 70_000, [], []))
+    @example(([], [], [], [], [memoryview(array.array("h", [1, 2]))], []))
+    def fuzz(arrays: tuple[list[Any], ...]) -> None:
+        direct: Any = trio.from_thread.run(db.fetchrow_direct, sql, *arrays)
+        assert sql not in db._not_direct, "ran through asyncpg"
+        # A buffer is sent as its bytes (asyncpg takes an array.array for a sub-array).
+        *same, buffers, uuids = arrays
+        as_bytes = [None if v is None else bytes(v) for v in buffers]
+        driver = trio.from_thread.run(via_asyncpg, db, sql, *same, as_bytes, uuids)
+        assert tuple(direct) == tuple(driver)
+
+    await trio.to_thread.run_sync(fuzz)
 
 
 def test_an_array_value_of_the_wrong_type_is_refused_before_sending() -> None:

@@ -199,16 +199,31 @@ def _dumps_plain(value: object) -> bytes:
 
 
 def _bools_kept(sent: object, back: object) -> bool:
-    """Whether the JSON values ``sent`` and ``back`` (equal as Python values) hold their
-    bools in the same places: ``True`` stored in an ``int`` field reads back as ``1``,
-    ``1`` in a ``bool`` field as ``True``."""
+    """Whether ``sent`` (JSON values, as stored) and ``back`` (what the converter
+    unstructures from what they read back as; equal as Python values) hold their bools in
+    the same places: ``True`` stored in an ``int`` field reads back as ``1``, ``1`` in a
+    ``bool`` field as ``True``. ``back`` may hold tuples (a ``tuple`` field) where ``sent``
+    has lists, and keys that JSON writes as strings (a ``dict[int, ...]`` field)."""
     if type(sent) is bool or type(back) is bool:
         return type(sent) is type(back)
-    if type(sent) is dict and type(back) is dict:
+    if type(sent) is dict and isinstance(back, dict):
+        if any(key not in back for key in sent):
+            back = {_json_key(key): item for key, item in back.items()}
         return all(key not in back or _bools_kept(item, back[key]) for key, item in sent.items())
-    if type(sent) is list and type(back) is list:
+    if type(sent) is list and isinstance(back, list | tuple):
         return all(map(_bools_kept, sent, back))
     return True
+
+
+def _json_key(key: object) -> object:
+    """The string JSON writes for the dict key ``key`` (``1`` -> ``"1"``, ``True`` ->
+    ``"true"``), or ``key`` itself if JSON takes no such key."""
+    if isinstance(key, str):
+        return key
+    try:
+        return _dumps(key).decode()
+    except (TypeError, ValueError):
+        return key
 
 
 # -- plain JSON values -----------------------------------------------------------------------
@@ -466,8 +481,8 @@ class JsonSerializer:
         """A registered class's instance must read back as itself: cattrs writes a field
         whatever its value, so ``qty="ten"`` in an ``int`` field would be stored and then
         fail every read of its stream (and ``qty=1.7`` would read back as ``1``)."""
-        sent = _loads(payload)
         try:
+            sent = _loads(payload)
             back: object = self.converter.structure(sent, cls)
         except _HOOK_ERRORS as exc:
             why = (
@@ -484,7 +499,10 @@ class JsonSerializer:
             except Exception:  # an exotic __eq__: the structuring above is the check
                 same = True
             if same:  # equality cannot tell True from 1: a bool must read back as a bool
-                same = _bools_kept(sent, self.converter.unstructure(back))
+                try:
+                    same = _bools_kept(sent, self.converter.unstructure(back))
+                except _HOOK_ERRORS as exc:  # nested deeper than the stack takes it again
+                    raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
             else:  # NaN (a Decimal's) is not equal to itself: then it must write the same
                 try:
                     same = _dumps(self.converter.unstructure(back)) == payload

@@ -119,8 +119,13 @@ def _texts(values: Any) -> bytes:
 
 
 def _byteas(values: Any) -> bytes:
+    # bytes only: the len() of another buffer (an array.array, a memoryview of one) may
+    # count items wider than a byte, and would not be its size.
     pack = I32.pack
-    return b"".join([pack(len(value)) + value for value in values])
+    parts = [pack(len(value)) + value for value in values if type(value) is bytes]
+    if len(parts) != len(values):
+        raise TypeError("not only bytes")
+    return b"".join(parts)
 
 
 #: element type -> its array's elements encoded in one pass, for arrays without NULLs
