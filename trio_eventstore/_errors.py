@@ -148,11 +148,13 @@ class EventNotFoundError(EventStoreError, LookupError):
 
 
 class DuplicateEventError(EventStoreError):
-    """An event with the same id is already stored (or already in the stream, for a link).
+    """An event with the same id is already stored (or already in the stream, for a link),
+    or one append or link gives the same event twice (refused before any I/O).
 
     Attributes:
         stream_uuid: the stream written to.
-        event_id: the duplicate event's id, when the database named it.
+        event_id: the duplicate event's id, when known (the database names it, most of
+            the time; an event given twice is always named).
     """
 
     def __init__(
