@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -71,3 +74,20 @@ def failing_callback() -> tuple[Callable[[str, str], None], list[str], trio.Even
             got_two.set()
 
     return callback, seen, got_two
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m trio_eventstore ARGS`` in a subprocess, with this environment minus its
+    ``EVENTSTORE_*`` variables, plus ``env``; ``timeout``: a guard against hangs."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "trio_eventstore", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

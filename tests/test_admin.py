@@ -17,7 +17,7 @@ from trio_eventstore import EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import Conn, open_connection
 from trio_eventstore._sql import quote_ident
 
-from .helpers import url_for
+from .helpers import run_cli, url_for
 
 
 async def scalar(config: EventStoreConfig, sql: str, *args: object) -> object:
@@ -197,19 +197,6 @@ async def test_guard_triggers(initialized: EventStoreConfig) -> None:
         )
         with pytest.raises(es.DatabaseError):
             await conn.execute(f"DELETE FROM {s}.events")
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "trio_eventstore", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_command_line_cycle(server_url: str) -> None:

@@ -10,6 +10,7 @@ import trio.testing
 from trio_eventstore import (
     ANY_VERSION,
     EventData,
+    EventStore,
     EventStoreClosedError,
     EventStoreConfig,
     StreamNotFoundError,
@@ -20,6 +21,18 @@ from trio_eventstore._pg import open_connection
 
 def _event() -> EventData:
     return EventData({}, event_type="T")
+
+
+async def stored(store: EventStore, streams: list[str]) -> list[str]:
+    """Which of ``streams`` exist."""
+    found = []
+    for stream in streams:
+        try:
+            await store.stream_info(stream)
+            found.append(stream)
+        except StreamNotFoundError:
+            pass
+    return found
 
 
 async def test_appends_cancelled_while_their_batch_waits_for_a_connection_write_nothing(
@@ -52,14 +65,7 @@ async def test_appends_cancelled_while_their_batch_waits_for_a_connection_write_
                 scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             await blocker.execute("ROLLBACK")  # the lock goes: "first" commits
-        stored = []
-        for stream in waiting:
-            try:
-                await store.stream_info(stream)
-                stored.append(stream)
-            except StreamNotFoundError:
-                pass
-        assert stored == []
+        assert await stored(store, waiting) == []
 
 
 async def test_appends_queued_when_the_pool_closes_under_the_writer_fail_alone(
@@ -134,11 +140,4 @@ async def test_an_append_cancelled_as_a_connection_comes_free_writes_nothing(
                 await blocker.execute("ROLLBACK")
             assert scope.cancelled_caught
         await trio.testing.wait_all_tasks_blocked()
-        stored = []
-        for stream in cancelled:
-            try:
-                await store.stream_info(stream)
-                stored.append(stream)
-            except StreamNotFoundError:
-                pass
-        assert stored == []
+        assert await stored(store, cancelled) == []

@@ -3,9 +3,6 @@ before anything is changed (never taken as "not given")."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 
 import trio
@@ -13,22 +10,9 @@ import trio
 from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, admin, open_event_store
 from trio_eventstore._pg import open_connection
 
-from .helpers import url_for
+from .helpers import run_cli, url_for
 
 HANG_GUARD = 120
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "trio_eventstore", *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-        check=False,
-    )
 
 
 def database_exists(server_url: str, name: str) -> bool:
@@ -49,12 +33,12 @@ def test_an_empty_schema_option_is_refused_not_taken_for_public(server_url: str)
     trio.run(admin.create, config)
     trio.run(admin.init, config)
     try:
-        dropped = cli("drop", "--url", url, "--schema", "", "--yes")
+        dropped = run_cli("drop", "--url", url, "--schema", "", "--yes")
         assert dropped.returncode == 2, dropped.stdout + dropped.stderr
         assert "schema: must be a non-empty name" in dropped.stderr
         assert database_exists(server_url, name)
         # Nor does an empty --url fall back to the environment's.
-        reset = cli("reset", "--url", "", "--yes", env={"EVENTSTORE_URL": url})
+        reset = run_cli("reset", "--url", "", "--yes", env={"EVENTSTORE_URL": url})
         assert reset.returncode == 2, reset.stdout + reset.stderr
         assert "url: expected a postgresql:// or postgres:// URL" in reset.stderr
     finally:
@@ -76,18 +60,18 @@ def test_operator_commands_name_the_bad_argument(eventstore_config: EventStoreCo
     }
 
     huge = str(2**70)
-    beyond = cli("reset-subscription", "$all", "proj", huge, "--force", env=env)
+    beyond = run_cli("reset-subscription", "$all", "proj", huge, "--force", env=env)
     assert beyond.returncode == 1
     assert f"position: must be < 2**63 (PostgreSQL's bigint), got {huge}" in beyond.stderr
     assert "DatabaseError" not in beyond.stderr
 
     for action in ("replay", "discard"):
-        bad_id = cli("parked", action, "$all", "proj", "--event", "not-an-id", env=env)
+        bad_id = run_cli("parked", action, "$all", "proj", "--event", "not-an-id", env=env)
         assert bad_id.returncode == 1
         assert "--event: not an event id: 'not-an-id'" in bad_id.stderr
 
     for count in ("0", "-1"):
-        shown = cli("show", "acct", "--count", count, env=env)
+        shown = run_cli("show", "acct", "--count", count, env=env)
         assert shown.returncode == 1, shown.stdout
         assert f"--count: must be >= 1, got {count}" in shown.stderr
 
@@ -99,6 +83,6 @@ def test_a_handler_with_an_empty_subscription_name_is_refused(
         "EVENTSTORE_URL": eventstore_config.url or "",
         "EVENTSTORE_SCHEMA": eventstore_config.schema,
     }
-    run = cli("run", "tests.daemon_handlers:record=", env=env)
+    run = run_cli("run", "tests.daemon_handlers:record=", env=env)
     assert run.returncode == 2
     assert "no subscription name after '='" in run.stderr

@@ -14,20 +14,14 @@ import trio
 
 from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, admin, open_event_store
 
+from .helpers import run_cli
+
 HANG_GUARD = 60
 
 
 def cli(config: EventStoreConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
-    env.update(EVENTSTORE_URL=config.url or "", EVENTSTORE_SCHEMA=config.schema)
-    return subprocess.run(
-        [sys.executable, "-m", "trio_eventstore", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-        check=False,
-    )
+    env = {"EVENTSTORE_URL": config.url or "", "EVENTSTORE_SCHEMA": config.schema}
+    return run_cli(*args, env=env, timeout=HANG_GUARD)
 
 
 def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:

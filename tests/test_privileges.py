@@ -4,9 +4,7 @@ them as, and a schema's owner can init it without CREATE on the database."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +25,7 @@ from trio_eventstore import (
 from trio_eventstore._pg import open_connection
 from trio_eventstore._sql import APPLICATION_GRANTS, quote_ident, quote_literal
 
-from .helpers import Role, url_for
+from .helpers import Role, run_cli, url_for
 
 HANG_GUARD = 60  # seconds: a guard against hangs, never a speed assertion
 
@@ -252,18 +250,10 @@ def test_the_grant_command_prints_or_applies(
     parts = urllib.parse.urlsplit(url)
     password = parts.password
     assert password
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
-    env.update(EVENTSTORE_URL=url, EVENTSTORE_SCHEMA=eventstore_config.schema)
+    env = {"EVENTSTORE_URL": url, "EVENTSTORE_SCHEMA": eventstore_config.schema}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "trio_eventstore", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=HANG_GUARD,
-            check=False,
-        )
+        return run_cli(*args, env=env, timeout=HANG_GUARD)
 
     printed = cli("grant", application_role.name, "--print")
     assert printed.returncode == 0, printed.stderr
