@@ -30,7 +30,7 @@ from trio_eventstore import (
 )
 from trio_eventstore._pg import Connection, open_connection
 from trio_eventstore._sql import quote_ident
-from trio_eventstore._writer import MAX_IN_FLIGHT
+from trio_eventstore._writer import MAX_BIG_IN_FLIGHT, MAX_IN_FLIGHT
 
 from .helpers import Role
 
@@ -334,6 +334,39 @@ async def test_big_concurrent_appends_number_all_densely(store: EventStore) -> N
         expected = [k for _ in range(3) for k in range(150 + 37 * i)]
         assert [e.data["n"] for e in mine] == expected  # type: ignore[index]
     assert appended == {f"big-{i}": 3 * (150 + 37 * i) for i in range(6)}
+
+
+async def test_big_appends_are_written_two_at_a_time(
+    store: EventStore, initialized: EventStoreConfig
+) -> None:
+    """Big appends are written in parallel, `MAX_BIG_IN_FLIGHT` at once (more would only
+    queue for the `$all` row, inside PostgreSQL): the others wait their turn in their
+    callers' tasks, holding no connection and having sent nothing, so one cancelled
+    meanwhile writes nothing. Before, all of them went to the database at once."""
+    size = _writer.ALONE_EVENTS
+    async with open_connection(initialized) as conn:
+        lock = AllLock(conn, initialized.schema)
+        await lock.take()
+        cancelled = trio.CancelScope()
+
+        async def big(stream: str, scope: trio.CancelScope | None = None) -> None:
+            with scope or trio.CancelScope():
+                await store.append_to_stream(stream, NO_STREAM, [ev(k) for k in range(size)])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(big, f"big-{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(big, "big-cancelled", cancelled)
+            await trio.testing.wait_all_tasks_blocked()
+            assert store._db.pool_statistics()["in_use"] == MAX_BIG_IN_FLIGHT
+            cancelled.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            await lock.release()
+    assert cancelled.cancelled_caught
+    assert (await store.stream_info("$all")).stream_version == 5 * size
+    with pytest.raises(StreamNotFoundError):
+        await store.stream_info("big-cancelled")
 
 
 async def test_cancelled_before_its_batch_writes_nothing(

@@ -149,7 +149,7 @@ class EventStore(SubscriptionMethods):
                 if len(encoded) < _writer.ALONE_EVENTS:
                     appended = await self._writer.append(request)
                 else:
-                    appended = await self._writer.write_alone(request)
+                    appended = await self._writer.write_big(request)
             else:
                 appended = await _storage.append(self._db, request)
                 subscriptions.appended(request, appended)
