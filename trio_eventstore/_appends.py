@@ -95,6 +95,22 @@ def _payload(serializer: Serializer, method: str, value: object) -> bytes:
     )
 
 
+def refuse_repeated_ids(stream_uuid: str, ids: Sequence[uuid.UUID]) -> None:
+    """Raise DuplicateEventError naming the first event id given twice in one append or
+    link (before any I/O)."""
+    if len(set(ids)) == len(ids):
+        return
+    seen: set[uuid.UUID] = set()
+    for event_id in ids:
+        if event_id in seen:
+            raise DuplicateEventError(
+                f"event {event_id} is given twice for {stream_uuid!r}",
+                stream_uuid=stream_uuid,
+                event_id=event_id,
+            )
+        seen.add(event_id)
+
+
 def _expectation(expected: ExpectedVersion | int) -> tuple[int, int]:
     """``expected`` as the (kind, version) parameters of `_sql.append_batch`."""
     if expected is ExpectedVersion.ANY_VERSION:
@@ -128,17 +144,7 @@ class AppendRequest:
         cls, stream_uuid: str, expected: ExpectedVersion | int, events: list[EncodedEvent]
     ) -> AppendRequest:
         """Raises DuplicateEventError when an event id occurs twice (before any I/O)."""
-        ids = {e.event_id for e in events}
-        if len(ids) != len(events):
-            seen: set[uuid.UUID] = set()
-            for event in events:
-                if event.event_id in seen:
-                    raise DuplicateEventError(
-                        f"event id {event.event_id} is given twice for {stream_uuid!r}",
-                        stream_uuid=stream_uuid,
-                        event_id=event.event_id,
-                    )
-                seen.add(event.event_id)
+        refuse_repeated_ids(stream_uuid, [e.event_id for e in events])
         kind, version = _expectation(expected)
         size = sum(len(e.data) + len(e.metadata) + len(e.event_type) for e in events)
         size += len(stream_uuid) + ROW_OVERHEAD * len(events)

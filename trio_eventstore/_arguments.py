@@ -53,13 +53,18 @@ def parse_event_ids(items: Sequence[uuid.UUID | str] | None) -> list[uuid.UUID] 
         return None
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise TypeError(f"event_ids: expected a list or None, got {type(items).__name__}")
-    ids = []
-    for item in items:
-        try:
-            ids.append(item if isinstance(item, uuid.UUID) else uuid.UUID(item))
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(f"event_ids: not an event id: {item!r}") from None
-    return ids
+    return [parse_event_id(item, "event_ids") for item in items]
+
+
+def parse_event_id(item: object, name: str = "") -> uuid.UUID:
+    """``item`` (a UUID, or its text) as an event id; else ValueError, naming ``name``."""
+    if isinstance(item, uuid.UUID):
+        return item
+    try:
+        return uuid.UUID(item)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        prefix = f"{name}: " if name else ""
+        raise ValueError(f"{prefix}not an event id: {item!r}") from None
 
 
 def check_target(stream_uuid: object, *, written: bool = True) -> None:

@@ -4,13 +4,12 @@ safely (refused while any node holds its lock), say what ``drop``/``reset`` woul
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import attrs
 
 from . import _schema_state, _sql, _storage, _subscription_rows
-from ._arguments import check_int
+from ._arguments import check_int, parse_event_id
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseNotFoundError,
@@ -185,20 +184,12 @@ async def parked_command(
             for p in parked
         ]
         return rows, f"{len(rows)} parked events"
-    ids = [_event_id("--event", i) for i in event_ids] if event_ids else None
+    ids = [parse_event_id(i, "--event") for i in event_ids] if event_ids else None
     if action == "replay":
         count = await store.replay_parked(stream_uuid, name, ids)
         return [], f"{count} parked events to be replayed"
     count = await store.discard_parked(stream_uuid, name, ids)
     return [], f"{count} parked events discarded"
-
-
-def _event_id(option: str, text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        prefix = f"{option}: " if option else ""
-        raise ValueError(f"{prefix}not an event id: {text!r}") from None
 
 
 async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
@@ -208,7 +199,7 @@ async def read_event(store: EventStore, event_id: str) -> RecordedEvent:
         ValueError: not a UUID.
         LookupError: no such event.
     """
-    ident = _event_id("", event_id)
+    ident = parse_event_id(event_id)
     config = store.config
     rows = await store._db.fetch(_sql.read_event(config.schema, config.column_data_type), ident)
     if not rows:

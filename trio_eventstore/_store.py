@@ -11,16 +11,17 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from . import _schema_state, _snapshots, _storage, _writer
+from ._appends import refuse_repeated_ids
 from ._arguments import (
     check_events,
     check_expected_version,
     check_int,
     check_stream,
     check_target,
+    parse_event_id,
 )
 from ._config import EventStoreConfig
 from ._errors import (
-    DuplicateEventError,
     NotSupportedError,
     single_errors,
 )
@@ -188,26 +189,11 @@ class EventStore(SubscriptionMethods):
         check_target(stream_uuid)
         check_expected_version(expected_version)
         items = check_events(events_or_event_ids, (RecordedEvent, uuid.UUID, str), "events")
-        ids: list[uuid.UUID] = []
-        for item in items:
-            if isinstance(item, RecordedEvent):
-                ids.append(item.event_id)
-            elif isinstance(item, uuid.UUID):
-                ids.append(item)
-            else:
-                try:
-                    ids.append(uuid.UUID(item))
-                except ValueError:
-                    raise ValueError(f"events: not an event id: {item!r}") from None
-        seen: set[uuid.UUID] = set()
-        for event_id in ids:
-            if event_id in seen:
-                raise DuplicateEventError(
-                    f"event {event_id} is given twice for {stream_uuid!r}",
-                    stream_uuid=stream_uuid,
-                    event_id=event_id,
-                )
-            seen.add(event_id)
+        ids = [
+            item.event_id if isinstance(item, RecordedEvent) else parse_event_id(item, "events")
+            for item in items
+        ]
+        refuse_repeated_ids(stream_uuid, ids)
         return await _storage.link(self._db, stream_uuid, expected_version, ids)
 
     async def read_stream_forward(
