@@ -15,6 +15,7 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     admin,
+    Subscription,
     open_event_store,
 )
 from trio_eventstore._pg import open_connection
@@ -107,9 +108,11 @@ async def test_lock_connection_killed_hands_over_at_once(initialized: EventStore
     config = fast(initialized)
     log = Log()
     subscribed = {"a": trio.Event(), "b": trio.Event()}
+    subs: dict[str, Subscription] = {}
 
     async def node(name: str, store: EventStore) -> None:
         async with store.subscribe_to_stream("s", "shared", buffer_size=10) as sub:
+            subs[name] = sub
             await sub.wait_subscribed()
             subscribed[name].set()
             async for batch in sub:
@@ -130,6 +133,10 @@ async def test_lock_connection_killed_hands_over_at_once(initialized: EventStore
             await log.wait(lambda seen: bool(seen))
             await terminate(config, store_a.statistics().lock_pid)
             await subscribed["b"].wait()  # b holds the lock now
+            # The server releases a lock a moment before the dying session's socket
+            # closes: a has stopped once its client has seen that (see Failover).
+            while subs["a"].statistics().role in ("holder", "hibernated"):
+                await trio.sleep(0.01)
             await append(store_a, "s", 2)
             await log.wait(lambda seen: len({n for _, n in seen}) >= 2)
             nursery.cancel_scope.cancel()
