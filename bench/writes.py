@@ -260,6 +260,15 @@ def has_group_commit() -> bool:
     return "group_commit" in attrs.fields_dict(EventStoreConfig)
 
 
+def has_replica_appends() -> bool:
+    return "replica_appends" in attrs.fields_dict(EventStoreConfig)
+
+
+def _as_ours(runs: dict[str, Run], name: str) -> dict[str, Run]:
+    """``runs`` with ``name``'s run in place of ours (a table for an option of ours)."""
+    return {"ours": runs[name], **{k: v for k, v in runs.items() if k not in ("ours", name)}}
+
+
 # -- B: the Elixir library's statements ----------------------------------------------------
 
 
@@ -736,6 +745,7 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
     # what a commit flush alone costs on this server.
     trio.run(seed, config, run_asyncio(_stream_count(config)))
     vacuum(config)
+    replica = config.with_changes(replica_appends=True) if has_replica_appends() else None
     for title, fresh in (
         ("1 writer, 1-event appends, each to a new stream (NO_STREAM)", True),
         ("1 writer, 1-event appends to one existing stream (expected version)", False),
@@ -745,6 +755,15 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
                 "ours": lambda t, fresh=fresh: trio.run(  # type: ignore[misc]
                     functools.partial(ours, config, 1, 1, t, fresh=fresh)
                 ),
+                **(
+                    {
+                        "replica": lambda t, fresh=fresh: trio.run(  # type: ignore[misc]
+                            functools.partial(ours, replica, 1, 1, t, fresh=fresh)
+                        )
+                    }
+                    if replica is not None
+                    else {}
+                ),
                 "B": lambda t, fresh=fresh: run_asyncio(  # type: ignore[misc]
                     baseline_b(config, 1, 1, t, fresh=fresh)
                 ),
@@ -752,15 +771,14 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
             },
             timing,
         )
-        report.table(
-            title,
-            runs,
-            [
-                ("ev/s", "B", Goal("ev/s", "B", 1.5, at_least=True)),
-                ("p50 ms", "B", Goal("p50 ms", "B", 1.0, at_least=False)),
-                ("p50 ms", "floor", None),
-            ],
-        )
+        lone_goals: list[tuple[str, str, Goal | None]] = [
+            ("ev/s", "B", Goal("ev/s", "B", 1.5, at_least=True)),
+            ("p50 ms", "B", Goal("p50 ms", "B", 1.0, at_least=False)),
+            ("p50 ms", "floor", None),
+        ]
+        report.table(title, runs, lone_goals)
+        if "replica" in runs:
+            report.table(f"{title}, replica_appends", _as_ours(runs, "replica"), lone_goals)
 
     # Where a lone append's time goes (statement, bridge, store).
     from bench import anatomy
@@ -787,6 +805,11 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
         runs = alternate(
             {
                 "ours": lambda t, w=writers: trio.run(ours, config, w, 1, t),  # type: ignore[misc]
+                **(
+                    {"replica": lambda t, w=writers: trio.run(ours, replica, w, 1, t)}  # type: ignore[misc]
+                    if replica is not None
+                    else {}
+                ),
                 "B": lambda t, w=writers: run_asyncio(baseline_b(config, w, 1, t)),  # type: ignore[misc]
                 "floor": lambda t, w=writers: run_asyncio(baseline_floor(config, w, t)),  # type: ignore[misc]
             },
@@ -796,9 +819,15 @@ def _run(config: EventStoreConfig, quick: bool, timing: Timing, report: Report) 
             ("ev/s", "B", Goal("ev/s", "B", 5.0, at_least=True) if writers == 50 else None),
             ("ev/s", "floor", Goal("ev/s", "floor", 1.5, at_least=True) if writers == 50 else None),
         ]
-        report.table(f"{writers} writers x 1-event appends, each to its own stream", runs, goals)
-        if runs["ours"].errors:
-            report.note(f"{writers} writers: errors", f"MISSED: ours raised {runs['ours'].errors}")
+        title = f"{writers} writers x 1-event appends, each to its own stream"
+        report.table(title, runs, goals)
+        if "replica" in runs:
+            report.table(f"{title}, replica_appends", _as_ours(runs, "replica"), goals)
+        for name in ("ours", "replica"):
+            if name in runs and runs[name].errors:
+                report.note(
+                    f"{writers} writers: errors", f"MISSED: {name} raised {runs[name].errors}"
+                )
 
     # Bulk appends.
     vacuum(config)

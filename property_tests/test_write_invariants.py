@@ -66,7 +66,12 @@ SHARED_IDS = 3  # ids that appends of one example race to write first
 CANCEL_AFTER = (0.0, 0.0002, 0.001, 0.003, 0.01)
 
 GROUP_COMMIT = (
-    [pytest.param(True, id="group-commit"), pytest.param(False, id="no-group-commit")]
+    [
+        pytest.param(True, id="group-commit"),
+        pytest.param(False, id="no-group-commit"),
+        # The stores of an example alternate: replica_appends, then without it.
+        pytest.param("replica", id="replica-appends-and-not"),
+    ]
     if "group_commit" in attrs.fields_dict(EventStoreConfig)
     else [pytest.param(None, id="default")]
 )
@@ -316,11 +321,20 @@ async def read_back(config: EventStoreConfig) -> Final:
     return Final(everything, streams)
 
 
-async def run_program(config: EventStoreConfig, program: Program, rnd: random.Random) -> None:
+async def run_program(
+    config: EventStoreConfig, program: Program, rnd: random.Random, replica: bool = False
+) -> None:
     await admin.reset(config)
     run = Run()
     async with contextlib.AsyncExitStack() as stack:
-        stores = [await stack.enter_async_context(open_event_store(config)) for _ in program.stores]
+        stores = [
+            await stack.enter_async_context(
+                open_event_store(config.with_changes(replica_appends=replica and k % 2 == 0))
+                if replica
+                else open_event_store(config)
+            )
+            for k in range(len(program.stores))
+        ]
         done = trio.Event()
         async with trio.open_nursery() as nursery:
             for index, store in enumerate(stores):
@@ -340,12 +354,15 @@ async def run_program(config: EventStoreConfig, program: Program, rnd: random.Ra
 @settings(max_examples=EXAMPLES)
 @given(program=programs, rnd=st.randoms(use_true_random=False))
 def test_concurrent_appends_keep_the_write_invariants(
-    store_config: EventStoreConfig, group_commit: bool | None, program: Program, rnd: random.Random
+    store_config: EventStoreConfig,
+    group_commit: bool | str | None,
+    program: Program,
+    rnd: random.Random,
 ) -> None:
     config = store_config
     if group_commit is not None:
-        config = store_config.with_changes(group_commit=group_commit)
-    trio.run(run_program, config, program, rnd)
+        config = store_config.with_changes(group_commit=bool(group_commit))
+    trio.run(run_program, config, program, rnd, group_commit == "replica")
 
 
 # -- checking --------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from trio_eventstore import (
     EventData,
     EventStore,
     EventStoreConfig,
-    admin,
     Subscription,
+    admin,
     open_event_store,
 )
 from trio_eventstore._pg import open_connection
@@ -135,7 +135,7 @@ async def test_lock_connection_killed_hands_over_at_once(initialized: EventStore
             await subscribed["b"].wait()  # b holds the lock now
             # The server releases a lock a moment before the dying session's socket
             # closes: a has stopped once its client has seen that (see Failover).
-            while subs["a"].statistics().role in ("holder", "hibernated"):
+            while subs["a"].statistics().role in ("holder", "hibernated"):  # noqa: ASYNC110
                 await trio.sleep(0.01)
             await append(store_a, "s", 2)
             await log.wait(lambda seen: len({n for _, n in seen}) >= 2)

@@ -236,12 +236,21 @@ def _event_columns(events: Sequence[EncodedEvent]) -> list[list[object]]:
 
 
 def batch_statement(
-    config: EventStoreConfig, requests: Sequence[AppendRequest], *, pipelined: bool = False
+    config: EventStoreConfig,
+    requests: Sequence[AppendRequest],
+    *,
+    pipelined: bool = False,
+    notify: bool = False,
 ) -> tuple[str, tuple[object, ...], datetime.datetime]:
     """`_sql.append_batch`, its parameters for ``requests`` and the created_at they
-    give the events (no I/O). ``pipelined``: the parameters of its first part."""
+    give the events (no I/O). ``pipelined``: the parameters of its first part;
+    ``notify``: the statement sends the notifications (see `Database.replica`)."""
     sql = _sql.append_batch(
-        config.schema, config.column_data_type, lone=len(requests) == 1, pipelined=pipelined
+        config.schema,
+        config.column_data_type,
+        lone=len(requests) == 1,
+        pipelined=pipelined,
+        notify=notify,
     )
     created_at = datetime.datetime.now(datetime.UTC)
     events = [e for r in requests for e in r.events]
@@ -323,14 +332,16 @@ def _lone_step(request: AppendRequest) -> str:
 
 
 def lone_statement(
-    config: EventStoreConfig, request: AppendRequest
+    config: EventStoreConfig, request: AppendRequest, *, notify: bool = False
 ) -> tuple[str, list[object], datetime.datetime]:
     """`_sql.append_lone` for ``request``, its parameters and the created_at they give
-    the events (no I/O)."""
+    the events (no I/O). ``notify``: as `batch_statement`'s."""
     step = _lone_step(request)
     events = request.events
     single = len(events) == 1
-    sql = _sql.append_lone(config.schema, config.column_data_type, step, single=single)
+    sql = _sql.append_lone(
+        config.schema, config.column_data_type, step, single=single, notify=notify
+    )
     created_at = datetime.datetime.now(datetime.UTC)
     params: list[object] = [request.stream_uuid]
     if single:
@@ -347,7 +358,7 @@ def lone_statement(
 async def _write_lone(db: Database, request: AppendRequest) -> Appended | None:
     """``request`` in `_sql.append_lone`'s one lean statement; None when it wrote
     nothing (the general statement then tells why)."""
-    sql, params, created_at = lone_statement(db.config, request)
+    sql, params, created_at = lone_statement(db.config, request, notify=db.replica)
     row = await db.fetchrow_direct(sql, *params)
     if row is None:
         return None
@@ -369,11 +380,13 @@ async def _write_batch(db: Database, requests: Sequence[AppendRequest]) -> list[
             return [appended]
         # Refused, or a case the lean statement leaves to the general one: it says why.
     if n_events < (ALL_APART_LONE_EVENTS if len(requests) == 1 else ALL_APART_EVENTS):
-        sql, params, created_at = batch_statement(db.config, requests)
+        sql, params, created_at = batch_statement(db.config, requests, notify=db.replica)
         rows = await db.fetch_direct(sql, *params, statements=1 + n_events // 1000)
         return batch_outcomes(requests, rows, created_at)
 
-    sql, params, created_at = batch_statement(db.config, requests, pipelined=True)
+    sql, params, created_at = batch_statement(
+        db.config, requests, pipelined=True, notify=db.replica
+    )
     rows = await db.fetchmany_direct(
         sql, [params, _all_part(params)], statements=2 + 2 * n_events // 1000
     )

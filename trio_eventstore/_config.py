@@ -286,6 +286,15 @@ class EventStoreConfig:
             writer task, in one statement and one commit each round (each caller still
             gets its own outcome); a lone append goes out at once. ``False``: each
             append runs on its own pooled connection.
+        replica_appends: the group-commit writer appends on connections of its own
+            (at most 4, beside the pool) that run with PostgreSQL's
+            ``session_replication_role = replica``, so that the per-row foreign-key
+            checks, which the store's own row locks make redundant for appends, are
+            skipped (the store sends the notifications the skipped trigger would
+            send). Needs the privilege to set it (a superuser, or ``GRANT SET ON
+            PARAMETER session_replication_role``, PostgreSQL 15 or later) and
+            ``group_commit``; the store refuses to open if the schema's tables carry
+            triggers or rules of their own.
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
         ssl_mode: libpq's ``sslmode``: ``"disable"``, ``"allow"``, ``"prefer"``,
@@ -326,6 +335,7 @@ class EventStoreConfig:
     notification_poll_interval: float = 5.0
     statement_cache_size: int = 100
     group_commit: bool = True
+    replica_appends: bool = False
     init: Callable[[EventStoreConfig], EventStoreConfig] | None = attrs.field(
         default=None, repr=False
     )
@@ -390,9 +400,16 @@ class EventStoreConfig:
                 "serializer: expected a Serializer (event_type_of, serialize, deserialize, "
                 f"serialize_metadata, deserialize_metadata), got {type(self.serializer).__name__}"
             )
-        for flag in ("enable_hard_deletes", "group_commit", "balance_subscriptions"):
+        for flag in _BOOL_FIELDS:
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}: expected a bool")
+        if self.replica_appends and not self.group_commit:
+            raise ValueError("replica_appends: needs group_commit (its writer uses them)")
+        if self.replica_appends and self.session_mode_url is not None:
+            raise ValueError(
+                "replica_appends: not behind PgBouncer in transaction mode "
+                "(session_mode_url is set): its connections need a session setting"
+            )
         if self.init is not None and not callable(self.init):
             raise TypeError("init: expected a callable taking and returning an EventStoreConfig")
         for name in TLS_PARAMS:
@@ -550,7 +567,7 @@ def session_keepalive(config: EventStoreConfig) -> SessionKeepalive:
 
 _INT_FIELDS = {"port", "pool_size", "statement_cache_size"}
 _FLOAT_FIELDS = set(_DURATIONS) | {"subscription_hibernate_after"}
-_BOOL_FIELDS = {"enable_hard_deletes", "group_commit", "balance_subscriptions"}
+_BOOL_FIELDS = ("enable_hard_deletes", "group_commit", "balance_subscriptions", "replica_appends")
 
 
 def _parse_env_value(name: str, raw: str) -> object:

@@ -1,6 +1,7 @@
 """What a schema holds: whether `init` made an event store there, with which
-column_data_type and at which version (`read_schema_state`), and whether a config can
-open it (`check_schema`)."""
+column_data_type and at which version (`read_schema_state`), whether a config can
+open it (`check_schema`), and whether appends may skip its triggers
+(`check_replica_appends`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import attrs
 
 from . import _sql
 from ._config import EventStoreConfig
-from ._errors import SchemaMismatchError, SchemaNotInitializedError
+from ._errors import NotSupportedError, SchemaMismatchError, SchemaNotInitializedError
 from ._pg import Conn
 
-__all__ = ["SchemaState", "check_schema", "latest_version", "read_schema_state"]
+__all__ = [
+    "SchemaState",
+    "check_replica_appends",
+    "check_schema",
+    "latest_version",
+    "read_schema_state",
+]
 
 
 _TABLES = 6
@@ -91,3 +98,38 @@ def check_schema(state: SchemaState, config: EventStoreConfig) -> None:
 
 def _dotted(version: tuple[int, int, int]) -> str:
     return ".".join(map(str, version))
+
+
+async def check_replica_appends(conn: Conn, schema: str) -> None:
+    """(asyncio-flavoured, on a ``replica_appends`` connection) Raise unless appends
+    on ``conn`` may skip the triggers of ``schema``'s tables: the connection runs with
+    ``session_replication_role = replica``, and the tables carry no trigger, foreign
+    key or rule beyond the Elixir layout's (those would go unenforced).
+
+    Raises:
+        NotSupportedError: what would go unenforced, or the setting did not hold.
+    """
+    row = await conn.fetchrow(
+        _sql.REPLICA_APPENDS_CHECK, schema, list(_sql.REPLICA_TRIGGERS), list(_sql.REPLICA_KEYS)
+    )
+    assert row is not None
+    if row["role"] != "replica":
+        raise NotSupportedError(
+            "replica_appends: the connections run with session_replication_role = "
+            f"{row['role']!r}, not 'replica' (a proxy in between dropped the setting?)"
+        )
+    extra = [
+        f"{kind} {', '.join(names)}"
+        for kind, names in (
+            ("triggers", row["triggers"]),
+            ("foreign keys", row["keys"]),
+            ("rules", row["rules"]),
+        )
+        if names
+    ]
+    if extra:
+        raise NotSupportedError(
+            f"replica_appends: the tables of schema {schema!r} carry {'; '.join(extra)} "
+            "beyond the event store's own; appends with session_replication_role = replica "
+            "would skip them (drop them, or open the store without replica_appends)"
+        )

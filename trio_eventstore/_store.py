@@ -22,6 +22,7 @@ from ._arguments import (
 )
 from ._config import EventStoreConfig
 from ._errors import (
+    InsufficientPrivilegeError,
     NotSupportedError,
     single_errors,
 )
@@ -475,12 +476,48 @@ async def open_event_store(config: EventStoreConfig) -> AsyncIterator[EventStore
                 subscriptions = Subscriptions(
                     config, database, notifier, locks, state.lock_key, nursery
                 )
-                writer = None
-                if config.group_commit:
-                    writer = GroupCommitWriter(database, subscriptions.appended)
-                    await nursery.start(writer.run)
-                try:
-                    yield EventStore(config, database, subscriptions, writer)
-                finally:
-                    await subscriptions.close()
-                nursery.cancel_scope.cancel()
+                async with _appends_database(config) as appends:
+                    writer = None
+                    if config.group_commit:
+                        writer = GroupCommitWriter(appends or database, subscriptions.appended)
+                        await nursery.start(writer.run)
+                    try:
+                        yield EventStore(config, database, subscriptions, writer)
+                    finally:
+                        await subscriptions.close()
+                    nursery.cancel_scope.cancel()
+
+
+#: ``replica_appends``: the writer's connections (batches in flight, big appends).
+APPEND_CONNECTIONS = _writer.MAX_IN_FLIGHT + _writer.MAX_BIG_IN_FLIGHT
+
+
+@contextlib.asynccontextmanager
+async def _appends_database(config: EventStoreConfig) -> AsyncIterator[Database | None]:
+    """With ``replica_appends``, the writer's own connections (`Database.replica`),
+    checked (`_schema_state.check_replica_appends`); otherwise None.
+
+    Raises:
+        InsufficientPrivilegeError: the role may not set session_replication_role.
+        NotSupportedError: the schema's tables carry triggers, foreign keys or rules of
+            their own (or the setting did not hold).
+    """
+    if not config.replica_appends:
+        yield None
+        return
+    size = min(config.pool_size, APPEND_CONNECTIONS)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            database = await stack.enter_async_context(
+                open_database(config.with_changes(pool_size=size), replica=True)
+            )
+        except InsufficientPrivilegeError as exc:
+            raise InsufficientPrivilegeError(
+                f"replica_appends: the role may not set session_replication_role ({exc}); "
+                "a superuser can allow it: GRANT SET ON PARAMETER session_replication_role "
+                "TO <role> (PostgreSQL 15 or later)",
+                role=exc.role,
+                privilege="SET on parameter session_replication_role",
+            ) from exc
+        await database.run(lambda conn: _schema_state.check_replica_appends(conn, config.schema))
+        yield database

@@ -145,6 +145,7 @@ async def _connect(
     *,
     command_timeout: float | None,
     keepalive: bool = False,
+    settings: Mapping[str, str] | None = None,
 ) -> Any:
     params = config.connect_params(database=database, session_mode=session_mode)
     _check_tls_files(params.get("dsn"))
@@ -153,7 +154,7 @@ async def _connect(
         timeout=config.timeout,
         command_timeout=command_timeout,
         statement_cache_size=config.statement_cache_size,
-        server_settings=_settings(role),
+        server_settings={**_settings(role), **(settings or {})},
     )
     if keepalive:
         try:

@@ -58,6 +58,13 @@ class Database:
     def config(self) -> EventStoreConfig:
         return self._config
 
+    @property
+    def replica(self) -> bool:
+        """Whether its connections run with ``session_replication_role = replica``
+        (``open_database(replica=True)``): no trigger fires on them, so statements that
+        write stream rows send the notifications themselves."""
+        return self._pool.replica
+
     async def reserve_slot(self) -> SlotReservation:
         """Wait for a pooled connection's place (as any statement does: it may raise
         `PoolOverloadedError`) and keep it for the next statement this task sends, which
@@ -312,8 +319,13 @@ def _shared_key(config: EventStoreConfig) -> tuple[object, ...]:
 
 
 @contextlib.asynccontextmanager
-async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
+async def open_database(
+    config: EventStoreConfig, *, replica: bool = False
+) -> AsyncIterator[Database]:
     """Open the pool (or join the shared pool named by ``shared_connection_pool``).
+
+    ``replica``: a pool of its own (never shared), whose connections run with
+    ``session_replication_role = replica`` (`Database.replica`).
 
     Raises:
         StorageUnavailableError: the server cannot be reached in ``config.timeout``.
@@ -323,7 +335,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
         InsufficientPrivilegeError: the role may not connect to the database (CONNECT).
         DatabaseNotFoundError: the database does not exist.
     """
-    name = config.shared_connection_pool
+    name = None if replica else config.shared_connection_pool
     if name is not None:
         registry_key = (trio.lowlevel.current_root_task(), name)
         shared = _SHARED.get(registry_key)
@@ -343,7 +355,7 @@ async def open_database(config: EventStoreConfig) -> AsyncIterator[Database]:
             return
 
     async with _asyncio_loop() as loop:
-        pool = _Pool(loop, config)
+        pool = _Pool(loop, config, replica=replica)
         try:
             try:
                 await pool.open()

@@ -112,7 +112,7 @@ class _Pool:
     with the admission rules of `_Admission`), and a unit of work costs one bridge
     crossing, without asyncpg's pool bookkeeping on the (costly) asyncio side."""
 
-    def __init__(self, loop: Any, config: EventStoreConfig) -> None:
+    def __init__(self, loop: Any, config: EventStoreConfig, *, replica: bool = False) -> None:
         self.loop = loop
         self.config = config
         self.admission = _Admission(config)
@@ -127,8 +127,12 @@ class _Pool:
         self._idle_wire: list[WireConnection] = []
         self._busy_wire: set[WireConnection] = set()
         self._target: Target | None = None
+        #: connections for appends only, with ``session_replication_role = replica``
+        #: (`Database.replica`)
+        self.replica = replica
+        self._extra = {"session_replication_role": "replica"} if replica else {}
         #: what the pooled connections' application_name says (`_connection._settings`)
-        self.role = f"pool {config.schema}"
+        self.role = f"{'appends' if replica else 'pool'} {config.schema}"
 
     def _make_room(self, wire: bool) -> None:
         """Before a new connection of one kind: close an idle one of the other kind if
@@ -148,7 +152,9 @@ class _Pool:
         # trip through the trio-asyncio loop each).
         return await _cross(
             self.loop,
-            _connect(self.config, None, False, self.role, command_timeout=None),
+            _connect(
+                self.config, None, False, self.role, command_timeout=None, settings=self._extra
+            ),
             self.config,
         )
 
@@ -211,7 +217,7 @@ class _Pool:
         timeout = self.config.timeout
         with trio.move_on_after(timeout):
             application_name = _settings(self.role)["application_name"]
-            return await _wire_connect(self.config, target, application_name)
+            return await _wire_connect(self.config, target, application_name, self._extra)
         raise StorageUnavailableError(f"could not connect to the database within {timeout:g} s")
 
     def busy_wire(self) -> Iterable[WireConnection]:

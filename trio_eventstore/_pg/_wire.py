@@ -28,7 +28,7 @@ import select
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -371,7 +371,12 @@ def _server_error(fields: dict[str, str], config: EventStoreConfig | None) -> Ev
 # -- connecting -----------------------------------------------------------------------------
 
 
-async def connect(config: EventStoreConfig, where: Target, application_name: str) -> WireConnection:
+async def connect(
+    config: EventStoreConfig,
+    where: Target,
+    application_name: str,
+    settings: Mapping[str, str] | None = None,
+) -> WireConnection:
     """A new connection (to the first of the target's addresses that answers).
 
     Raises:
@@ -381,14 +386,18 @@ async def connect(config: EventStoreConfig, where: Target, application_name: str
     last: BaseException | None = None
     for addr in where.addrs:
         try:
-            return await _connect_one(config, where, addr, application_name)
+            return await _connect_one(config, where, addr, application_name, settings or {})
         except (OSError, trio.BrokenResourceError) as exc:
             last = exc
     raise translate_error(last or OSError("no address to connect to"), config)
 
 
 async def _connect_one(
-    config: EventStoreConfig, where: Target, addr: tuple[str, int] | str, application_name: str
+    config: EventStoreConfig,
+    where: Target,
+    addr: tuple[str, int] | str,
+    application_name: str,
+    extra: Mapping[str, str],
 ) -> WireConnection:
     if isinstance(addr, str):
         sock: trio.SocketStream = await trio.open_unix_socket(addr)
@@ -413,6 +422,7 @@ async def _connect_one(
             "database": where.database,
             "client_encoding": "UTF8",
             **where.server_settings,
+            **extra,
             "application_name": application_name,
         }
         body = (

@@ -1,7 +1,8 @@
 """Quoting, and the column expressions that several kinds of statement share.
 
 Identifiers from users are always quoted with `quote_ident`; values are always
-parameters (`quote_literal` is for DDL only).
+parameters (`quote_literal` is for DDL, and for the notification channel the write
+statements name when they send notifications themselves).
 """
 
 from __future__ import annotations

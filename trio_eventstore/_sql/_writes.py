@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from ._quoting import _stored, quote_ident
+from ._quoting import _stored, quote_ident, quote_literal
 
 #: Outcomes of one append in `append_batch` (its ``outcome`` column).
 APPEND_OK, APPEND_DELETED, APPEND_EXISTS, APPEND_WRONG_VERSION = 0, 1, 2, 3
@@ -41,9 +41,36 @@ def _creatable(kind: str, expected: str) -> str:
     return f"({kind} <> {EXPECT_EXISTS} AND ({kind} <> {EXPECT_VERSION} OR {expected} = 0))"
 
 
+def _notify(schema: str, rows: str) -> str:
+    """A step that sends, in order, what the Elixir schema's ``event_notification``
+    trigger sends for each stream row written (``rows``: a query of (o, p), the order
+    and the payload ``'<stream_uuid>,<stream_id>,<first version>,<last version>'``),
+    for statements run with ``session_replication_role = replica`` (the trigger does
+    not fire then). One row (the count of notifications): join it to the result."""
+    channel = quote_literal(f"{schema}.events")
+    return (
+        f"nt AS (SELECT count(pg_catalog.pg_notify({channel}, x.p)) AS c"
+        f" FROM ({rows} ORDER BY 1 OFFSET 0) AS x(o, p))"
+    )
+
+
+def _payload(uuid: str, stream_id: str, before: str, n: str) -> str:
+    """A stream's notification payload, for ``n`` events written after ``before``."""
+    return f"{uuid} || ',' || {stream_id} || ',' || {_range(before, n)}"
+
+
+def _range(before: str, n: str) -> str:
+    return f"({before} + 1) || ',' || ({before} + {n})"
+
+
 @functools.lru_cache(maxsize=64)  # built once per schema: a hot path
 def append_batch(
-    schema: str, column_data_type: str, *, lone: bool = False, pipelined: bool = False
+    schema: str,
+    column_data_type: str,
+    *,
+    lone: bool = False,
+    pipelined: bool = False,
+    notify: bool = False,
 ) -> str:
     """Any number of appends, each to its own stream, in ONE statement (atomic on its
     own: no BEGIN/COMMIT round trips, one commit and one WAL flush for all of them).
@@ -87,6 +114,11 @@ def append_batch(
     events written by part 1, in order; it returns one row, ``k`` 0 and ``all_base`` the
     `$all` number before the first event (none when nothing was written). So the `$all`
     lock is held over the `$all` rows' checks and the commit only, and no round trip.
+
+    ``notify``: the statement sends the notifications itself (`_notify`), for a
+    connection whose triggers do not fire (``session_replication_role = replica``):
+    the streams' (new streams first, then by stream_uuid), then `$all`'s, as the
+    trigger would have queued them.
     """
     s = quote_ident(schema)
     data = _stored("u.d", column_data_type)
@@ -173,17 +205,40 @@ def append_batch(
         )
         + ")"
         + (_all_part(s) if pipelined else "")
+        + (", " + _notify(schema, _batch_notifications(pipelined)) if notify else "")
         + " SELECT st.k, st.outcome, st.stream_id, st.before, a.base + ok.offs AS all_base,"
         " d.id AS duplicate_id"
         " FROM st LEFT JOIN ok ON ok.k = st.k LEFT JOIN a ON true"
         " LEFT JOIN dup d ON d.a = st.k"
+        + (" CROSS JOIN nt" if notify else "")
         + (
             " CROSS JOIN rec"  # part 1: records what it wrote (one row per append)
             " UNION ALL SELECT 0, NULL, NULL, NULL, a2.base, NULL FROM a2"
+            + (" CROSS JOIN nt" if notify else "")
             if pipelined
             else ""
         )
         + " ORDER BY 1"
+    )
+
+
+def _batch_notifications(pipelined: bool) -> str:
+    """`append_batch`'s notifications (see `_notify`): each stream written, then `$all`
+    (when ``pipelined``, part 1 has only the streams', part 2 only `$all`'s)."""
+    streams = (
+        "SELECT row_number() OVER (ORDER BY ok.existed, r.uuid),"
+        f" {_payload('r.uuid', 'ok.stream_id', 'ok.before', 'ok.n')}"
+        " FROM ok JOIN req r ON r.k = ok.k"
+    )
+    if pipelined:
+        return (
+            f"{streams} UNION ALL SELECT 0, '$all,0,' || {_range('a2.base', 't.total')}"
+            " FROM a2, (SELECT count(*) AS total FROM evs) t"
+        )
+    return (
+        f"{streams} UNION ALL SELECT 1 + (SELECT count(*) FROM ok),"
+        f" '$all,0,' || {_range('a.base', 't.total')}"
+        " FROM a, (SELECT sum(ok.n)::bigint AS total FROM ok) t"
     )
 
 
@@ -231,7 +286,9 @@ LONE_NEW, LONE_VERSION, LONE_EXISTS, LONE_ANY = "new", "version", "exists", "any
 
 
 @functools.lru_cache(maxsize=64)  # built once per schema and step: a hot path
-def append_lone(schema: str, column_data_type: str, step: str, *, single: bool = False) -> str:
+def append_lone(
+    schema: str, column_data_type: str, step: str, *, single: bool = False, notify: bool = False
+) -> str:
     """One append, the way it usually goes, in ONE lean statement: what the Elixir
     library's own insert statement does, with the expected version checked by the
     statement itself instead of by a SELECT before it.
@@ -257,7 +314,10 @@ def append_lone(schema: str, column_data_type: str, step: str, *, single: bool =
     fails the statement (unique violation).
 
     ``single``: for an append of one event, its parameters are values, not arrays (no
-    array to encode, decode and unnest)."""
+    array to encode, decode and unnest).
+
+    ``notify``: the statement sends the stream's and `$all`'s notifications itself (see
+    `append_batch`)."""
     s = quote_ident(schema)
     n = "1::bigint" if single else "cardinality($2::uuid[])"
     update = (
@@ -322,8 +382,61 @@ def append_lone(schema: str, column_data_type: str, step: str, *, single: bool =
             else " FROM st, a, unnest($2::uuid[]) WITH ORDINALITY AS u(id, k),"
         )
         + " LATERAL (VALUES (st.stream_id), (0::bigint)) AS x(sid)"
-        ") SELECT st.stream_id, st.before, a.base FROM st, a"
+        ")"
+        + (
+            ", "
+            + _notify(
+                schema,
+                f"SELECT 1, {_payload('$1::text', 'st.stream_id', 'st.before', n)} FROM st"
+                f" UNION ALL SELECT 2, '$all,0,' || {_range('a.base', n)} FROM a",
+            )
+            if notify
+            else ""
+        )
+        + " SELECT st.stream_id, st.before, a.base FROM st, a"
+        + (", nt" if notify else "")
     )
+
+
+#: For ``replica_appends`` (on one of its connections; $1 the schema): the connection's
+#: ``session_replication_role``, and what on the store's three tables would go
+#: unenforced on it beyond the Elixir schema's own: triggers (enabled) and foreign keys
+#: of their own (as 'table.name'), rules. The foreign keys of the layout (the
+#: ``REPLICA_KEYS``) and its triggers (``REPLICA_TRIGGERS``) are the ones appends keep
+#: true by their own locks, and whose notifications they send.
+REPLICA_TRIGGERS = (
+    "streams.event_notification",
+    "streams.no_delete_streams",
+    "events.no_update_events",
+    "events.no_delete_events",
+    "stream_events.no_update_stream_events",
+    "stream_events.no_delete_stream_events",
+)
+REPLICA_KEYS = (
+    "stream_events(event_id) -> events",
+    "stream_events(stream_id) -> streams",
+    "stream_events(original_stream_id) -> streams",
+)
+REPLICA_APPENDS_CHECK = (
+    "WITH t AS ("
+    " SELECT c.oid, c.relname FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = $1 AND c.relname IN ('streams', 'events', 'stream_events')"
+    ") SELECT pg_catalog.current_setting('session_replication_role') AS role,"
+    " ARRAY(SELECT t.relname || '.' || g.tgname FROM pg_catalog.pg_trigger g"
+    " JOIN t ON t.oid = g.tgrelid WHERE NOT g.tgisinternal AND g.tgenabled <> 'D'"
+    " AND t.relname || '.' || g.tgname <> ALL($2::text[]) ORDER BY 1) AS triggers,"
+    " ARRAY(SELECT k.key FROM (SELECT t.relname || '(' || (SELECT string_agg(a.attname, ', '"
+    " ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = k.conrelid"
+    " AND a.attnum = ANY(k.conkey)) || ') -> ' || f.relname"
+    " || CASE WHEN f.relnamespace = c.relnamespace THEN '' ELSE ' (another schema)' END AS key"
+    " FROM pg_catalog.pg_constraint k JOIN t ON t.oid = k.conrelid"
+    " JOIN pg_catalog.pg_class c ON c.oid = k.conrelid"
+    " JOIN pg_catalog.pg_class f ON f.oid = k.confrelid WHERE k.contype = 'f') k"
+    " WHERE k.key <> ALL($3::text[]) ORDER BY 1) AS keys,"
+    " ARRAY(SELECT t.relname || '.' || r.rulename FROM pg_catalog.pg_rewrite r"
+    " JOIN t ON t.oid = r.ev_class ORDER BY 1) AS rules"
+)
 
 
 @functools.lru_cache(maxsize=64)  # built once per schema: a hot path
