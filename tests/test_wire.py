@@ -345,6 +345,33 @@ async def test_the_pool_never_holds_more_than_its_size(initialized: EventStoreCo
         assert n == 1
 
 
+@pytest.mark.parametrize("direct_first", [True, False])
+async def test_connections_opened_at_once_stay_within_the_pool_size(
+    initialized: EventStoreConfig, direct_first: bool
+) -> None:
+    """Idle connections of one kind, then a burst that opens the other kind at once:
+    each new one makes room as it starts to connect, not once it is connected."""
+    name = f"trio-eventstore pool {initialized.schema}"[:63]
+    async with open_database(initialized.with_changes(pool_size=3)) as db:
+
+        async def direct() -> None:
+            await db.fetchrow_direct("SELECT pg_sleep(0.2) AS slept")
+
+        async def via_asyncpg() -> None:
+            await db.fetchval("SELECT pg_sleep(0.2)")
+
+        first, burst = (direct, via_asyncpg) if direct_first else (via_asyncpg, direct)
+        await first()
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(burst)
+        async with open_connection(initialized) as watcher:
+            n = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name
+            )
+        assert n <= 3
+
+
 async def test_closing_the_store_fails_a_statement_in_flight(
     initialized: EventStoreConfig,
 ) -> None:

@@ -169,16 +169,19 @@ class _Pool:
                 return conn
             self.size -= 1
         self._make_room(wire=False)
+        # Counted from now: another connection made meanwhile makes room for this one.
+        self.size += 1
         try:
             conn = await self._connect()
         except BaseException:
+            self.size -= 1
             self._slots.release()
             raise
         if self.closed:  # closed while connecting (`close` still closing the idle ones)
             conn.terminate()
+            self.size -= 1
             self._slots.release()
             raise EventStoreClosedError()
-        self.size += 1
         return conn
 
     async def acquire_wire(self) -> WireConnection:
@@ -202,11 +205,16 @@ class _Pool:
                 self.size -= 1
             else:
                 self._make_room(wire=True)
-                conn = await self._connect_wire(self._target)
+                self.size += 1  # counted from now, as in `acquire`
+                try:
+                    conn = await self._connect_wire(self._target)
+                except BaseException:
+                    self.size -= 1
+                    raise
                 if self.closed:  # closed while connecting: the connection is not its to use
                     conn.close()
+                    self.size -= 1
                     raise EventStoreClosedError()
-                self.size += 1
         except BaseException:
             self._slots.release()
             raise
