@@ -9,7 +9,13 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from trio_eventstore import ANY_VERSION, EventData, EventStoreConfig, open_event_store
+from trio_eventstore import (
+    ANY_VERSION,
+    EventData,
+    EventStoreConfig,
+    NotSupportedError,
+    open_event_store,
+)
 
 from .pgbouncer import pgbouncer
 
@@ -68,3 +74,17 @@ async def test_without_session_mode_url_polling_still_delivers(
             await store.append_to_stream("s", ANY_VERSION, [EventData({"i": 1}, event_type="T")])
             batch = await sub.__anext__()
             assert [e.event_number for e in batch] == [1]
+
+
+async def test_replica_appends_through_pgbouncer_is_refused_saying_why(
+    bouncer: str, initialized: EventStoreConfig
+) -> None:
+    """PgBouncer refuses the setting as a startup parameter: not a passing outage."""
+    config = through(bouncer, initialized).with_changes(replica_appends=True)
+    with trio.fail_after(HANG_GUARD), pytest.raises(NotSupportedError) as caught:
+        async with open_event_store(config):
+            pass  # pragma: no cover
+    message = str(caught.value)
+    assert "replica_appends" in message
+    assert "direct connection" in message
+    assert "session_replication_role" in message

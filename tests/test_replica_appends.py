@@ -226,6 +226,9 @@ async def test_replica_appends_needs_the_privilege(
             async with open_event_store(config):
                 pass  # pragma: no cover
         assert caught.value.privilege == "SET on parameter session_replication_role"
+        # the statement to run, for this role
+        grant = f"GRANT SET ON PARAMETER session_replication_role TO {quote_ident(name)}"
+        assert grant in str(caught.value)
         async with open_connection(initialized) as conn:
             await conn.execute(
                 f"GRANT SET ON PARAMETER session_replication_role TO {quote_ident(name)}"

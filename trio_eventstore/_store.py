@@ -24,13 +24,14 @@ from ._config import EventStoreConfig
 from ._errors import (
     InsufficientPrivilegeError,
     NotSupportedError,
+    StorageUnavailableError,
     single_errors,
 )
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
 from ._pg import Database, open_database
 from ._serialization import JsonSerializer, Serializer
-from ._sql import STREAM_SORT_COLUMNS
+from ._sql import STREAM_SORT_COLUMNS, quote_ident
 from ._statistics import EventStoreStatistics, store_statistics
 from ._storable import check_storable
 from ._store_subscriptions import SubscriptionMethods
@@ -500,7 +501,7 @@ async def _appends_database(config: EventStoreConfig) -> AsyncIterator[Database 
     Raises:
         InsufficientPrivilegeError: the role may not set session_replication_role.
         NotSupportedError: the schema's tables carry triggers, foreign keys or rules of
-            their own (or the setting did not hold).
+            their own, or the setting did not hold or was refused (PgBouncer).
     """
     if not config.replica_appends:
         yield None
@@ -512,12 +513,23 @@ async def _appends_database(config: EventStoreConfig) -> AsyncIterator[Database 
                 open_database(config.with_changes(pool_size=size), replica=True)
             )
         except InsufficientPrivilegeError as exc:
+            role = quote_ident(exc.role) if exc.role else "<role>"
             raise InsufficientPrivilegeError(
                 f"replica_appends: the role may not set session_replication_role ({exc}); "
                 "a superuser can allow it: GRANT SET ON PARAMETER session_replication_role "
-                "TO <role> (PostgreSQL 15 or later)",
+                f"TO {role} (PostgreSQL 15 or later)",
                 role=exc.role,
                 privilege="SET on parameter session_replication_role",
+            ) from exc
+        except StorageUnavailableError as exc:
+            if "session_replication_role" not in str(exc):
+                raise
+            # PgBouncer: "unsupported startup parameter: session_replication_role"
+            raise NotSupportedError(
+                "replica_appends: the server refused session_replication_role as a "
+                f"connection setting ({exc}); a connection pooler such as PgBouncer is "
+                "in between? replica_appends needs a direct connection to PostgreSQL: "
+                "point url at the server, or open the store without replica_appends"
             ) from exc
         await database.run(lambda conn: _schema_state.check_replica_appends(conn, config.schema))
         yield database
