@@ -263,6 +263,19 @@ async def test_replica_appends_needs_the_privilege(
             "CREATE RULE quiet AS ON INSERT TO {s}.streams DO ALSO NOTIFY quiet",
             "rules streams.quiet",
         ),
+        (  # fires on replica connections too, but what it writes goes unchecked there
+            "CREATE FUNCTION {s}.audit() RETURNS trigger LANGUAGE plpgsql AS"
+            " 'BEGIN RETURN NULL; END'|"
+            "CREATE TRIGGER audit AFTER INSERT ON {s}.events FOR EACH ROW"
+            " EXECUTE FUNCTION {s}.audit()|"
+            "ALTER TABLE {s}.events ENABLE ALWAYS TRIGGER audit",
+            "triggers events.audit (enabled always)",
+        ),
+        (
+            "CREATE RULE quiet AS ON INSERT TO {s}.streams DO ALSO NOTIFY quiet|"
+            "ALTER TABLE {s}.streams ENABLE REPLICA RULE quiet",
+            "rules streams.quiet (enabled replica)",
+        ),
     ],
 )
 async def test_replica_appends_refuses_tables_with_checks_of_their_own(
@@ -279,7 +292,9 @@ async def test_replica_appends_refuses_tables_with_checks_of_their_own(
         assert await store.read_all_streams_forward() == []
 
 
-async def test_replica_appends_takes_a_disabled_trigger(initialized: EventStoreConfig) -> None:
+async def test_replica_appends_takes_a_disabled_trigger_or_rule(
+    initialized: EventStoreConfig,
+) -> None:
     s = quote_ident(initialized.schema)
     async with open_connection(initialized) as conn:
         await conn.execute(
@@ -291,13 +306,15 @@ async def test_replica_appends_takes_a_disabled_trigger(initialized: EventStoreC
             f" EXECUTE FUNCTION {s}.audit()"
         )
         await conn.execute(f"ALTER TABLE {s}.events DISABLE TRIGGER audit")
+        await conn.execute(f"CREATE RULE quiet AS ON INSERT TO {s}.streams DO ALSO NOTIFY quiet")
+        await conn.execute(f"ALTER TABLE {s}.streams DISABLE RULE quiet")
     async with open_event_store(initialized.with_changes(replica_appends=True)) as store:
         assert await store.append_to_stream("s", NO_STREAM, [ev(1)]) == 1
 
 
 def test_replica_appends_needs_group_commit_and_a_session() -> None:
     url = "postgresql://u:p@localhost/db"
-    with pytest.raises(ValueError, match="needs group_commit"):
+    with pytest.raises(ValueError, match=r"needs group_commit=True .*replica_appends=False"):
         EventStoreConfig(url=url, replica_appends=True, group_commit=False)
     with pytest.raises(ValueError, match="PgBouncer"):
         EventStoreConfig(url=url, replica_appends=True, session_mode_url=url)

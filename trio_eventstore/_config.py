@@ -404,7 +404,11 @@ class EventStoreConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}: expected a bool")
         if self.replica_appends and not self.group_commit:
-            raise ValueError("replica_appends: needs group_commit (its writer uses them)")
+            raise ValueError(
+                "replica_appends: needs group_commit=True (the connections that skip the "
+                "checks are the group-commit writer's): drop group_commit=False, or set "
+                "replica_appends=False"
+            )
         if self.replica_appends and self.session_mode_url is not None:
             raise ValueError(
                 "replica_appends: not behind PgBouncer in transaction mode "

@@ -103,8 +103,8 @@ def _dotted(version: tuple[int, int, int]) -> str:
 async def check_replica_appends(conn: Conn, schema: str) -> None:
     """(asyncio-flavoured, on a ``replica_appends`` connection) Raise unless appends
     on ``conn`` may skip the triggers of ``schema``'s tables: the connection runs with
-    ``session_replication_role = replica``, and the tables carry no trigger, foreign
-    key or rule beyond the Elixir layout's (those would go unenforced).
+    ``session_replication_role = replica``, and the tables carry no trigger or rule
+    (not disabled) or foreign key beyond the Elixir layout's (those would go unenforced).
 
     Raises:
         NotSupportedError: what would go unenforced, or the setting did not hold.
@@ -128,8 +128,15 @@ async def check_replica_appends(conn: Conn, schema: str) -> None:
         if names
     ]
     if extra:
+        effect = "would skip them"
+        if any("(enabled " in name for name in [*row["triggers"], *row["rules"]]):
+            # ENABLE ALWAYS / REPLICA: they fire, but what they write is not checked.
+            effect += (
+                ", or run those enabled always or replica with the triggers and foreign "
+                "keys of what they write skipped"
+            )
         raise NotSupportedError(
             f"replica_appends: the tables of schema {schema!r} carry {'; '.join(extra)} "
             "beyond the event store's own; appends with session_replication_role = replica "
-            "would skip them (drop them, or open the store without replica_appends)"
+            f"{effect} (drop or disable them, or open the store without replica_appends)"
         )

@@ -400,10 +400,12 @@ def append_lone(
 
 #: For ``replica_appends`` (on one of its connections; $1 the schema): the connection's
 #: ``session_replication_role``, and what on the store's three tables would go
-#: unenforced on it beyond the Elixir schema's own: triggers (enabled) and foreign keys
-#: of their own (as 'table.name'), rules. The foreign keys of the layout (the
-#: ``REPLICA_KEYS``) and its triggers (``REPLICA_TRIGGERS``) are the ones appends keep
-#: true by their own locks, and whose notifications they send.
+#: unenforced on it beyond the Elixir schema's own: triggers and rules not disabled (as
+#: 'table.name', with ' (enabled always)' or ' (enabled replica)' for those that would
+#: still fire, with the checks of what they write skipped), foreign keys of their own.
+#: The foreign keys of the layout (the ``REPLICA_KEYS``) and its triggers
+#: (``REPLICA_TRIGGERS``) are the ones appends keep true by their own locks, and whose
+#: notifications they send.
 REPLICA_TRIGGERS = (
     "streams.event_notification",
     "streams.no_delete_streams",
@@ -423,7 +425,9 @@ REPLICA_APPENDS_CHECK = (
     " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     " WHERE n.nspname = $1 AND c.relname IN ('streams', 'events', 'stream_events')"
     ") SELECT pg_catalog.current_setting('session_replication_role') AS role,"
-    " ARRAY(SELECT t.relname || '.' || g.tgname FROM pg_catalog.pg_trigger g"
+    " ARRAY(SELECT t.relname || '.' || g.tgname || CASE g.tgenabled"
+    " WHEN 'A' THEN ' (enabled always)' WHEN 'R' THEN ' (enabled replica)' ELSE '' END"
+    " FROM pg_catalog.pg_trigger g"
     " JOIN t ON t.oid = g.tgrelid WHERE NOT g.tgisinternal AND g.tgenabled <> 'D'"
     " AND t.relname || '.' || g.tgname <> ALL($2::text[]) ORDER BY 1) AS triggers,"
     " ARRAY(SELECT k.key FROM (SELECT t.relname || '(' || (SELECT string_agg(a.attname, ', '"
@@ -434,8 +438,10 @@ REPLICA_APPENDS_CHECK = (
     " JOIN pg_catalog.pg_class c ON c.oid = k.conrelid"
     " JOIN pg_catalog.pg_class f ON f.oid = k.confrelid WHERE k.contype = 'f') k"
     " WHERE k.key <> ALL($3::text[]) ORDER BY 1) AS keys,"
-    " ARRAY(SELECT t.relname || '.' || r.rulename FROM pg_catalog.pg_rewrite r"
-    " JOIN t ON t.oid = r.ev_class ORDER BY 1) AS rules"
+    " ARRAY(SELECT t.relname || '.' || r.rulename || CASE r.ev_enabled"
+    " WHEN 'A' THEN ' (enabled always)' WHEN 'R' THEN ' (enabled replica)' ELSE '' END"
+    " FROM pg_catalog.pg_rewrite r"
+    " JOIN t ON t.oid = r.ev_class WHERE r.ev_enabled <> 'D' ORDER BY 1) AS rules"
 )
 
 
