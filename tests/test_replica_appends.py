@@ -276,6 +276,18 @@ async def test_replica_appends_needs_the_privilege(
             "ALTER TABLE {s}.streams ENABLE REPLICA RULE quiet",
             "rules streams.quiet (enabled replica)",
         ),
+        (
+            # Checked by an internal trigger, which does not fire on a replica connection:
+            # duplicates would go in.
+            "ALTER TABLE {s}.events ADD CONSTRAINT one_correlation UNIQUE (correlation_id)"
+            " DEFERRABLE INITIALLY IMMEDIATE",
+            "deferrable constraints events.one_correlation",
+        ),
+        (
+            "CREATE CONSTRAINT TRIGGER audit AFTER INSERT ON {s}.stream_events"
+            " FOR EACH ROW EXECUTE FUNCTION {s}.event_store_exception('no')",
+            "triggers stream_events.audit",
+        ),
     ],
 )
 async def test_replica_appends_refuses_tables_with_checks_of_their_own(

@@ -294,7 +294,7 @@ class EventStoreConfig:
             send). Needs the privilege to set it (a superuser, or ``GRANT SET ON
             PARAMETER session_replication_role``, PostgreSQL 15 or later) and
             ``group_commit``; the store refuses to open if the schema's tables carry
-            triggers or rules of their own.
+            triggers, foreign keys, rules or deferrable constraints of their own.
         init: called with this config when the store opens; returns the config to use
             (the Elixir ``init/1`` callback).
         ssl_mode: libpq's ``sslmode``: ``"disable"``, ``"allow"``, ``"prefer"``,

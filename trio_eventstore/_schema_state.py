@@ -104,7 +104,8 @@ async def check_replica_appends(conn: Conn, schema: str) -> None:
     """(asyncio-flavoured, on a ``replica_appends`` connection) Raise unless appends
     on ``conn`` may skip the triggers of ``schema``'s tables: the connection runs with
     ``session_replication_role = replica``, and the tables carry no trigger or rule
-    (not disabled) or foreign key beyond the Elixir layout's (those would go unenforced).
+    (not disabled), foreign key or deferrable constraint beyond the Elixir layout's
+    (those would go unenforced).
 
     Raises:
         NotSupportedError: what would go unenforced, or the setting did not hold.
@@ -124,6 +125,7 @@ async def check_replica_appends(conn: Conn, schema: str) -> None:
             ("triggers", row["triggers"]),
             ("foreign keys", row["keys"]),
             ("rules", row["rules"]),
+            ("deferrable constraints", row["deferrable"]),
         )
         if names
     ]

@@ -500,8 +500,9 @@ async def _appends_database(config: EventStoreConfig) -> AsyncIterator[Database 
 
     Raises:
         InsufficientPrivilegeError: the role may not set session_replication_role.
-        NotSupportedError: the schema's tables carry triggers, foreign keys or rules of
-            their own, or the setting did not hold or was refused (PgBouncer).
+        NotSupportedError: the schema's tables carry triggers, foreign keys, rules or
+            deferrable constraints of their own, or the setting did not hold or was
+            refused (PgBouncer).
     """
     if not config.replica_appends:
         yield None

@@ -402,10 +402,10 @@ def append_lone(
 #: ``session_replication_role``, and what on the store's three tables would go
 #: unenforced on it beyond the Elixir schema's own: triggers and rules not disabled (as
 #: 'table.name', with ' (enabled always)' or ' (enabled replica)' for those that would
-#: still fire, with the checks of what they write skipped), foreign keys of their own.
-#: The foreign keys of the layout (the ``REPLICA_KEYS``) and its triggers
-#: (``REPLICA_TRIGGERS``) are the ones appends keep true by their own locks, and whose
-#: notifications they send.
+#: still fire, with the checks of what they write skipped), foreign keys of their own,
+#: deferrable constraints (their checks are internal triggers). The foreign keys of the
+#: layout (the ``REPLICA_KEYS``) and its triggers (``REPLICA_TRIGGERS``) are the ones
+#: appends keep true by their own locks, and whose notifications they send.
 REPLICA_TRIGGERS = (
     "streams.event_notification",
     "streams.no_delete_streams",
@@ -441,7 +441,12 @@ REPLICA_APPENDS_CHECK = (
     " ARRAY(SELECT t.relname || '.' || r.rulename || CASE r.ev_enabled"
     " WHEN 'A' THEN ' (enabled always)' WHEN 'R' THEN ' (enabled replica)' ELSE '' END"
     " FROM pg_catalog.pg_rewrite r"
-    " JOIN t ON t.oid = r.ev_class WHERE r.ev_enabled <> 'D' ORDER BY 1) AS rules"
+    " JOIN t ON t.oid = r.ev_class WHERE r.ev_enabled <> 'D' ORDER BY 1) AS rules,"
+    # A deferrable unique, primary-key or exclusion constraint is checked by an internal
+    # trigger (unique_key_recheck), which does not fire on such a connection either.
+    " ARRAY(SELECT t.relname || '.' || k.conname FROM pg_catalog.pg_constraint k"
+    " JOIN t ON t.oid = k.conrelid WHERE k.condeferrable AND k.contype <> 'f'"
+    " ORDER BY 1) AS deferrable"
 )
 
 
