@@ -17,6 +17,7 @@ from trio_eventstore import (
     NO_STREAM,
     STREAM_EXISTS,
     EventStoreConfig,
+    EventStoreStatistics,
     InsufficientPrivilegeError,
     NotSupportedError,
     admin,
@@ -332,3 +333,30 @@ def test_replica_appends_needs_group_commit_and_a_session() -> None:
         EventStoreConfig(url=url, replica_appends=True, session_mode_url=url)
     with pytest.raises(TypeError, match="replica_appends: expected a bool"):
         EventStoreConfig(url=url, replica_appends="yes")  # type: ignore[arg-type]
+
+
+async def test_the_writers_own_connections_are_counted(initialized: EventStoreConfig) -> None:
+    """With replica_appends the writer's connections are beside the pool: its statistics
+    and /metrics say how many are open; without it they are the pool's (0)."""
+    from tests.test_health import parse_prometheus
+    from trio_eventstore._exposition import render_metrics
+
+    def exposed(stats: EventStoreStatistics) -> float:
+        samples = parse_prometheus(render_metrics(stats))
+        key = ("eventstore_writer_connections", frozenset({("schema", initialized.schema)}))
+        return samples[key]
+
+    async with open_event_store(initialized.with_changes(replica_appends=True)) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(store.append_to_stream, f"s{i}", NO_STREAM, [ev(i)])
+        stats = store.statistics()
+        assert stats.writer is not None
+        assert 1 <= stats.writer.connections <= 4
+        assert exposed(stats) == stats.writer.connections
+    async with open_event_store(initialized) as store:
+        await store.append_to_stream("plain", NO_STREAM, [ev(1)])
+        stats = store.statistics()
+        assert stats.writer is not None
+        assert stats.writer.connections == 0
+        assert exposed(stats) == 0

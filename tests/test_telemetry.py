@@ -128,6 +128,9 @@ async def test_opentelemetry_metrics_and_spans(store: EventStore) -> None:
     assert value(found, "eventstore.pool.waiting").value == 0
     assert value(found, "eventstore.pool.overloads").value == 0
     assert value(found, "eventstore.listener.connected").value == 1
+    assert value(found, "eventstore.writer.batches").value >= 1
+    assert value(found, "eventstore.writer.queued").value == 0
+    assert value(found, "eventstore.writer.connections").value == 0  # pooled ones
     sub_labels = {"eventstore.subscription": "metrics", "eventstore.stream": "$all"}
 
     def sub_value(name: str, **extra: str) -> Any:

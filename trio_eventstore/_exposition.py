@@ -112,6 +112,13 @@ def render_metrics(
             "eventstore_writer_batches_total", "counter", "Group commits.", base, writer.batches
         )
         out.one("eventstore_writer_queued", "gauge", "Appends queued.", base, writer.queued)
+        out.one(
+            "eventstore_writer_connections",
+            "gauge",
+            "The writer's own connections open (replica_appends), beside the pool's.",
+            base,
+            writer.connections,
+        )
     out.histogram(
         "eventstore_append_duration_seconds",
         "Appends, from the call to the commit.",

@@ -67,6 +67,9 @@ class WriterStatistics:
     largest_batch: int
     #: appends waiting for the writer now
     queued: int
+    #: with ``replica_appends``: the writer's own connections open now, beside the
+    #: pool's (0 otherwise: it writes on pooled connections)
+    connections: int = 0
 
 
 class _Pending:
@@ -158,6 +161,7 @@ class GroupCommitWriter:
             appends=self._appends,
             largest_batch=self._largest,
             queued=sum(not p.abandoned for p in self._queue),
+            connections=int(self._db.pool_statistics()["size"]) if self._db.replica else 0,
         )
 
     async def append(self, request: _storage.AppendRequest) -> _storage.Appended:

@@ -200,6 +200,10 @@ def _register(meter: otel_metrics.Meter, source: _Source, schema: str) -> None:
             lambda s: one(s.pool_overloads),
         ),
         "eventstore.notifications": ("Notifications received", lambda s: one(s.notifications)),
+        "eventstore.writer.batches": (
+            "Group commits (statements the group-commit writer wrote)",
+            lambda s: one(s.writer.batches) if s.writer is not None else [],
+        ),
     }
     for name, (description, read) in counters.items():
         meter.create_observable_counter(name, [store_figure(read)], description=description)
@@ -239,6 +243,16 @@ def _register(meter: otel_metrics.Meter, source: _Source, schema: str) -> None:
             "",
             "The advisory-lock connection is up (1) or not (0)",
             lambda s: one(int(s.lock_connected)),
+        ),
+        "eventstore.writer.queued": (
+            "",
+            "Appends waiting for the group-commit writer",
+            lambda s: one(s.writer.queued) if s.writer is not None else [],
+        ),
+        "eventstore.writer.connections": (
+            "",
+            "The writer's own connections open (replica_appends), beside the pool's",
+            lambda s: one(s.writer.connections) if s.writer is not None else [],
         ),
     }
     for name, (unit, description, read) in gauges.items():
