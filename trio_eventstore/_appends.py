@@ -9,6 +9,7 @@ import datetime
 import re
 import uuid
 from collections.abc import Sequence
+from functools import partial
 
 import attrs
 
@@ -27,7 +28,7 @@ from ._errors import (
     StreamNotFoundError,
     WrongExpectedVersionError,
 )
-from ._pg import Conn, Database, Row
+from ._pg import Conn, Database, Row, waiting_out_overload
 from ._serialization import Serializer
 from ._types import EventData, ExpectedVersion, RecordedEvent
 
@@ -210,17 +211,20 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
         return DuplicateEventError(
             f"{named} is {where}", stream_uuid=stream_uuid, event_id=event_id
         )
-    if exc.sqlstate == "22P02" or exc.sqlstate == "22021":
-        return SerializationError(f"the database rejected the event data: {exc}")
-    if exc.sqlstate == "54000":  # program_limit_exceeded: e.g. a jsonb document too large
-        return EventTooLargeError(f"the database rejected the event data: {exc}")
+    if _data_refused(exc):
+        # A data exception (class 22: text that is not JSON, a number beyond numeric's
+        # range, ...) or a program limit (class 54: a jsonb document too large or too
+        # deep): what a serializer gave for one of the events.
+        kind = SerializationError if (exc.sqlstate or "").startswith("22") else EventTooLargeError
+        return kind(f"the database rejected the event data: {exc}")
     return exc
 
 
-#: SQLSTATEs after which a failed batch is written again one append at a time: a
-#: duplicate event id committed while the statement ran (its check did not see it), or
-#: data the database refused in one of the appends.
-_SPLIT_STATES = frozenset({"23505", "22P02", "22021"})
+def _data_refused(exc: DatabaseError) -> bool:
+    """Whether the server refused an event's data (`_translate_write_error`)."""
+    return exc.sqlstate is not None and exc.sqlstate[:2] in ("22", "54")
+
+
 
 
 def _event_columns(events: Sequence[EncodedEvent]) -> list[list[object]]:
@@ -402,12 +406,23 @@ async def append_batch(db: Database, requests: Sequence[AppendRequest]) -> list[
     try:
         return await _write_batch(db, requests)
     except DatabaseError as exc:
-        if exc.sqlstate not in _SPLIT_STATES:
+        # A duplicate event id committed while the statement ran (its check did not see
+        # it), or data the database refused in one of the appends: only the culprit fails.
+        if exc.sqlstate != "23505" and not _data_refused(exc):
             raise
         if len(requests) == 1:
             return [_translate_write_error(exc, requests[0].stream_uuid)]
-    # Rare: write them one by one, so that only the culprit fails.
-    return [(await append_batch(db, [r]))[0] for r in requests]
+    # Rare: write them one by one. From the first one's commit on, the batch must never
+    # be written again: each waits out an overloaded pool on its own, and an error that
+    # fails one (the database gone, ...) is its own outcome.
+    outcomes: list[Outcome] = []
+    for request in requests:
+        try:
+            (outcome,) = await waiting_out_overload(partial(append_batch, db, [request]))
+        except EventStoreError as exc:
+            outcome = exc
+        outcomes.append(outcome)
+    return outcomes
 
 
 async def append(db: Database, request: AppendRequest) -> Appended:
