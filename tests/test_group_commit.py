@@ -496,10 +496,13 @@ async def test_stores_writing_overlapping_streams_never_deadlock(
         assert numbers == list(range(1, info.stream_version + 1))
 
 
+@pytest.mark.parametrize("group_commit", [True, False])
 async def test_appends_wait_while_readers_hold_every_connection(
-    initialized: EventStoreConfig,
+    initialized: EventStoreConfig, group_commit: bool
 ) -> None:
-    config = initialized.with_changes(pool_size=1, queue_target=0.001, queue_interval=0.01)
+    config = initialized.with_changes(
+        pool_size=1, queue_target=0.001, queue_interval=0.01, group_commit=group_commit
+    )
     async with open_event_store(config) as store:
         async with trio.open_nursery() as nursery:
             # A slow query holds the only pooled connection past the overload limits.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from ._errors import (
 )
 from ._locks import LockKeeper, run_lock_keeper
 from ._notifications import Notifier, run_notifier
-from ._pg import Database, open_database
+from ._pg import Database, open_database, waiting_out_overload
 from ._serialization import JsonSerializer, Serializer
 from ._sql import STREAM_SORT_COLUMNS, quote_ident
 from ._statistics import EventStoreStatistics, store_statistics
@@ -154,7 +155,11 @@ class EventStore(SubscriptionMethods):
                 else:
                     appended = await self._writer.write_big(request)
             else:
-                appended = await _storage.append(self._db, request)
+                # Readers holding every pooled connection make it wait, not fail, as
+                # the writer's appends do (an overloaded pool refuses before sending).
+                appended = await waiting_out_overload(
+                    functools.partial(_storage.append, self._db, request)
+                )
                 subscriptions.appended(request, appended)
         except BaseException as exc:
             if isinstance(exc, Exception):
