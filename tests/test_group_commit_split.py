@@ -59,12 +59,13 @@ async def jsonb(config: EventStoreConfig) -> AsyncIterator[EventStoreConfig]:
 async def lock_waiters(watcher: Connection, n: int) -> None:
     """Until ``n`` statements wait for a lock (the `$all` row's)."""
     with trio.fail_after(30):
-        while (
-            await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        while True:
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
             )
-            != n
-        ):
+            if waiting == n:
+                return
             await trio.sleep(0.01)
 
 
