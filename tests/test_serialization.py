@@ -20,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trio_eventstore as es
-from trio_eventstore import EventData, EventStoreConfig, JsonSerializer, admin, open_event_store
+from trio_eventstore import (
+    NO_STREAM,
+    EventData,
+    EventStoreConfig,
+    JsonSerializer,
+    admin,
+    open_event_store,
+)
 
 
 class Color(enum.Enum):
@@ -84,6 +91,51 @@ def test_a_decimal_nan_reads_back_as_nan() -> None:
     serializer.register(Plain)
     with pytest.raises(es.SerializationError, match="would read back"):  # still checked
         serializer.serialize(Plain(x=True))
+
+
+def test_a_value_that_reads_back_as_another_is_refused() -> None:
+    """The NaN allowance (unequal, the same bytes) does not let a value through that
+    reads back as a different one: 0.1, a float, in a Decimal field reads back as
+    Decimal('0.1'), which is not 0.1. Values equal to what they read back as pass."""
+    serializer = JsonSerializer()
+    serializer.register(Inner)
+    at = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    with pytest.raises(es.SerializationError, match=r"would read back as .*Decimal\('0.1'\)"):
+        serializer.serialize(Inner(at, 0.1))  # type: ignore[arg-type]
+    for amount in (5, 10.5, decimal.Decimal("0.1")):  # equal to their Decimal
+        serializer.serialize(Inner(at, amount))  # type: ignore[arg-type]
+
+
+async def test_a_registered_class_under_another_registered_name_is_refused(
+    initialized: EventStoreConfig,
+) -> None:
+    """It would be stored, and read back as the other class (same fields): refused
+    before anything is written. Its own name, or a plain value under either, is fine."""
+
+    serializer = JsonSerializer()
+
+    @serializer.register(event_type="Deposited")
+    @attrs.frozen
+    class Deposited:
+        account_id: str
+        amount: decimal.Decimal
+
+    @serializer.register(event_type="Withdrawn")
+    @attrs.frozen
+    class Withdrawn:
+        account_id: str
+        amount: decimal.Decimal
+
+    one = Deposited("a", decimal.Decimal(1))
+    async with open_event_store(initialized.with_changes(serializer=serializer)) as store:
+        with pytest.raises(es.SerializationError, match="would read back as a Withdrawn"):
+            await store.append_to_stream("s", NO_STREAM, [EventData(one, event_type="Withdrawn")])
+        assert await store.read_all_streams_forward() == []
+        await store.append_to_stream("s", NO_STREAM, [EventData(one, event_type="Deposited")])
+        plain = {"account_id": "a", "amount": "2"}
+        await store.append_to_stream("s", 1, [EventData(plain, event_type="Withdrawn")])
+        back = [e.data for e in await store.read_stream_forward("s")]
+    assert back == [one, Withdrawn("a", decimal.Decimal(2))]
 
 
 def test_event_type_names_and_registry_rules() -> None:

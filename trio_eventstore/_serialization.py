@@ -445,6 +445,14 @@ class JsonSerializer:
             return
         if type(data) is cls:
             return
+        own = self._by_class.get(type(data))
+        if own is not None:
+            raise SerializationError(
+                f"a {type(data).__name__} (registered as event type {own!r}) given "
+                f"event_type={event_type!r}, the type registered for {cls.__name__}: "
+                f"it would read back as a {cls.__name__} (leave event_type out, or give "
+                "it the class's own)"
+            )
         try:
             self.converter.structure(_loads(self.serialize(data)), cls)
         except _HOOK_ERRORS as exc:
@@ -503,10 +511,18 @@ class JsonSerializer:
                     same = _bools_kept(sent, self.converter.unstructure(back))
                 except _HOOK_ERRORS as exc:  # nested deeper than the stack takes it again
                     raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
-            else:  # NaN (a Decimal's) is not equal to itself: then it must write the same
+            else:
+                # Unequal: a value that is not equal to itself (a Decimal's NaN), which
+                # then must write the same bytes; or a value that reads back as another
+                # (0.1, a float, in a Decimal field: Decimal('0.1') is not 0.1).
                 try:
-                    same = _dumps(self.converter.unstructure(back)) == payload
+                    again = self.converter.structure(sent, cls)
+                    same = not bool(again == back) and (
+                        _dumps(self.converter.unstructure(back)) == payload
+                    )
                 except _HOOK_ERRORS:
+                    same = False
+                except Exception:  # an exotic __eq__
                     same = False
             if not same:
                 raise SerializationError(
