@@ -516,7 +516,7 @@ class JsonSerializer:
                 # then must write the same bytes; or a value that reads back as another
                 # (0.1, a float, in a Decimal field: Decimal('0.1') is not 0.1).
                 try:
-                    again = self.converter.structure(sent, cls)
+                    again: object = self.converter.structure(sent, cls)
                     same = not bool(again == back) and (
                         _dumps(self.converter.unstructure(back)) == payload
                     )
