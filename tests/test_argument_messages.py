@@ -58,3 +58,13 @@ def test_the_testing_module_without_its_extra_says_which_extra() -> None:
     name, message = result.stdout.splitlines()
     assert name == "hypothesis"
     assert "pip install 'trio-eventstore[testing]'" in message
+
+
+async def test_events_must_be_a_sequence_and_the_message_says_so(
+    event_store: es.EventStore,
+) -> None:
+    events = (EventData({"n": n}, event_type="N") for n in range(2))
+    with pytest.raises(TypeError, match=r"^events: expected a list \(or another sequence\), got"):
+        await event_store.append_to_stream("s", ANY_VERSION, events)  # type: ignore[arg-type]
+    as_tuple = (EventData({"n": 1}, event_type="N"),)
+    assert await event_store.append_to_stream("s", ANY_VERSION, as_tuple) == 1

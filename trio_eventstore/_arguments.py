@@ -114,7 +114,9 @@ def check_expected_version(expected: object) -> None:
 
 def check_events(items: object, kinds: type | tuple[type, ...], name: str) -> list[Any]:
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise TypeError(f"{name}: expected a list, got {type(items).__name__}")
+        raise TypeError(
+            f"{name}: expected a list (or another sequence), got {type(items).__name__}"
+        )
     if not items:
         raise ValueError(f"{name}: must not be empty")
     for item in items:
