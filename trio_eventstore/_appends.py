@@ -225,8 +225,6 @@ def _data_refused(exc: DatabaseError) -> bool:
     return exc.sqlstate is not None and exc.sqlstate[:2] in ("22", "54")
 
 
-
-
 def _event_columns(events: Sequence[EncodedEvent]) -> list[list[object]]:
     """The events' rows as the statements take them: one array per column."""
     return [
