@@ -521,6 +521,20 @@ async def test_deep_nesting_is_refused_with_serialization_error(store: EventStor
     assert await all_count(store) == 0
 
 
+async def test_a_list_or_dict_inside_itself_is_named_as_such(store: EventStore) -> None:
+    """Not 'nested more than 500 levels deep': where it contains itself."""
+    data: dict[str, object] = {"a": [1, {}]}
+    data["a"][1]["b"] = data  # type: ignore[index]
+    message = r"^\$\.a\[1\]\.b: contains itself \(a list or dict inside itself is not JSON\)$"
+    with pytest.raises(es.SerializationError, match=message):
+        await store.append_to_stream("cycle", ANY_VERSION, [EventData(data, event_type="C")])
+    with pytest.raises(es.SerializationError, match=r"^metadata\.m\.a\[1\]\.b: contains itself"):
+        await store.append_to_stream(
+            "cycle", ANY_VERSION, [EventData({}, event_type="C", metadata={"m": data})]
+        )
+    assert await all_count(store) == 0
+
+
 async def test_nesting_is_limited_whatever_the_callers_stack(store: EventStore) -> None:
     """500 levels are taken (and read back everywhere), 501 never are, however little
     of Python's recursion limit the caller has used."""

@@ -313,6 +313,33 @@ def _path_text(root: str, path: list[str | int]) -> str:
     return text
 
 
+def _cycle(value: object) -> list[str | int] | None:
+    """The path of the first dict or list in ``value`` that holds one of the dicts or
+    lists it sits in, or None (for the message of a value too deep to check)."""
+    on_path: set[int] = set()
+    path: list[str | int] = []
+
+    def visit(node: object) -> bool:
+        if not isinstance(node, dict | list):
+            return False
+        if id(node) in on_path:
+            return True
+        on_path.add(id(node))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            path.append(key)
+            if visit(item):
+                return True
+            path.pop()
+        on_path.discard(id(node))
+        return False
+
+    try:
+        return path[::-1] if visit(value) else None  # innermost first, as `_NotJson.path`
+    except RecursionError:  # deep, not cyclic
+        return None
+
+
 def _plain_json(value: object, root: str) -> object:
     """``value`` itself, once checked to hold JSON values only (raise SerializationError
     naming the first value that is not)."""
@@ -320,6 +347,12 @@ def _plain_json(value: object, root: str) -> object:
         _check_plain(value)
     except _NotJson as exc:
         if len(exc.path) >= MAX_JSON_DEPTH:
+            cycle = _cycle(value)
+            if cycle is not None:  # what went too deep is a list or dict inside itself
+                raise SerializationError(
+                    f"{_path_text(root, cycle)}: contains itself (a list or dict inside "
+                    "itself is not JSON)"
+                ) from None
             raise SerializationError(f"{root}: {exc.what}") from None
         raise SerializationError(f"{_path_text(root, exc.path)}: {exc.what}") from None
     except RecursionError:
