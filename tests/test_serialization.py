@@ -465,8 +465,11 @@ def test_plain_values_orjson_refuses_are_encoded_or_refused_as_before() -> None:
         deep = [deep]
     assert _serialization._dumps_plain(deep) == b"[" * 300 + b"1" + b"]" * 300
     assert _serialization._dumps_plain({"n": 2**70}) == b'{"n":1180591620717411303424}'
-    with pytest.raises(es.SerializationError, match="surrogates not allowed"):
+    surrogate = r"^\$\.s: a str holding a lone surrogate \('\\ud800'\), which UTF-8 cannot"
+    with pytest.raises(es.SerializationError, match=surrogate):
         JsonSerializer().serialize({"s": "\ud800"})
+    with pytest.raises(es.SerializationError, match=r"^metadata\.m\[1\]: an int too long"):
+        JsonSerializer().serialize_metadata({"m": [1, 10**5000]})
 
 
 def test_json_decoding_rejects_garbage() -> None:

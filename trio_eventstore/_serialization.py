@@ -340,6 +340,50 @@ def _cycle(value: object) -> list[str | int] | None:
         return None
 
 
+def _unencodable(value: object, root: str, exc: Exception) -> SerializationError:
+    """The error for plain values the encoder refused (checked JSON values: a str with a
+    lone surrogate, which UTF-8 cannot hold, or an int too long to write), naming the
+    first such value and where it is."""
+    path: list[str | int] = []
+
+    def find(node: object) -> str | None:
+        if isinstance(node, str):
+            try:
+                node.encode()
+            except UnicodeEncodeError as error:
+                return f"a str holding a lone surrogate ({error.object[error.start]!r}), which UTF-8 cannot encode"
+            return None
+        if isinstance(node, int) and not isinstance(node, bool):
+            try:
+                str(node)
+            except ValueError:
+                return "an int too long to write"
+            return None
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else ()
+        )
+        for key, item in items:
+            path.append(key)
+            if isinstance(key, str) and (why := find(key)) is not None:
+                return f"its key: {why}"
+            if (why := find(item)) is not None:
+                return why
+            path.pop()
+        return None
+
+    try:
+        why = find(value)
+    except RecursionError:
+        why = None
+    if why is None:
+        return SerializationError(f"{root}: cannot serialize: {exc}")
+    return SerializationError(f"{_path_text(root, path[::-1])}: {why}")
+
+
 def _plain_json(value: object, root: str) -> object:
     """``value`` itself, once checked to hold JSON values only (raise SerializationError
     naming the first value that is not)."""
@@ -516,7 +560,7 @@ class JsonSerializer:
         try:
             return _dumps_plain(plain)
         except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
-            raise SerializationError(f"cannot serialize {type(data).__name__}: {exc}") from exc
+            raise _unencodable(plain, "$", exc) from exc
 
     def _check_round_trip(self, data: object, cls: type, payload: bytes) -> None:
         """A registered class's instance must read back as itself: cattrs writes a field
@@ -605,7 +649,7 @@ class JsonSerializer:
         try:
             return _dumps_plain(plain)
         except (ValueError, RecursionError) as exc:  # a lone surrogate, an int too long
-            raise SerializationError(f"cannot serialize metadata: {exc}") from exc
+            raise _unencodable(plain, "metadata", exc) from exc
 
     def deserialize_metadata(self, payload: bytes | None) -> Mapping[str, Any] | None:
         if payload is None or payload == b"null":
