@@ -351,7 +351,8 @@ def _unencodable(value: object, root: str, exc: Exception) -> SerializationError
             try:
                 node.encode()
             except UnicodeEncodeError as error:
-                return f"a str holding a lone surrogate ({error.object[error.start]!r}), which UTF-8 cannot encode"
+                char = error.object[error.start]
+                return f"a str holding a lone surrogate ({char!r}), which UTF-8 cannot encode"
             return None
         if isinstance(node, int) and not isinstance(node, bool):
             try:
