@@ -135,7 +135,7 @@ def main() -> int:
             f"trio-eventstore benchmarks ({'quick' if quick else 'full'}; --full for more, "
             f"--only={'|'.join(SECTIONS)}, --json[=FILE] for the writes' summary)"
         )
-        from trio_eventstore._serialization import JSON_DECODER
+        from trio_eventstore._json import JSON_DECODER
 
         print(f"JSON decoder: {JSON_DECODER} (orjson with the `fast` extra)")
         print(f"server: {run_asyncio(_settings(config))}")

@@ -418,10 +418,10 @@ async def test_jsonb_store_holds_queryable_json(config: EventStoreConfig) -> Non
     ],
 )
 def test_json_decoding_with_and_without_the_fast_extra(payload: bytes, expected: object) -> None:
-    from trio_eventstore import _serialization
+    from trio_eventstore import _json
 
-    assert _serialization._loads(payload) == expected
-    assert _serialization._stdlib_loads(payload) == expected
+    assert _json._loads(payload) == expected
+    assert _json._stdlib_loads(payload) == expected
 
 
 _JSON = st.recursive(
@@ -441,12 +441,12 @@ def test_plain_values_encode_as_the_standard_library_does(value: object) -> None
     """With the `fast` extra, plain values are encoded by orjson: the same JSON text as
     the standard library's (floats may be spelled otherwise, as the same number), and
     what orjson refuses (integers beyond 64 bits) goes to the standard library."""
-    from trio_eventstore import _serialization
+    from trio_eventstore import _json
 
-    fast = _serialization._dumps_plain(value)
-    assert json.loads(fast) == json.loads(_serialization._dumps(value))
+    fast = _json._dumps_plain(value)
+    assert json.loads(fast) == json.loads(_json._dumps(value))
     if not any(isinstance(x, float) for x in _leaves(value)):
-        assert fast == _serialization._dumps(value)
+        assert fast == _json._dumps(value)
 
 
 def _leaves(value: object) -> list[object]:
@@ -458,13 +458,13 @@ def _leaves(value: object) -> list[object]:
 
 
 def test_plain_values_orjson_refuses_are_encoded_or_refused_as_before() -> None:
-    from trio_eventstore import _serialization
+    from trio_eventstore import _json
 
     deep: object = 1
     for _ in range(300):  # orjson stops at 254 levels
         deep = [deep]
-    assert _serialization._dumps_plain(deep) == b"[" * 300 + b"1" + b"]" * 300
-    assert _serialization._dumps_plain({"n": 2**70}) == b'{"n":1180591620717411303424}'
+    assert _json._dumps_plain(deep) == b"[" * 300 + b"1" + b"]" * 300
+    assert _json._dumps_plain({"n": 2**70}) == b'{"n":1180591620717411303424}'
     surrogate = r"^\$\.s: a str holding a lone surrogate \('\\ud800'\), which UTF-8 cannot"
     with pytest.raises(es.SerializationError, match=surrogate):
         JsonSerializer().serialize({"s": "\ud800"})
@@ -473,11 +473,11 @@ def test_plain_values_orjson_refuses_are_encoded_or_refused_as_before() -> None:
 
 
 def test_json_decoding_rejects_garbage() -> None:
-    from trio_eventstore import _serialization
+    from trio_eventstore import _json
 
     for bad in (b"{", b'{"a": 1} x', b""):
         with pytest.raises(ValueError, match=r"\w"):  # json's or orjson's own message
-            _serialization._loads(bad)
+            _json._loads(bad)
 
 
 def test_a_page_decodes_as_each_payload_alone() -> None:
