@@ -115,7 +115,22 @@ async def _settings(config: EventStoreConfig) -> str:
 SECTIONS = ("subscriptions", "writes", "reads")
 
 
+USAGE = """usage: python -m bench [--full] [--only=subscriptions|writes|reads] [--json[=FILE]]
+
+Benchmarks, each a ratio against a baseline measured in the same run, on
+EVENTSTORE_BENCH_URL (a superuser URL) or a throwaway durable cluster (fsync on).
+  --full     longer measurements and more sizes (default: quick)
+  --only=S   one section
+  --json     the writes' summary as JSON (to FILE, or standard output)"""
+
+
 def main() -> int:
+    known = ("--full", "--only=", "--json")
+    unknown = [a for a in sys.argv[1:] if not a.startswith(known)]
+    if unknown:
+        help_asked = any(a in ("-h", "--help") for a in unknown)
+        print(USAGE, file=sys.stdout if help_asked else sys.stderr)
+        return 0 if help_asked else 2
     quick = "--full" not in sys.argv
     only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
     only = "reads" if only == "streams" else only  # the former name of the reads
