@@ -68,3 +68,19 @@ async def test_events_must_be_a_sequence_and_the_message_says_so(
         await event_store.append_to_stream("s", ANY_VERSION, events)  # type: ignore[arg-type]
     as_tuple = (EventData({"n": 1}, event_type="N"),)
     assert await event_store.append_to_stream("s", ANY_VERSION, as_tuple) == 1
+
+
+async def test_a_long_stream_id_is_cut_in_messages_not_in_attributes(
+    event_store: es.EventStore,
+) -> None:
+    long_id = "x" * 2000
+    with pytest.raises(es.StreamNotFoundError) as info:
+        await event_store.read_stream_forward(long_id)
+    message = str(info.value)
+    assert message == f"stream {'x' * 200!r}... (2000 characters) does not exist"
+    assert info.value.stream_uuid == long_id
+    await event_store.append_to_stream(long_id, es.NO_STREAM, [EventData({}, event_type="T")])
+    with pytest.raises(es.StreamExistsError, match=r"\.\.\. \(2000 characters\) already exists"):
+        await event_store.append_to_stream(long_id, es.NO_STREAM, [EventData({}, event_type="T")])
+    short = es.StreamNotFoundError(stream_uuid="orders-1")
+    assert str(short) == "stream 'orders-1' does not exist"

@@ -27,6 +27,7 @@ from ._errors import (
     StreamExistsError,
     StreamNotFoundError,
     WrongExpectedVersionError,
+    shown,
 )
 from ._pg import Conn, Database, Row, waiting_out_overload
 from ._serialization import Serializer
@@ -105,7 +106,7 @@ def refuse_repeated_ids(stream_uuid: str, ids: Sequence[uuid.UUID]) -> None:
     for event_id in ids:
         if event_id in seen:
             raise DuplicateEventError(
-                f"event {event_id} is given twice for {stream_uuid!r}",
+                f"event {event_id} is given twice for {shown(stream_uuid)}",
                 stream_uuid=stream_uuid,
                 event_id=event_id,
             )
@@ -204,9 +205,9 @@ def _translate_write_error(exc: DatabaseError, stream_uuid: str) -> EventStoreEr
         event_id = _key_event_id(exc.detail)
         named = f"event {event_id}" if event_id is not None else "an event"
         where = (
-            f"already in stream {stream_uuid!r}"  # a link of an event the stream holds
+            f"already in stream {shown(stream_uuid)}"  # a link of an event the stream holds
             if exc.constraint_name == "stream_events_pkey"
-            else f"already stored (writing to stream {stream_uuid!r})"
+            else f"already stored (writing to stream {shown(stream_uuid)})"
         )
         return DuplicateEventError(
             f"{named} is {where}", stream_uuid=stream_uuid, event_id=event_id
@@ -431,7 +432,7 @@ async def append(db: Database, request: AppendRequest) -> Appended:
             raise outcome
         if outcome is not None:
             return outcome
-    raise StorageUnavailableError(f"stream {request.stream_uuid!r} is being created elsewhere")
+    raise StorageUnavailableError(f"stream {shown(request.stream_uuid)} is being created elsewhere")
 
 
 def recorded_from_append(
@@ -489,4 +490,4 @@ async def link(
             raise EventNotFoundError(event_ids=row["missing"])
         if outcome != _sql.APPEND_RETRY:
             raise _refusal(stream_uuid, expected, outcome, before)
-    raise StorageUnavailableError(f"stream {stream_uuid!r} is being created elsewhere")
+    raise StorageUnavailableError(f"stream {shown(stream_uuid)} is being created elsewhere")

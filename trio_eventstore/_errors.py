@@ -49,6 +49,18 @@ __all__ = [
 ]
 
 
+#: A name longer than this is cut in messages (`shown`); the error's attributes keep it.
+SHOWN_CHARACTERS = 200
+
+
+def shown(name: str | None) -> str:
+    """``repr(name)`` for a message, cut after `SHOWN_CHARACTERS` characters (a stream id
+    may be thousands): the start, and how long it is."""
+    if name is None or len(name) <= SHOWN_CHARACTERS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARACTERS]!r}... ({len(name)} characters)"
+
+
 class EventStoreError(Exception):
     """Root of every error raised by trio-eventstore.
 
@@ -83,7 +95,7 @@ class WrongExpectedVersionError(EventStoreError):
         current: int | None = None,
     ) -> None:
         super().__init__(
-            message or f"stream {stream_uuid!r} is at version {current}, expected {expected}"
+            message or f"stream {shown(stream_uuid)} is at version {current}, expected {expected}"
         )
         self.stream_uuid = stream_uuid
         self.expected = expected
@@ -103,7 +115,7 @@ class StreamExistsError(WrongExpectedVersionError):
         current: int | None = None,
     ) -> None:
         super().__init__(
-            message or f"stream {stream_uuid!r} already exists (version {current})",
+            message or f"stream {shown(stream_uuid)} already exists (version {current})",
             stream_uuid=stream_uuid,
             expected=expected,
             current=current,
@@ -118,7 +130,7 @@ class StreamNotFoundError(EventStoreError, LookupError):
     """
 
     def __init__(self, message: str | None = None, *, stream_uuid: str | None = None) -> None:
-        super().__init__(message or f"stream {stream_uuid!r} does not exist")
+        super().__init__(message or f"stream {shown(stream_uuid)} does not exist")
         self.stream_uuid = stream_uuid
 
 
@@ -130,7 +142,7 @@ class StreamDeletedError(EventStoreError):
     """
 
     def __init__(self, message: str | None = None, *, stream_uuid: str | None = None) -> None:
-        super().__init__(message or f"stream {stream_uuid!r} has been deleted")
+        super().__init__(message or f"stream {shown(stream_uuid)} has been deleted")
         self.stream_uuid = stream_uuid
 
 
@@ -165,7 +177,8 @@ class DuplicateEventError(EventStoreError):
         event_id: uuid.UUID | None = None,
     ) -> None:
         super().__init__(
-            message or f"event {event_id} is already stored (writing to stream {stream_uuid!r})"
+            message
+            or f"event {event_id} is already stored (writing to stream {shown(stream_uuid)})"
         )
         self.stream_uuid = stream_uuid
         self.event_id = event_id
@@ -221,7 +234,7 @@ class _SubscriptionError(EventStoreError):
 
     @staticmethod
     def _default(stream_uuid: str | None, name: str | None) -> str:
-        return f"subscription {name!r} on {stream_uuid!r}"
+        return f"subscription {name!r} on {shown(stream_uuid)}"
 
 
 class SubscriptionAlreadyExistsError(_SubscriptionError):
@@ -234,7 +247,7 @@ class SubscriptionAlreadyExistsError(_SubscriptionError):
 
     @staticmethod
     def _default(stream_uuid: str | None, name: str | None) -> str:
-        return f"subscription {name!r} on {stream_uuid!r} is already active in this store"
+        return f"subscription {name!r} on {shown(stream_uuid)} is already active in this store"
 
 
 class SubscriptionNotFoundError(_SubscriptionError, LookupError):
@@ -246,7 +259,7 @@ class SubscriptionNotFoundError(_SubscriptionError, LookupError):
 
     @staticmethod
     def _default(stream_uuid: str | None, name: str | None) -> str:
-        return f"no subscription {name!r} on {stream_uuid!r}"
+        return f"no subscription {name!r} on {shown(stream_uuid)}"
 
 
 class TooManySubscribersError(_SubscriptionError):

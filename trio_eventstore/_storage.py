@@ -33,6 +33,7 @@ from ._errors import (
     StreamNotFoundError,
     UnknownEventTypeError,
     WrongExpectedVersionError,
+    shown,
 )
 from ._pg import Conn, Database, Row
 from ._serialization import JsonSerializer, Serializer
@@ -199,7 +200,7 @@ async def delete_stream(
             raise StreamNotFoundError(stream_uuid=stream_uuid)
         if row["deleted_at"] is not None and not hard:
             raise StreamDeletedError(
-                f"stream {stream_uuid!r} has already been deleted", stream_uuid=stream_uuid
+                f"stream {shown(stream_uuid)} has already been deleted", stream_uuid=stream_uuid
             )
         _check_expected(stream_uuid, expected, int(row["stream_version"]))
         if hard:
