@@ -106,6 +106,22 @@ def test_a_value_that_reads_back_as_another_is_refused() -> None:
         serializer.serialize(Inner(at, amount))  # type: ignore[arg-type]
 
 
+def test_a_field_the_converter_cannot_encode_is_named() -> None:
+    """Not the hook's own words ('str' object has no attribute 'isoformat', decimal's
+    ConversionSyntax): the field, what it holds, and its declared type."""
+    serializer = JsonSerializer()
+    serializer.register(Inner)
+    with pytest.raises(
+        es.SerializationError,
+        match=r"^cannot serialize Inner: field 'at' holds str 'yesterday', not datetime$",
+    ):
+        serializer.serialize(Inner("yesterday", decimal.Decimal(1)))  # type: ignore[arg-type]
+    at = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    with pytest.raises(es.SerializationError, match=r"expected Decimal @ \$\.amount$") as info:
+        serializer.serialize(Inner(at, "abc"))  # type: ignore[arg-type]
+    assert "ConversionSyntax" not in str(info.value)
+
+
 async def test_a_registered_class_under_another_registered_name_is_refused(
     initialized: EventStoreConfig,
 ) -> None:

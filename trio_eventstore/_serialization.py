@@ -8,12 +8,15 @@ and what a jsonb column holds), through its own cattrs converter.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
+import typing
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
+import attrs
 import cattrs
 from cattrs.preconf.json import make_converter
 
@@ -77,7 +80,37 @@ def _default_event_type(cls: type) -> str | None:
 def _structure_decimal(value: object, _: type) -> decimal.Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(f"expected a decimal string or number, got {type(value).__name__}")
-    return decimal.Decimal(str(value))
+    try:
+        return decimal.Decimal(str(value))
+    except decimal.InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal number") from None
+
+
+def _field_at_fault(converter: cattrs.Converter, data: object) -> str | None:
+    """For a record the converter cannot encode: which field, holding what, instead of
+    the hook's own words (``'str' object has no attribute 'isoformat'``); None when no
+    single field is to blame."""
+    cls = type(data)
+    try:
+        hints = typing.get_type_hints(cls)
+        names = (
+            [f.name for f in attrs.fields(cls)]
+            if attrs.has(cls)
+            else [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        )
+    except Exception:  # unresolvable annotations: keep the hook's message
+        return None
+    for name in names:
+        value = getattr(data, name, None)
+        declared = hints.get(name)
+        if declared is None:
+            continue
+        try:
+            converter.unstructure(value, unstructure_as=declared)
+        except _HOOK_ERRORS:
+            shown = getattr(declared, "__name__", None) or str(declared)
+            return f"field {name!r} holds {type(value).__name__} {value!r}, not {shown}"
+    return None
 
 
 def _structure_uuid(value: object, _: type) -> uuid.UUID:
@@ -265,7 +298,8 @@ class JsonSerializer:
             try:
                 payload = _dumps(self.converter.unstructure(data))
             except _HOOK_ERRORS as exc:
-                raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
+                why = _field_at_fault(self.converter, data) or str(exc)
+                raise SerializationError(f"cannot serialize {cls.__name__}: {why}") from exc
             if cls in self._by_class:
                 self._check_round_trip(data, cls, payload)
             return payload
