@@ -86,6 +86,14 @@ def _structure_decimal(value: object, _: type) -> decimal.Decimal:
         raise ValueError(f"{value!r} is not a decimal number") from None
 
 
+def _why(exc: BaseException) -> str:
+    """A converter's error in words: cattrs's validation errors as the paths and what
+    failed there (``expected int @ $.qty``), not "While structuring X (2 sub-exceptions)"."""
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc))
+    return str(exc)
+
+
 def _field_at_fault(converter: cattrs.Converter, data: object) -> str | None:
     """For a record the converter cannot encode: which field, holding what, instead of
     the hook's own words (``'str' object has no attribute 'isoformat'``); None when no
@@ -281,7 +289,7 @@ class JsonSerializer:
         except _HOOK_ERRORS as exc:
             raise SerializationError(
                 f"{event_type!r} data does not fit {cls.__qualname__}, the class registered "
-                f"for it, so it would not read back: {exc}"
+                f"for it, so it would not read back: {_why(exc)}"
             ) from exc
 
     def serialize(self, data: object) -> bytes:
@@ -317,13 +325,9 @@ class JsonSerializer:
             sent = _loads(payload)
             back: object = self.converter.structure(sent, cls)
         except _HOOK_ERRORS as exc:
-            why = (
-                "; ".join(cattrs.transform_error(exc))
-                if isinstance(exc, cattrs.BaseValidationError)
-                else str(exc)
-            )
             raise SerializationError(
-                f"{data!r} would not read back (a field does not hold its declared type): {why}"
+                f"{data!r} would not read back (a field does not hold its declared type): "
+                f"{_why(exc)}"
             ) from exc
         if getattr(cls, "__eq__", None) is not object.__eq__:  # attrs/dataclasses' default
             try:
@@ -385,7 +389,7 @@ class JsonSerializer:
             return self.converter.structure(value, cls)
         except _HOOK_ERRORS as exc:
             raise SerializationError(
-                f"stored {event_type!r} data does not fit {cls.__qualname__}: {exc}"
+                f"stored {event_type!r} data does not fit {cls.__qualname__}: {_why(exc)}"
             ) from exc
 
     def serialize_metadata(self, metadata: Mapping[str, Any] | None) -> bytes:
