@@ -125,6 +125,12 @@ class EventStore(SubscriptionMethods):
                 as itself (nothing is written).
             UnknownEventTypeError: a strict serializer has no class for an event's type.
             EventTooLargeError: the events are larger than PostgreSQL takes in one append.
+            StorageUnavailableError: the database could not be reached, or the connection
+                failed while the append was in flight (it may have committed: retry with
+                the same event ids). Not for a busy pool: an append waits for a connection.
+            EventStoreClosedError: the store is closed, or closed while the append was
+                queued (nothing written) or in flight (it may have committed).
+            TypeError, ValueError: bad arguments (before any I/O).
         """
         self._check_open()
         check_target(stream_uuid)
