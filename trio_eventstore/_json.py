@@ -11,6 +11,7 @@ import enum
 import json
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -234,76 +235,67 @@ def _path_text(root: str, path: list[str | int]) -> str:
     return text
 
 
-def _cycle(value: object) -> list[str | int] | None:
-    """The path of the first dict or list in ``value`` that holds one of the dicts or
-    lists it sits in, or None (for the message of a value too deep to check)."""
+def _first(
+    value: object, problem: Callable[[object, set[int]], str | None]
+) -> tuple[list[str | int], str] | None:
+    """For an error's message (never on the hot path): the path (innermost first, as
+    `_NotJson.path`) of the first value, key or container in ``value`` for which
+    ``problem(node, ids of the lists and dicts it sits in)`` says what is wrong, and
+    that; None if nothing is (or ``value`` is too deep to walk)."""
     on_path: set[int] = set()
     path: list[str | int] = []
 
-    def visit(node: object) -> bool:
-        if not isinstance(node, dict | list):
-            return False
-        if id(node) in on_path:
-            return True
+    def visit(node: object) -> str | None:
+        if (why := problem(node, on_path)) is not None or not isinstance(node, dict | list):
+            return why
         on_path.add(id(node))
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for key, item in items:
+        for key, item in node.items() if isinstance(node, dict) else enumerate(node):
             path.append(key)
-            if visit(item):
-                return True
+            if isinstance(key, str) and (why := problem(key, on_path)) is not None:
+                return f"its key: {why}"
+            if (why := visit(item)) is not None:
+                return why
             path.pop()
         on_path.discard(id(node))
-        return False
+        return None
 
     try:
-        return path[::-1] if visit(value) else None  # innermost first, as `_NotJson.path`
+        why = visit(value)
     except RecursionError:  # deep, not cyclic
         return None
+    return None if why is None else (path[::-1], why)
+
+
+def _inside_itself(node: object, on_path: set[int]) -> str | None:
+    if isinstance(node, dict | list) and id(node) in on_path:
+        return "contains itself (a list or dict inside itself is not JSON)"
+    return None
+
+
+def _unwritable(node: object, _on_path: set[int]) -> str | None:
+    """What the encoder refuses in checked JSON values: a str with a lone surrogate
+    (UTF-8 cannot hold it), an int too long to write."""
+    if isinstance(node, str):
+        try:
+            node.encode()
+        except UnicodeEncodeError as error:
+            char = error.object[error.start]
+            return f"a str holding a lone surrogate ({char!r}), which UTF-8 cannot encode"
+    elif isinstance(node, int) and not isinstance(node, bool):
+        try:
+            str(node)
+        except ValueError:
+            return "an int too long to write"
+    return None
 
 
 def _unencodable(value: object, root: str, exc: Exception) -> SerializationError:
-    """The error for plain values the encoder refused (checked JSON values: a str with a
-    lone surrogate, which UTF-8 cannot hold, or an int too long to write), naming the
-    first such value and where it is."""
-    path: list[str | int] = []
-
-    def find(node: object) -> str | None:
-        if isinstance(node, str):
-            try:
-                node.encode()
-            except UnicodeEncodeError as error:
-                char = error.object[error.start]
-                return f"a str holding a lone surrogate ({char!r}), which UTF-8 cannot encode"
-            return None
-        if isinstance(node, int) and not isinstance(node, bool):
-            try:
-                str(node)
-            except ValueError:
-                return "an int too long to write"
-            return None
-        items = (
-            node.items()
-            if isinstance(node, dict)
-            else enumerate(node)
-            if isinstance(node, list)
-            else ()
-        )
-        for key, item in items:
-            path.append(key)
-            if isinstance(key, str) and (why := find(key)) is not None:
-                return f"its key: {why}"
-            if (why := find(item)) is not None:
-                return why
-            path.pop()
-        return None
-
-    try:
-        why = find(value)
-    except RecursionError:
-        why = None
-    if why is None:
+    """The error for plain values the encoder refused, naming the first such value and
+    where it is."""
+    found = _first(value, _unwritable)
+    if found is None:
         return SerializationError(f"{root}: cannot serialize: {exc}")
-    return SerializationError(f"{_path_text(root, path[::-1])}: {why}")
+    return SerializationError(f"{_path_text(root, found[0])}: {found[1]}")
 
 
 def _plain_json(value: object, root: str) -> object:
@@ -313,12 +305,9 @@ def _plain_json(value: object, root: str) -> object:
         _check_plain(value)
     except _NotJson as exc:
         if len(exc.path) >= MAX_JSON_DEPTH:
-            cycle = _cycle(value)
+            cycle = _first(value, _inside_itself)
             if cycle is not None:  # what went too deep is a list or dict inside itself
-                raise SerializationError(
-                    f"{_path_text(root, cycle)}: contains itself (a list or dict inside "
-                    "itself is not JSON)"
-                ) from None
+                raise SerializationError(f"{_path_text(root, cycle[0])}: {cycle[1]}") from None
             raise SerializationError(f"{root}: {exc.what}") from None
         raise SerializationError(f"{_path_text(root, exc.path)}: {exc.what}") from None
     except RecursionError:
