@@ -164,6 +164,8 @@ def test_a_malformed_query_is_refused_when_configured(query: str) -> None:
         ({"url": "postgresql://h/"}, "url"),
         ({}, "database"),
         ({"database": "d", "port": 0}, "port"),
+        ({"database": "d", "host": ""}, "host"),
+        ({"url": "postgresql://h/d", "username": ""}, "username"),
         ({"database": "d", "schema": ""}, "schema"),
         ({"database": "d", "schema": "x" * 57}, "schema"),
         ({"database": "d", "column_data_type": "json"}, "column_data_type"),
@@ -351,3 +353,15 @@ def test_key_passwords_in_url_queries_are_never_shown() -> None:
         assert secret not in text
     assert "sslmode=require" in text
     assert config.redact("bad k3y/pw and k3y%2Fpw and qpw") == "bad *** and *** and ***"
+
+
+def test_from_env_an_empty_host_or_username_counts_as_unset() -> None:
+    env = {
+        "EVENTSTORE_URL": "postgresql://u@db.example/es",
+        "EVENTSTORE_HOST": "",
+        "EVENTSTORE_USERNAME": "",
+    }
+    config = EventStoreConfig.from_env(environ=env)
+    assert config.host is None
+    assert config.username is None
+    assert config.connect_params()["dsn"] == "postgresql://u@db.example/es"

@@ -351,6 +351,9 @@ class EventStoreConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+        for name, default in (("host", "the url's, or localhost"), ("username", "the url's")):
+            if getattr(self, name) == "":  # an unset environment variable, most likely
+                raise ValueError(f"{name}: must not be empty (None for {default})")
         if self.port is not None:
             if isinstance(self.port, bool) or not isinstance(self.port, int):
                 raise TypeError(f"port: expected an int, got {type(self.port).__name__}")
@@ -517,7 +520,8 @@ class EventStoreConfig:
         ``EVENTSTORE_URL``, ``EVENTSTORE_SCHEMA``, ``EVENTSTORE_POOL_SIZE``,
         ``EVENTSTORE_ENABLE_HARD_DELETES`` (true/false), ... ; keyword ``overrides`` win.
         ``EVENTSTORE_SERIALIZER=package.module:name`` imports the serializer (see
-        `load_serializer`); ``init`` cannot come from the environment.
+        `load_serializer`); ``init`` cannot come from the environment. An empty
+        ``EVENTSTORE_HOST`` or ``EVENTSTORE_USERNAME`` counts as unset.
         Raises ValueError naming the variable when a value cannot be parsed.
         """
         env = os.environ if environ is None else environ
@@ -529,6 +533,8 @@ class EventStoreConfig:
             if var not in env:
                 continue
             raw = env[var]
+            if raw == "" and field.name in ("host", "username"):
+                continue  # set but empty (``HOST=${HOST}`` with HOST unset): as if unset
             try:
                 kwargs[field.name] = _parse_env_value(field.name, raw)
             except ValueError as exc:
