@@ -18,8 +18,9 @@ import asyncpg
 import trio
 
 from .. import _sql
-from .._config import EventStoreConfig, SessionKeepalive, session_keepalive, tls_files
+from .._config import EventStoreConfig, SessionKeepalive, session_keepalive
 from .._errors import TLSError
+from .._urls import tls_files
 from ._bridge import AtOnce, _asyncio_loop, _cross
 from ._units import Conn, Row, _close, _in_transaction
 
