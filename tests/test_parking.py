@@ -528,6 +528,33 @@ async def test_acks_of_the_events_given_back_with_a_nacked_one_are_ignored(
         assert await store.parked_events("s", "sub") == []
 
 
+async def test_an_ack_from_before_a_nack_ignores_the_events_delivered_again_not_yet_received(
+    cfg: EventStoreConfig,
+) -> None:
+    """Event 1 nacked (retry): 1, 2 and 3 come again. An ack of 3 from the batch before
+    the nack, made once they wait in the subscriber's inbox again, is of the earlier
+    delivery: it must not acknowledge the retry of 1 nobody has handled (before, it did,
+    and 1 was checkpointed unprocessed)."""
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream("s", "sub", buffer_size=3, retry_policy=QUICK) as sub:
+            batch = await _next(sub)
+            assert [e.event_number for e in batch] == [1, 2, 3]
+            sub.nack(batch.events[0])
+            with trio.fail_after(30):
+                while sub.statistics().redeliveries < 3:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            sub.ack(batch.events[2])
+            assert sub.statistics().last_ack == 0
+            again = await _next(sub)
+            assert again.events[0].event_number == 1
+            sub.ack(again)
+            while again.last_event_number != 3:
+                again = await _next(sub)
+                sub.ack(again)
+            await sub.wait_checkpointed(3)
+
+
 @pytest.mark.parametrize("buffer_size", [2, 3])
 async def test_a_nack_in_a_batch_keeps_partition_order_with_competing_consumers(
     cfg: EventStoreConfig, buffer_size: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -244,3 +245,55 @@ async def test_store_survives_its_connections_being_killed_repeatedly(
                 async for batch in sub:
                     sub.ack(batch)
                     break
+
+
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["events", "batch"])
+async def test_an_ack_of_an_ended_sessions_batch_acknowledges_nothing_of_the_next(
+    initialized: EventStoreConfig, whole_batch: bool
+) -> None:
+    """Competing consumers; the lock connection drops and the same store takes the
+    lock again, delivering the events again, now to other consumers than before. An ack
+    of a batch the ended session delivered (harmless, says README) must not acknowledge
+    events the new session delivered to that consumer and its subscriber was not handed
+    yet: here event 2, which the consumer that had it left with, unprocessed. Before,
+    the checkpoint moved past 2, and a restart went on after it: 2 was lost."""
+    config = initialized.with_changes(subscription_standby_interval=2.0)
+    processed: set[int] = set()
+    with trio.fail_after(HANG_GUARD):
+        async with open_event_store(config) as store:
+
+            def subscribe(buffer_size: int) -> AbstractAsyncContextManager[Subscription]:
+                return store.subscribe_to_stream(
+                    "s", "sub", buffer_size=buffer_size, concurrency_limit=2, checkpoint_threshold=1
+                )
+
+            async with subscribe(3) as a:
+                await a.wait_subscribed()
+                b_cm = subscribe(1)
+                b = await b_cm.__aenter__()
+                await append(store, "s", 1, 2, 3, 4, 5)
+                a_batch = await a.__anext__()
+                b_batch = await b.__anext__()
+                assert [e.event_number for e in a_batch.events] == [1, 3, 4]
+                assert [e.event_number for e in b_batch.events] == [2]
+                processed.add(1)
+                a.ack(a_batch.events[0])
+                await terminate(config, store.statistics().lock_pid)
+                while a.statistics().role == "holder":  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                await b_cm.__aexit__(None, None, None)  # leaves with 2 unprocessed
+                while not (a.statistics().sessions >= 2 and a.statistics().in_flight == 3):  # noqa: ASYNC110
+                    await trio.sleep(0.01)  # the new session gave a [2, 3, 4]
+                if whole_batch:
+                    processed.update(e.event_number for e in a_batch.events)
+                    a.ack(a_batch)
+                else:
+                    processed.add(3)
+                    a.ack(a_batch.events[1])
+                assert a.statistics().last_ack == 1
+                # a stops before it receives the new session's batch
+            async with subscribe(10) as again:
+                batch = await again.__anext__()
+    delivered = [e.event_number for e in batch.events]
+    assert delivered[0] == 2
+    assert not {1, 2, 3, 4} - processed - set(delivered)

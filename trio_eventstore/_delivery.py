@@ -132,6 +132,8 @@ class Delivery:
         fsm = self.fsm
         cid = consumer.consumer_id
         if fsm is not None and fsm.is_in_flight(cid, event_number):
+            if not self._received(fsm, consumer, event_number):
+                return  # of a batch an ended session or a nack left behind: it comes again
             before = fsm.last_ack
             fsm.ack(cid, event_number)
             self._last_activity = time.monotonic()
@@ -165,6 +167,8 @@ class Delivery:
         fsm = self.fsm
         cid = consumer.consumer_id
         if fsm is not None and fsm.is_in_flight(cid, event_number):
+            if not self._received(fsm, consumer, event_number):
+                return  # of a batch an ended session or a nack left behind: it comes again
             self.poison.nack(fsm, cid, event_number, retry, error_text(error), attempts)
             self._last_activity = time.monotonic()
             self._deliver()
@@ -173,6 +177,20 @@ class Delivery:
         if _stale(fsm, consumer, event_number):
             return  # it will come again
         raise UnexpectedAckError(event_number=event_number)
+
+    def _received(
+        self, fsm: SubscriptionFSM[RecordedEvent], consumer: Consumer, event_number: int
+    ) -> bool:
+        """Whether the consumer's subscriber was handed event ``event_number`` by this
+        session since its last nack. An event in flight that it was not handed yet is
+        one it was handed before (by a session that ended, or before a nack): that ack
+        (or nack) is of the earlier delivery, and must not count for this one, which
+        waits in its inbox (acknowledging it would checkpoint past events nobody
+        processed)."""
+        return (
+            consumer.received_in == (self.session, fsm.epoch(consumer.consumer_id))
+            and event_number <= consumer.received_high
+        )
 
     def parked_changed(self) -> None:
         """This store replayed or discarded parked events of this subscription."""

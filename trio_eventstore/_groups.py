@@ -151,6 +151,7 @@ class GroupedSubscription(Subscription):
                 raise iteration_ended(self._parts[0][0]) from None
             driver, consumer = self._part_of(batch.events[-1])
             if is_current(driver, consumer, batch):
+                consumer.received(batch)
                 mapper = driver.options.mapper
                 if mapper is None:
                     return batch

@@ -139,7 +139,19 @@ class Consumer:
     #: highest event number delivered in earlier sessions (their acks are stale)
     stale_up_to: int = -1
     delivered_high: int = -1
+    #: the (session, epoch) of the batches its subscriber was last handed (`received`),
+    #: and the highest event number among them: only these can be acknowledged (a
+    #: batch of an ended session, or from before a nack, is delivered again)
+    received_in: tuple[int, int] = (0, -1)
+    received_high: int = -1
     _closed: bool = attrs.field(default=False, init=False)
+
+    def received(self, batch: EventBatch) -> None:
+        """``batch`` (current: `is_current`) is handed to the subscriber."""
+        key = (batch.session, batch.epoch)
+        if key != self.received_in:
+            self.received_in, self.received_high = key, -1
+        self.received_high = max(self.received_high, batch.last_event_number)
 
     def send(self, batch: EventBatch) -> None:
         if self._closed:

@@ -93,6 +93,7 @@ class Subscription:
                     ) from failure
                 raise iteration_ended(self._driver) from None
             if is_current(self._driver, self._consumer, batch):
+                self._consumer.received(batch)
                 mapper = self._driver.options.mapper
                 if mapper is None:
                     return batch
