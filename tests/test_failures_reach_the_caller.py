@@ -98,7 +98,17 @@ async def test_a_final_checkpoint_with_no_answer_raises_from_the_block(
         ):
             await consume_then(store, 1, hold_the_row)
         assert (failed.value.checkpoint, failed.value.last_persisted) == (1, 0)
-        await owner.execute("ROLLBACK")
+        # The driver's own last try times out too, and it still releases the lock (it
+        # did not: no store could take the subscription until the lock connection
+        # dropped). The row is still locked meanwhile.
+        async with (
+            open_event_store(fast) as other,
+            other.subscribe_to_stream("s", "p") as sub,
+        ):
+            with trio.fail_after(CLEANUP_TIMEOUT + HANG_GUARD):
+                await sub.wait_subscribed()
+            await owner.execute("ROLLBACK")
+            assert await take_and_ack(sub, 1) == [1]
 
 
 async def test_a_failed_final_checkpoint_never_hides_the_error_leaving_the_block(

@@ -297,3 +297,42 @@ async def test_an_ack_of_an_ended_sessions_batch_acknowledges_nothing_of_the_nex
     delivered = [e.event_number for e in batch.events]
     assert delivered[0] == 2
     assert not {1, 2, 3, 4} - processed - set(delivered)
+
+
+async def test_a_release_cut_short_drops_the_lock_connection(initialized: EventStoreConfig) -> None:
+    """A lease whose UNLOCK cannot be sent (cut short while another lock query has the
+    connection) must not stay held by the server, unknown to the store (no store could
+    take it; this one would take it again on top): the lock connection is dropped."""
+    async with open_event_store(initialized) as store:
+        keeper = store._subscriptions.locks
+        lease = await keeper.acquire(4242, 1)
+        pid = store.statistics().lock_pid
+
+        async def held(conn: es._pg.Connection) -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = 4242 AND objid = 1 AND objsubid = 2"
+                )
+            )
+
+        async with open_connection(initialized) as conn:
+            assert await held(conn)
+            done = trio.Event()
+
+            async def query_in_flight(task_status: trio.TaskStatus[None]) -> None:
+                async with keeper._lock:  # a round's query has the connection
+                    task_status.started()
+                    await done.wait()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(query_in_flight)
+                with trio.move_on_after(0.1):
+                    await lease.release()
+                done.set()
+            assert lease.lost.is_set()
+            with trio.fail_after(HANG_GUARD):
+                while await held(conn):  # noqa: ASYNC110 - the server's state, polled
+                    await trio.sleep(0.01)
+                while store.statistics().lock_pid in (None, pid):  # noqa: ASYNC110
+                    await trio.sleep(0.01)  # the keeper reconnected

@@ -380,9 +380,14 @@ class Driver(Delivery):
         lost = lease.lost.is_set()
         fsm = self.fsm
         self._end_session()
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+        with trio.CancelScope(shield=True):
             if not lost:
-                await self._final_checkpoint(fsm)
+                with trio.move_on_after(CLEANUP_TIMEOUT):
+                    await self._final_checkpoint(fsm)
+            # Always, however long the checkpoint took: a lock left held would keep
+            # every store from the subscription. Bounded by the lock keeper (its
+            # queries by ``subscription_lease_timeout``; one cut short drops the lock
+            # connection, which releases the lock).
             await lease.release()
         if lost:
             self.state = "disconnected"

@@ -327,10 +327,25 @@ class LockKeeper:
         conn = self._conn
         if conn is None or conn.is_closed():
             return
+        unlocked = False
         try:
-            await self._fetch(conn, _sql.UNLOCK, *lease.key)
+            rows = await self._fetch(conn, _sql.UNLOCK, *lease.key)
+            unlocked = bool(rows and rows[0][0])
         except EventStoreError as exc:  # the connection is going: Postgres releases it
             logger.info("unlock of %s failed: %s", lease.key, exc)
+        finally:
+            if not unlocked and self._conn is conn and not conn.is_closed():
+                # Cut short (cancelled while waiting for the connection), refused, or
+                # not held: the server may still hold it for this session, where no
+                # other store can take it and this one, not knowing, would take it
+                # again on top. Only ending the session surely releases it (and this
+                # store's other locks: their holders stop, and take them again).
+                logger.warning(
+                    "the advisory lock %s could not be released; dropping the lock "
+                    "connection to release it",
+                    lease.key,
+                )
+                self._drop(conn)
 
     def _lose_all(self) -> None:
         leases = list(self._leases.values())
