@@ -26,6 +26,7 @@ from trio_eventstore import (
     open_subscriber_daemon,
 )
 from trio_eventstore._sql import quote_ident
+from trio_eventstore._subscription_types import mark_replay
 
 HANG_GUARD = 10  # seconds: a guard against hangs, never a speed assertion
 
@@ -139,7 +140,7 @@ async def test_position_table_is_created_in_the_users_schema_only(
     projection = Projection("p", Counting(rm), schema=rm)
     assert await projection.position(store) == 0  # no table yet: nothing applied
     await projection.apply(store, await store.read_all_streams_forward())
-    assert await tables(store, rm) == {"counts", "projection_versions"}
+    assert await tables(store, rm) == {"counts", "projection_versions", "projection_replays"}
     assert await tables(store, store.config.schema) == before
     [row] = await store._db.fetch(
         f"SELECT * FROM {quote_ident(rm)}.projection_versions WHERE projection_name = 'p'"
@@ -475,6 +476,39 @@ async def test_under_the_subscriber_daemon(store: EventStore, rm: str) -> None:
         await _lose_checkpoint(store, "daemon-counts")
     assert handler.seen == [1, 2, 3]
     assert await counts(store, rm) == {"a": 2, "b": 1}
+
+
+async def test_a_replayed_parked_event_is_applied_once(store: EventStore, rm: str) -> None:
+    """Event 2 fails and is parked; 3 is applied, so the position passes 2. Replayed,
+    2 is applied (it was skipped as at or below the position, and its replay
+    acknowledged: applied zero times), and only once: a second delivery of the same
+    replay (after a crash before its acknowledgement) is skipped."""
+    await append_keys(store, ["a", "b", "c"])
+    handler = Counting(rm, fail_on=2)
+    projection = Projection("replays", handler, schema=rm)
+    spec = SubscriberSpec(
+        name="replays",
+        handler=projection.event_handler(store),
+        retry_policy=es.RetryPolicy(max_attempts=1),
+    )
+    with trio.fail_after(HANG_GUARD):
+        async with open_subscriber_daemon(store, [spec]):
+            while await _checkpoint(store, "replays") < 3:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            parked = await store.parked_events("$all", "replays")
+            assert [p.event.event_number for p in parked] == [2]
+            assert await counts(store, rm) == {"a": 1, "c": 1}
+            handler.fail_on = None  # the fix is deployed
+            assert await store.replay_parked("$all", "replays") == 1
+            while await store.parked_events("$all", "replays"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    assert await counts(store, rm) == {"a": 1, "b": 1, "c": 1}
+    assert await projection.position(store) == 3
+    # The same replay delivered again: skipped.
+    again = [e for e in await store.read_all_streams_forward() if e.event_number == 2]
+    mark_replay(again[0])
+    assert await projection.apply(store, again) == []
+    assert await counts(store, rm) == {"a": 1, "b": 1, "c": 1}
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ from ._inbox import Consumer, Inbox, Signal
 from ._metrics import StoreMetrics
 from ._pg import Database
 from ._poison import ParkingLot, error_text
-from ._subscription_types import EventBatch, SubscriptionOptions
+from ._subscription_types import EventBatch, SubscriptionOptions, mark_replay
 from ._types import ALL_STREAMS, RecordedEvent
 
 __all__ = ["Delivery", "DeliveryHost"]
@@ -250,6 +250,10 @@ class Delivery:
             if consumer is None:
                 continue
             consumer.delivered_high = max(consumer.delivered_high, events[-1].event_number)
+            if fsm.replaying:
+                for event in events:
+                    if event.event_number in fsm.replaying:
+                        mark_replay(event)
             epoch = fsm.epoch(consumer_id)
             consumer.send(EventBatch(events, events, self.session, epoch))
             self._count_delivery(events, fsm.at_head)

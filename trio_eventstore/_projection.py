@@ -37,7 +37,7 @@ from ._btree import MAX_RAW_BYTES
 from ._errors import DatabaseError
 from ._pg import TransactionConnection
 from ._store import EventStore
-from ._subscription_types import EventBatch
+from ._subscription_types import EventBatch, is_replay
 from ._subscriptions import Subscription
 from ._types import RecordedEvent, check_text
 
@@ -157,6 +157,7 @@ class Projection:
                     )
                     if not exists:
                         await conn.execute(_sql.create_projection_versions(self.schema))
+                        await conn.execute(_sql.create_projection_replays(self.schema))
             except DatabaseError as exc:
                 if exc.sqlstate in _CREATE_RACES and attempt < _CREATE_ATTEMPTS:
                     continue  # another task or process created it at the same time
@@ -194,23 +195,46 @@ class Projection:
         async with store._db.open_transaction() as conn:
             position = await self._lock_position(conn)
             fresh = [e for e in recorded if e.event_number > position]
+            replays = [e for e in recorded if e.event_number <= position and is_replay(e)]
+            if replays:
+                replays = await self._first_replays(conn, replays)
             if fresh:
                 await conn.execute(
                     _sql.update_projection_version(self.schema), self.name, fresh[-1].event_number
                 )
+            todo = replays + fresh  # ascending: a replay is below the position
+            if todo:
                 if self.batch:
-                    await _awaited(self.handler(conn, fresh), "handler")
+                    await _awaited(self.handler(conn, todo), "handler")
                 else:
-                    for event in fresh:
+                    for event in todo:
                         await _awaited(self.handler(conn, event), "handler")
-        if len(fresh) < len(recorded):
+        if len(todo) < len(recorded):
             logger.debug(
                 "projection %s: skipped %d events at or below %d (applied before)",
                 self.name,
-                len(recorded) - len(fresh),
+                len(recorded) - len(todo),
                 position,
             )
-        return fresh
+        return todo
+
+    async def _first_replays(
+        self, conn: TransactionConnection, replays: list[RecordedEvent]
+    ) -> list[RecordedEvent]:
+        """Of ``replays`` (replayed parked events, below the position: never applied,
+        since they were parked), those not applied by an earlier delivery of their
+        replay, now marked applied in ``projection_replays`` (created if missing)."""
+        exists = await conn.fetchval(_sql.TABLE_EXISTS, self.schema, "projection_replays")
+        if not exists:
+            await conn.execute(_sql.create_projection_replays(self.schema))
+        numbers = [e.event_number for e in replays]
+        marked = {
+            int(row[0])
+            for row in await conn.fetch(
+                _sql.mark_projection_replays(self.schema), self.name, numbers
+            )
+        }
+        return [e for e in replays if e.event_number in marked]
 
     async def _lock_position(self, conn: TransactionConnection) -> int:
         lock = _sql.lock_projection_version(self.schema)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import random
+import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ __all__ = [
     "RetryPolicy",
     "SubscriptionOptions",
     "SubscriptionStatistics",
+    "is_replay",
+    "mark_replay",
 ]
 
 
@@ -42,6 +45,28 @@ class EventBatch(list[Any]):
         self.session = session
         #: the consumer's delivery epoch when it was sent (a `nack` makes it stale)
         self.epoch = epoch
+
+
+#: The events being delivered as replays of parked events (by identity, while they
+#: live): a `Projection` applies such an event although its position is past it.
+_replays: dict[int, weakref.ref[RecordedEvent]] = {}
+
+
+def mark_replay(event: RecordedEvent) -> None:
+    """``event`` (this object) is delivered as the replay of a parked event."""
+    key = id(event)
+
+    def gone(ref: weakref.ref[RecordedEvent]) -> None:
+        if _replays.get(key) is ref:
+            del _replays[key]
+
+    _replays[key] = weakref.ref(event, gone)
+
+
+def is_replay(event: RecordedEvent) -> bool:
+    """Whether ``event`` (this object) was delivered as the replay of a parked event."""
+    ref = _replays.get(id(event))
+    return ref is not None and ref() is event
 
 
 def _seconds(name: str, value: object, *, positive: bool) -> None:

@@ -35,9 +35,11 @@ from ._locks import (
 )
 from ._projections import (
     TABLE_EXISTS,
+    create_projection_replays,
     create_projection_versions,
     insert_projection_version,
     lock_projection_version,
+    mark_projection_replays,
     projection_version,
     update_projection_version,
 )
@@ -229,6 +231,8 @@ __all__ = [
     # _projections
     "TABLE_EXISTS",
     "create_projection_versions",
+    "create_projection_replays",
+    "mark_projection_replays",
     "lock_projection_version",
     "insert_projection_version",
     "update_projection_version",

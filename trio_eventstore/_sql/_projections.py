@@ -1,7 +1,8 @@
 """A projection's position, in the user's schema (never the store's, unless the user
 names it): the table of Commanded.Projections.Ecto (``projection_versions``, one row per
 projection, its position in ``last_seen_event_number``; a NULL there, which its
-migrations allow, is 0)."""
+migrations allow, is 0); and ``projection_replays``, ours, one row per replayed parked
+event a projection applied (below its position: the position cannot tell)."""
 
 from __future__ import annotations
 
@@ -57,4 +58,24 @@ def projection_version(schema: str) -> str:
     return (
         "SELECT coalesce(last_seen_event_number, 0) "
         f"FROM {quote_ident(schema)}.projection_versions WHERE projection_name = $1"
+    )
+
+
+def create_projection_replays(schema: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quote_ident(schema)}.projection_replays ("
+        "projection_name text NOT NULL, "
+        "event_number bigint NOT NULL, "
+        "applied_at timestamptz NOT NULL DEFAULT now(), "
+        "PRIMARY KEY (projection_name, event_number))"
+    )
+
+
+def mark_projection_replays(schema: str) -> str:
+    """Parameters: projection_name, event numbers (bigint[]). The numbers not marked
+    before, now marked (a concurrent marker of the same number: waits for its outcome)."""
+    return (
+        f"INSERT INTO {quote_ident(schema)}.projection_replays (projection_name, event_number) "
+        "SELECT $1, n FROM unnest($2::bigint[]) AS n "
+        "ON CONFLICT (projection_name, event_number) DO NOTHING RETURNING event_number"
     )
