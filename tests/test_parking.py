@@ -703,3 +703,26 @@ async def test_nack_in_a_subscription_split_into_partition_groups(cfg: EventStor
             for p in await store.parked_events("s", name)
         ]
         assert sorted(parked) == [2, 3]
+
+
+@pytest.mark.parametrize("how", ["parked", "nack"])
+async def test_wait_acked_returns_when_parking_or_a_nack_acknowledges_the_last(
+    cfg: EventStoreConfig, how: str
+) -> None:
+    """`last_ack` moves when an event is parked (it counts as acknowledged) and when a
+    nack acknowledges the events before it: waiters wake then too (they waited for ever)."""
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        slow = RetryPolicy(max_attempts=3, backoff=60, max_backoff=60)  # no redelivery soon
+        async with store.subscribe_to_stream("s", "sub", buffer_size=2, retry_policy=slow) as sub:
+            batch = await _next(sub)
+            assert [e.event_number for e in batch] == [1, 2]
+            if how == "parked":
+                sub.ack(batch.events[0])
+                sub.nack(batch.events[1], retry=False, error="poison")
+                target = 2
+            else:
+                sub.nack(batch.events[1], error="again")  # 1 counts as acknowledged
+                target = 1
+            with trio.fail_after(10):
+                await sub.wait_acked(target)

@@ -172,6 +172,7 @@ class Delivery:
             self.poison.nack(fsm, cid, event_number, retry, error_text(error), attempts)
             self._last_activity = time.monotonic()
             self._deliver()
+            self._signal_progress()  # the events before it count as acknowledged
             self.wake()
             return
         if _stale(fsm, consumer, event_number):

@@ -473,6 +473,7 @@ class Driver(Delivery):
         while self.consumers:
             if self.poison.has_work(fsm):
                 await self.poison.work(fsm, owner.notifier, self._on_parked_news)
+                self._signal_progress()  # an event parked counts as acknowledged
                 self._deliver()
                 await self._checkpoint_if_due()
                 continue
