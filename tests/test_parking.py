@@ -272,12 +272,18 @@ async def _append_with_a_bad_payload(config: EventStoreConfig) -> None:
         await append(store, "s", 3)
 
 
+@pytest.mark.parametrize("keyed", [False, True])
 async def test_an_undecodable_event_is_parked_and_the_others_delivered(
-    cfg: EventStoreConfig,
+    cfg: EventStoreConfig, keyed: bool
 ) -> None:
+    """``keyed``: with a key function that reads the data (which an undecodable event's
+    bytes do not have): the event has no partition, and is parked all the same."""
     await _append_with_a_bad_payload(cfg)
+    key = (lambda e: e.data.k) if keyed else None
     async with open_event_store(_typed(cfg)) as store:
-        async with store.subscribe_to_stream("s", "sub", buffer_size=10) as sub:
+        async with store.subscribe_to_stream(
+            "s", "sub", buffer_size=10, partition_by=key, concurrency_limit=2 if keyed else None
+        ) as sub:
             got: list[RecordedEvent] = []
             while len(got) < 2:
                 batch = await _next(sub)

@@ -590,3 +590,25 @@ async def test_a_cancelled_wait_subscribed_raises_cancelled_not_a_group(
                     raise
     assert len(caught) == 1
     assert isinstance(caught[0], trio.Cancelled)
+
+
+async def test_a_partition_key_function_that_raises_fails_the_subscription(
+    fast: EventStoreConfig,
+) -> None:
+    """As a selector that raises does: going on without the key (it used to, silently)
+    gave one stream's events to two competing consumers at once, out of order."""
+
+    def key(event: RecordedEvent) -> object:
+        if event.event_number == 2:
+            raise KeyError("no account")
+        return event.stream_uuid
+
+    async with open_event_store(fast) as store:
+        await append(store, "s", 1, 2, 3)
+        async with store.subscribe_to_stream(
+            "s", "keyed", partition_by=key, concurrency_limit=2
+        ) as sub:
+            with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError) as failed:
+                async for batch in sub:
+                    sub.ack(batch)
+        assert isinstance(failed.value.__cause__, KeyError)

@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from ._types import UndecodedEvent
+
 __all__ = ["UNPARTITIONED", "Consumer", "Dispatcher"]
 
 E = TypeVar("E")
@@ -147,13 +149,18 @@ class Dispatcher(Generic[E]):
         self._dispatch()
 
     def key_of(self, event: E) -> Hashable:
-        """The partition of ``event`` (a key function that raises: no partition)."""
+        """The partition of ``event``. A key function that raises fails the subscription
+        (as a selector that raises does): going on without the key would break the
+        partition's order. Only an event that could not be decoded (delivered or parked
+        as `UndecodedEvent`) has no partition when the key function cannot read it."""
         if self.partition_by is None:
             return UNPARTITIONED
         try:
             return self.partition_by(event)
         except Exception:
-            return UNPARTITIONED
+            if isinstance(event, UndecodedEvent):
+                return UNPARTITIONED
+            raise
 
     def hold(self, key: Hashable) -> None:
         """Park the later events of partition ``key`` instead of delivering them."""
