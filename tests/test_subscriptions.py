@@ -608,7 +608,11 @@ async def test_a_partition_key_function_that_raises_fails_the_subscription(
         async with store.subscribe_to_stream(
             "s", "keyed", partition_by=key, concurrency_limit=2
         ) as sub:
-            with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError) as failed:
+
+            async def consume() -> None:
                 async for batch in sub:
                     sub.ack(batch)
+
+            with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError) as failed:
+                await consume()
         assert isinstance(failed.value.__cause__, KeyError)
