@@ -99,12 +99,15 @@ def check(c: Context) -> None:
 
 
 def _admin(c: Context, command: str, url: str, schema: str, *, yes: bool = False) -> None:
-    options = (f"--url {url!r} " if url else "") + (f"--schema {schema!r}" if schema else "")
+    options = f"--schema {schema!r}" if schema else ""
     if yes:
         options += " --yes"
     # drop and reset ask for confirmation on a terminal: give them one.
     pty = command in ("drop", "reset") and not yes and sys.stdin.isatty()
-    c.run(f"{PY} -m trio_eventstore {command} {options}", echo=True, pty=pty)
+    # The URL (its password) goes by the environment: the command is echoed (and a
+    # command line is visible to every user of the machine).
+    env = {"EVENTSTORE_URL": url} if url else {}
+    c.run(f"{PY} -m trio_eventstore {command} {options}".rstrip(), echo=True, pty=pty, env=env)
 
 
 _DB_HELP = {"url": "database URL (default: EVENTSTORE_URL)", "schema": "schema (default: public)"}

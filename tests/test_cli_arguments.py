@@ -3,7 +3,12 @@ before anything is changed (never taken as "not given")."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.parse
 import uuid
+from pathlib import Path
 
 import trio
 
@@ -13,6 +18,7 @@ from trio_eventstore._pg import open_connection
 from .helpers import run_cli, url_for
 
 HANG_GUARD = 120
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def database_exists(server_url: str, name: str) -> bool:
@@ -86,3 +92,28 @@ def test_a_handler_with_an_empty_subscription_name_is_refused(
     run = run_cli("run", "tests.daemon_handlers:record=", env=env)
     assert run.returncode == 2
     assert "no subscription name after '='" in run.stderr
+
+
+def test_the_invoke_db_tasks_never_show_the_password(server_url: str) -> None:
+    """invoke echoes the command it runs (into CI logs): the URL goes by the environment."""
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    url = url_for(server_url, name)
+    password = urllib.parse.urlsplit(url).password
+    assert password
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSTORE_")}
+    try:
+        for task in ("db.create", "db.init", "db.migrate"):
+            done = subprocess.run(
+                [sys.executable, "-m", "invoke", task, "--url", url, "--schema", "leak"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=HANG_GUARD,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert password not in done.stdout + done.stderr, task
+            assert "trio_eventstore" in done.stdout  # the command, echoed
+    finally:
+        trio.run(admin.drop, EventStoreConfig(url=url))
