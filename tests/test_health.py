@@ -4,6 +4,7 @@ down, 200 again after), and bad requests (400; the daemon goes on)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -277,6 +278,35 @@ async def test_bad_requests_get_400_and_the_daemon_goes_on(
         status, _, body = await get(daemon_port, "/metrics")
         assert status == 200
         assert series(parse_prometheus(body.decode()), "eventstore_appends_total") == 1
+
+
+async def test_idle_connections_do_not_starve_probes(store: EventStore, daemon_port: int) -> None:
+    """More idle connections than the server serves at once (never sending a request):
+    a probe is still answered, and the connections idle longest are closed to make room
+    (they were kept and every further connection refused, liveness probes included)."""
+    from trio_eventstore._health import MAX_CONNECTIONS
+
+    idle: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(30):
+            for _ in range(MAX_CONNECTIONS):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", daemon_port))
+            await trio.sleep(0.5)  # taken by the server, which waits for their requests
+            status, _, body = await get(daemon_port, "/health/live")
+            assert status == 200
+            assert json.loads(body) == {"status": "live"}
+            # A flood of further idle connections: each takes the place of an older one.
+            for _ in range(2 * MAX_CONNECTIONS):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", daemon_port))
+            for path in ("/health/live", "/health/ready", "/metrics"):
+                status, _, _ = await get(daemon_port, path)
+                assert status in (200, 503), path
+            # The oldest idle connection was closed without an answer (maybe reset).
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await idle[0].receive_some(4096) == b""
+    finally:
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
 
 
 @pytest.fixture

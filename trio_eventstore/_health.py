@@ -5,6 +5,12 @@ daemon's nursery.
 Minimal HTTP/1.1: one request per connection (``Connection: close``), GET or HEAD, the
 request head bounded in size and time; a bad request gets 400 and the connection closes.
 Nothing a client sends can raise out of the server into the daemon.
+
+At most `MAX_CONNECTIONS` connections are served at once. At the cap, a new connection
+takes the place of the oldest one still waiting on its client (for its request head, or
+for it to take the answer), which is closed without an answer; only if every connection
+is a request being answered is the new one closed. Idle connections, however many, thus
+cannot keep a probe from being answered; tasks and memory stay bounded.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ MAX_HEAD_BYTES = 8192
 #: Seconds a client gets to send its request head, and to take the response.
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
-#: Connections served at once; more are closed at once.
+#: Connections served at once; at the cap, the oldest waiting on its client makes room.
 MAX_CONNECTIONS = 64
 #: Seconds the readiness check's query may take.
 READY_QUERY_TIMEOUT = 2.0
@@ -58,6 +64,15 @@ class _BadRequest(Exception):
     pass
 
 
+class _Connection:
+    """One connection being served: its cancel scope closes it to make room."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+
+
 class HealthEndpoint:
     """What the endpoint serves: the store's figures, and the daemon's subscribers
     (``subscribers``: `SubscriberStatistics.as_dict` of each; None: the store's own
@@ -70,7 +85,9 @@ class HealthEndpoint:
     ) -> None:
         self.store = store
         self.subscribers = subscribers
-        self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+        # The connections served; those waiting on their client, oldest first.
+        self._connections: set[_Connection] = set()
+        self._waiting: dict[_Connection, None] = {}
 
     def metrics(self) -> str:
         subscribers = self.subscribers() if self.subscribers is not None else ()
@@ -142,15 +159,16 @@ class HealthEndpoint:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (never raises: a client cannot stop the daemon)."""
+        connection = _Connection()
         try:
+            if not self._admit(connection):
+                return  # every one is a request being answered: closed without an answer
             try:
-                self._connections.acquire_nowait()
-            except trio.WouldBlock:
-                return  # too many at once: closed without an answer
-            try:
-                await self._serve(stream)
+                with connection.scope:
+                    await self._serve(stream, connection)
             finally:
-                self._connections.release()
+                self._connections.discard(connection)
+                self._waiting.pop(connection, None)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -158,11 +176,27 @@ class HealthEndpoint:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.abc.Stream) -> None:
+    def _admit(self, connection: _Connection) -> bool:
+        """Count ``connection`` in; at the cap, close the oldest connection waiting on its
+        client to make room (False: none is, the new one is refused)."""
+        if len(self._connections) >= MAX_CONNECTIONS:
+            if not self._waiting:
+                return False
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            self._connections.discard(oldest)
+            oldest.scope.cancel()
+        self._connections.add(connection)
+        self._waiting[connection] = None
+        return True
+
+    async def _serve(self, stream: trio.abc.Stream, connection: _Connection) -> None:
         method = "GET"
         with trio.move_on_after(READ_TIMEOUT) as reading:
             try:
-                method, path = _parse(await _read_head(stream))
+                head = await _read_head(stream)
+                self._waiting.pop(connection, None)  # being answered: not closed for room
+                method, path = _parse(head)
                 status, content_type, body = await self.respond(method, path)
             except _BadRequest as exc:
                 status, content_type, body = 400, "text/plain; charset=utf-8", f"{exc}\n".encode()
@@ -178,6 +212,8 @@ class HealthEndpoint:
             "Cache-Control: no-store\r\n"
             "Connection: close\r\n" + ("Allow: GET, HEAD\r\n" if status == 405 else "") + "\r\n"
         ).encode()
+        if connection in self._connections:
+            self._waiting[connection] = None  # waiting for the client to take the answer
         with trio.move_on_after(WRITE_TIMEOUT):
             await stream.send_all(head if method == "HEAD" else head + body)
 
