@@ -348,6 +348,36 @@ async def test_cancelling_mid_batch_rolls_back(store: EventStore, rm: str) -> No
     assert handler.seen == [1, 2]
 
 
+async def test_cancelling_mid_statement_cancels_it_on_the_server(
+    store: EventStore, rm: str
+) -> None:
+    """A handler's statement cut short (the service stops, a deadline) is cancelled on the
+    server too: its transaction's row lock is released at once, and the projection
+    restarts without waiting (it waited for the abandoned statement to end, then timed
+    out saying the database did not answer)."""
+    await append_keys(store, ["a"])
+    events = await store.read_all_streams_forward()
+    started = trio.Event()
+
+    async def stuck(conn: TransactionConnection, event: RecordedEvent) -> None:
+        started.set()
+        await conn.execute("SELECT pg_sleep(600)")
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Projection("p", stuck, schema=rm).apply, store, events)
+            await started.wait()
+            await trio.sleep(0.2)  # the statement is running on the server
+            nursery.cancel_scope.cancel()
+        while await store._db.fetchval(  # noqa: ASYNC110 - the server's state, polled
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'"
+        ):
+            await trio.sleep(0.05)
+        handler = Counting(rm)
+        await Projection("p", handler, schema=rm).apply(store, events)
+    assert handler.seen == [1]
+
+
 async def test_a_statement_past_the_timeout_drops_the_connection(
     store: EventStore, rm: str
 ) -> None:

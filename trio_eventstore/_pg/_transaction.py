@@ -24,8 +24,9 @@ class TransactionConnection:
     Each call is one round trip; one statement at a time (not from several tasks at
     once). Errors come out as `EventStoreError`s: a statement the server refused
     raises `DatabaseError` (with its ``sqlstate``) and aborts the transaction; a
-    statement that takes longer than the store's ``timeout``, or is cancelled, drops
-    the connection (`StorageUnavailableError`). Do not end the transaction yourself
+    statement that takes longer than the store's ``timeout``, or is cancelled, is
+    cancelled on the server and drops the connection (`StorageUnavailableError`). Do
+    not end the transaction yourself
     (no COMMIT or ROLLBACK): its owner does.
     """
 

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 #: Upper bound for rollback / release / close after an error or cancellation.
 CLEANUP_TIMEOUT = 5.0
+#: Seconds a statement cut short waits for its cancel request to reach the server.
+CANCEL_REQUEST_TIMEOUT = 2.0
 
 
 class Row(Protocol):
@@ -141,16 +143,25 @@ async def _statement(
     try:
         return await _translated(statement(), config)
     except BaseException as exc:
-        if isinstance(
-            exc,
-            asyncio.CancelledError
-            | TimeoutError
-            | StorageUnavailableError
-            | OSError
-            | asyncpg.InterfaceError,
-        ):
+        if isinstance(exc, asyncio.CancelledError | TimeoutError):
+            try:
+                await _cancel_request_sent(conn)
+            finally:
+                conn.terminate()
+        elif isinstance(exc, StorageUnavailableError | OSError | asyncpg.InterfaceError):
             conn.terminate()
         raise
+
+
+async def _cancel_request_sent(conn: Any) -> None:
+    """(asyncio) Wait, at most `CANCEL_REQUEST_TIMEOUT`, for the cancel request asyncpg
+    sends the server for a query cut short (a task of its own, which terminating the
+    connection at once cancels unsent: the server then runs the statement to its end,
+    holding its transaction's locks all along)."""
+    await asyncio.sleep(0)  # asyncpg starts it from the cancelled query's callback
+    pending = [t for t in getattr(conn, "_cancellations", ()) if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=CANCEL_REQUEST_TIMEOUT)
 
 
 async def _close(conn: Any) -> None:
