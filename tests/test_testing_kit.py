@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import math
 import os
 import re
 import subprocess
@@ -341,6 +342,29 @@ def test_decimal_fields_are_money_by_default() -> None:
     )
     assert isinstance(places[0].data, Renamed)
     assert places[0].data.fee.as_tuple().exponent == -4
+
+
+@attrs.frozen
+class Reading:
+    value: float
+    extra: list[float]
+    maybe: float | None
+    nested: Renamed | None = None
+
+
+def test_float_fields_are_finite() -> None:
+    """The store refuses NaN and infinities (JSON has none): a consumer under test must
+    never be handed events no store could hold (they came out of `st.from_type(float)`)."""
+
+    @settings(max_examples=300, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(event_data(Reading))
+    def check(event: EventData) -> None:
+        data = event.data
+        assert isinstance(data, Reading)
+        values = [data.value, *data.extra, *([data.maybe] if data.maybe is not None else [])]
+        assert all(math.isfinite(v) for v in values), values
+
+    check()
 
 
 # -- a throwaway server ------------------------------------------------------------------------

@@ -141,13 +141,21 @@ def money_decimals(
     )
 
 
-def _mentions(tp: object, target: type) -> bool:
-    if tp is target:
+#: What the store cannot hold of what Hypothesis makes for these types by default
+#: (NaN, infinities: JSON has no such numbers), so fields of them get a strategy of
+#: ours: ``decimals`` (`event_data`), or finite floats.
+_OURS = (decimal.Decimal, float)
+_FINITE_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def _mentions(tp: object) -> bool:
+    """Whether ``tp`` is, or holds (in fields, lists, optionals...), one of `_OURS`."""
+    if any(tp is ours for ours in _OURS):
         return True
     if isinstance(tp, type) and _is_record(tp):
         hints = _hints(tp)
-        return hints is not None and any(_mentions(h, target) for h in hints.values())
-    return any(_mentions(arg, target) for arg in typing.get_args(tp))
+        return hints is not None and any(_mentions(h) for h in hints.values())
+    return any(_mentions(arg) for arg in typing.get_args(tp))
 
 
 def _is_record(cls: type) -> bool:
@@ -162,10 +170,13 @@ def _hints(cls: type) -> dict[str, Any] | None:
 
 
 def _strategy_for(tp: Any, decimals: st.SearchStrategy[decimal.Decimal]) -> st.SearchStrategy[Any]:
-    """Hypothesis' strategy for ``tp``, with ``decimals`` for every Decimal in it."""
+    """Hypothesis' strategy for ``tp``, with ``decimals`` for every Decimal in it and
+    finite floats for every float."""
     if tp is decimal.Decimal:
         return decimals
-    if not _mentions(tp, decimal.Decimal):
+    if tp is float:
+        return _FINITE_FLOATS
+    if not _mentions(tp):
         return st.from_type(tp)
     if isinstance(tp, type) and _is_record(tp):
         return _records(tp, decimals)
@@ -187,9 +198,10 @@ def _strategy_for(tp: Any, decimals: st.SearchStrategy[decimal.Decimal]) -> st.S
 
 
 def _records(cls: type, decimals: st.SearchStrategy[decimal.Decimal]) -> st.SearchStrategy[Any]:
-    """Instances of an attrs class or dataclass, with ``decimals`` for its Decimals."""
+    """Instances of an attrs class or dataclass, with ``decimals`` for its Decimals and
+    finite floats for its floats."""
     hints = _hints(cls)
-    if hints is None or not _mentions(cls, decimal.Decimal):
+    if hints is None or not _mentions(cls):
         return st.from_type(cls)
     if attrs.has(cls):
         names = [a.alias or a.name for a in attrs.fields(cls) if a.init]
@@ -201,7 +213,7 @@ def _records(cls: type, decimals: st.SearchStrategy[decimal.Decimal]) -> st.Sear
     overrides = {
         name: _strategy_for(types_of[name], decimals)
         for name in names
-        if types_of[name] is not None and _mentions(types_of[name], decimal.Decimal)
+        if types_of[name] is not None and _mentions(types_of[name])
     }
     return st.builds(cls, **overrides)
 
