@@ -491,6 +491,23 @@ async def test_run_refuses_competing_consumers(store: EventStore, rm: str) -> No
             await projection.run(store, sub)
 
 
+async def test_run_refuses_partition_groups_and_transient_subscriptions(
+    store: EventStore, rm: str
+) -> None:
+    """Partition groups deliver out of order (a position-based skip would drop the
+    events of one group below the position another reached); a transient subscription
+    has no acknowledgements (it raised AttributeError)."""
+    projection = Projection("p", _noop, schema=rm)
+    async with store.subscribe_to_all_streams(
+        "g", partition_by=lambda e: e.stream_uuid, partition_groups=2
+    ) as grouped:
+        with trio.fail_after(HANG_GUARD), pytest.raises(ValueError, match="partition groups"):
+            await projection.run(store, grouped)
+    async with store.subscribe("$all") as transient:
+        with trio.fail_after(HANG_GUARD), pytest.raises(TypeError, match="persistent"):
+            await projection.run(store, transient)  # type: ignore[arg-type]
+
+
 async def test_under_the_subscriber_daemon(store: EventStore, rm: str) -> None:
     await append_keys(store, ["a", "b", "a"])
     handler = Counting(rm)

@@ -35,6 +35,7 @@ from . import _sql
 from ._arguments import check_indexed
 from ._btree import MAX_RAW_BYTES
 from ._errors import DatabaseError
+from ._groups import GroupedSubscription
 from ._pg import TransactionConnection
 from ._store import EventStore
 from ._subscription_types import EventBatch, is_replay
@@ -264,17 +265,29 @@ class Projection:
         commit, until the subscription ends (or this is cancelled).
 
         Raises:
+            TypeError: not a persistent subscription (a transient one has no
+                acknowledgements).
             ValueError: the subscription has competing consumers (``concurrency_limit``
-                above 1).
+                above 1), or partition groups.
             SubscriptionFailedError: the subscription failed.
             DatabaseError, StorageUnavailableError, PoolOverloadedError: as `apply`
                 (the batch is not acknowledged).
         """
+        if not isinstance(subscription, Subscription):
+            raise TypeError(
+                f"subscription: expected a persistent subscription (subscribe_to_stream or "
+                f"subscribe_to_all_streams), got {type(subscription).__name__}"
+            )
         limit = subscription._driver.options.concurrency_limit
         if limit is not None and limit > 1:
             raise ValueError(
                 f"projection {self.name!r}: its subscription has competing consumers "
                 f"(concurrency_limit={limit}); a projection needs one subscriber in order"
+            )
+        if isinstance(subscription, GroupedSubscription):
+            raise ValueError(
+                f"projection {self.name!r}: its subscription is split into partition groups, "
+                "whose batches come out of order; a projection needs one subscriber in order"
             )
         await self.prepare(store)
         async for batch in subscription:
