@@ -21,6 +21,7 @@ from trio_eventstore import (
     RecordedEvent,
     RetryPolicy,
     SubscriberSpec,
+    _operator,
     admin,
     open_event_store,
     open_subscriber_daemon,
@@ -732,3 +733,109 @@ async def test_wait_acked_returns_when_parking_or_a_nack_acknowledges_the_last(
                 target = 1
             with trio.fail_after(10):
                 await sub.wait_acked(target)
+
+
+# -- deleting a subscription deletes its parked events ----------------------------------------
+
+
+async def _park_all(
+    store: EventStore, stream: str, name: str, count: int, **options: object
+) -> None:
+    """Subscribe ``name`` to ``stream`` and park its first ``count`` events (error: the
+    subscription's own name and stream)."""
+    async with store.subscribe_to_stream(stream, name, **options) as sub:  # type: ignore[arg-type]
+        with trio.fail_after(HANG_GUARD):
+            for _ in range(count):
+                [event] = await sub.__anext__()
+                sub.nack(event, retry=False, error=f"{name} on {stream}")
+        for _ in range(HANG_GUARD * 100):  # the holder parks in its own task
+            if len(await store.parked_events(stream, name)) == count:
+                return
+            await trio.sleep(0.01)
+        raise AssertionError("timed out")
+
+
+async def _delete(store: EventStore, stream: str, name: str, how: str) -> None:
+    if how == "store":
+        await store.delete_subscription(stream, name)
+    else:  # the command line's delete-subscription
+        await _operator.delete_subscription(store.config, stream, name)
+
+
+@pytest.mark.parametrize("how", ["store", "operator"])
+async def test_deleting_a_subscription_deletes_its_parked_events_and_no_one_elses(
+    typed_cfg: EventStoreConfig, how: str
+) -> None:
+    """They stayed: no longer listed nor discardable (no such subscription), and a new
+    subscription of the same name inherited them (and would replay them)."""
+    async with open_event_store(typed_cfg) as store:
+        await append(store, "s", 1, 2)
+        await append(store, "t", 1)
+        await _park_all(store, "s", "sub", 2)
+        # Names that extend it (whose keys start the same: "$parked-sub|s|..." for
+        # "sub|s" on "t"), and the same name on another stream: theirs stay.
+        others = [("s", "sub2"), ("s", "sub|x"), ("t", "sub|s"), ("t", "sub")]
+        for stream, name in others:
+            await _park_all(store, stream, name, 1)
+
+        await _delete(store, "s", "sub", how)
+
+        for call in (store.parked_events, store.replay_parked, store.discard_parked):
+            with pytest.raises(es.SubscriptionNotFoundError):
+                await call("s", "sub")
+        async with store.subscribe_to_stream("s", "sub", start_from=es.CURRENT) as sub:
+            await sub.wait_subscribed()
+            assert await store.parked_events("s", "sub") == []
+            assert await store.replay_parked("s", "sub") == 0
+        for stream, name in others:
+            [parked] = await store.parked_events(stream, name)
+            assert (parked.event.event_number, parked.error) == (1, f"{name} on {stream}")
+
+
+@pytest.mark.parametrize("how", ["store", "operator"])
+async def test_deleting_a_grouped_subscription_deletes_every_groups_parked_events(
+    cfg: EventStoreConfig, how: str
+) -> None:
+    grouped = {"partition_by": _key, "partition_groups": 2}
+    async with open_event_store(cfg) as store:
+        await store.append_to_stream("s", ANY_VERSION, [ev(n, f"k{n}") for n in range(1, 9)])
+        await _park_all(store, "s", "g", 8, **grouped)
+        groups = {name: len(await store.parked_events("s", name)) for name in ("g#g0/2", "g#g1/2")}
+        assert sum(groups.values()) == 8
+        assert all(groups.values())  # both groups parked some
+        await _park_all(store, "s", "g#archive", 1)  # a subscription of its own
+
+        await _delete(store, "s", "g", how)
+
+        async with store.subscribe_to_stream("s", "g", start_from=es.CURRENT, **grouped) as sub:  # type: ignore[arg-type]
+            await sub.wait_subscribed()
+            assert await store.parked_events("s", "g") == []
+        assert len(await store.parked_events("s", "g#archive")) == 1
+
+
+async def test_a_holder_on_another_node_forgets_the_parked_events_of_a_deleted_subscription(
+    cfg: EventStoreConfig,
+) -> None:
+    """delete_subscription does not refuse a subscription held by another node (as
+    before); its parked events go all the same, and the holder is told, as after a
+    discard: the partition its parked event held is free again."""
+    policy = RetryPolicy(max_attempts=1)  # holds the partition
+    async with open_event_store(cfg) as holder, open_event_store(cfg) as other:
+        await append(holder, "s", 1)
+        async with holder.subscribe_to_stream(
+            "s", "sub", concurrency_limit=2, partition_by=_key, retry_policy=policy
+        ) as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False, error="poison")
+            await _parked_become(other, "sub", [1])
+
+            assert sub.statistics().parked == 1
+
+            await other.delete_subscription("s", "sub")
+
+            await _until(lambda: sub.statistics().parked == 0)
+            await append(other, "s", 2)  # the same partition
+            with trio.fail_after(HANG_GUARD):
+                [event] = await sub.__anext__()
+            assert n_of(event) == 2
+            sub.ack(event)

@@ -4,11 +4,12 @@ safely (refused while any node holds its lock), say what ``drop``/``reset`` woul
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 
-from . import _schema_state, _sql, _storage, _subscription_rows
+from . import _parking, _schema_state, _sql, _storage, _subscription_rows
 from ._arguments import check_int, parse_event_id
 from ._config import EventStoreConfig
 from ._errors import (
@@ -19,6 +20,7 @@ from ._errors import (
 from ._locks import lock_key2
 from ._pg import Conn, open_connection
 from ._store import EventStore
+from ._subscription_rows import SubscriptionRow
 from ._types import RecordedEvent
 
 __all__ = [
@@ -212,14 +214,14 @@ async def _while_nobody_runs_it(
     config: EventStoreConfig,
     stream_uuid: str,
     name: str,
-    statement: str,
-    *args: object,
-    beyond_head_ok: bool = True,
+    change: Callable[[Conn, list[SubscriptionRow]], Awaitable[object]],
+    *,
+    position: int | None = None,
 ) -> None:
-    """Run ``statement`` on the subscription's rows (its own and its partition
-    groups': their ids are its first parameter) holding their locks (so no node runs
-    it). Unless ``beyond_head_ok``, the first of ``args`` (a position) must not be
-    beyond the head of the stream (``$all``: the last event number).
+    """Run ``change(conn, rows)`` on the subscription's rows (its own and its partition
+    groups'), in one transaction, holding their locks (so no node runs it). With a
+    ``position``, it must not be beyond the head of the stream (``$all``: the last event
+    number).
 
     Raises:
         ValueError: the position is beyond the head.
@@ -228,50 +230,62 @@ async def _while_nobody_runs_it(
             its groups) right now.
     """
     schema = config.schema
+    locked: list[tuple[int, int]] = []
 
-    async def unit(conn: Conn) -> None:
+    async def lock(conn: Conn) -> list[SubscriptionRow]:
         rows = await _subscription_rows.rows_of(conn, schema, stream_uuid, name)
         if not rows:
             raise SubscriptionNotFoundError(stream_uuid=stream_uuid, subscription_name=name)
         state = await _schema_state.read_schema_state(conn, schema)
         assert state.lock_key is not None
-        locked: list[tuple[int, int]] = []
-        try:
-            for row in rows:
-                key = (state.lock_key, lock_key2(row.subscription_id))
-                if not await conn.fetchval(_sql.TRY_LOCK, *key):
-                    what = repr(name) if row.group is None else f"{name!r} (group {row.name!r})"
-                    raise SubscriptionAlreadyExistsError(
-                        f"subscription {what} on {stream_uuid!r} is active on another node "
-                        "(its lock is held); stop it first",
-                        stream_uuid=stream_uuid,
-                        subscription_name=name,
-                    )
-                locked.append(key)
-            if not beyond_head_ok:
-                info = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
-                head = int(info["stream_version"]) if info is not None else 0
-                position = args[0]
-                assert isinstance(position, int)
-                if position > head:
-                    raise ValueError(
-                        f"position {position} is beyond the head of {stream_uuid!r} "
-                        f"({head}): subscription {name!r} would skip every event appended "
-                        f"up to {position}; give --force to set it anyway"
-                    )
-            await conn.execute(statement, [row.subscription_id for row in rows], *args)
-        finally:
-            for key in locked:
-                await conn.fetchval(_sql.UNLOCK, *key)
+        for row in rows:
+            key = (state.lock_key, lock_key2(row.subscription_id))
+            if not await conn.fetchval(_sql.TRY_LOCK, *key):
+                what = repr(name) if row.group is None else f"{name!r} (group {row.name!r})"
+                raise SubscriptionAlreadyExistsError(
+                    f"subscription {what} on {stream_uuid!r} is active on another node "
+                    "(its lock is held); stop it first",
+                    stream_uuid=stream_uuid,
+                    subscription_name=name,
+                )
+            locked.append(key)
+        if position is not None:
+            info = await conn.fetchrow(_sql.stream_info(schema), stream_uuid)
+            head = int(info["stream_version"]) if info is not None else 0
+            if position > head:
+                raise ValueError(
+                    f"position {position} is beyond the head of {stream_uuid!r} "
+                    f"({head}): subscription {name!r} would skip every event appended "
+                    f"up to {position}; give --force to set it anyway"
+                )
+        return rows
 
+    async def unlock(conn: Conn) -> None:
+        for key in locked:
+            await conn.fetchval(_sql.UNLOCK, *key)
+
+    # The locks are the session's: taken before the transaction, released after it.
     async with open_connection(config, session_mode=True, role=f"operator {schema}") as conn:
-        await conn.run(unit)
+        try:
+            rows = await conn.run(lock)
+            await conn.transaction(lambda c: change(c, rows))
+        finally:
+            if locked:
+                await conn.run(unlock)
 
 
 async def delete_subscription(config: EventStoreConfig, stream_uuid: str, name: str) -> None:
-    """Delete a subscription (its checkpoint; with partition groups, every group's), in
-    one statement, unless some node runs it."""
-    await _while_nobody_runs_it(config, stream_uuid, name, _sql.delete_subscriptions(config.schema))
+    """Delete a subscription (its checkpoint and its parked events; with partition
+    groups, every group's), in one transaction, unless some node runs it."""
+
+    async def delete(conn: Conn, rows: list[SubscriptionRow]) -> None:
+        names = [row.name for row in rows]
+        await _parking.delete_subscription_records(conn, config, stream_uuid, names)
+        await conn.execute(
+            _sql.delete_subscriptions(config.schema), [row.subscription_id for row in rows]
+        )
+
+    await _while_nobody_runs_it(config, stream_uuid, name, delete)
 
 
 async def reset_subscription(
@@ -287,11 +301,12 @@ async def reset_subscription(
         SubscriptionAlreadyExistsError: a node (Elixir or Python) holds it right now.
     """
     check_int("position", position, minimum=0)
+
+    async def reset(conn: Conn, rows: list[SubscriptionRow]) -> None:
+        await conn.execute(
+            _sql.reset_subscriptions(config.schema), [row.subscription_id for row in rows], position
+        )
+
     await _while_nobody_runs_it(
-        config,
-        stream_uuid,
-        name,
-        _sql.reset_subscriptions(config.schema),
-        position,
-        beyond_head_ok=force,
+        config, stream_uuid, name, reset, position=None if force else position
     )

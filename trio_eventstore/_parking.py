@@ -9,8 +9,9 @@ Where they live (no table, column or function is added: the layout stays Elixir'
   ``source_version`` the event's position in the subscription's stream, ``source_type``
   ``"$parked"`` (``"$replay"`` once a replay is asked for) and ``data`` a JSON object.
   Records, unlike events, can be changed and deleted: a replay marks them, the holder
-  deletes them once the event is acknowledged, a discard deletes them. They never show
-  in ``$all`` (no subscriber or projection sees them).
+  deletes them once the event is acknowledged, a discard deletes them, and so does
+  deleting the subscription. They never show in ``$all`` (no subscriber or projection
+  sees them).
 
 A replay or discard asks the subscription's holder (whichever node holds its lock) by
 a notification of its parked stream; the holder also re-reads the records at every
@@ -42,6 +43,7 @@ __all__ = [
     "ParkRecord",
     "decode_rows",
     "delete_records",
+    "delete_subscription_records",
     "discard_parked",
     "list_parked",
     "load_records",
@@ -210,6 +212,49 @@ async def delete_records(db: Database, keys: list[str]) -> set[str]:
         return set()
     rows = await db.fetch(_sql.delete_parked(db.config.schema), keys)
     return {row[0] for row in rows}
+
+
+async def delete_subscription_records(
+    conn: Conn, config: EventStoreConfig, stream_uuid: str, names: Sequence[str]
+) -> int:
+    """Delete every park record of the subscription rows ``names`` of ``stream_uuid``
+    (a subscription's own row, or its groups'), in the caller's transaction, and notify
+    their parked streams (at commit: a holder on another node forgets them, as after a
+    discard); returns how many. The links in the parked streams stay, as a discard's.
+
+    Only records that say they are of one of ``names`` on ``stream_uuid`` go: a key
+    prefix alone is shared by another subscription whose name extends one of them with
+    ``|...`` (`_record` checks each)."""
+    if not names:
+        return 0
+    wanted = set(names)
+    rows = await conn.fetchmany(
+        _sql.parked_records(config.schema, config.column_data_type),
+        [(parked_stream(name), _prefix(stream_uuid, name)) for name in names],
+    )
+    keys: dict[str, str] = {}  # key: its row's name
+    for row in rows:
+        data_name = _owner(row)
+        if data_name in wanted and _record(row, stream_uuid, data_name) is not None:
+            keys[row["source_uuid"]] = data_name
+    if not keys:
+        return 0
+    deleted = await conn.fetch(_sql.delete_parked(config.schema), list(keys))
+    changed = sorted({keys[row[0]] for row in deleted})
+    if changed:
+        await conn.fetchmany(
+            _sql.notify_stream(config.schema), [(parked_stream(name),) for name in changed]
+        )
+    return len(deleted)
+
+
+def _owner(row: Row) -> str | None:
+    """The subscription (row) name a park record says it is of, if it is readable."""
+    try:
+        name = json.loads(bytes(row["data"])).get("subscription_name")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 async def notify(db: Database, name: str) -> None:

@@ -16,7 +16,7 @@ from ._balance import group_name, split_group_name
 from ._btree import MAX_RAW_BYTES, MAX_RAW_PAIR_BYTES
 from ._errors import SubscriptionAlreadyExistsError, SubscriptionNotFoundError
 from ._groups import join_groups
-from ._pg import Database
+from ._pg import Conn, Database
 from ._subscription_types import (
     DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_RETRY_POLICY,
@@ -197,9 +197,10 @@ class SubscriptionMethods:
         )
 
     async def delete_subscription(self, stream_uuid: str, subscription_name: str) -> None:
-        """Delete a persistent subscription's row (its checkpoint); with partition groups,
-        the row of every group (of whatever number of groups it ran with), in one
-        transaction.
+        """Delete a persistent subscription's row (its checkpoint) and its parked events;
+        with partition groups, the row and parked events of every group (of whatever
+        number of groups it ran with), in one transaction. (Held by a node of another
+        store, it is deleted all the same, and that node forgets the parked events.)
 
         Raises:
             SubscriptionAlreadyExistsError: it (or one of its groups) is active in this
@@ -218,7 +219,15 @@ class SubscriptionMethods:
                 stream_uuid=stream_uuid,
                 subscription_name=subscription_name,
             )
-        if not await _subscription_rows.delete_rows(self._db, stream_uuid, subscription_name):
+        config = self._db.config
+
+        async def parked_too(conn: Conn, rows: list[_subscription_rows.SubscriptionRow]) -> None:
+            names = [row.name for row in rows]
+            await _parking.delete_subscription_records(conn, config, stream_uuid, names)
+
+        if not await _subscription_rows.delete_rows(
+            self._db, stream_uuid, subscription_name, parked_too
+        ):
             raise SubscriptionNotFoundError(
                 stream_uuid=stream_uuid, subscription_name=subscription_name
             )

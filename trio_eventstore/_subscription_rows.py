@@ -6,6 +6,8 @@ groups: a subscription of the user's own named ``orders#archive`` is not one of
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import attrs
 
 from . import _sql, _storage
@@ -57,18 +59,26 @@ async def subscription_rows(db: Database, stream_uuid: str, name: str) -> list[S
     return await db.run(lambda conn: rows_of(conn, db.config.schema, stream_uuid, name))
 
 
-async def delete_rows(db: Database, stream_uuid: str, name: str) -> bool:
-    """Delete the subscription's row and every group's, in one transaction; False when
+async def delete_rows(
+    db: Database,
+    stream_uuid: str,
+    name: str,
+    also: Callable[[Conn, list[SubscriptionRow]], Awaitable[object]] | None = None,
+) -> bool:
+    """Delete the subscription's row and every group's, in one transaction, after
+    ``also(conn, rows)`` (what else goes with them, in the same transaction); False when
     it has none."""
     schema = db.config.schema
 
     async def unit(conn: Conn) -> bool:
         rows = await rows_of(conn, schema, stream_uuid, name, lock=True)
         if rows:
+            if also is not None:
+                await also(conn, rows)
             await conn.execute(_sql.delete_subscriptions(schema), [r.subscription_id for r in rows])
         return bool(rows)
 
-    return await db.transaction(unit)
+    return await db.transaction(unit, statements=4 if also is None else 8)
 
 
 async def seed_groups(
