@@ -839,3 +839,21 @@ async def test_a_holder_on_another_node_forgets_the_parked_events_of_a_deleted_s
                 [event] = await sub.__anext__()
             assert n_of(event) == 2
             sub.ack(event)
+
+
+async def test_a_nack_for_good_just_before_leaving_parks_the_event(cfg: EventStoreConfig) -> None:
+    """``retry=False`` parks at once, also when the subscriber leaves right after: the
+    session's end parks it before its last checkpoint (the park was dropped, and the
+    event delivered again)."""
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1, 2)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            batch = await _next(sub)
+            sub.nack(batch.events[0], retry=False, error="poison")
+        with trio.fail_after(HANG_GUARD):
+            while not await store.parked_events("s", "sub"):  # noqa: ASYNC110
+                await trio.sleep(0.02)  # the session ends after the block
+        [parked] = await store.parked_events("s", "sub")
+        assert (parked.event.event_number, parked.error) == (1, "poison")
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            assert [e.event_number for e in await _next(sub)] == [2]

@@ -310,6 +310,7 @@ class Delivery:
         try:
             fsm = fsm or self.fsm
             if fsm is not None:
+                await self.poison.park_pending(fsm)
                 await self.poison.forget_replayed(fsm)
             await self._checkpoint_if_due(final=True, fsm=fsm)
         except EventStoreError as exc:

@@ -373,22 +373,25 @@ class Driver(Delivery):
         if lease is None:
             return
         lease.on_stop = None
-        if self.fsm is not None:
+        fsm = self.fsm
+        if fsm is not None:
             self._reader.forget_read_ahead()
             self.owner.notifier.remove_listener(self.stream_uuid, self._notified)
-            self.poison.end_session(self.owner.notifier)
         lost = lease.lost.is_set()
-        fsm = self.fsm
         self._end_session()
-        with trio.CancelScope(shield=True):
-            if not lost:
-                with trio.move_on_after(CLEANUP_TIMEOUT):
-                    await self._final_checkpoint(fsm)
-            # Always, however long the checkpoint took: a lock left held would keep
-            # every store from the subscription. Bounded by the lock keeper (its
-            # queries by ``subscription_lease_timeout``; one cut short drops the lock
-            # connection, which releases the lock).
-            await lease.release()
+        try:
+            with trio.CancelScope(shield=True):
+                if not lost:
+                    with trio.move_on_after(CLEANUP_TIMEOUT):
+                        await self._final_checkpoint(fsm)  # parks what is to be parked first
+                # Always, however long the checkpoint took: a lock left held would keep
+                # every store from the subscription. Bounded by the lock keeper (its
+                # queries by ``subscription_lease_timeout``; one cut short drops the lock
+                # connection, which releases the lock).
+                await lease.release()
+        finally:
+            if fsm is not None:
+                self.poison.end_session(self.owner.notifier)
         if lost:
             self.state = "disconnected"
         if self.owner.closed and fsm is not None:

@@ -194,6 +194,17 @@ class ParkingLot:
             _, consumer_id, number = heapq.heappop(self._due)
             if fsm.redeliver(consumer_id, number):
                 self.redeliveries += 1
+        await self.park_pending(fsm)
+        await self.forget_replayed(fsm)
+        if self.check:
+            self.check = False
+            await self._reload(fsm)
+        self._listen(notifier, wake)
+
+    async def park_pending(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
+        """Park what is to be parked: events nacked for good, undecodable ones, and
+        those held behind a parked event of their partition (also as a session ends:
+        a consumer that nacks and leaves at once had its event parked)."""
         for number, key, event in fsm.take_parks():
             error = event.error if isinstance(event, UndecodedEvent) else ""
             if not error:
@@ -204,11 +215,6 @@ class ParkingLot:
         while self._to_park:
             await self._park(fsm, self._to_park[0])
             del self._to_park[0]
-        await self.forget_replayed(fsm)
-        if self.check:
-            self.check = False
-            await self._reload(fsm)
-        self._listen(notifier, wake)
 
     async def forget_replayed(self, fsm: SubscriptionFSM[RecordedEvent]) -> None:
         """Delete the records of replayed events acknowledged since the last call."""
