@@ -67,6 +67,31 @@ async def test_named_schema_drop_keeps_database(database_url: str) -> None:
     assert await scalar(public, "SELECT 1") == 1  # the database is still there
 
 
+async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: str) -> None:
+    """A typo or the wrong --schema must not drop somebody else's tables; an empty schema
+    (``create`` without ``init``) and a partly initialised store still go."""
+    config = EventStoreConfig(url=database_url, schema="billing")
+    await admin.create(config)
+    public = EventStoreConfig(url=database_url)
+    async with open_connection(public) as conn:
+        await conn.execute("CREATE TABLE billing.invoices (id int)")
+    with pytest.raises(
+        es.SchemaNotInitializedError, match="holds no event store but 1 other object:"
+    ):
+        await admin.drop(config)
+    assert await scalar(public, "SELECT to_regclass('billing.invoices') IS NOT NULL")
+    async with open_connection(public) as conn:
+        await conn.execute("DROP TABLE billing.invoices")
+    assert (await admin.drop(config)).changed  # empty: dropped
+    await admin.create(config)
+    await admin.init(config)
+    async with open_connection(public) as conn:
+        await conn.execute("DROP TABLE billing.schema_migrations")  # partly initialised
+        await conn.execute("CREATE TABLE billing.invoices (id int)")
+    assert (await admin.drop(config)).changed
+    assert await scalar(public, "SELECT to_regnamespace('billing') IS NULL")
+
+
 async def test_drop_database_in_use_fails_and_keeps_it(database_url: str) -> None:
     config = EventStoreConfig(url=database_url)
     await admin.create(config)

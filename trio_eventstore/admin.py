@@ -24,6 +24,7 @@ from ._errors import (
     EventStoreError,
     InsufficientPrivilegeError,
     SchemaMismatchError,
+    SchemaNotInitializedError,
     StorageUnavailableError,
 )
 from ._pg import Conn, Connection, open_connection
@@ -314,6 +315,10 @@ async def drop(config: EventStoreConfig) -> AdminResult:
 
     Ports ``mix event_store.drop``. Dropping a database that other sessions use fails
     with `StorageUnavailableError` and drops nothing.
+
+    Raises:
+        SchemaNotInitializedError: the schema (not ``public``) holds no event store but
+            other objects (nothing is dropped).
     """
     database = config.database_name
     if config.schema != "public":
@@ -324,6 +329,16 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                         "drop",
                         False,
                         f"The EventStore schema {config.schema!r} has already been dropped.",
+                    )
+                state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
+                others = await conn.fetchval(_sql.SCHEMA_OBJECTS, config.schema)
+                if state.empty and others:
+                    # Not an event store (not even a partly initialised one): a typo, or
+                    # the wrong --schema, must not drop somebody else's tables.
+                    raise SchemaNotInitializedError(
+                        f"schema {config.schema!r} of database {database!r} holds no event "
+                        f"store but {others} other object{'s' if others != 1 else ''}: "
+                        "nothing dropped (drop it with SQL if you mean to)"
                     )
                 await conn.execute(_sql.drop_schema(config.schema))
         except InsufficientPrivilegeError as exc:

@@ -296,6 +296,22 @@ SELECT
 """
 
 
+#: Parameter: schema. How many tables, views, sequences, functions and types it holds
+#: (a schema `drop` must not take for an event store's).
+SCHEMA_OBJECTS = """
+SELECT
+  (SELECT count(*) FROM pg_catalog.pg_class c
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))
+  + (SELECT count(*) FROM pg_catalog.pg_proc p
+       JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1)
+  + (SELECT count(*) FROM pg_catalog.pg_type t
+       JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+      WHERE n.nspname = $1 AND t.typtype IN ('e', 'd', 'r')
+        OR (n.nspname = $1 AND t.typtype = 'c' AND t.typrelid = 0))
+"""
+
+
 def schema_version(schema: str) -> str:
     return (
         "SELECT major_version, minor_version, patch_version "
