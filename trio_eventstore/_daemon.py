@@ -187,7 +187,11 @@ def load_handler(target: str) -> Handler | EventHandler:
     handler = import_named(target, "handler", "package.module:function")
     if isinstance(handler, EventHandler):
         return handler
-    if handler is None or not callable(handler) or inspect.isclass(handler):
+    if handler is None:
         raise ValueError(f"handler {target!r}: no handler function or EventHandler of that name")
+    if not callable(handler) or inspect.isclass(handler):
+        kind = "class" if inspect.isclass(handler) else type(handler).__name__
+        kind = ("an " if kind[0].lower() in "aeiou" else "a ") + kind
+        raise ValueError(f"handler {target!r}: is {kind}, not a handler function or EventHandler")
     result: Handler = handler
     return result
