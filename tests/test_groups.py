@@ -343,3 +343,30 @@ async def test_statistics_name_the_group_and_the_balance_member(
         assert plain.statistics().balance_member is None
         assert store.statistics().balance_member is None
         assert store.statistics().balance_members == 0
+
+
+async def test_one_groups_failure_reaches_the_consumer(quick: EventStore) -> None:
+    """A selector that raises for one stream's events fails only that stream's group
+    (the others never call it for them): the consumer of all the groups must hear of it
+    (it went on with the other groups' events, and then waited for ever)."""
+
+    def selector(event: RecordedEvent) -> bool:
+        if event.stream_uuid == "s-3":
+            raise RuntimeError("selector bug")
+        return True
+
+    await append(quick, 1, 16)
+    async with quick.subscribe_to_all_streams(
+        "g", partition_by=_key, partition_groups=4, selector=selector
+    ) as sub:
+
+        async def take() -> None:
+            async for batch in sub:
+                sub.ack(batch)
+
+        with trio.fail_after(HANG_GUARD), pytest.raises(es.SubscriptionFailedError) as failed:
+            await take()
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    assert isinstance(sub, GroupedSubscription)
+    failed_groups = [s.group for s in sub.group_statistics() if s.role == "failed"]
+    assert len(failed_groups) == 1

@@ -238,7 +238,7 @@ class Driver(Delivery):
             self.failure = exc
             self.state = "failed"
             for consumer in list(self.consumers.values()):
-                consumer.close()
+                consumer.close(failed=True)
         finally:
             if not keep_session:
                 try:

@@ -65,13 +65,15 @@ class Inbox:
     while none do. Several consumers may share one (partition groups: one consumer per
     group, one task receiving them all): it ends once each of them has closed it."""
 
-    __slots__ = ("_batches", "_open", "_receivers")
+    __slots__ = ("_batches", "_failed", "_open", "_receivers")
 
     def __init__(self) -> None:
         self._batches: list[EventBatch] | None = None
         self._receivers: list[trio.lowlevel.Task] | None = None
         #: consumers still sending to it
         self._open = 0
+        #: one of them stopped because its subscription failed: the inbox ends for all
+        self._failed = False
 
     def attach(self) -> Inbox:
         self._open += 1
@@ -87,11 +89,14 @@ class Inbox:
         if self._receivers:
             trio.lowlevel.reschedule(self._receivers.pop(0))
 
-    def close(self) -> None:
-        """One sender fewer; with none left, receivers get `trio.EndOfChannel` once the
-        inbox is empty."""
+    def close(self, *, failed: bool = False) -> None:
+        """One sender fewer; with none left, or when it stops because its subscription
+        failed (``failed``: a partition group's failure ends the iteration of all
+        the groups, whose consumer then raises it), receivers get `trio.EndOfChannel`
+        once the inbox is empty."""
         self._open -= 1
-        if self._open > 0:
+        self._failed = self._failed or failed
+        if self._open > 0 and not self._failed:
             return
         receivers, self._receivers = self._receivers, None
         for task in receivers or ():
@@ -112,7 +117,7 @@ class Inbox:
                     self._batches = None
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return batch
-            if self._open <= 0:
+            if self._open <= 0 or self._failed:
                 raise trio.EndOfChannel
             task = trio.lowlevel.current_task()
             if self._receivers is None:
@@ -158,11 +163,12 @@ class Consumer:
             raise trio.ClosedResourceError
         self.inbox.send(batch)
 
-    def close(self) -> None:
-        """No more batches from this consumer's driver (idempotent)."""
+    def close(self, *, failed: bool = False) -> None:
+        """No more batches from this consumer's driver (idempotent); ``failed``: it
+        failed (see `Inbox.close`)."""
         if not self._closed:
             self._closed = True
-            self.inbox.close()
+            self.inbox.close(failed=failed)
 
     async def receive(self) -> EventBatch:
         return await self.inbox.receive()
