@@ -514,6 +514,17 @@ async def test_a_nack_in_a_batch_gives_back_the_later_events_and_no_stale_batch_
         assert parked == ([] if retry else [3])
 
 
+async def _ack_from_1_to_3_again(sub: es.Subscription) -> None:
+    """Events 1 to 3 come again, from 1: acknowledge them, and wait for the checkpoint."""
+    again = await _next(sub)
+    assert again.events[0].event_number == 1
+    sub.ack(again)
+    while again.last_event_number != 3:
+        again = await _next(sub)
+        sub.ack(again)
+    await sub.wait_checkpointed(3)
+
+
 async def test_acks_of_the_events_given_back_with_a_nacked_one_are_ignored(
     cfg: EventStoreConfig,
 ) -> None:
@@ -525,13 +536,7 @@ async def test_acks_of_the_events_given_back_with_a_nacked_one_are_ignored(
             sub.nack(batch.events[0])
             sub.ack(batch.events[2])  # given back with event 1: it comes again
             sub.nack(batch.events[1])  # the same
-            again = await _next(sub)
-            assert again.events[0].event_number == 1
-            sub.ack(again)
-            while again.last_event_number != 3:
-                again = await _next(sub)
-                sub.ack(again)
-            await sub.wait_checkpointed(3)
+            await _ack_from_1_to_3_again(sub)
         assert await store.parked_events("s", "sub") == []
 
 
@@ -553,13 +558,7 @@ async def test_an_ack_from_before_a_nack_ignores_the_events_delivered_again_not_
                     await trio.sleep(0.01)
             sub.ack(batch.events[2])
             assert sub.statistics().last_ack == 0
-            again = await _next(sub)
-            assert again.events[0].event_number == 1
-            sub.ack(again)
-            while again.last_event_number != 3:
-                again = await _next(sub)
-                sub.ack(again)
-            await sub.wait_checkpointed(3)
+            await _ack_from_1_to_3_again(sub)
 
 
 @pytest.mark.parametrize("buffer_size", [2, 3])
