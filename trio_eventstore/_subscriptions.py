@@ -22,6 +22,7 @@ from ._errors import (
     SubscriptionAlreadyExistsError,
     SubscriptionFailedError,
     TooManySubscribersError,
+    shown,
     single_errors,
 )
 from ._inbox import Consumer, Inbox
@@ -414,10 +415,20 @@ class Subscriptions:
         key = (stream_uuid, name)
         driver = self._drivers.get(key)
         if driver is not None and not driver.consumers and not driver.done.is_set():
-            # Its last consumer has left and it is flushing: let it finish first.
-            with trio.move_on_after(CLEANUP_TIMEOUT * 2):
+            # Its last consumer has left and it is flushing: let it finish first (its
+            # last checkpoint, then its lock's release, each bounded).
+            bound = CLEANUP_TIMEOUT + 2 * self.config.subscription_lease_timeout + 1.0
+            with trio.move_on_after(bound):
                 await driver.done.wait()
             driver = self._drivers.get(key)
+            if driver is not None and not driver.consumers and not driver.done.is_set():
+                raise SubscriptionAlreadyExistsError(
+                    f"subscription {shown(name)} on {shown(stream_uuid)} is still closing in "
+                    f"this store (its last checkpoint or lock release took over {bound:.0f} s); "
+                    "try again",
+                    stream_uuid=stream_uuid,
+                    subscription_name=name,
+                )
         if driver is not None and not driver.done.is_set():
             limit = driver.options.concurrency_limit
             if limit is None or options.concurrency_limit is None:
