@@ -856,3 +856,32 @@ async def test_a_nack_for_good_just_before_leaving_parks_the_event(cfg: EventSto
         assert (parked.event.event_number, parked.error) == (1, "poison")
         async with store.subscribe_to_stream("s", "sub") as sub:
             assert [e.event_number for e in await _next(sub)] == [2]
+
+
+async def test_a_parked_event_whose_key_cannot_be_computed_does_not_stop_the_next_start(
+    cfg: EventStoreConfig,
+) -> None:
+    """Parked before the key function changed (or by a version where a raising key meant
+    no partition): reloading its park record must not fail the subscription."""
+    async with open_event_store(cfg) as store:
+        await store.append_to_stream("s", ANY_VERSION, [EventData({"n": 1}, event_type="C")])
+        async with store.subscribe_to_stream(
+            "s",
+            "sub",
+            partition_by=lambda e: e.data.get("k"),  # type: ignore[attr-defined]
+            concurrency_limit=2,
+        ) as sub:
+            [event] = await _next(sub)
+            sub.nack(event, retry=False, error="poison")
+        with trio.fail_after(HANG_GUARD):
+            while not await store.parked_events("s", "sub"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        await store.append_to_stream("s", ANY_VERSION, [EventData({"k": "x"}, event_type="C")])
+        async with store.subscribe_to_stream(
+            "s",
+            "sub",
+            partition_by=lambda e: e.data["k"],  # type: ignore[index]
+            concurrency_limit=2,
+        ) as sub:
+            with trio.fail_after(HANG_GUARD):
+                assert [e.event_number for e in await _next(sub)] == [2]

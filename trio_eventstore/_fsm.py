@@ -395,7 +395,11 @@ class SubscriptionFSM(Dispatcher[E]):
             ):
                 continue
             self.replaying.add(number)
-            bisect.insort(self.replay_pending, (number, self.key_of(event), event), key=_first)
+            bisect.insort(
+                self.replay_pending,
+                (number, self.key_of(event, strict=False), event),
+                key=_first,
+            )
         self._dispatch()
 
     @property

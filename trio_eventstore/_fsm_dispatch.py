@@ -148,17 +148,20 @@ class Dispatcher(Generic[E]):
         self._give_back(consumer.in_flight)
         self._dispatch()
 
-    def key_of(self, event: E) -> Hashable:
+    def key_of(self, event: E, *, strict: bool = True) -> Hashable:
         """The partition of ``event``. A key function that raises fails the subscription
         (as a selector that raises does): going on without the key would break the
         partition's order. Only an event that could not be decoded (delivered or parked
-        as `UndecodedEvent`) has no partition when the key function cannot read it."""
+        as `UndecodedEvent`) has no partition when the key function cannot read it, and,
+        not ``strict``, a parked or replayed one (already out of order; one parked by an
+        older version, whose key function it may have failed, must not stop the
+        subscription at every start)."""
         if self.partition_by is None:
             return UNPARTITIONED
         try:
             return self.partition_by(event)
         except Exception:
-            if isinstance(event, UndecodedEvent):
+            if not strict or isinstance(event, UndecodedEvent):
                 return UNPARTITIONED
             raise
 

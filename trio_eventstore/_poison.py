@@ -139,7 +139,7 @@ class ParkingLot:
         if replay and event.event_id in self.records:
             earlier = self.records[event.event_id].attempts
         del self._failures[(replay, number)]
-        key = fsm.key_of(event)
+        key = fsm.key_of(event, strict=False)
         total = failure.failures + earlier
         self._to_park.append(_ToPark(number, event, error, total, key, consumer_id, earlier))
 
@@ -301,7 +301,7 @@ class ParkingLot:
             event = events.get(record.event_id)
             if event is None:  # hard-deleted since: nothing to deliver
                 continue
-            key = fsm.key_of(event)
+            key = fsm.key_of(event, strict=False)
             self._keys[record.event_id] = key
             if self._hold:
                 fsm.hold(key)
