@@ -558,6 +558,37 @@ async def test_a_replayed_parked_event_is_applied_once(store: EventStore, rm: st
     assert await counts(store, rm) == {"a": 1, "b": 1, "c": 1}
 
 
+async def test_a_replay_above_the_position_delivered_again_is_applied_once(
+    store: EventStore, rm: str
+) -> None:
+    """The parked event is the last one seen (the position is below it): its replay is
+    applied, then the subscriber stops before acknowledging it; the replay comes again
+    and must be skipped (it was applied twice: only replays below the position were
+    marked)."""
+    await append_keys(store, ["a", "b"])
+    handler = Counting(rm)
+    projection = Projection("p", handler, schema=rm)
+    with trio.fail_after(HANG_GUARD):
+        async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
+            batch = await sub.__anext__()
+            assert [e.event_number for e in batch] == [1, 2]
+            await projection.apply(store, batch.events[:1])
+            sub.nack(batch.events[1], retry=False, error="poison")  # acks 1, parks 2
+            while not await store.parked_events("$all", "p"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            assert await store.replay_parked("$all", "p") == 1
+            replay = await sub.__anext__()
+            assert [e.event_number for e in await projection.apply(store, replay)] == [2]
+            # stops before acknowledging it
+        async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
+            replay = await sub.__anext__()
+            assert [e.event_number for e in replay] == [2]
+            assert await projection.apply(store, replay) == []
+            sub.ack(replay)
+    assert handler.seen == [1, 2]
+    assert await counts(store, rm) == {"a": 1, "b": 1}
+
+
 @attrs.frozen
 class _Context:
     store: EventStore

@@ -195,15 +195,15 @@ class Projection:
             store._check_open()
         async with store._db.open_transaction() as conn:
             position = await self._lock_position(conn)
-            fresh = [e for e in recorded if e.event_number > position]
-            replays = [e for e in recorded if e.event_number <= position and is_replay(e)]
-            if replays:
+            replays = [e for e in recorded if is_replay(e)]
+            fresh = [e for e in recorded if e.event_number > position and not is_replay(e)]
+            if replays:  # marked, wherever they are: a replay may come again
                 replays = await self._first_replays(conn, replays)
             if fresh:
                 await conn.execute(
                     _sql.update_projection_version(self.schema), self.name, fresh[-1].event_number
                 )
-            todo = replays + fresh  # ascending: a replay is below the position
+            todo = sorted(replays + fresh, key=lambda e: e.event_number) if replays else fresh
             if todo:
                 if self.batch:
                     await _awaited(self.handler(conn, todo), "handler")
@@ -222,9 +222,9 @@ class Projection:
     async def _first_replays(
         self, conn: TransactionConnection, replays: list[RecordedEvent]
     ) -> list[RecordedEvent]:
-        """Of ``replays`` (replayed parked events, below the position: never applied,
-        since they were parked), those not applied by an earlier delivery of their
-        replay, now marked applied in ``projection_replays`` (created if missing)."""
+        """Of ``replays`` (replayed parked events: never applied, since they were
+        parked, their batch rolled back), those not applied by an earlier delivery of
+        their replay, now marked applied in ``projection_replays`` (created if missing)."""
         exists = await conn.fetchval(_sql.TABLE_EXISTS, self.schema, "projection_replays")
         if not exists:
             await conn.execute(_sql.create_projection_replays(self.schema))
