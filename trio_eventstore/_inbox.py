@@ -156,7 +156,7 @@ class Consumer:
         key = (batch.session, batch.epoch)
         if key != self.received_in:
             self.received_in, self.received_high = key, -1
-        self.received_high = max(self.received_high, batch.last_event_number)
+        self.received_high = max(self.received_high, *(e.event_number for e in batch.events))
 
     def send(self, batch: EventBatch) -> None:
         if self._closed:

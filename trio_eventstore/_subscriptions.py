@@ -159,7 +159,7 @@ class Subscription:
             return  # e.g. a handler that processed none of what it was given
         number = _ack_number(events_or_event_number)
         target = self._target(events_or_event_number, number)
-        if target is not None:
+        if target is not None and not _stale_batch(*target, events_or_event_number):
             target[0].ack(target[1], number)
 
     def _target(self, value: object, number: int) -> tuple[Driver, Consumer] | None:
@@ -196,7 +196,7 @@ class Subscription:
             raise ValueError("nack: an empty list holds no event to give back")
         number = _nack_number(event_or_event_number)
         target = self._target(_first_event(event_or_event_number), number)
-        if target is not None:
+        if target is not None and not _stale_batch(*target, event_or_event_number):
             target[0].nack(target[1], number, retry, error)
 
     def _park(self, event: RecordedEvent, error: str, attempts: int) -> None:
@@ -299,6 +299,13 @@ def _raise_if_stopped(driver: Driver) -> None:
             stream_uuid=driver.stream_uuid,
             subscription_name=driver.name,
         )
+
+
+def _stale_batch(driver: Driver, consumer: Consumer, value: object) -> bool:
+    """Whether ``value`` is a batch that an ended session, or the consumer before its
+    last nack, delivered: its events come again, and an ack or nack of it (even once
+    the subscriber holds the batch that brings them again) counts for nothing."""
+    return isinstance(value, EventBatch) and not is_current(driver, consumer, value)
 
 
 def _ack_number(value: object) -> int:
