@@ -68,27 +68,38 @@ async def test_named_schema_drop_keeps_database(database_url: str) -> None:
 
 
 async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: str) -> None:
-    """A typo or the wrong --schema must not drop somebody else's tables; an empty schema
-    (``create`` without ``init``) and a partly initialised store still go."""
+    """A typo or the wrong --schema must not drop somebody else's tables, even one named
+    like a store's; an empty schema (``create`` without ``init``), a partly initialised
+    store holding nothing else, and an initialised one still go."""
     config = EventStoreConfig(url=database_url, schema="billing")
-    await admin.create(config)
     public = EventStoreConfig(url=database_url)
-    async with open_connection(public) as conn:
-        await conn.execute("CREATE TABLE billing.invoices (id int)")
-    with pytest.raises(
-        es.SchemaNotInitializedError, match="holds no event store but 1 other object:"
-    ):
+
+    async def sql(*statements: str) -> None:
+        async with open_connection(public) as conn:
+            for statement in statements:
+                await conn.execute(statement)
+
+    await admin.create(config)
+    await sql(
+        "CREATE TABLE billing.invoices (id int)", "CREATE TABLE billing.subscriptions (id int)"
+    )
+    with pytest.raises(es.SchemaNotInitializedError, match="holds no event store, and 1 object "):
         await admin.drop(config)
     assert await scalar(public, "SELECT to_regclass('billing.invoices') IS NOT NULL")
-    async with open_connection(public) as conn:
-        await conn.execute("DROP TABLE billing.invoices")
+    await sql("DROP TABLE billing.invoices", "DROP TABLE billing.subscriptions")
     assert (await admin.drop(config)).changed  # empty: dropped
     await admin.create(config)
     await admin.init(config)
-    async with open_connection(public) as conn:
-        await conn.execute("DROP TABLE billing.schema_migrations")  # partly initialised
-        await conn.execute("CREATE TABLE billing.invoices (id int)")
-    assert (await admin.drop(config)).changed
+    await sql("DROP TABLE billing.schema_migrations")  # partly initialised
+    await sql("CREATE TABLE billing.invoices (id int)")
+    with pytest.raises(es.SchemaNotInitializedError):
+        await admin.drop(config)
+    await sql("DROP TABLE billing.invoices")
+    assert (await admin.drop(config)).changed  # partly initialised, nothing else
+    await admin.create(config)
+    await admin.init(config)
+    await sql("CREATE TABLE billing.read_model (id int)")
+    assert (await admin.drop(config)).changed  # a store, with tables of its users
     assert await scalar(public, "SELECT to_regnamespace('billing') IS NULL")
 
 

@@ -317,7 +317,8 @@ async def drop(config: EventStoreConfig) -> AdminResult:
     with `StorageUnavailableError` and drops nothing.
 
     Raises:
-        SchemaNotInitializedError: the schema (not ``public``) holds no event store but
+        SchemaNotInitializedError: the schema (not ``public``) holds no event store
+            (initialised; a partly initialised one goes if it holds nothing else) but
             other objects (nothing is dropped).
     """
     database = config.database_name
@@ -332,13 +333,15 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                     )
                 state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
                 others = await conn.fetchval(_sql.SCHEMA_OBJECTS, config.schema)
-                if state.empty and others:
-                    # Not an event store (not even a partly initialised one): a typo, or
-                    # the wrong --schema, must not drop somebody else's tables.
+                if not state.initialized and others:
+                    # Not an event store, nor a partly initialised one (nothing but its
+                    # tables): a typo, or the wrong --schema, must not drop somebody
+                    # else's tables (a "subscriptions" of theirs included).
                     raise SchemaNotInitializedError(
                         f"schema {config.schema!r} of database {database!r} holds no event "
-                        f"store but {others} other object{'s' if others != 1 else ''}: "
-                        "nothing dropped (drop it with SQL if you mean to)"
+                        f"store, and {others} object{'s' if others != 1 else ''} (tables, "
+                        "views, functions, types) that no event store has: nothing dropped "
+                        "(drop it with SQL if you mean to)"
                     )
                 await conn.execute(_sql.drop_schema(config.schema))
         except InsufficientPrivilegeError as exc:

@@ -296,19 +296,24 @@ SELECT
 """
 
 
-#: Parameter: schema. How many tables, views, sequences, functions and types it holds
-#: (a schema `drop` must not take for an event store's).
+#: Parameter: schema. How many tables, views, functions and types it holds that are not
+#: an event store's (a schema `drop` must not take somebody else's for a partly
+#: initialised store; sequences and indexes go with their tables).
 SCHEMA_OBJECTS = """
 SELECT
   (SELECT count(*) FROM pg_catalog.pg_class c
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))
+    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+      AND c.relname NOT IN ('streams', 'events', 'stream_events', 'subscriptions', 'snapshots',
+                            'schema_migrations'))
   + (SELECT count(*) FROM pg_catalog.pg_proc p
-       JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1)
+       JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+      WHERE n.nspname = $1
+        AND p.proname NOT IN ('event_store_exception', 'event_store_delete', 'notify_events'))
   + (SELECT count(*) FROM pg_catalog.pg_type t
        JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-      WHERE n.nspname = $1 AND t.typtype IN ('e', 'd', 'r')
-        OR (n.nspname = $1 AND t.typtype = 'c' AND t.typrelid = 0))
+      WHERE n.nspname = $1
+        AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND t.typrelid = 0)))
 """
 
 
