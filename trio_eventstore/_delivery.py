@@ -310,7 +310,10 @@ class Delivery:
         try:
             fsm = fsm or self.fsm
             if fsm is not None:
-                await self.poison.park_pending(fsm)
+                try:
+                    await self.poison.park_pending(fsm)
+                except EventStoreError as exc:  # not parked: delivered again, never lost
+                    logger.warning("subscription %r: parking at the end failed: %s", self.name, exc)
                 await self.poison.forget_replayed(fsm)
             await self._checkpoint_if_due(final=True, fsm=fsm)
         except EventStoreError as exc:

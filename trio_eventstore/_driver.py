@@ -381,14 +381,16 @@ class Driver(Delivery):
         self._end_session()
         try:
             with trio.CancelScope(shield=True):
-                if not lost:
-                    with trio.move_on_after(CLEANUP_TIMEOUT):
-                        await self._final_checkpoint(fsm)  # parks what is to be parked first
-                # Always, however long the checkpoint took: a lock left held would keep
-                # every store from the subscription. Bounded by the lock keeper (its
-                # queries by ``subscription_lease_timeout``; one cut short drops the lock
-                # connection, which releases the lock).
-                await lease.release()
+                try:
+                    if not lost:
+                        with trio.move_on_after(CLEANUP_TIMEOUT):
+                            await self._final_checkpoint(fsm)  # parks what is due first
+                finally:
+                    # Always, however the checkpoint went: a lock left held would keep
+                    # every store from the subscription. Bounded by the lock keeper (its
+                    # queries by ``subscription_lease_timeout``; one cut short drops the
+                    # lock connection, which releases the lock).
+                    await lease.release()
         finally:
             if fsm is not None:
                 self.poison.end_session(self.owner.notifier)
