@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -344,11 +345,15 @@ def test_decimal_fields_are_money_by_default() -> None:
     assert places[0].data.fee.as_tuple().exponent == -4
 
 
+Celsius = typing.NewType("Celsius", float)
+
+
 @attrs.frozen
 class Reading:
     value: float
     extra: list[float]
     maybe: float | None
+    temperature: Celsius
     nested: Renamed | None = None
 
 
@@ -362,6 +367,7 @@ def test_float_fields_are_finite() -> None:
         data = event.data
         assert isinstance(data, Reading)
         values = [data.value, *data.extra, *([data.maybe] if data.maybe is not None else [])]
+        values.append(data.temperature)
         assert all(math.isfinite(v) for v in values), values
 
     check()

@@ -152,6 +152,9 @@ def _mentions(tp: object) -> bool:
     """Whether ``tp`` is, or holds (in fields, lists, optionals...), one of `_OURS`."""
     if any(tp is ours for ours in _OURS):
         return True
+    supertype = getattr(tp, "__supertype__", None)  # a NewType
+    if supertype is not None:
+        return _mentions(supertype)
     if isinstance(tp, type) and _is_record(tp):
         hints = _hints(tp)
         return hints is not None and any(_mentions(h) for h in hints.values())
@@ -178,6 +181,9 @@ def _strategy_for(tp: Any, decimals: st.SearchStrategy[decimal.Decimal]) -> st.S
         return _FINITE_FLOATS
     if not _mentions(tp):
         return st.from_type(tp)
+    supertype = getattr(tp, "__supertype__", None)  # a NewType: its values are the type's
+    if supertype is not None:
+        return _strategy_for(supertype, decimals)
     if isinstance(tp, type) and _is_record(tp):
         return _records(tp, decimals)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
