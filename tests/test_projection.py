@@ -589,6 +589,39 @@ async def test_a_replay_above_the_position_delivered_again_is_applied_once(
     assert await counts(store, rm) == {"a": 1, "b": 1}
 
 
+async def test_a_replay_above_the_position_moves_it(store: EventStore, rm: str) -> None:
+    """The parked event is the last one seen; its replay is applied and acknowledged, and
+    the store stops before the checkpoint passes it (a large checkpoint_threshold, as
+    advised): the event then comes again live, and must be skipped (it was applied twice:
+    the replay did not move the position)."""
+    await append_keys(store, ["a", "b"])
+    handler = Counting(rm)
+    projection = Projection("p", handler, schema=rm)
+    with trio.fail_after(HANG_GUARD):
+        async with store.subscribe_to_all_streams(
+            "p", buffer_size=10, checkpoint_threshold=100
+        ) as sub:
+            batch = await sub.__anext__()
+            await projection.apply(store, batch.events[:1])
+            sub.nack(batch.events[1], retry=False, error="poison")  # acks 1, parks 2
+            while not await store.parked_events("$all", "p"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            assert await store.replay_parked("$all", "p") == 1
+            replay = await sub.__anext__()
+            assert [e.event_number for e in await projection.apply(store, replay)] == [2]
+            sub.ack(replay)
+            while await store.parked_events("$all", "p"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert await projection.position(store) == 2
+        await _lose_checkpoint(store, "p")  # as a crash before the checkpoint passed 2
+        async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
+            batch = await sub.__anext__()
+            assert await projection.apply(store, batch) == []
+            sub.ack(batch)
+    assert handler.seen == [1, 2]
+    assert await counts(store, rm) == {"a": 1, "b": 1}
+
+
 @attrs.frozen
 class _Context:
     store: EventStore

@@ -199,11 +199,13 @@ class Projection:
             fresh = [e for e in recorded if e.event_number > position and not is_replay(e)]
             if replays:  # marked, wherever they are: a replay may come again
                 replays = await self._first_replays(conn, replays)
-            if fresh:
-                await conn.execute(
-                    _sql.update_projection_version(self.schema), self.name, fresh[-1].event_number
-                )
             todo = sorted(replays + fresh, key=lambda e: e.event_number) if replays else fresh
+            if todo and todo[-1].event_number > position:
+                # A replay above it moves it too: the event may come again live (a
+                # checkpoint behind it) and must then be skipped.
+                await conn.execute(
+                    _sql.update_projection_version(self.schema), self.name, todo[-1].event_number
+                )
             if todo:
                 if self.batch:
                     await _awaited(self.handler(conn, todo), "handler")
