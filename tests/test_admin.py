@@ -83,10 +83,22 @@ async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: s
     await sql(
         "CREATE TABLE billing.invoices (id int)", "CREATE TABLE billing.subscriptions (id int)"
     )
-    with pytest.raises(es.SchemaNotInitializedError, match="holds no event store, and 1 object "):
+    with pytest.raises(es.SchemaNotInitializedError, match="holds no event store, and 2 objects "):
         await admin.drop(config)
     assert await scalar(public, "SELECT to_regclass('billing.invoices') IS NOT NULL")
     await sql("DROP TABLE billing.invoices", "DROP TABLE billing.subscriptions")
+    for only in (  # each alone: somebody else's
+        "CREATE TABLE billing.events (id int, payload text)",
+        "CREATE SEQUENCE billing.numbers",
+        "CREATE TYPE billing.money AS (amount numeric, currency text)",
+        "CREATE TYPE billing.mood AS ENUM ('ok')",
+        "CREATE VIEW billing.v AS SELECT 1 AS one",
+        "CREATE FUNCTION billing.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    ):
+        await sql(only)
+        with pytest.raises(es.SchemaNotInitializedError, match="and 1 object "):
+            await admin.drop(config)
+        await sql("DROP SCHEMA billing CASCADE", "CREATE SCHEMA billing")
     assert (await admin.drop(config)).changed  # empty: dropped
     await admin.create(config)
     await admin.init(config)

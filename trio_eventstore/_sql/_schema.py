@@ -296,24 +296,37 @@ SELECT
 """
 
 
-#: Parameter: schema. How many tables, views, functions and types it holds that are not
-#: an event store's (a schema `drop` must not take somebody else's for a partly
-#: initialised store; sequences and indexes go with their tables).
+#: Parameter: schema. How many tables, views, sequences, functions and types it holds
+#: that are no event store's (a schema `drop` must not take somebody else's for a
+#: partly initialised store): a table is the store's only under one of its names and
+#: with that table's distinctive column; sequences owned by a table go with it.
 SCHEMA_OBJECTS = """
 SELECT
   (SELECT count(*) FROM pg_catalog.pg_class c
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-      AND c.relname NOT IN ('streams', 'events', 'stream_events', 'subscriptions', 'snapshots',
-                            'schema_migrations'))
+    WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+      AND NOT EXISTS (
+        SELECT 1 FROM (VALUES ('streams', 'stream_uuid'), ('events', 'event_type'),
+                              ('stream_events', 'original_stream_id'),
+                              ('subscriptions', 'subscription_name'),
+                              ('snapshots', 'source_uuid'),
+                              ('schema_migrations', 'major_version')) AS s(t, col)
+          JOIN pg_catalog.pg_attribute a
+            ON a.attrelid = c.oid AND a.attname = s.col AND NOT a.attisdropped
+         WHERE s.t = c.relname AND c.relkind = 'r'))
+  + (SELECT count(*) FROM pg_catalog.pg_class c
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = $1 AND c.relkind = 'S'
+        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                         WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                           AND d.objid = c.oid AND d.deptype IN ('a', 'i')))
   + (SELECT count(*) FROM pg_catalog.pg_proc p
        JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
       WHERE n.nspname = $1
         AND p.proname NOT IN ('event_store_exception', 'event_store_delete', 'notify_events'))
   + (SELECT count(*) FROM pg_catalog.pg_type t
        JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-      WHERE n.nspname = $1
-        AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND t.typrelid = 0)))
+      WHERE n.nspname = $1 AND t.typtype IN ('e', 'd', 'r', 'm'))
 """
 
 
