@@ -148,8 +148,12 @@ async def test_init_refuses_partial_schema(config: EventStoreConfig) -> None:
             await conn.execute(f"CREATE TABLE {quote_ident(config.schema)}.streams (x int)")
         with pytest.raises(es.SchemaMismatchError, match="schema_migrations"):
             await admin.init(config)
+        # Nor will drop take that "streams" (not the store's) for a store's.
+        with pytest.raises(es.SchemaNotInitializedError):
+            await admin.drop(config)
     finally:
-        await admin.drop(config)
+        async with open_connection(config) as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(config.schema)} CASCADE")
 
 
 async def test_init_other_column_type_refused(initialized: EventStoreConfig) -> None:
