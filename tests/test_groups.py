@@ -370,3 +370,34 @@ async def test_one_groups_failure_reaches_the_consumer(quick: EventStore) -> Non
     assert isinstance(sub, GroupedSubscription)
     failed_groups = [s.group for s in sub.group_statistics() if s.role == "failed"]
     assert len(failed_groups) == 1
+
+
+async def test_a_replay_whose_key_cannot_be_computed_reaches_its_groups_consumer(
+    quick: EventStore,
+) -> None:
+    """Parked under one key function, replayed under one that cannot read it: the batch
+    goes to the group that delivered it (routing by the key raised the key function's
+    error at every replay)."""
+    await quick.append_to_stream("s", ANY_VERSION, [EventData({"k": "a"}, event_type="T")])
+    with trio.fail_after(HANG_GUARD):
+        async with quick.subscribe_to_all_streams(
+            "g",
+            partition_by=lambda e: e.data["k"],  # type: ignore[index]
+            partition_groups=2,
+        ) as sub:
+            [event] = await sub.__anext__()
+            sub.nack(event, retry=False, error="poison")
+            while not await quick.parked_events("$all", "g"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        async with quick.subscribe_to_all_streams(
+            "g",
+            partition_by=lambda e: e.data["key"],  # type: ignore[index]
+            partition_groups=2,
+        ) as sub:
+            await sub.wait_subscribed()
+            assert await quick.replay_parked("$all", "g") == 1
+            batch = await sub.__anext__()
+            assert [e.event_number for e in batch.events] == [1]
+            sub.ack(batch)
+            while await quick.parked_events("$all", "g"):  # noqa: ASYNC110
+                await trio.sleep(0.02)  # acknowledged: its record goes

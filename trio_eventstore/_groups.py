@@ -138,7 +138,18 @@ class GroupedSubscription(Subscription):
         self._groups = groups
 
     def _part_of(self, event: RecordedEvent) -> tuple[Driver, Consumer]:
-        return self._parts[group_of(self._partition_by(event), self._groups)]
+        """The group that delivered ``event``: the one that has it in flight (a replay
+        whose key the key function can no longer compute, or now puts elsewhere, is
+        still its group's), else the one its key names."""
+        number = event.event_number
+        for driver, consumer in self._parts:
+            fsm = driver.fsm
+            if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
+                return driver, consumer
+        try:
+            return self._parts[group_of(self._partition_by(event), self._groups)]
+        except Exception:  # no group has it: a stale batch, dropped by its first group
+            return self._parts[0]
 
     async def _next_batch(self) -> EventBatch:
         while True:
