@@ -89,6 +89,7 @@ async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: s
     await sql("DROP TABLE billing.invoices", "DROP TABLE billing.subscriptions")
     for only in (  # each alone: somebody else's
         "CREATE TABLE billing.events (id int, payload text)",
+        "CREATE TABLE billing.events (id int, event_type text, created_at timestamptz)",
         "CREATE SEQUENCE billing.numbers",
         "CREATE TYPE billing.money AS (amount numeric, currency text)",
         "CREATE TYPE billing.mood AS ENUM ('ok')",

@@ -299,21 +299,29 @@ SELECT
 #: Parameter: schema. How many tables, views, sequences, functions and types it holds
 #: that are no event store's (a schema `drop` must not take somebody else's for a
 #: partly initialised store): a table is the store's only under one of its names and
-#: with that table's distinctive column; sequences owned by a table go with it.
+#: with every column of that table; sequences owned by a table go with it.
 SCHEMA_OBJECTS = """
 SELECT
   (SELECT count(*) FROM pg_catalog.pg_class c
      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
       AND NOT EXISTS (
-        SELECT 1 FROM (VALUES ('streams', 'stream_uuid'), ('events', 'event_type'),
-                              ('stream_events', 'original_stream_id'),
-                              ('subscriptions', 'subscription_name'),
-                              ('snapshots', 'source_uuid'),
-                              ('schema_migrations', 'major_version')) AS s(t, col)
-          JOIN pg_catalog.pg_attribute a
-            ON a.attrelid = c.oid AND a.attname = s.col AND NOT a.attisdropped
-         WHERE s.t = c.relname AND c.relkind = 'r'))
+        SELECT 1 FROM (VALUES
+            ('streams', '{stream_id,stream_uuid,stream_version,created_at,deleted_at}'),
+            ('events',
+             '{event_id,event_type,causation_id,correlation_id,data,metadata,created_at}'),
+            ('stream_events',
+             '{event_id,stream_id,stream_version,original_stream_id,original_stream_version}'),
+            ('subscriptions',
+             '{subscription_id,stream_uuid,subscription_name,last_seen,created_at}'),
+            ('snapshots', '{source_uuid,source_version,source_type,data,metadata,created_at}'),
+            ('schema_migrations', '{major_version,minor_version,patch_version,migrated_at}')
+          ) AS s(t, cols)
+         WHERE s.t = c.relname AND c.relkind = 'r'
+           AND (SELECT count(*) FROM pg_catalog.pg_attribute a
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND a.attname = ANY (s.cols::text[]))
+               = cardinality(s.cols::text[])))
   + (SELECT count(*) FROM pg_catalog.pg_class c
        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       WHERE n.nspname = $1 AND c.relkind = 'S'
