@@ -401,3 +401,52 @@ async def test_a_replay_whose_key_cannot_be_computed_reaches_its_groups_consumer
             sub.ack(batch)
             while await quick.parked_events("$all", "g"):  # noqa: ASYNC110
                 await trio.sleep(0.02)  # acknowledged: its record goes
+
+
+async def test_a_stale_batch_is_never_taken_for_another_groups(quick: EventStore) -> None:
+    """A replay parked in group 1 under the old key, which the new key puts in group 0,
+    goes stale in the inbox (a nack of group 1's earlier batch gives it back): routed by
+    its key to group 0, whose session and epoch were the same numbers, it was handed to
+    the subscriber, and its ack raised UnexpectedAckError. Each batch now says which
+    group's consumer it was sent to."""
+    from trio_eventstore._balance import group_of
+
+    def key_in(group: int, prefix: str) -> str:
+        return next(f"{prefix}{i}" for i in range(1000) if group_of(f"{prefix}{i}", 2) == group)
+
+    k1, new0, new1 = key_in(1, "old"), key_in(0, "new"), key_in(1, "new")
+    await quick.append_to_stream(
+        "s", ANY_VERSION, [EventData({"k": k1, "key": new0}, event_type="T")]
+    )
+    with trio.fail_after(HANG_GUARD):
+        async with quick.subscribe_to_all_streams(
+            "g",
+            partition_by=lambda e: e.data["k"],  # type: ignore[index]
+            partition_groups=2,
+        ) as sub:
+            batch = await sub.__anext__()
+            sub.nack(batch.events[0], retry=False, error="poison")  # parked in group 1
+            while not await quick.parked_events("$all", "g"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    await quick.append_to_stream(
+        "s", ANY_VERSION, [EventData({"k": "x", "key": new1}, event_type="T")]
+    )
+    policy = es.RetryPolicy(max_attempts=5, backoff=3.0, jitter=0.0)
+    with trio.fail_after(HANG_GUARD):
+        async with quick.subscribe_to_all_streams(
+            "g",
+            partition_by=lambda e: e.data["key"],  # type: ignore[index]
+            partition_groups=2,
+            buffer_size=10,
+            retry_policy=policy,
+        ) as sub:
+            assert isinstance(sub, GroupedSubscription)
+            first = await sub.__anext__()
+            assert [e.event_number for e in first.events] == [2]
+            assert await quick.replay_parked("$all", "g") == 1
+            while sub.group_statistics()[1].in_flight < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            sub.nack(first.events[0], error="transient")  # the replay batch is stale now
+            with trio.move_on_after(1.5) as waited:
+                await sub.__anext__()
+            assert waited.cancelled_caught, "a stale batch was handed to the subscriber"

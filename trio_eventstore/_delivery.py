@@ -256,7 +256,7 @@ class Delivery:
                     if event.event_number in fsm.replaying:
                         mark_replay(event)
             epoch = fsm.epoch(consumer_id)
-            consumer.send(EventBatch(events, events, self.session, epoch))
+            consumer.send(EventBatch(events, events, self.session, epoch, consumer))
             self._count_delivery(events, fsm.at_head)
 
     def _count_delivery(self, events: list[RecordedEvent], at_head: bool) -> None:

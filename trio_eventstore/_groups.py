@@ -137,18 +137,29 @@ class GroupedSubscription(Subscription):
         self._partition_by = partition_by
         self._groups = groups
 
+    def _part_of_batch(self, batch: EventBatch) -> tuple[Driver, Consumer]:
+        """The group that sent ``batch`` (each batch says to which consumer)."""
+        for part in self._parts:
+            if part[1] is batch.consumer:
+                return part
+        return self._part_of(batch.events[-1])
+
     def _part_of(self, event: RecordedEvent) -> tuple[Driver, Consumer]:
-        """The group that delivered ``event``: the one that has it in flight (a replay
-        whose key the key function can no longer compute, or now puts elsewhere, is
-        still its group's), else the one its key names."""
+        """The group that delivered ``event``: the one that has it in flight, or gave it
+        back (a replay whose key the key function can no longer compute, or now puts
+        elsewhere, is still its group's), else the one its key names."""
         number = event.event_number
         for driver, consumer in self._parts:
             fsm = driver.fsm
             if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
                 return driver, consumer
+        for driver, consumer in self._parts:
+            fsm = driver.fsm
+            if fsm is not None and fsm.was_given_back(consumer.consumer_id, number):
+                return driver, consumer
         try:
             return self._parts[group_of(self._partition_by(event), self._groups)]
-        except Exception:  # no group has it: a stale batch, dropped by its first group
+        except Exception:  # the key cannot say: an ack of it is found stale there or not
             return self._parts[0]
 
     async def _next_batch(self) -> EventBatch:
@@ -160,14 +171,18 @@ class GroupedSubscription(Subscription):
                     if driver.failure is not None:
                         _raise_if_stopped(driver)
                 raise iteration_ended(self._parts[0][0]) from None
-            driver, consumer = self._part_of(batch.events[-1])
+            driver, consumer = self._part_of_batch(batch)
             if is_current(driver, consumer, batch):
                 consumer.received(batch)
                 mapper = driver.options.mapper
                 if mapper is None:
                     return batch
                 return EventBatch(
-                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                    [mapper(e) for e in batch.events],
+                    batch.events,
+                    batch.session,
+                    batch.epoch,
+                    batch.consumer,
                 )
             # Delivered by a session that has since ended (lost or handed over), or
             # before a nack of this consumer.
@@ -230,7 +245,7 @@ class GroupedSubscription(Subscription):
         """The group that delivered ``value``: by its partition key, or (an event
         number) the group that has it in flight."""
         if isinstance(value, EventBatch):
-            return self._part_of(value.events[-1])
+            return self._part_of_batch(value)
         if isinstance(value, RecordedEvent):
             return self._part_of(value)
         if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):

@@ -34,10 +34,15 @@ class EventBatch(list[Any]):
     recorded events in ``events`` and ``last_event_number`` (so ``ack(batch)`` works
     whatever the mapper returns)."""
 
-    __slots__ = ("epoch", "events", "last_event_number", "session")
+    __slots__ = ("consumer", "epoch", "events", "last_event_number", "session")
 
     def __init__(
-        self, values: Iterable[Any], events: list[RecordedEvent], session: int, epoch: int = 0
+        self,
+        values: Iterable[Any],
+        events: list[RecordedEvent],
+        session: int,
+        epoch: int = 0,
+        consumer: object = None,
     ) -> None:
         super().__init__(values)
         self.events = events
@@ -45,6 +50,8 @@ class EventBatch(list[Any]):
         self.session = session
         #: the consumer's delivery epoch when it was sent (a `nack` makes it stale)
         self.epoch = epoch
+        #: the consumer it was sent to (partition groups share an inbox: which group's)
+        self.consumer = consumer
 
 
 #: The events being delivered as replays of parked events (by identity, while they

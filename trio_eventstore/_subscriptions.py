@@ -100,7 +100,11 @@ class Subscription:
                     return batch
                 # The mapper runs here, in the consumer's own task.
                 return EventBatch(
-                    [mapper(e) for e in batch.events], batch.events, batch.session, batch.epoch
+                    [mapper(e) for e in batch.events],
+                    batch.events,
+                    batch.session,
+                    batch.epoch,
+                    batch.consumer,
                 )
             # Delivered by a session that has since lost its lock, or before a nack of
             # this consumer: it comes again.
