@@ -144,15 +144,22 @@ class GroupedSubscription(Subscription):
                 return part
         return self._part_of(batch.events[-1])
 
+    def _in_flight_at(self, number: int) -> tuple[Driver, Consumer] | None:
+        """The group that has event ``number`` in flight for its consumer, if any."""
+        for driver, consumer in self._parts:
+            fsm = driver.fsm
+            if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
+                return driver, consumer
+        return None
+
     def _part_of(self, event: RecordedEvent) -> tuple[Driver, Consumer]:
         """The group that delivered ``event``: the one that has it in flight, or gave it
         back (a replay whose key the key function can no longer compute, or now puts
         elsewhere, is still its group's), else the one its key names."""
         number = event.event_number
-        for driver, consumer in self._parts:
-            fsm = driver.fsm
-            if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
-                return driver, consumer
+        holder = self._in_flight_at(number)
+        if holder is not None:
+            return holder
         for driver, consumer in self._parts:
             fsm = driver.fsm
             if fsm is not None and fsm.was_given_back(consumer.consumer_id, number):
@@ -250,10 +257,9 @@ class GroupedSubscription(Subscription):
             return self._part_of(value)
         if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
             return self._part_of(max(value, key=lambda e: e.event_number))
-        for driver, consumer in self._parts:
-            fsm = driver.fsm
-            if fsm is not None and fsm.is_in_flight(consumer.consumer_id, number):
-                return driver, consumer
+        holder = self._in_flight_at(number)
+        if holder is not None:
+            return holder
         for driver, consumer in self._parts:
             fsm = driver.fsm
             if number <= consumer.stale_up_to or (
