@@ -195,8 +195,13 @@ class Projection:
             store._check_open()
         async with store._db.open_transaction() as conn:
             position = await self._lock_position(conn)
-            replays = [e for e in recorded if is_replay(e)]
-            fresh = [e for e in recorded if e.event_number > position and not is_replay(e)]
+            replays: list[RecordedEvent] = []
+            fresh: list[RecordedEvent] = []
+            for e in recorded:
+                if is_replay(e):
+                    replays.append(e)
+                elif e.event_number > position:
+                    fresh.append(e)
             if replays:  # marked, wherever they are: a replay may come again
                 replays = await self._first_replays(conn, replays)
             todo = sorted(replays + fresh, key=lambda e: e.event_number) if replays else fresh

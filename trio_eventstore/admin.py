@@ -332,8 +332,12 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                         f"The EventStore schema {config.schema!r} has already been dropped.",
                     )
                 state = await conn.run(lambda c: _schema_state.read_schema_state(c, config.schema))
-                others = await conn.fetchval(_sql.SCHEMA_OBJECTS, config.schema)
-                if not state.initialized and others:
+                others = (
+                    0
+                    if state.initialized
+                    else await conn.fetchval(_sql.SCHEMA_OBJECTS, config.schema)
+                )
+                if others:
                     # Not an event store, nor a partly initialised one (nothing but its
                     # tables): a typo, or the wrong --schema, must not drop somebody
                     # else's tables (a "subscriptions" of theirs included).
