@@ -218,12 +218,18 @@ class GroupCommitWriter:
         overloaded pool as batches do. Cancelled while waiting for its turn, it writes
         nothing; in flight, it may commit (as any append)."""
         async with self._big:
-            return await self._write_alone(request)
+            # Alone (no other append in flight here): in one statement, see `_storage`.
+            alone = self._big.borrowed_tokens == 1 and not self._writing and not self._queue
+            return await self._write_alone(request, contended=not alone)
 
-    async def _write_alone(self, request: _storage.AppendRequest) -> _storage.Appended:
+    async def _write_alone(
+        self, request: _storage.AppendRequest, *, contended: bool = True
+    ) -> _storage.Appended:
         if self._closed:
             raise _closed_error()
-        appended = await waiting_out_overload(lambda: _storage.append(self._db, request))
+        appended = await waiting_out_overload(
+            lambda: _storage.append(self._db, request, contended=contended)
+        )
         self._on_written(request, appended)
         return appended
 
