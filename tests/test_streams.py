@@ -23,6 +23,7 @@ from trio_eventstore import (
     EventStore,
     EventStoreConfig,
     JsonSerializer,
+    _sql,
     admin,
     open_event_store,
 )
@@ -351,6 +352,107 @@ async def test_hard_delete_removes_own_events_and_their_links_only(store: EventS
     assert (await store.stream_info("$all")).stream_version == 3  # never lowered
     # The deleted stream's name can be used again.
     assert await store.append_to_stream("doomed", NO_STREAM, [deposit()]) == 1
+
+
+HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
+
+
+async def _until_a_backend_waits_for_a_lock(config: EventStoreConfig) -> None:
+    async with open_connection(config) as conn:
+        with trio.fail_after(HANG_GUARD):
+            while not await conn.fetchval(  # noqa: ASYNC110 (the server's state, polled)
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                await trio.sleep(0.01)
+
+
+async def test_a_link_racing_a_hard_delete_of_its_events_stream_gets_event_not_found(
+    store: EventStore,
+) -> None:
+    """A hard delete holds the stream's row, then deletes its events; a link of one of
+    them, made meanwhile, waits for the delete (it locks the events' streams before
+    it writes) and then finds the event gone. Before: the link took the event's row
+    for its foreign-key check, then waited for the stream's row, and the delete waited
+    for the event's: a deadlock, one of them failing with a raw `DatabaseError`."""
+    await store.append_to_stream("src", NO_STREAM, [deposit(1)])
+    (event,) = await store.read_stream_forward("src")
+    config = store.config
+    s = quote_ident(config.schema)
+    outcome: list[object] = []
+
+    async def link() -> None:
+        try:
+            outcome.append(await store.link_to_stream("lnk", ANY_VERSION, [event]))
+        except es.EventStoreError as exc:
+            outcome.append(exc)
+
+    async with open_connection(config) as deleting:
+        await deleting.execute("BEGIN")
+        await deleting.execute("SET LOCAL eventstore.enable_hard_deletes = 'on'")
+        stream_id = await deleting.fetchval(
+            f"SELECT stream_id FROM {s}.streams WHERE stream_uuid = 'src' FOR UPDATE"
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link)
+            await _until_a_backend_waits_for_a_lock(config)  # the link (before: on the row)
+            with trio.fail_after(HANG_GUARD):
+                await deleting.execute(_sql.hard_delete_stream(config.schema), stream_id)
+                await deleting.execute("COMMIT")
+    (got,) = outcome
+    assert isinstance(got, es.EventNotFoundError), repr(got)
+    assert got.event_ids == (event.event_id,)
+    with pytest.raises(es.StreamNotFoundError):
+        await store.stream_info("lnk")
+    assert await store.read_all_streams_forward() == []
+
+
+async def test_a_link_deadlocked_by_a_delete_locking_in_another_order_is_made_again(
+    store: EventStore,
+) -> None:
+    """A hard delete that deletes the events before it takes the stream's row (as an
+    Elixir node's does) and a link of one of them can still wait for each other: the
+    link holds the stream's row (key share), waiting for the event's; the delete holds
+    the event's, waiting for the stream's. PostgreSQL aborts one: when it is the link,
+    which wrote nothing, the link is made again, and finds the event gone (before:
+    a raw `DatabaseError`, "deadlock detected")."""
+    await store.append_to_stream("src", NO_STREAM, [deposit(1)])
+    (event,) = await store.read_stream_forward("src")
+    config = store.config
+    s = quote_ident(config.schema)
+    outcome: list[object] = []
+
+    async def link() -> None:
+        try:
+            outcome.append(await store.link_to_stream("lnk", ANY_VERSION, [event]))
+        except es.EventStoreError as exc:
+            outcome.append(exc)
+
+    async with open_connection(config) as deleting:
+        await deleting.execute("BEGIN")
+        await deleting.execute("SET LOCAL eventstore.enable_hard_deletes = 'on'")
+        await deleting.execute(f"DELETE FROM {s}.stream_events WHERE event_id = $1", event.event_id)
+        await deleting.execute(f"DELETE FROM {s}.events WHERE event_id = $1", event.event_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link)
+            await _until_a_backend_waits_for_a_lock(config)  # the link, for the event's row
+            failed: es.DatabaseError | None = None
+            try:
+                with trio.fail_after(HANG_GUARD):
+                    await deleting.execute(f"DELETE FROM {s}.streams WHERE stream_uuid = 'src'")
+                    await deleting.execute("COMMIT")
+            except es.DatabaseError as exc:  # PostgreSQL chose the delete
+                failed = exc
+    deleted = failed is None
+    if failed is not None:
+        assert failed.sqlstate == "40P01"
+    (got,) = outcome
+    if deleted:
+        assert isinstance(got, es.EventNotFoundError), repr(got)
+        assert await store.read_all_streams_forward() == []
+    else:
+        assert got == 1
+        assert [e.event_id for e in await store.read_stream_forward("lnk")] == [event.event_id]
 
 
 async def test_hard_delete_needs_config(store: EventStore) -> None:

@@ -480,6 +480,12 @@ def recorded_from_append(
     ]
 
 
+#: A link aborted by these wrote nothing and is made again: a deadlock (with a writer
+#: that locks rows in another order than this store's, an Elixir node's hard delete)
+#: and an event deleted (hard) after the link found it, before its foreign-key check.
+_LINK_AGAIN = frozenset({"40P01", "23503"})
+
+
 async def link(
     db: Database, stream_uuid: str, expected: ExpectedVersion | int, event_ids: list[uuid.UUID]
 ) -> int:
@@ -494,6 +500,8 @@ async def link(
         try:
             row = await db.run(unit, statements=1 + len(event_ids) // 1000)
         except DatabaseError as exc:
+            if exc.sqlstate in _LINK_AGAIN:
+                continue  # it wrote nothing; again, it sees what the other one did
             raise _translate_write_error(exc, stream_uuid) from exc
         assert row is not None
         outcome, before = int(row["outcome"]), int(row["before"])

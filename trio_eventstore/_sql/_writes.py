@@ -459,7 +459,12 @@ def link_events(schema: str) -> str:
     when an event is missing), ``stream_id``, ``before`` and ``missing`` (the ids of
     the events that do not exist). Nothing is written unless the outcome is ``APPEND_OK``.
     An event already in the stream fails the statement (unique violation). Locks: the
-    stream row only (as `append_batch` takes it); links never touch `$all`.
+    stream row (as `append_batch` takes it), then the rows of the events' own streams,
+    sorted, ``FOR KEY SHARE`` (what the foreign-key checks take at the end), before
+    anything is written: a hard delete of one of them (which holds its row, then deletes
+    its events) is waited for, and its events then count as missing; taken by the
+    checks only, the event's row was held first and the two waited for each other.
+    Links never touch `$all`.
     """
     s = quote_ident(schema)
     outcome = _outcome("$2::int", "$3::bigint", "l", "c", "m.missing > 0")
@@ -467,11 +472,19 @@ def link_events(schema: str) -> str:
         "WITH locked AS ("
         " SELECT stream_id, stream_uuid, stream_version, deleted_at"
         f" FROM {s}.streams WHERE stream_uuid = $1 FOR NO KEY UPDATE"
-        "), orig AS ("
+        "), seen AS ("
         " SELECT u.k, se.original_stream_id, se.original_stream_version"
         " FROM unnest($4::uuid[]) WITH ORDINALITY AS u(id, k)"
         f" JOIN {s}.stream_events se ON se.event_id = u.id"
         " AND se.stream_id = se.original_stream_id"
+        "), sources AS ("
+        f" SELECT s.stream_id FROM {s}.streams s"
+        " WHERE s.stream_id IN (SELECT seen.original_stream_id FROM seen)"
+        " AND (SELECT count(*) FROM locked) >= 0"
+        " ORDER BY s.stream_id FOR KEY SHARE"
+        "), orig AS ("
+        " SELECT seen.k, seen.original_stream_id, seen.original_stream_version FROM seen"
+        " WHERE seen.original_stream_id IN (SELECT sources.stream_id FROM sources)"
         "), m AS ("
         " SELECT count(*) FILTER (WHERE o.k IS NULL) AS missing,"
         " coalesce(array_agg(u.id ORDER BY u.k) FILTER (WHERE o.k IS NULL), '{}') AS missing_ids"
