@@ -161,6 +161,14 @@ async def test_grant_refuses_a_bad_role_name_before_io(role: str) -> None:
         await admin.grant(config, role)
 
 
+@pytest.mark.parametrize("flags", [{"apply": "False"}, {"hard_deletes": "no"}, {"apply": 0}])
+async def test_grant_refuses_a_flag_that_is_not_a_bool_before_io(flags: dict[str, object]) -> None:
+    """``apply="False"`` is truthy: it would have run the grants."""
+    config = EventStoreConfig(url="postgresql://u:pw@127.0.0.1:1/nowhere")
+    with pytest.raises(TypeError, match="expected a bool"):
+        await admin.grant(config, "app", **flags)  # type: ignore[arg-type]
+
+
 async def test_grant_needs_a_store_and_a_role(config: EventStoreConfig) -> None:
     await admin.create(config)
     try:

@@ -455,6 +455,18 @@ async def test_a_link_deadlocked_by_a_delete_locking_in_another_order_is_made_ag
         assert [e.event_id for e in await store.read_stream_forward("lnk")] == [event.event_id]
 
 
+@pytest.mark.parametrize("hard", ["False", "yes", 1, [0], None])
+async def test_delete_refuses_a_hard_flag_that_is_not_a_bool(
+    store: EventStore, hard: object
+) -> None:
+    """``hard="False"`` (a flag read from the environment) is truthy: it hard-deleted."""
+    await store.append_to_stream("s", NO_STREAM, [deposit()])
+    with pytest.raises(TypeError, match="hard: expected a bool"):
+        await store.delete_stream("s", ANY_VERSION, hard=hard)  # type: ignore[arg-type]
+    assert (await store.stream_info("s")).stream_version == 1
+    assert (await store.stream_info("s")).deleted_at is None
+
+
 async def test_hard_delete_needs_config(store: EventStore) -> None:
     await store.append_to_stream("s", NO_STREAM, [deposit()])
     async with open_event_store(store.config.with_changes(enable_hard_deletes=False)) as plain:

@@ -150,6 +150,14 @@ def test_in_memory_projection_rebuilt_after_a_crash() -> None:
         check_redelivery(
             Fold, history, [Delivery(2, "crash")], state=lambda p: p.total, state_survives=True
         )
+    with pytest.raises(TypeError, match="state_survives: expected a bool"):  # "False" is true
+        check_redelivery(
+            Fold,
+            history,
+            [Delivery(2, "crash")],
+            state=lambda p: p.total,
+            state_survives="False",  # type: ignore[arg-type]
+        )
 
 
 @settings(

@@ -91,6 +91,12 @@ def check_indexed(what: str, index: str, values: tuple[str, ...], limit: str) ->
         )
 
 
+def check_bool(name: str, value: object) -> None:
+    """A flag must be a bool: ``hard="False"`` is truthy (and a hard delete)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
 def check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

@@ -14,6 +14,7 @@ import trio
 from . import _schema_state, _snapshots, _storage, _writer
 from ._appends import refuse_repeated_ids
 from ._arguments import (
+    check_bool,
     check_events,
     check_expected_version,
     check_int,
@@ -400,6 +401,7 @@ class EventStore(SubscriptionMethods):
         self._check_open()
         check_target(stream_uuid, written=False)
         check_expected_version(expected_version)
+        check_bool("hard", hard)
         if hard and not self._config.enable_hard_deletes:
             raise NotSupportedError("hard deletes are disabled (config enable_hard_deletes)")
         await _storage.delete_stream(self._db, stream_uuid, expected_version, hard=hard)

@@ -18,6 +18,7 @@ import logging
 import attrs
 
 from . import _schema_state, _sql
+from ._arguments import check_bool
 from ._config import EventStoreConfig
 from ._errors import (
     DatabaseError,
@@ -413,8 +414,10 @@ async def grant(
         raise TypeError(f"role: expected a str, got {type(role).__name__}")
     if not role or "\x00" in role or len(role.encode()) > 63:
         raise ValueError("role: must be a role name of 1 to 63 bytes without NUL characters")
+    check_bool("apply", apply)
     if hard_deletes is None:
         hard_deletes = config.enable_hard_deletes
+    check_bool("hard_deletes", hard_deletes)
     statements = tuple(_sql.grant_statements(config.schema, role, hard_deletes=hard_deletes))
     where = f"schema {config.schema!r} of database {config.database_name!r}"
     if not apply:

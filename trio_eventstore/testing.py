@@ -384,6 +384,8 @@ async def check_redelivery_async(
     Raises:
         RedeliveryError: naming the steps of the delivery that broke it.
     """
+    if not isinstance(state_survives, bool):
+        raise TypeError(f"state_survives: expected a bool, got {type(state_survives).__name__}")
     clean = await _maybe_await(factory())
     for event in history:
         await _maybe_await(clean.handle(event))
