@@ -506,6 +506,38 @@ async def test_snapshots(store: EventStore) -> None:
     ) as refused:
         await store.record_snapshot(es.SnapshotData(source_uuid="agg", source_version=5, data={}))
     assert "EventData" not in str(refused.value)
+    # a class given another class's type: the message names the snapshot's argument
+    ordered = Ordered(uuid.uuid4(), [])
+    with pytest.raises(es.SerializationError, match=r"source_type=.*leave source_type out"):
+        await store.record_snapshot(
+            es.SnapshotData(
+                source_uuid="agg",
+                source_version=5,
+                data=ordered,
+                source_type="Elixir.Bank.Events.Deposited",
+            )
+        )
+    at = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    await store.record_snapshot(
+        es.SnapshotData(source_uuid="agg", source_version=6, data=ordered, created_at=at)
+    )
+    assert (await store.read_snapshot("agg")).created_at == at
+
+
+@pytest.mark.parametrize(
+    ("created_at", "error"),
+    [
+        ("2020-01-01", TypeError),
+        (1700000000, TypeError),
+        (datetime.date(2020, 1, 1), TypeError),  # it was stored as midnight
+        (datetime.datetime(2020, 1, 1), ValueError),  # naive: no instant
+    ],
+)
+def test_a_snapshot_refuses_a_created_at_that_is_not_an_aware_datetime(
+    created_at: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="created_at"):
+        es.SnapshotData(source_uuid="agg", source_version=1, data={}, created_at=created_at)  # type: ignore[arg-type]
 
 
 async def test_paginate_streams(store: EventStore) -> None:

@@ -256,9 +256,10 @@ class JsonSerializer:
             "EventData(event_type=...) for plain JSON values"
         )
 
-    def check_readable(self, data: object, event_type: str) -> None:
+    def check_readable(self, data: object, event_type: str, *, name: str = "event_type") -> None:
         """Raise unless ``data`` stored as ``event_type`` reads back. Appends and snapshots
-        call it when the caller names the event type.
+        call it when the caller names the event type (``name``: the argument that did,
+        for the message: ``source_type`` for a snapshot).
 
         Raises:
             UnknownEventTypeError: the serializer is strict and no class is registered
@@ -280,8 +281,8 @@ class JsonSerializer:
         if own is not None:
             raise SerializationError(
                 f"a {type(data).__name__} (registered as event type {own!r}) given "
-                f"event_type={event_type!r}, the type registered for {cls.__name__}: "
-                f"it would read back as a {cls.__name__} (leave event_type out, or give "
+                f"{name}={event_type!r}, the type registered for {cls.__name__}: "
+                f"it would read back as a {cls.__name__} (leave {name} out, or give "
                 "it the class's own)"
             )
         try:

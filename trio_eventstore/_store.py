@@ -413,7 +413,7 @@ class EventStore(SubscriptionMethods):
             raise TypeError(f"snapshot: expected SnapshotData, got {type(snapshot).__name__}")
         serializer = self._config.serializer
         if isinstance(serializer, JsonSerializer) and snapshot.source_type:
-            serializer.check_readable(snapshot.data, snapshot.source_type)
+            serializer.check_readable(snapshot.data, snapshot.source_type, name="source_type")
         await _snapshots.record_snapshot(self._db, snapshot)
 
     async def read_snapshot(self, source_uuid: str) -> SnapshotData:

@@ -265,6 +265,16 @@ class SnapshotData:
             if not isinstance(self.source_type, str):
                 raise TypeError("source_type: expected a str or None")
             check_text("source_type", self.source_type)
+        if self.created_at is not None:
+            if not isinstance(self.created_at, datetime.datetime):
+                raise TypeError(
+                    f"created_at: expected a datetime or None, got {type(self.created_at).__name__}"
+                )
+            if self.created_at.utcoffset() is None:
+                raise ValueError(
+                    "created_at: expected a timezone-aware datetime (a naive one says no "
+                    "instant: give tzinfo, e.g. datetime.UTC)"
+                )
 
 
 @attrs.frozen
