@@ -340,6 +340,33 @@ def test_a_bool_must_read_back_as_a_bool_in_tuples_and_under_keys_of_any_type(
 
 
 @attrs.frozen
+class Measured:
+    count: int = 0
+    ratio: float = 0.0
+    counts: dict[str, int] = attrs.field(factory=dict)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(Measured(count=5.0), id="float-in-int"),  # type: ignore[arg-type]
+        pytest.param(Measured(count=1e20), id="big-float-in-int"),  # type: ignore[arg-type]
+        pytest.param(Measured(counts={"a": 2.0}), id="float-in-int-under-a-key"),  # type: ignore[dict-item]
+    ],
+)
+def test_a_float_in_an_int_field_is_refused(wrong: Measured) -> None:
+    """``5.0`` in an ``int`` field read back as ``5``, another type (``True`` there was
+    already refused); an int in a ``float`` field reads back as a float, which typing
+    allows, and is taken."""
+    serializer = JsonSerializer()
+    serializer.register(Measured, event_type="Measured")
+    with pytest.raises(es.SerializationError, match="would read back as"):
+        serializer.serialize(wrong)
+    right = Measured(count=5, ratio=2, counts={"a": 2})
+    assert serializer.deserialize(serializer.serialize(right), "Measured") == right
+
+
+@attrs.frozen
 class Nested:
     value: Any
 

@@ -21,7 +21,7 @@ from ._errors import SerializationError
 __all__ = [
     "JSON_DECODER",
     "MAX_JSON_DEPTH",
-    "_bools_kept",
+    "_kinds_kept",
     "_dumps",
     "_dumps_plain",
     "_is_record_class",
@@ -120,20 +120,24 @@ def _dumps_plain(value: object) -> bytes:
     return _dumps(value)
 
 
-def _bools_kept(sent: object, back: object) -> bool:
+def _kinds_kept(sent: object, back: object) -> bool:
     """Whether ``sent`` (JSON values, as stored) and ``back`` (what the converter
     unstructures from what they read back as; equal as Python values) hold their bools in
-    the same places: ``True`` stored in an ``int`` field reads back as ``1``, ``1`` in a
-    ``bool`` field as ``True``. ``back`` may hold tuples (a ``tuple`` field) where ``sent``
-    has lists, and keys that JSON writes as strings (a ``dict[int, ...]`` field)."""
+    the same places, and no float where an int came back: ``True`` stored in an ``int``
+    field reads back as ``1``, ``1`` in a ``bool`` field as ``True``, ``5.0`` in an ``int``
+    field as ``5`` (an int in a ``float`` field reads back as a float, as typing allows).
+    ``back`` may hold tuples (a ``tuple`` field) where ``sent`` has lists, and keys that
+    JSON writes as strings (a ``dict[int, ...]`` field)."""
     if type(sent) is bool or type(back) is bool:
         return type(sent) is type(back)
+    if type(sent) is float:
+        return type(back) is not int
     if type(sent) is dict and isinstance(back, dict):
         if any(key not in back for key in sent):
             back = {_json_key(key): item for key, item in back.items()}
-        return all(key not in back or _bools_kept(item, back[key]) for key, item in sent.items())
+        return all(key not in back or _kinds_kept(item, back[key]) for key, item in sent.items())
     if type(sent) is list and isinstance(back, list | tuple):
-        return all(map(_bools_kept, sent, back))
+        return all(map(_kinds_kept, sent, back))
     return True
 
 

@@ -24,10 +24,10 @@ from ._errors import SerializationError, UnknownEventTypeError
 from ._imports import import_named
 from ._json import (
     MAX_JSON_DEPTH,
-    _bools_kept,
     _dumps,
     _dumps_plain,
     _is_record_class,
+    _kinds_kept,
     _loads,
     _loads_many,
     _plain_json,
@@ -337,7 +337,7 @@ class JsonSerializer:
                 same = True
             if same:  # equality cannot tell True from 1: a bool must read back as a bool
                 try:
-                    same = _bools_kept(sent, self.converter.unstructure(back))
+                    same = _kinds_kept(sent, self.converter.unstructure(back))
                 except _HOOK_ERRORS as exc:  # nested deeper than the stack takes it again
                     raise SerializationError(f"cannot serialize {cls.__name__}: {exc}") from exc
             else:
