@@ -122,6 +122,44 @@ def test_a_field_the_converter_cannot_encode_is_named() -> None:
     assert "ConversionSyntax" not in str(info.value)
 
 
+AT = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+
+
+@attrs.frozen
+class Stamp:
+    at: datetime.datetime
+
+
+@dataclasses.dataclass
+class Stamps:
+    first: Stamp
+    many: list[Stamp]
+    by_key: dict[str, list[Stamp]]
+    pair: tuple[int, datetime.datetime] = (0, AT)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [
+        ({"first": Stamp("2020")}, "field 'first.at' holds str '2020', not datetime"),  # type: ignore[arg-type]
+        ({"many": [Stamp(AT), Stamp(5)]}, "field 'many[1].at' holds int 5, not datetime"),  # type: ignore[arg-type]
+        ({"by_key": {"k": [Stamp(None)]}}, "field \"by_key['k'][0].at\" holds NoneType None"),  # type: ignore[arg-type]
+        ({"pair": (1, "noon")}, "field 'pair[1]' holds str 'noon', not datetime"),
+    ],
+)
+def test_a_value_at_fault_inside_nested_records_and_containers_is_named(
+    wrong: dict[str, Any], named: str
+) -> None:
+    """Not the outer field ("field 'first' holds Stamp Stamp(at='2020'), not Stamp"): the
+    innermost value the converter cannot encode, with its path."""
+    serializer = JsonSerializer()
+    serializer.register(Stamps, event_type="Stamps")
+    fields: dict[str, Any] = {"first": Stamp(AT), "many": [], "by_key": {}, **wrong}
+    with pytest.raises(es.SerializationError) as info:
+        serializer.serialize(Stamps(**fields))
+    assert named in str(info.value)
+
+
 async def test_a_registered_class_under_another_registered_name_is_refused(
     initialized: EventStoreConfig,
 ) -> None:

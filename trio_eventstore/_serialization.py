@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
@@ -97,7 +98,12 @@ def _why(exc: BaseException) -> str:
 def _field_at_fault(converter: cattrs.Converter, data: object) -> str | None:
     """For a record the converter cannot encode: which field, holding what, instead of
     the hook's own words (``'str' object has no attribute 'isoformat'``); None when no
-    single field is to blame."""
+    single field is to blame. Inside nested records, lists, tuples and dicts it names
+    the innermost value at fault (``field 'lines[0].at'``), not the outer field."""
+    return _fields_at_fault(converter, data, "")
+
+
+def _fields_at_fault(converter: cattrs.Converter, data: object, path: str) -> str | None:
     cls = type(data)
     try:
         hints = typing.get_type_hints(cls)
@@ -109,16 +115,56 @@ def _field_at_fault(converter: cattrs.Converter, data: object) -> str | None:
     except Exception:  # unresolvable annotations: keep the hook's message
         return None
     for name in names:
-        value = getattr(data, name, None)
         declared = hints.get(name)
-        if declared is None:
-            continue
-        try:
-            converter.unstructure(value, unstructure_as=declared)
-        except _HOOK_ERRORS:
-            shown = getattr(declared, "__name__", None) or str(declared)
-            return f"field {name!r} holds {type(value).__name__} {value!r}, not {shown}"
+        if declared is not None:
+            fault = _value_at_fault(converter, getattr(data, name, None), declared, path + name)
+            if fault is not None:
+                return fault
     return None
+
+
+def _value_at_fault(
+    converter: cattrs.Converter, value: object, declared: Any, path: str
+) -> str | None:
+    try:
+        converter.unstructure(value, unstructure_as=declared)
+    except _HOOK_ERRORS:
+        pass
+    else:
+        return None
+    deeper: str | None = None
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if attrs.has(type(value)) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        deeper = _fields_at_fault(converter, value, path + ".")
+    elif isinstance(value, list | tuple) and args:
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            kinds = list(args)
+        else:
+            kinds = [args[0]] * len(value)
+        for i, (item, kind) in enumerate(zip(value, kinds, strict=False)):
+            deeper = _value_at_fault(converter, item, kind, f"{path}[{i}]")
+            if deeper is not None:
+                break
+    elif isinstance(value, dict) and len(args) == 2:
+        for key, item in value.items():
+            deeper = _value_at_fault(converter, item, args[1], f"{path}[{key!r}]")
+            if deeper is not None:
+                break
+    return (
+        deeper or f"field {path!r} holds {type(value).__name__} {value!r}, not {_shown(declared)}"
+    )
+
+
+def _shown(declared: Any) -> str:
+    """A declared type as written: ``datetime``, ``list[Line]``, ``int | None``."""
+    args = typing.get_args(declared)
+    origin = typing.get_origin(declared)
+    if origin is None or not args:
+        return getattr(declared, "__qualname__", None) or str(declared)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(_shown(a) for a in args)
+    name = getattr(origin, "__qualname__", None) or str(origin)
+    return f"{name}[{', '.join('...' if a is Ellipsis else _shown(a) for a in args)}]"
 
 
 def _structure_uuid(value: object, _: type) -> uuid.UUID:
