@@ -22,6 +22,7 @@ from trio_eventstore import (
     RetryPolicy,
     SubscriberSpec,
     _operator,
+    _parking,
     admin,
     open_event_store,
     open_subscriber_daemon,
@@ -153,6 +154,33 @@ async def test_nack_without_retry_parks_at_once(cfg: EventStoreConfig) -> None:
                 sub.ack(batch.events[1])
         [parked] = await store.parked_events("s", "sub")
         assert (n_of(parked.event), parked.attempts, parked.error) == (2, 1, "bad data")
+
+
+async def test_the_snapshot_api_never_reads_replaces_or_deletes_a_parked_events_record(
+    cfg: EventStoreConfig,
+) -> None:
+    """Park records are rows of the snapshots table: a snapshot named like one read it,
+    replaced it (the parked event lost its record) and deleted it."""
+    async with open_event_store(cfg) as store:
+        await append(store, "s", 1)
+        async with store.subscribe_to_stream("s", "sub") as sub:
+            batch = await _next(sub)
+            sub.nack(batch.events[0], retry=False, error="bad data")
+            await sub.wait_checkpointed(1)
+        [parked] = await store.parked_events("s", "sub")
+        key = _parking.record_key("s", "sub", parked.event.event_id)
+        with pytest.raises(es.SnapshotNotFoundError):
+            await store.read_snapshot(key)
+        with pytest.raises(ValueError, match="parked event's record"):
+            await store.record_snapshot(
+                es.SnapshotData(source_uuid=key, source_version=9, data={}, source_type="Mine")
+            )
+        await store.delete_snapshot(key)
+        [still] = await store.parked_events("s", "sub")
+        assert (n_of(still.event), still.error) == (1, "bad data")
+    for reserved in ("$parked", "$replay"):
+        with pytest.raises(ValueError, match="the store's own"):
+            es.SnapshotData(source_uuid="x", source_version=1, data={}, source_type=reserved)
 
 
 async def test_an_empty_list_acks_nothing_and_cannot_be_given_back(cfg: EventStoreConfig) -> None:

@@ -14,6 +14,7 @@ from ._errors import (
     SerializationError,
     SnapshotNotFoundError,
     UnknownEventTypeError,
+    shown,
 )
 from ._pg import Conn, Database
 from ._serialization import Serializer
@@ -48,10 +49,10 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
     metadata = serializer.serialize_metadata(snapshot.metadata)
     check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)
     created_at = snapshot.created_at or datetime.datetime.now(datetime.UTC)
-    sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type)
+    sql = _sql.upsert_snapshot(db.config.schema, db.config.column_data_type, snapshot=True)
 
-    async def unit(conn: Conn) -> None:
-        await conn.execute(
+    async def unit(conn: Conn) -> object:
+        return await conn.fetchval(
             sql,
             snapshot.source_uuid,
             snapshot.source_version,
@@ -62,9 +63,14 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
         )
 
     try:
-        await db.transaction(unit)
+        written = await db.transaction(unit)
     except DatabaseError as exc:
         raise _translate_write_error(exc, snapshot.source_uuid) from exc
+    if written is None:
+        raise ValueError(
+            f"source_uuid {shown(snapshot.source_uuid)} is a parked event's record (the store "
+            "keeps them in the snapshots table): give the snapshot another id"
+        )
 
 
 async def read_snapshot(db: Database, source_uuid: str) -> SnapshotData:

@@ -265,6 +265,10 @@ class SnapshotData:
             if not isinstance(self.source_type, str):
                 raise TypeError("source_type: expected a str or None")
             check_text("source_type", self.source_type)
+            if self.source_type in ("$parked", "$replay"):
+                raise ValueError(
+                    f"source_type {self.source_type!r} is the store's own (parked events' records)"
+                )
         if self.created_at is not None:
             if not isinstance(self.created_at, datetime.datetime):
                 raise TypeError(

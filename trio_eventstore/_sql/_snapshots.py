@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from ._quoting import _data_columns, _stored, quote_ident
 
+#: Rows of ``snapshots`` that are parked events' records (their ``source_type``), which
+#: the snapshot operations neither read, replace nor delete.
+NOT_A_RECORD = "source_type NOT IN ('$parked', '$replay')"
 
-def upsert_snapshot(schema: str, column_data_type: str) -> str:
-    """Parameters: source_uuid, source_version, source_type, data, metadata, created_at."""
+
+def upsert_snapshot(schema: str, column_data_type: str, *, snapshot: bool = False) -> str:
+    """Parameters: source_uuid, source_version, source_type, data, metadata, created_at.
+    ``snapshot``: a user's snapshot, which never replaces a parked event's record (then
+    it returns no row; else one)."""
     data = _stored("$4", column_data_type)
     meta = _stored("$5", column_data_type, metadata=True)
     return (
@@ -16,21 +22,22 @@ def upsert_snapshot(schema: str, column_data_type: str) -> str:
         "ON CONFLICT (source_uuid) DO UPDATE SET source_version = EXCLUDED.source_version, "
         "source_type = EXCLUDED.source_type, data = EXCLUDED.data, "
         "metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at"
+        + (f" WHERE snapshots.{NOT_A_RECORD} RETURNING 1" if snapshot else "")
     )
 
 
 def read_snapshot(schema: str, column_data_type: str) -> str:
-    """Parameter: source_uuid."""
+    """Parameter: source_uuid. A snapshot (never a parked event's record)."""
     cols = _data_columns(column_data_type)
     return (
         f"SELECT e.source_uuid, e.source_version, e.source_type, {cols}, e.created_at "
-        f"FROM {quote_ident(schema)}.snapshots e WHERE e.source_uuid = $1"
+        f"FROM {quote_ident(schema)}.snapshots e WHERE e.source_uuid = $1 AND e.{NOT_A_RECORD}"
     )
 
 
 def delete_snapshot(schema: str) -> str:
-    """Parameter: source_uuid."""
-    return f"DELETE FROM {quote_ident(schema)}.snapshots WHERE source_uuid = $1"
+    """Parameter: source_uuid. A snapshot (never a parked event's record)."""
+    return f"DELETE FROM {quote_ident(schema)}.snapshots WHERE source_uuid = $1 AND {NOT_A_RECORD}"
 
 
 # -- parked events: one row of the snapshots table per parked event -------------------------
