@@ -34,6 +34,8 @@ from trio_eventstore._writer import MAX_BIG_IN_FLIGHT, MAX_IN_FLIGHT
 
 from .helpers import Role
 
+HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
+
 
 def ev(n: int = 0, event_id: uuid.UUID | None = None) -> EventData:
     return EventData({"n": n}, event_type="E", event_id=event_id)
@@ -412,6 +414,49 @@ async def test_a_big_append_alone_goes_in_one_statement(
     for stream, n in (("a", 2 * size), ("b", size), ("c", size)):
         mine = [e for e in recorded if e.stream_uuid == stream]
         assert [e.stream_version for e in mine] == list(range(1, n + 1))
+
+
+async def _until_a_backend_waits_for_a_lock(config: EventStoreConfig, count: int = 1) -> None:
+    async with open_connection(config) as conn:
+        with trio.fail_after(HANG_GUARD):
+            while (  # noqa: ASYNC110 (the server's state, polled)
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                < count
+            ):
+                await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("size", [1, _writer.ALONE_EVENTS], ids=["lone", "big"])
+async def test_an_append_aborted_by_a_deadlock_is_sent_again(
+    store: EventStore, initialized: EventStoreConfig, size: int
+) -> None:
+    """PostgreSQL can abort an append's statement as a deadlock's victim (another
+    program locking rows in another order; two statements on one stream, one reaching
+    a row's old version after locking its newest): it wrote nothing, and is sent again
+    instead of failing with a raw `DatabaseError` "deadlock detected"."""
+    await store.append_to_stream("s", NO_STREAM, [ev(0)])
+    s = quote_ident(initialized.schema)
+    async with open_connection(initialized) as other:
+        await other.execute("BEGIN")
+        await other.execute(f"SELECT 1 FROM {s}.streams WHERE stream_id = 0 FOR UPDATE")
+        async with trio.open_nursery() as nursery:
+            appended: list[int] = []
+
+            async def append() -> None:
+                appended.append(await store.append_to_stream("s", 1, [ev(k) for k in range(size)]))
+
+            nursery.start_soon(append)
+            await _until_a_backend_waits_for_a_lock(initialized)  # holding s, for `$all`
+            # The other program now waits for s: a cycle, the append (first to wait)
+            # its victim; sent again, it waits for `$all` until the other one commits.
+            with trio.fail_after(HANG_GUARD):
+                await other.execute(f"SELECT 1 FROM {s}.streams WHERE stream_uuid = 's' FOR UPDATE")
+            await other.execute("COMMIT")
+    assert appended == [1 + size]
+    assert (await store.stream_info("$all")).stream_version == 1 + size
 
 
 async def test_cancelled_before_its_batch_writes_nothing(

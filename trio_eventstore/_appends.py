@@ -406,6 +406,16 @@ async def _write_batch(
     return batch_outcomes(requests, [r for r in rows if r["k"] != 0], created_at, base)
 
 
+#: SQLSTATE deadlock_detected. Writers lock stream rows in one order, `$all` last, yet
+#: PostgreSQL can still find a cycle between two statements writing the same stream: one
+#: that has locked a row's newest version reaches it again through the version its
+#: snapshot sees, and queues on the heavyweight lock of that old version behind a
+#: waiter that waits for it. The statement aborted wrote nothing: it is sent again, up to
+#: this many times in all (a writer that locks in another order, another program's, can
+#: deadlock with it too).
+DEADLOCK, DEADLOCK_ATTEMPTS = "40P01", 5
+
+
 async def append_batch(
     db: Database, requests: Sequence[AppendRequest], *, contended: bool = True
 ) -> list[Outcome]:
@@ -414,15 +424,20 @@ async def append_batch(
     ``contended``: see `_write_batch`.
 
     Raises only what fails them all (StorageUnavailableError, ...)."""
-    try:
-        return await _write_batch(db, requests, contended=contended)
-    except DatabaseError as exc:
-        # A duplicate event id committed while the statement ran (its check did not see
-        # it), or data the database refused in one of the appends: only the culprit fails.
-        if exc.sqlstate != "23505" and not _data_refused(exc):
-            raise
-        if len(requests) == 1:
-            return [_translate_write_error(exc, requests[0].stream_uuid)]
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            return await _write_batch(db, requests, contended=contended)
+        except DatabaseError as exc:
+            if exc.sqlstate == DEADLOCK and attempt < DEADLOCK_ATTEMPTS:
+                continue  # aborted whole (one statement, or two in one transaction)
+            # A duplicate event id committed while the statement ran (its check did not
+            # see it), or data the database refused in one of the appends: only the
+            # culprit fails.
+            if exc.sqlstate != "23505" and not _data_refused(exc):
+                raise
+            if len(requests) == 1:
+                return [_translate_write_error(exc, requests[0].stream_uuid)]
+            break
     # Rare: write them one by one. From the first one's commit on, the batch must never
     # be written again: each waits out an overloaded pool on its own, and an error that
     # fails one (the database gone, ...) is its own outcome.
@@ -480,10 +495,11 @@ def recorded_from_append(
     ]
 
 
-#: A link aborted by these wrote nothing and is made again: a deadlock (with a writer
-#: that locks rows in another order than this store's, an Elixir node's hard delete)
-#: and an event deleted (hard) after the link found it, before its foreign-key check.
-_LINK_AGAIN = frozenset({"40P01", "23503"})
+#: A link aborted by these wrote nothing and is made again: a deadlock (`DEADLOCK`; with
+#: an Elixir node's hard delete, which deletes the events before it locks their stream's
+#: row) and an event deleted (hard) after the link found it, before its foreign-key
+#: check.
+_LINK_AGAIN = frozenset({DEADLOCK, "23503"})
 
 
 async def link(
@@ -496,13 +512,16 @@ async def link(
     async def unit(conn: Conn) -> Row | None:
         return await conn.fetchrow(sql, stream_uuid, kind, version, event_ids)
 
+    again: DatabaseError | None = None  # what aborted the last attempt, if anything did
     for _ in range(10):
         try:
             row = await db.run(unit, statements=1 + len(event_ids) // 1000)
         except DatabaseError as exc:
             if exc.sqlstate in _LINK_AGAIN:
+                again = exc
                 continue  # it wrote nothing; again, it sees what the other one did
             raise _translate_write_error(exc, stream_uuid) from exc
+        again = None
         assert row is not None
         outcome, before = int(row["outcome"]), int(row["before"])
         if outcome == _sql.APPEND_OK:
@@ -511,4 +530,6 @@ async def link(
             raise EventNotFoundError(event_ids=row["missing"])
         if outcome != _sql.APPEND_RETRY:
             raise _refusal(stream_uuid, expected, outcome, before)
+    if again is not None:
+        raise _translate_write_error(again, stream_uuid) from again
     raise StorageUnavailableError(f"stream {shown(stream_uuid)} is being created elsewhere")

@@ -12,6 +12,8 @@ import datetime
 from . import _sql
 from ._appends import (  # the write path, re-exported: `_storage` is where callers look
     ALL_APART_EVENTS,
+    DEADLOCK,
+    DEADLOCK_ATTEMPTS,
     Appended,
     AppendRequest,
     EncodedEvent,
@@ -27,6 +29,7 @@ from ._appends import (  # the write path, re-exported: `_storage` is where call
 )
 from ._config import EventStoreConfig
 from ._errors import (
+    DatabaseError,
     SerializationError,
     StreamDeletedError,
     StreamExistsError,
@@ -209,7 +212,14 @@ async def delete_stream(
             await conn.execute(_sql.soft_delete_stream(schema), row["stream_id"])
 
     settings = {"eventstore.enable_hard_deletes": "on"} if hard else None
-    await db.transaction(unit, settings=settings)
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            await db.transaction(unit, settings=settings)
+        except DatabaseError as exc:
+            if exc.sqlstate == DEADLOCK and attempt < DEADLOCK_ATTEMPTS:
+                continue  # rolled back whole: nothing deleted
+            raise
+        return
 
 
 async def paginate_streams(
