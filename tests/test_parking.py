@@ -156,6 +156,11 @@ async def test_nack_without_retry_parks_at_once(cfg: EventStoreConfig) -> None:
         assert (n_of(parked.event), parked.attempts, parked.error) == (2, 1, "bad data")
 
 
+@attrs.frozen
+class State:
+    n: int
+
+
 async def test_the_snapshot_api_never_reads_replaces_or_deletes_a_parked_events_record(
     cfg: EventStoreConfig,
 ) -> None:
@@ -178,6 +183,16 @@ async def test_the_snapshot_api_never_reads_replaces_or_deletes_a_parked_events_
         await store.delete_snapshot(key)
         [still] = await store.parked_events("s", "sub")
         assert (n_of(still.event), still.error) == (1, "bad data")
+        # nor does a class registered under one of the records' types
+        serializer = es.JsonSerializer()
+        serializer.register(State, event_type="$parked")
+        async with open_event_store(cfg.with_changes(serializer=serializer)) as typed:
+            with pytest.raises(ValueError, match="the store's own"):
+                await typed.record_snapshot(
+                    es.SnapshotData(source_uuid="agg", source_version=1, data=State(1))
+                )
+        with pytest.raises(es.SnapshotNotFoundError):
+            await store.read_snapshot("agg")
     for reserved in ("$parked", "$replay"):
         with pytest.raises(ValueError, match="the store's own"):
             es.SnapshotData(source_uuid="x", source_version=1, data={}, source_type=reserved)

@@ -136,6 +136,9 @@ class Stamps:
     many: list[Stamp]
     by_key: dict[str, list[Stamp]]
     pair: tuple[int, datetime.datetime] = (0, AT)
+    maybe: list[Stamp] | None = None
+    either: list[Stamp] | dict[str, Stamp] | None = None
+    more: list[Stamps] = dataclasses.field(default_factory=list)
 
 
 @pytest.mark.parametrize(
@@ -145,6 +148,9 @@ class Stamps:
         ({"many": [Stamp(AT), Stamp(5)]}, "field 'many[1].at' holds int 5, not datetime"),  # type: ignore[arg-type]
         ({"by_key": {"k": [Stamp(None)]}}, "field \"by_key['k'][0].at\" holds NoneType None"),  # type: ignore[arg-type]
         ({"pair": (1, "noon")}, "field 'pair[1]' holds str 'noon', not datetime"),
+        ({"maybe": [Stamp(AT), Stamp(7)]}, "field 'maybe[1].at' holds int 7, not datetime"),  # type: ignore[arg-type]
+        # a union of two containers: which one was meant is not guessed
+        ({"either": [Stamp(7)]}, "field 'either' holds list [Stamp(at=7)], not list[Stamp] |"),  # type: ignore[arg-type]
     ],
 )
 def test_a_value_at_fault_inside_nested_records_and_containers_is_named(
@@ -158,6 +164,17 @@ def test_a_value_at_fault_inside_nested_records_and_containers_is_named(
     with pytest.raises(es.SerializationError) as info:
         serializer.serialize(Stamps(**fields))
     assert named in str(info.value)
+
+
+def test_a_record_that_holds_itself_is_named_as_a_cycle() -> None:
+    serializer = JsonSerializer()
+    serializer.register(Stamps, event_type="Stamps")
+    looped = Stamps(Stamp(AT), [], {})
+    looped.more.append(looped)
+    with pytest.raises(
+        es.SerializationError, match=r"field 'more\[0\]' holds a Stamps that holds it"
+    ):
+        serializer.serialize(looped)
 
 
 async def test_a_registered_class_under_another_registered_name_is_refused(

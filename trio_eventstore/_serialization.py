@@ -14,7 +14,7 @@ import decimal
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 import attrs
@@ -100,10 +100,16 @@ def _field_at_fault(converter: cattrs.Converter, data: object) -> str | None:
     the hook's own words (``'str' object has no attribute 'isoformat'``); None when no
     single field is to blame. Inside nested records, lists, tuples and dicts it names
     the innermost value at fault (``field 'lines[0].at'``), not the outer field."""
-    return _fields_at_fault(converter, data, "")
+    return _fields_at_fault(converter, data, "", frozenset({id(data)}))
 
 
-def _fields_at_fault(converter: cattrs.Converter, data: object, path: str) -> str | None:
+#: How deep `_value_at_fault` looks into nested values (beyond: the field holding them).
+_FAULT_DEPTH = 16
+
+
+def _fields_at_fault(
+    converter: cattrs.Converter, data: object, path: str, seen: frozenset[int]
+) -> str | None:
     cls = type(data)
     try:
         hints = typing.get_type_hints(cls)
@@ -117,42 +123,63 @@ def _fields_at_fault(converter: cattrs.Converter, data: object, path: str) -> st
     for name in names:
         declared = hints.get(name)
         if declared is not None:
-            fault = _value_at_fault(converter, getattr(data, name, None), declared, path + name)
+            value = getattr(data, name, None)
+            fault = _value_at_fault(converter, value, declared, path + name, seen)
             if fault is not None:
                 return fault
     return None
 
 
 def _value_at_fault(
-    converter: cattrs.Converter, value: object, declared: Any, path: str
+    converter: cattrs.Converter, value: object, declared: Any, path: str, seen: frozenset[int]
 ) -> str | None:
+    """Where in ``value`` (declared ``declared``, at ``path``) the converter fails, or
+    None if it does not."""
     try:
         converter.unstructure(value, unstructure_as=declared)
     except _HOOK_ERRORS:
         pass
     else:
         return None
+    if id(value) in seen:
+        return f"field {path!r} holds a {type(value).__name__} that holds it (a cycle)"
     deeper: str | None = None
+    if len(seen) < _FAULT_DEPTH:
+        deeper = _inner_fault(converter, value, declared, path, seen | {id(value)})
+    return (
+        deeper or f"field {path!r} holds {type(value).__name__} {value!r}, not {_shown(declared)}"
+    )
+
+
+def _inner_fault(
+    converter: cattrs.Converter, value: object, declared: Any, path: str, seen: frozenset[int]
+) -> str | None:
     origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [a for a in args if a is not type(None)]
+        if len(members) != 1:  # which member was meant is anybody's guess
+            return None
+        declared = members[0]
+        origin, args = typing.get_origin(declared), typing.get_args(declared)
     if attrs.has(type(value)) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
-        deeper = _fields_at_fault(converter, value, path + ".")
-    elif isinstance(value, list | tuple) and args:
+        return _fields_at_fault(converter, value, path + ".", seen)
+    if not isinstance(origin, type) or not args:
+        return None
+    if isinstance(value, list | tuple) and issubclass(origin, Sequence):
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             kinds = list(args)
         else:
             kinds = [args[0]] * len(value)
         for i, (item, kind) in enumerate(zip(value, kinds, strict=False)):
-            deeper = _value_at_fault(converter, item, kind, f"{path}[{i}]")
-            if deeper is not None:
-                break
-    elif isinstance(value, dict) and len(args) == 2:
+            fault = _value_at_fault(converter, item, kind, f"{path}[{i}]", seen)
+            if fault is not None:
+                return fault
+    elif isinstance(value, dict) and issubclass(origin, Mapping) and len(args) == 2:
         for key, item in value.items():
-            deeper = _value_at_fault(converter, item, args[1], f"{path}[{key!r}]")
-            if deeper is not None:
-                break
-    return (
-        deeper or f"field {path!r} holds {type(value).__name__} {value!r}, not {_shown(declared)}"
-    )
+            fault = _value_at_fault(converter, item, args[1], f"{path}[{key!r}]", seen)
+            if fault is not None:
+                return fault
+    return None
 
 
 def _shown(declared: Any) -> str:

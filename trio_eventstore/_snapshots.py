@@ -19,7 +19,7 @@ from ._errors import (
 from ._pg import Conn, Database
 from ._serialization import Serializer
 from ._storable import check_storable_snapshot
-from ._types import SnapshotData
+from ._types import RESERVED_SOURCE_TYPES, SnapshotData
 
 __all__ = ["delete_snapshot", "read_snapshot", "record_snapshot"]
 
@@ -45,6 +45,12 @@ async def record_snapshot(db: Database, snapshot: SnapshotData) -> None:
     )
     serializer = db.config.serializer
     source_type = snapshot.source_type or _source_type_of(serializer, snapshot.data)
+    if source_type in RESERVED_SOURCE_TYPES:  # a class registered under one of them
+        raise ValueError(
+            f"source_type {source_type!r} (the type {type(snapshot.data).__name__} is "
+            "registered under) is the store's own (parked events' records): register the "
+            "class under another type, or give SnapshotData(source_type=...)"
+        )
     data = serializer.serialize(snapshot.data)
     metadata = serializer.serialize_metadata(snapshot.metadata)
     check_storable_snapshot(source_type, data, metadata, db.config.column_data_type)

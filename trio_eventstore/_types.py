@@ -242,6 +242,10 @@ class UndecodedEvent(RecordedEvent):
     error: str
 
 
+#: ``source_type``s of the snapshots table's rows that are parked events' records.
+RESERVED_SOURCE_TYPES = frozenset({"$parked", "$replay"})
+
+
 @attrs.frozen(kw_only=True)
 class SnapshotData:
     """A snapshot of an aggregate's state (`EventStore.record_snapshot`)."""
@@ -265,7 +269,7 @@ class SnapshotData:
             if not isinstance(self.source_type, str):
                 raise TypeError("source_type: expected a str or None")
             check_text("source_type", self.source_type)
-            if self.source_type in ("$parked", "$replay"):
+            if self.source_type in RESERVED_SOURCE_TYPES:
                 raise ValueError(
                     f"source_type {self.source_type!r} is the store's own (parked events' records)"
                 )
