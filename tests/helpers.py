@@ -91,3 +91,20 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+async def until_a_backend_waits_for_a_lock(config: EventStoreConfig, count: int = 1) -> None:
+    """Until ``count`` sessions of the database wait for a lock (a statement sent from
+    another task has reached the lock it is to wait for). A guard against hangs: 30 s."""
+    from trio_eventstore._pg import open_connection
+
+    async with open_connection(config) as conn:
+        with trio.fail_after(30):
+            while (  # noqa: ASYNC110 (the server's state, polled)
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                < count
+            ):
+                await trio.sleep(0.01)

@@ -32,7 +32,7 @@ from trio_eventstore._pg import Connection, Row, open_connection
 from trio_eventstore._sql import quote_ident
 from trio_eventstore._writer import MAX_BIG_IN_FLIGHT, MAX_IN_FLIGHT
 
-from .helpers import Role
+from .helpers import Role, until_a_backend_waits_for_a_lock
 
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
@@ -416,19 +416,6 @@ async def test_a_big_append_alone_goes_in_one_statement(
         assert [e.stream_version for e in mine] == list(range(1, n + 1))
 
 
-async def _until_a_backend_waits_for_a_lock(config: EventStoreConfig, count: int = 1) -> None:
-    async with open_connection(config) as conn:
-        with trio.fail_after(HANG_GUARD):
-            while (  # noqa: ASYNC110 (the server's state, polled)
-                await conn.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                < count
-            ):
-                await trio.sleep(0.01)
-
-
 @pytest.mark.parametrize("size", [1, _writer.ALONE_EVENTS], ids=["lone", "big"])
 async def test_an_append_aborted_by_a_deadlock_is_sent_again(
     store: EventStore, initialized: EventStoreConfig, size: int
@@ -449,7 +436,7 @@ async def test_an_append_aborted_by_a_deadlock_is_sent_again(
                 appended.append(await store.append_to_stream("s", 1, [ev(k) for k in range(size)]))
 
             nursery.start_soon(append)
-            await _until_a_backend_waits_for_a_lock(initialized)  # holding s, for `$all`
+            await until_a_backend_waits_for_a_lock(initialized)  # holding s, for `$all`
             # The other program now waits for s: a cycle, the append (first to wait)
             # its victim; sent again, it waits for `$all` until the other one commits.
             with trio.fail_after(HANG_GUARD):

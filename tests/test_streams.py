@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import decimal
 import enum
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -27,10 +28,10 @@ from trio_eventstore import (
     admin,
     open_event_store,
 )
-from trio_eventstore._pg import open_connection
+from trio_eventstore._pg import Connection, open_connection
 from trio_eventstore._sql import quote_ident
 
-from .helpers import Role
+from .helpers import Role, until_a_backend_waits_for_a_lock
 
 serializer = JsonSerializer()
 
@@ -357,14 +358,30 @@ async def test_hard_delete_removes_own_events_and_their_links_only(store: EventS
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
 
-async def _until_a_backend_waits_for_a_lock(config: EventStoreConfig) -> None:
+async def _a_source_event_and_its_link(
+    store: EventStore,
+) -> tuple[es.RecordedEvent, Callable[[], Awaitable[None]], list[object]]:
+    """An event of stream src; a link of it into lnk (to run in a task); its outcome."""
+    await store.append_to_stream("src", NO_STREAM, [deposit(1)])
+    (event,) = await store.read_stream_forward("src")
+    outcome: list[object] = []
+
+    async def link() -> None:
+        try:
+            outcome.append(await store.link_to_stream("lnk", ANY_VERSION, [event]))
+        except es.EventStoreError as exc:
+            outcome.append(exc)
+
+    return event, link, outcome
+
+
+@contextlib.asynccontextmanager
+async def _hard_deleting(config: EventStoreConfig) -> AsyncIterator[Connection]:
+    """A connection of another program, in a transaction that may hard-delete."""
     async with open_connection(config) as conn:
-        with trio.fail_after(HANG_GUARD):
-            while not await conn.fetchval(  # noqa: ASYNC110 (the server's state, polled)
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            ):
-                await trio.sleep(0.01)
+        await conn.execute("BEGIN")
+        await conn.execute("SET LOCAL eventstore.enable_hard_deletes = 'on'")
+        yield conn
 
 
 async def test_a_link_racing_a_hard_delete_of_its_events_stream_gets_event_not_found(
@@ -375,27 +392,16 @@ async def test_a_link_racing_a_hard_delete_of_its_events_stream_gets_event_not_f
     it writes) and then finds the event gone. Before: the link took the event's row
     for its foreign-key check, then waited for the stream's row, and the delete waited
     for the event's: a deadlock, one of them failing with a raw `DatabaseError`."""
-    await store.append_to_stream("src", NO_STREAM, [deposit(1)])
-    (event,) = await store.read_stream_forward("src")
+    event, link, outcome = await _a_source_event_and_its_link(store)
     config = store.config
     s = quote_ident(config.schema)
-    outcome: list[object] = []
-
-    async def link() -> None:
-        try:
-            outcome.append(await store.link_to_stream("lnk", ANY_VERSION, [event]))
-        except es.EventStoreError as exc:
-            outcome.append(exc)
-
-    async with open_connection(config) as deleting:
-        await deleting.execute("BEGIN")
-        await deleting.execute("SET LOCAL eventstore.enable_hard_deletes = 'on'")
+    async with _hard_deleting(config) as deleting:
         stream_id = await deleting.fetchval(
             f"SELECT stream_id FROM {s}.streams WHERE stream_uuid = 'src' FOR UPDATE"
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link)
-            await _until_a_backend_waits_for_a_lock(config)  # the link (before: on the row)
+            await until_a_backend_waits_for_a_lock(config)  # the link (before: on the row)
             with trio.fail_after(HANG_GUARD):
                 await deleting.execute(_sql.hard_delete_stream(config.schema), stream_id)
                 await deleting.execute("COMMIT")
@@ -410,32 +416,21 @@ async def test_a_link_racing_a_hard_delete_of_its_events_stream_gets_event_not_f
 async def test_a_link_deadlocked_by_a_delete_locking_in_another_order_is_made_again(
     store: EventStore,
 ) -> None:
-    """A hard delete that deletes the events before it takes the stream's row (as an
-    Elixir node's does) and a link of one of them can still wait for each other: the
+    """A hard delete that deletes the events before it takes the stream's row (another
+    program's) and a link of one of them can still wait for each other: the
     link holds the stream's row (key share), waiting for the event's; the delete holds
     the event's, waiting for the stream's. PostgreSQL aborts one: when it is the link,
     which wrote nothing, the link is made again, and finds the event gone (before:
     a raw `DatabaseError`, "deadlock detected")."""
-    await store.append_to_stream("src", NO_STREAM, [deposit(1)])
-    (event,) = await store.read_stream_forward("src")
+    event, link, outcome = await _a_source_event_and_its_link(store)
     config = store.config
     s = quote_ident(config.schema)
-    outcome: list[object] = []
-
-    async def link() -> None:
-        try:
-            outcome.append(await store.link_to_stream("lnk", ANY_VERSION, [event]))
-        except es.EventStoreError as exc:
-            outcome.append(exc)
-
-    async with open_connection(config) as deleting:
-        await deleting.execute("BEGIN")
-        await deleting.execute("SET LOCAL eventstore.enable_hard_deletes = 'on'")
+    async with _hard_deleting(config) as deleting:
         await deleting.execute(f"DELETE FROM {s}.stream_events WHERE event_id = $1", event.event_id)
         await deleting.execute(f"DELETE FROM {s}.events WHERE event_id = $1", event.event_id)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link)
-            await _until_a_backend_waits_for_a_lock(config)  # the link, for the event's row
+            await until_a_backend_waits_for_a_lock(config)  # the link, for the event's row
             failed: es.DatabaseError | None = None
             try:
                 with trio.fail_after(HANG_GUARD):

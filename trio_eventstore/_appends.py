@@ -496,9 +496,9 @@ def recorded_from_append(
 
 
 #: A link aborted by these wrote nothing and is made again: a deadlock (`DEADLOCK`; with
-#: an Elixir node's hard delete, which deletes the events before it locks their stream's
-#: row) and an event deleted (hard) after the link found it, before its foreign-key
-#: check.
+#: a writer that locks in another order, such as a hard delete of another program that
+#: deletes the events before it takes their stream's row) and an event deleted (hard)
+#: after the link found it, before its foreign-key check.
 _LINK_AGAIN = frozenset({DEADLOCK, "23503"})
 
 
