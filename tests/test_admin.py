@@ -116,6 +116,36 @@ async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: s
     assert await scalar(public, "SELECT to_regnamespace('billing') IS NULL")
 
 
+async def test_a_database_that_holds_no_event_store_is_not_dropped(database_url: str) -> None:
+    """A wrong --url must not drop somebody else's database: with no event store in
+    ``public``, a database holding anything (in ``public`` or another schema) is kept;
+    an empty one (``create`` without ``init``) and a store's still go."""
+    config = EventStoreConfig(url=database_url)
+
+    async def sql(*statements: str) -> None:
+        async with open_connection(config) as conn:
+            for statement in statements:
+                await conn.execute(statement)
+
+    await admin.create(config)
+    for setup, undo in (
+        ("CREATE TABLE public.orders (id int)", "DROP TABLE public.orders"),
+        ("CREATE SCHEMA crm; CREATE TABLE crm.people (id int)", "DROP SCHEMA crm CASCADE"),
+    ):
+        await sql(setup)
+        with pytest.raises(es.SchemaNotInitializedError, match="holds no event store"):
+            await admin.drop(config)
+        assert await scalar(config, "SELECT 1") == 1  # still there
+        await sql(undo)
+    await sql("CREATE SCHEMA empty")  # a schema holding nothing is no one's data
+    await admin.init(config.with_changes(schema="tenant"))  # nor is another event store
+    assert (await admin.drop(config)).changed
+    await admin.create(config)
+    await admin.init(config)
+    await sql("CREATE TABLE public.read_model (id int)", "CREATE SCHEMA crm")
+    assert (await admin.drop(config)).changed  # a store, with tables of its users
+
+
 async def test_drop_database_in_use_fails_and_keeps_it(database_url: str) -> None:
     config = EventStoreConfig(url=database_url)
     await admin.create(config)

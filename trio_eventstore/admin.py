@@ -318,9 +318,10 @@ async def drop(config: EventStoreConfig) -> AdminResult:
     with `StorageUnavailableError` and drops nothing.
 
     Raises:
-        SchemaNotInitializedError: the schema (not ``public``) holds no event store
-            (initialised; a partly initialised one goes if it holds nothing else) but
-            other objects (nothing is dropped).
+        SchemaNotInitializedError: the schema holds no event store (initialised; a partly
+            initialised one goes if it holds nothing else) but other objects; for
+            ``public`` (the database is dropped), also when another schema of the database
+            holds anything but an event store (nothing is dropped).
     """
     database = config.database_name
     if config.schema != "public":
@@ -361,6 +362,15 @@ async def drop(config: EventStoreConfig) -> AdminResult:
         return _result(
             "drop", False, f"The EventStore database {database!r} has already been dropped."
         )
+    others = await _objects_of_no_store(config)
+    if others:
+        # A wrong --url (or EVENTSTORE_URL) must not drop somebody else's database.
+        raise SchemaNotInitializedError(
+            f"database {database!r} holds no event store (in schema 'public'), and {others} "
+            f"thing{'s' if others != 1 else ''} (tables, views, functions, types, schemas in "
+            "use) that no event store has: nothing dropped (drop it with SQL if you mean to, "
+            "or give the schema of its event store)"
+        )
     try:
         await _with_maintenance_connection(config, _sql.drop_database(database), execute=True)
     except InsufficientPrivilegeError as exc:
@@ -373,6 +383,24 @@ async def drop(config: EventStoreConfig) -> AdminResult:
             ) from exc
         raise
     return _result("drop", True, f"The EventStore database {database!r} has been dropped.")
+
+
+async def _objects_of_no_store(config: EventStoreConfig) -> int:
+    """For a database whose ``public`` schema holds no initialised event store: how many
+    objects of ``public`` and other schemas in use it holds that no event store has (0
+    for a store, a partly initialised one with nothing else, or an empty database)."""
+    try:
+        async with open_connection(config) as conn:
+            state = await conn.run(lambda c: _schema_state.read_schema_state(c, "public"))
+            if state.initialized:
+                return 0
+            public: int = await conn.fetchval(_sql.SCHEMA_OBJECTS, "public")
+            schemas: int = await conn.fetchval(_sql.OTHER_SCHEMAS_IN_USE)
+            return public + schemas
+    except DatabaseError as exc:
+        if exc.sqlstate == "3D000":  # dropped meanwhile
+            return 0
+        raise
 
 
 async def grant(

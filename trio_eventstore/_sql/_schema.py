@@ -338,6 +338,23 @@ SELECT
 """
 
 
+#: Schemas of the connected database other than ``public`` (and the system's) that hold
+#: anything (tables, sequences, views, functions, types) and no event store (no
+#: ``schema_migrations`` table).
+OTHER_SCHEMAS_IN_USE = """
+SELECT count(*) FROM pg_catalog.pg_namespace n
+ WHERE n.nspname <> 'public' AND n.nspname <> 'information_schema'
+   AND n.nspname NOT LIKE 'pg\\_%'
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class m
+                    WHERE m.relnamespace = n.oid AND m.relname = 'schema_migrations'
+                      AND m.relkind = 'r')
+   AND (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid)
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = n.oid)
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t
+                    WHERE t.typnamespace = n.oid AND t.typtype IN ('e', 'd', 'r', 'm')))
+"""
+
+
 def schema_version(schema: str) -> str:
     return (
         "SELECT major_version, minor_version, patch_version "
