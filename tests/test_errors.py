@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +26,7 @@ from trio_eventstore import (
     open_event_store,
 )
 from trio_eventstore._driver import Driver
-from trio_eventstore._pg import open_connection
+from trio_eventstore._pg import open_connection, translate_error
 
 from .helpers import url_for
 
@@ -86,6 +87,42 @@ def test_closed_error_is_a_closed_resource_error_and_not_retryable() -> None:
     assert issubclass(es.EventStoreClosedError, trio.ClosedResourceError)
     assert issubclass(es.EventStoreClosedError, es.EventStoreError)
     assert not issubclass(es.EventStoreClosedError, es.StorageUnavailableError)
+
+
+def _broken(cause: BaseException | None) -> trio.BrokenResourceError:
+    """As Trio's socket and TLS streams raise it."""
+    try:
+        raise trio.BrokenResourceError("socket connection broken: " + str(cause)) from cause
+    except trio.BrokenResourceError as exc:
+        return exc
+
+
+def _ssl_error(cls: type[ssl.SSLError], reason: str) -> ssl.SSLError:
+    error = cls(1, f"[SSL: {reason}] {reason.lower()}")
+    error.reason = reason
+    return error
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        (ConnectionResetError(104, "Connection reset by peer"), es.StorageUnavailableError),
+        (None, es.StorageUnavailableError),
+        (_ssl_error(ssl.SSLEOFError, "UNEXPECTED_EOF_WHILE_READING"), es.StorageUnavailableError),
+        (_ssl_error(ssl.SSLError, "TLSV1_ALERT_UNKNOWN_CA"), es.TLSError),
+        (_ssl_error(ssl.SSLError, "TLSV13_ALERT_CERTIFICATE_REQUIRED"), es.TLSError),
+    ],
+    ids=["reset", "bare", "tls-eof", "client-cert-unknown-ca", "client-cert-required"],
+)
+def test_a_broken_trio_stream_is_unavailable_unless_the_server_refused_our_certificate(
+    cause: BaseException | None, expected: type[es.EventStoreError]
+) -> None:
+    """A connection reset while connecting (a server restarting) raised a raw
+    `DatabaseError` "BrokenResourceError: ..." that retry loops do not catch; a TLS
+    alert from a server refusing the client certificate is not worth retrying."""
+    translated = translate_error(_broken(cause))
+    assert type(translated) is expected
+    assert "BrokenResourceError" not in str(translated)
 
 
 @pytest.mark.parametrize("name", sorted(CLOSED_CALLS))

@@ -164,6 +164,27 @@ async def test_blackholed_pool_append_times_out_and_the_store_recovers(
     assert proxy.injected["blackhole"] >= 1
 
 
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "direct"])
+async def test_an_append_that_must_connect_while_connections_are_reset_is_unavailable(
+    proxied: EventStoreConfig, proxy: FaultProxy, group_commit: bool
+) -> None:
+    """What PostgreSQL does to connections during a restart: the pooled ones are cut and
+    new ones reset while connecting. The append fails with `StorageUnavailableError`
+    (what a retry loop catches), and the store goes on once connections are taken."""
+    with trio.fail_after(HANG_GUARD):
+        async with open_event_store(proxied.with_changes(group_commit=group_commit)) as store:
+            await store.append_to_stream("s", ANY_VERSION, [ev(1)])
+            proxy.set(POOL, Cut())
+            await proxy.wait_injected("cut", 1)
+            for n in (2, 3):
+                with pytest.raises(es.StorageUnavailableError, match="connection failed"):
+                    await store.append_to_stream("s", ANY_VERSION, [ev(n)])
+            proxy.clear()
+            await store.append_to_stream("s", ANY_VERSION, [ev(4)])
+            events = await store.read_stream_forward("s")
+    assert ns(events) == [1, 4]
+
+
 async def test_half_closed_pool_connection_fails_fast_and_is_replaced(
     proxied: EventStoreConfig, proxy: FaultProxy
 ) -> None:

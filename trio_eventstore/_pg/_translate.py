@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import asyncpg
+import trio
 
 from .._config import EventStoreConfig
 from .._errors import (
@@ -131,6 +132,18 @@ def translate_error(exc: BaseException, config: EventStoreConfig | None = None) 
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return StorageUnavailableError("the database did not answer in time")
+    if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+        # Trio's socket and TLS streams: the OS's or the TLS layer's error is the cause
+        # (a reset while connecting, during a server restart; an alert from a server
+        # refusing the client certificate).
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError) or (
+            isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or "")
+        ):
+            return translate_error(cause, config)  # refused: retrying will not help
+        if cause is not None and not isinstance(cause, ssl.SSLError):
+            message = config.redact(str(cause)) if config is not None else str(cause)
+        return StorageUnavailableError(f"database connection failed: {message}")
     if isinstance(
         exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError | ConnectionError
     ):
