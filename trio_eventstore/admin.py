@@ -288,12 +288,24 @@ async def reset(config: EventStoreConfig) -> AdminResult:
 
     Raises:
         SchemaNotInitializedError: the schema holds no event store.
+        StorageUnavailableError: a subscription runs on it (a store, Python or Elixir,
+            holds its lock): nothing is reset.
     """
     statements = _sql.reset_statements(config.schema)
 
     async def unit(conn: Conn) -> None:
         state = await _schema_state.read_schema_state(conn, config.schema)
         _schema_state.check_schema(state, config)
+        row = await conn.fetchrow(_sql.STORE_IN_USE, config.schema)
+        if row is not None and row["locks"]:  # a subscription's, a node's migration's
+            # A running subscription keeps its position in memory: after the reset it
+            # would skip the new events up to it, without a word.
+            raise StorageUnavailableError(
+                f"schema {config.schema!r} of database {config.database_name!r} has "
+                f"{row['locks']} subscription{'s' if row['locks'] != 1 else ''} running "
+                "(held by a store, Python or Elixir): they would skip the events appended "
+                "after the reset; stop them first (nothing was reset)"
+            )
         for statement in statements:
             await conn.execute(statement)
 
@@ -314,8 +326,9 @@ async def reset(config: EventStoreConfig) -> AdminResult:
 async def drop(config: EventStoreConfig) -> AdminResult:
     """Drop the database (schema ``public``) or only the schema (any other schema).
 
-    Ports ``mix event_store.drop``. Dropping a database that other sessions use fails
-    with `StorageUnavailableError` and drops nothing.
+    Ports ``mix event_store.drop``. Dropping a database that other sessions use, or a
+    schema that stores use (their sessions, or a subscription's lock), fails with
+    `StorageUnavailableError` and drops nothing.
 
     Raises:
         SchemaNotInitializedError: the schema holds no event store (initialised; a partly
@@ -339,6 +352,15 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                     if state.initialized
                     else await conn.fetchval(_sql.SCHEMA_OBJECTS, config.schema)
                 )
+                if not others:
+                    rows = await conn.fetch(_sql.STORE_IN_USE, config.schema)
+                    row = rows[0]
+                    if row["locks"] or row["sessions"]:
+                        raise StorageUnavailableError(
+                            f"cannot drop schema {config.schema!r}: stores are using it "
+                            f"({row['sessions']} trio-eventstore sessions, {row['locks']} "
+                            "subscriptions running); close them first (nothing dropped)"
+                        )
                 if others:
                     # Not an event store, nor a partly initialised one (nothing but its
                     # tables): a typo, or the wrong --schema, must not drop somebody

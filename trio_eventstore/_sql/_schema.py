@@ -355,6 +355,27 @@ SELECT count(*) FROM pg_catalog.pg_namespace n
 """
 
 
+#: Parameter: the schema. Who uses the store there, besides this session: ``locks``,
+#: subscription locks held (by any node: Python or Elixir, or a migration); ``sessions``,
+#: the sessions of trio-eventstore stores (their pool, appends, listener and lock
+#: connections, named ``trio-eventstore <role> <schema>``, cut to 63 bytes).
+STORE_IN_USE = """
+SELECT
+  (SELECT count(*) FROM pg_catalog.pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.pid <> pg_catalog.pg_backend_pid()
+      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                         WHERE d.datname = pg_catalog.current_database())
+      AND l.classid = pg_catalog.to_regclass(
+            pg_catalog.quote_ident($1) || '.subscriptions')::oid) AS locks,
+  (SELECT count(*) FROM pg_catalog.pg_stat_activity a
+    WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
+      AND a.application_name IN (
+        SELECT pg_catalog.left('trio-eventstore ' || r || ' ' || $1, 63)
+          FROM unnest(ARRAY['pool', 'appends', 'listener', 'locks']) AS r)) AS sessions
+"""
+
+
 def schema_version(schema: str) -> str:
     return (
         "SELECT major_version, minor_version, patch_version "
