@@ -182,6 +182,26 @@ async def test_grant_needs_a_store_and_a_role(config: EventStoreConfig) -> None:
         await admin.drop(config)
 
 
+async def test_a_store_in_public_names_its_tables_owner_not_pg_database_owner(
+    server_url: str, application_role: Role
+) -> None:
+    """On PostgreSQL 15 the schema public belongs to ``pg_database_owner``, whom nobody
+    can log in as: "run it as 'pg_database_owner'" was no help. The store's tables'
+    owner is named instead."""
+    config = EventStoreConfig(url=url_for(server_url, f"pub_{uuid.uuid4().hex[:10]}"))
+    await admin.create(config)
+    try:
+        await admin.init(config)
+        owner = (config.effective_username or "").lower()
+        as_app = await application_role.use(config)
+        with pytest.raises(es.InsufficientPrivilegeError) as info:
+            await admin.reset(as_app)
+        assert f"run it as {owner!r} (the schema's owner)" in str(info.value)
+        assert "pg_database_owner" not in str(info.value)
+    finally:
+        await admin.drop(config)
+
+
 async def test_admin_tasks_name_the_privilege_and_the_role_to_use(
     initialized: EventStoreConfig, granted: EventStoreConfig, application_role: Role
 ) -> None:

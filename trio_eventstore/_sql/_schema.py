@@ -252,12 +252,18 @@ SELECT pg_catalog.pg_has_role(n.nspowner, 'USAGE')
 #: Parameter: role name. Whether it exists.
 ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)"
 
-#: Parameters: schema name, database name. The connected role, the schema's owner (NULL
-#: when there is no such schema in the connected database) and the database's owner; for
-#: messages about missing privileges.
+#: Parameters: schema name, database name. The connected role, the store's owner there
+#: (its tables' owner; else the schema's, unless that is PostgreSQL 15's
+#: ``pg_database_owner``, whom nobody can log in as; NULL when neither is known in the
+#: connected database) and the database's owner; for messages about missing privileges.
 OWNERS = """
 SELECT current_user::text AS current_role,
-       (SELECT nspowner::regrole::text FROM pg_catalog.pg_namespace WHERE nspname = $1)
+       coalesce(
+         (SELECT c.relowner::regrole::text FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = $1 AND c.relname = 'streams' AND c.relkind = 'r'),
+         (SELECT nspowner::regrole::text FROM pg_catalog.pg_namespace
+           WHERE nspname = $1 AND nspowner::regrole::text <> 'pg_database_owner'))
          AS schema_owner,
        (SELECT datdba::regrole::text FROM pg_catalog.pg_database WHERE datname = $2)
          AS database_owner
