@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import pickle
 import ssl
+import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,6 +125,26 @@ def test_a_broken_trio_stream_is_unavailable_unless_the_server_refused_our_certi
     translated = translate_error(_broken(cause))
     assert type(translated) is expected
     assert "BrokenResourceError" not in str(translated)
+
+
+def test_a_client_key_that_cannot_be_loaded_says_so(tmp_path: Path) -> None:
+    """What `ssl` raises for an encrypted key given a wrong or no password ("[SSL] PEM
+    lib") was reported as a failed TLS handshake, which never took place."""
+    key, cert = tmp_path / "client.key", tmp_path / "client.crt"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out",
+         str(cert), "-days", "1", "-subj", "/CN=client", "-passout", "pass:right"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a key here")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with pytest.raises(ssl.SSLError) as raised:
+        context.load_cert_chain(str(cert), str(key), password="wrong")
+    translated = translate_error(raised.value)
+    assert isinstance(translated, es.TLSError)
+    assert "ssl_password" in str(translated)
+    assert "handshake" not in str(translated)
 
 
 @pytest.mark.parametrize("name", sorted(CLOSED_CALLS))

@@ -92,6 +92,12 @@ def translate_error(exc: BaseException, config: EventStoreConfig | None = None) 
             "to ssl_root_cert (sslrootcert) and, under verify-full, name the host connected to"
         )
     if isinstance(exc, ssl.SSLError):
+        if "PEM lib" in message:  # loading the client's key, before any handshake
+            return TLSError(
+                "the client certificate or key (ssl_cert, ssl_key) could not be loaded: a "
+                "wrong or missing ssl_password (sslpassword) for an encrypted key, or a file "
+                f"that is not PEM [{message}]"
+            )
         return TLSError(f"the TLS handshake failed: {message}")
     if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
         # asyncpg's words for a refusal ("N") where TLS is required, and for an answer
