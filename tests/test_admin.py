@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +24,12 @@ from .helpers import run_cli, url_for
 async def scalar(config: EventStoreConfig, sql: str, *args: object) -> object:
     async with open_connection(config) as conn:
         return await conn.fetchval(sql, *args)
+
+
+async def execute(config: EventStoreConfig, *statements: str) -> None:
+    async with open_connection(config) as conn:
+        for statement in statements:
+            await conn.execute(statement)
 
 
 @pytest.fixture
@@ -73,11 +80,7 @@ async def test_a_schema_that_holds_no_event_store_is_not_dropped(database_url: s
     store holding nothing else, and an initialised one still go."""
     config = EventStoreConfig(url=database_url, schema="billing")
     public = EventStoreConfig(url=database_url)
-
-    async def sql(*statements: str) -> None:
-        async with open_connection(public) as conn:
-            for statement in statements:
-                await conn.execute(statement)
+    sql = functools.partial(execute, public)
 
     await admin.create(config)
     await sql(
@@ -121,11 +124,7 @@ async def test_a_database_that_holds_no_event_store_is_not_dropped(database_url:
     ``public``, a database holding anything (in ``public`` or another schema) is kept;
     an empty one (``create`` without ``init``) and a store's still go."""
     config = EventStoreConfig(url=database_url)
-
-    async def sql(*statements: str) -> None:
-        async with open_connection(config) as conn:
-            for statement in statements:
-                await conn.execute(statement)
+    sql = functools.partial(execute, config)
 
     await admin.create(config)
     for setup, undo in (
