@@ -167,14 +167,17 @@ async def test_reset_is_refused_while_a_subscription_runs_on_the_store(
 
 async def test_drop_of_a_schema_that_stores_use_is_refused(database_url: str) -> None:
     """Dropped under a running store, its appends failed with a raw 'relation does not
-    exist' and its subscriptions stalled; refused now, nothing dropped."""
+    exist' and its subscriptions stalled; refused now while a subscription runs,
+    nothing dropped."""
     config = EventStoreConfig(url=database_url, schema="billing")
     await admin.create(config)
     await admin.init(config)
     async with open_event_store(config) as store:
         await store.append_to_stream("s", es.NO_STREAM, [es.EventData({"n": 1}, event_type="T")])
-        with pytest.raises(es.StorageUnavailableError, match="stores are using it"):
-            await admin.drop(config)
+        async with store.subscribe_to_all_streams("sub") as sub:
+            await sub.wait_subscribed()
+            with pytest.raises(es.StorageUnavailableError, match="1 subscription running"):
+                await admin.drop(config)
         assert (await store.stream_info("s")).stream_version == 1
     assert (await admin.drop(config)).changed
 

@@ -327,7 +327,7 @@ async def drop(config: EventStoreConfig) -> AdminResult:
     """Drop the database (schema ``public``) or only the schema (any other schema).
 
     Ports ``mix event_store.drop``. Dropping a database that other sessions use, or a
-    schema that stores use (their sessions, or a subscription's lock), fails with
+    schema on which subscriptions run (a store holds their locks), fails with
     `StorageUnavailableError` and drops nothing.
 
     Raises:
@@ -355,11 +355,11 @@ async def drop(config: EventStoreConfig) -> AdminResult:
                 if not others:
                     rows = await conn.fetch(_sql.STORE_IN_USE, config.schema)
                     row = rows[0]
-                    if row["locks"] or row["sessions"]:
+                    if row["locks"]:
                         raise StorageUnavailableError(
                             f"cannot drop schema {config.schema!r}: stores are using it "
-                            f"({row['sessions']} trio-eventstore sessions, {row['locks']} "
-                            "subscriptions running); close them first (nothing dropped)"
+                            f"({row['locks']} subscription{'s' if row['locks'] != 1 else ''} "
+                            "running); stop them first (nothing dropped)"
                         )
                 if others:
                     # Not an event store, nor a partly initialised one (nothing but its

@@ -361,10 +361,10 @@ SELECT count(*) FROM pg_catalog.pg_namespace n
 """
 
 
-#: Parameter: the schema. Who uses the store there, besides this session: ``locks``,
-#: subscription locks held (by any node: Python or Elixir, or a migration); ``sessions``,
-#: the sessions of trio-eventstore stores (their pool, appends, listener and lock
-#: connections, named ``trio-eventstore <role> <schema>``, cut to 63 bytes).
+#: Parameter: the schema. How many subscription locks of the store there other sessions
+#: hold (``locks``: subscriptions running on any node, Python or Elixir, or a migration).
+#: Sessions are not counted by name: PgBouncer keeps the server sessions of stores long
+#: gone, under their names.
 STORE_IN_USE = """
 SELECT
   (SELECT count(*) FROM pg_catalog.pg_locks l
@@ -373,12 +373,7 @@ SELECT
       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
                          WHERE d.datname = pg_catalog.current_database())
       AND l.classid = pg_catalog.to_regclass(
-            pg_catalog.quote_ident($1) || '.subscriptions')::oid) AS locks,
-  (SELECT count(*) FROM pg_catalog.pg_stat_activity a
-    WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
-      AND a.application_name IN (
-        SELECT pg_catalog.left('trio-eventstore ' || r || ' ' || $1, 63)
-          FROM unnest(ARRAY['pool', 'appends', 'listener', 'locks']) AS r)) AS sessions
+            pg_catalog.quote_ident($1) || '.subscriptions')::oid) AS locks
 """
 
 
