@@ -145,13 +145,16 @@ async def test_a_database_that_holds_no_event_store_is_not_dropped(database_url:
     assert (await admin.drop(config)).changed  # a store, with tables of its users
 
 
-async def test_reset_is_refused_while_a_subscription_runs_on_the_store(
-    database_url: str,
+@pytest.mark.parametrize(("task", "schema"), [("reset", "public"), ("drop", "billing")])
+async def test_reset_and_schema_drop_are_refused_while_a_subscription_runs(
+    database_url: str, task: str, schema: str
 ) -> None:
-    """A running subscription keeps its position in memory: after a reset it skipped
-    the new events up to it, silently. Refused now, nothing reset; once it stopped, the
-    reset goes."""
-    config = EventStoreConfig(url=database_url)
+    """Reset under a running subscription: it kept its position in memory and skipped
+    the new events up to it, silently. Schema dropped under a running store: its appends
+    failed with a raw 'relation does not exist'. Refused now, nothing changed; once the
+    subscription stopped, they go."""
+    config = EventStoreConfig(url=database_url, schema=schema)
+    run = admin.reset if task == "reset" else admin.drop
     await admin.create(config)
     await admin.init(config)
     async with open_event_store(config) as store:
@@ -159,27 +162,9 @@ async def test_reset_is_refused_while_a_subscription_runs_on_the_store(
         async with store.subscribe_to_all_streams("sub") as sub:
             await sub.wait_subscribed()
             with pytest.raises(es.StorageUnavailableError, match="1 subscription running"):
-                await admin.reset(config)
-            assert (await store.stream_info("$all")).stream_version == 1  # nothing reset
-        assert (await admin.reset(config)).changed
-        assert (await store.stream_info("$all")).stream_version == 0
-
-
-async def test_drop_of_a_schema_that_stores_use_is_refused(database_url: str) -> None:
-    """Dropped under a running store, its appends failed with a raw 'relation does not
-    exist' and its subscriptions stalled; refused now while a subscription runs,
-    nothing dropped."""
-    config = EventStoreConfig(url=database_url, schema="billing")
-    await admin.create(config)
-    await admin.init(config)
-    async with open_event_store(config) as store:
-        await store.append_to_stream("s", es.NO_STREAM, [es.EventData({"n": 1}, event_type="T")])
-        async with store.subscribe_to_all_streams("sub") as sub:
-            await sub.wait_subscribed()
-            with pytest.raises(es.StorageUnavailableError, match="1 subscription running"):
-                await admin.drop(config)
-        assert (await store.stream_info("s")).stream_version == 1
-    assert (await admin.drop(config)).changed
+                await run(config)
+            assert (await store.stream_info("$all")).stream_version == 1  # nothing changed
+    assert (await run(config)).changed
 
 
 async def test_drop_database_in_use_fails_and_keeps_it(database_url: str) -> None:
