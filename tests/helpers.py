@@ -108,3 +108,11 @@ async def until_a_backend_waits_for_a_lock(config: EventStoreConfig, count: int 
                 < count
             ):
                 await trio.sleep(0.01)
+
+
+async def until_parked(store: EventStore, stream: str, name: str, *, parked: bool = True) -> None:
+    """Until subscription ``name`` on ``stream`` has parked events (``parked``), or has
+    none left: the holder parks, and deletes acknowledged replays' records, in its own
+    task. The caller bounds the wait."""
+    while bool(await store.parked_events(stream, name)) != parked:  # noqa: ASYNC110
+        await trio.sleep(0.02)

@@ -25,6 +25,8 @@ from trio_eventstore import (
 from trio_eventstore.__main__ import main
 from trio_eventstore._groups import GroupedSubscription
 
+from .helpers import until_parked
+
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 
 
@@ -387,8 +389,7 @@ async def test_a_replay_whose_key_cannot_be_computed_reaches_its_groups_consumer
         ) as sub:
             [event] = await sub.__anext__()
             sub.nack(event, retry=False, error="poison")
-            while not await quick.parked_events("$all", "g"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until_parked(quick, "$all", "g")
         async with quick.subscribe_to_all_streams(
             "g",
             partition_by=lambda e: e.data["key"],  # type: ignore[index]
@@ -399,8 +400,7 @@ async def test_a_replay_whose_key_cannot_be_computed_reaches_its_groups_consumer
             batch = await sub.__anext__()
             assert [e.event_number for e in batch.events] == [1]
             sub.ack(batch)
-            while await quick.parked_events("$all", "g"):  # noqa: ASYNC110
-                await trio.sleep(0.02)  # acknowledged: its record goes
+            await until_parked(quick, "$all", "g", parked=False)  # acknowledged: its record goes
 
 
 async def test_a_stale_batch_is_never_taken_for_another_groups(quick: EventStore) -> None:
@@ -426,8 +426,7 @@ async def test_a_stale_batch_is_never_taken_for_another_groups(quick: EventStore
         ) as sub:
             batch = await sub.__anext__()
             sub.nack(batch.events[0], retry=False, error="poison")  # parked in group 1
-            while not await quick.parked_events("$all", "g"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until_parked(quick, "$all", "g")
     await quick.append_to_stream(
         "s", ANY_VERSION, [EventData({"k": "x", "key": new1}, event_type="T")]
     )

@@ -29,7 +29,7 @@ from trio_eventstore import (
 )
 from trio_eventstore.__main__ import main
 
-from .helpers import Role
+from .helpers import Role, until_parked
 
 HANG_GUARD = 30  # seconds: a guard against hangs, never a speed assertion
 QUICK = RetryPolicy(max_attempts=3, backoff=0.01, max_backoff=0.02)
@@ -893,8 +893,7 @@ async def test_a_nack_for_good_just_before_leaving_parks_the_event(cfg: EventSto
             batch = await _next(sub)
             sub.nack(batch.events[0], retry=False, error="poison")
         with trio.fail_after(HANG_GUARD):
-            while not await store.parked_events("s", "sub"):  # noqa: ASYNC110
-                await trio.sleep(0.02)  # the session ends after the block
+            await until_parked(store, "s", "sub")  # the session ends after the block
         [parked] = await store.parked_events("s", "sub")
         assert (parked.event.event_number, parked.error) == (1, "poison")
         async with store.subscribe_to_stream("s", "sub") as sub:
@@ -917,8 +916,7 @@ async def test_a_parked_event_whose_key_cannot_be_computed_does_not_stop_the_nex
             [event] = await _next(sub)
             sub.nack(event, retry=False, error="poison")
         with trio.fail_after(HANG_GUARD):
-            while not await store.parked_events("s", "sub"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until_parked(store, "s", "sub")
         await store.append_to_stream("s", ANY_VERSION, [EventData({"k": "x"}, event_type="C")])
         async with store.subscribe_to_stream(
             "s",

@@ -28,6 +28,8 @@ from trio_eventstore import (
 from trio_eventstore._sql import quote_ident
 from trio_eventstore._subscription_types import mark_replay
 
+from .helpers import until_parked
+
 HANG_GUARD = 10  # seconds: a guard against hangs, never a speed assertion
 
 
@@ -547,8 +549,7 @@ async def test_a_replayed_parked_event_is_applied_once(store: EventStore, rm: st
             assert await counts(store, rm) == {"a": 1, "c": 1}
             handler.fail_on = None  # the fix is deployed
             assert await store.replay_parked("$all", "replays") == 1
-            while await store.parked_events("$all", "replays"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until_parked(store, "$all", "replays", parked=False)
     assert await counts(store, rm) == {"a": 1, "b": 1, "c": 1}
     assert await projection.position(store) == 3
     # The same replay delivered again: skipped.
@@ -556,6 +557,21 @@ async def test_a_replayed_parked_event_is_applied_once(store: EventStore, rm: st
     mark_replay(again[0])
     assert await projection.apply(store, again) == []
     assert await counts(store, rm) == {"a": 1, "b": 1, "c": 1}
+
+
+async def _apply_1_park_2_and_apply_its_replay(
+    store: EventStore, sub: es.Subscription, projection: Projection
+) -> tuple[es.EventBatch, es.EventBatch]:
+    """Of the first batch (events 1 and 2 of subscription "p"), apply 1 and park 2
+    (acks 1); replay 2 and apply the replay. The first batch and the replay."""
+    batch = await sub.__anext__()
+    await projection.apply(store, batch.events[:1])
+    sub.nack(batch.events[1], retry=False, error="poison")  # acks 1, parks 2
+    await until_parked(store, "$all", "p")
+    assert await store.replay_parked("$all", "p") == 1
+    replay = await sub.__anext__()
+    assert [e.event_number for e in await projection.apply(store, replay)] == [2]
+    return batch, replay
 
 
 async def test_a_replay_above_the_position_delivered_again_is_applied_once(
@@ -570,15 +586,8 @@ async def test_a_replay_above_the_position_delivered_again_is_applied_once(
     projection = Projection("p", handler, schema=rm)
     with trio.fail_after(HANG_GUARD):
         async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
-            batch = await sub.__anext__()
+            batch, replay = await _apply_1_park_2_and_apply_its_replay(store, sub, projection)
             assert [e.event_number for e in batch] == [1, 2]
-            await projection.apply(store, batch.events[:1])
-            sub.nack(batch.events[1], retry=False, error="poison")  # acks 1, parks 2
-            while not await store.parked_events("$all", "p"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
-            assert await store.replay_parked("$all", "p") == 1
-            replay = await sub.__anext__()
-            assert [e.event_number for e in await projection.apply(store, replay)] == [2]
             # stops before acknowledging it
         async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
             replay = await sub.__anext__()
@@ -601,17 +610,9 @@ async def test_a_replay_above_the_position_moves_it(store: EventStore, rm: str) 
         async with store.subscribe_to_all_streams(
             "p", buffer_size=10, checkpoint_threshold=100
         ) as sub:
-            batch = await sub.__anext__()
-            await projection.apply(store, batch.events[:1])
-            sub.nack(batch.events[1], retry=False, error="poison")  # acks 1, parks 2
-            while not await store.parked_events("$all", "p"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
-            assert await store.replay_parked("$all", "p") == 1
-            replay = await sub.__anext__()
-            assert [e.event_number for e in await projection.apply(store, replay)] == [2]
+            _, replay = await _apply_1_park_2_and_apply_its_replay(store, sub, projection)
             sub.ack(replay)
-            while await store.parked_events("$all", "p"):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await until_parked(store, "$all", "p", parked=False)
         assert await projection.position(store) == 2
         await _lose_checkpoint(store, "p")  # as a crash before the checkpoint passed 2
         async with store.subscribe_to_all_streams("p", buffer_size=10) as sub:
